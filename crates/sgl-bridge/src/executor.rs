@@ -1,0 +1,114 @@
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use serde::Serialize;
+use sgl_core::{EncodedOutput, GenerationOutput, OutputMetadata, PipelineInfo, ResolvedRequest};
+use sgl_scheduler::{BatchExecutor, BatchItem, BatchProgress, ExecError, ExecErrorKind, ItemOutcome};
+
+use crate::progress::ProgressCallback;
+use crate::ModelConfig;
+
+/// Python module and class the bridge drives; the only Python surface Rust calls.
+const EXECUTOR_MODULE: &str = "sgl_diffusion.runtime.executor";
+const EXECUTOR_CLASS: &str = "PipelineExecutor";
+
+/// The loaded Python pipeline executor. Lives on the scheduler's worker thread.
+pub struct PythonExecutor {
+    executor: Py<PyAny>,
+}
+
+#[derive(Serialize)]
+struct WireItem<'a> {
+    id: u64,
+    request: &'a ResolvedRequest,
+}
+
+impl PythonExecutor {
+    /// Imports the executor module and loads the model. Must run on the worker thread.
+    pub fn load(config: &ModelConfig) -> Result<(Self, PipelineInfo), ExecError> {
+        let config_json = serde_json::to_string(config)
+            .map_err(|e| ExecError::new(ExecErrorKind::Load, format!("cannot encode the model config: {e}")))?;
+        Python::attach(|py| {
+            let load = || -> PyResult<(Py<PyAny>, String)> {
+                let class = py.import(EXECUTOR_MODULE)?.getattr(EXECUTOR_CLASS)?;
+                let executor = class.call1((config_json,))?;
+                let info: String = executor.call_method0("info_json")?.extract()?;
+                Ok((executor.unbind(), info))
+            };
+            let (executor, info_json) = load().map_err(|err| to_exec_error(py, &err, ExecErrorKind::Load))?;
+            let info: PipelineInfo = serde_json::from_str(&info_json).map_err(|e| {
+                ExecError::new(ExecErrorKind::Load, format!("the executor reported malformed pipeline info: {e}"))
+            })?;
+            Ok((Self { executor }, info))
+        })
+    }
+}
+
+impl BatchExecutor for PythonExecutor {
+    fn execute(&mut self, batch: &[BatchItem], progress: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError> {
+        let wire: Vec<WireItem<'_>> = batch.iter().map(|i| WireItem { id: i.id, request: &i.request }).collect();
+        let batch_json =
+            serde_json::to_string(&wire).map_err(|e| ExecError::internal(format!("cannot encode the batch: {e}")))?;
+        Python::attach(|py| {
+            let callback = Py::new(py, ProgressCallback { progress: progress.clone() })
+                .map_err(|err| to_exec_error(py, &err, ExecErrorKind::Internal))?;
+            let results = self
+                .executor
+                .bind(py)
+                .call_method1("run_batch", (batch_json, callback))
+                .map_err(|err| to_exec_error(py, &err, ExecErrorKind::Internal))?;
+            let results = results
+                .cast_into::<PyList>()
+                .map_err(|_| ExecError::internal("run_batch must return a list with one entry per request"))?;
+            batch
+                .iter()
+                .zip(results.iter())
+                .map(|(item, result)| decode_outcome(&item.request, &result))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|outcomes| {
+                    if outcomes.len() == batch.len() {
+                        Ok(outcomes)
+                    } else {
+                        Err(ExecError::internal(format!(
+                            "run_batch returned {} results for {} requests",
+                            outcomes.len(),
+                            batch.len()
+                        )))
+                    }
+                })
+        })
+    }
+}
+
+/// `None` for a request cancelled mid-batch, else `(list[bytes], metadata_json)`.
+fn decode_outcome(request: &ResolvedRequest, result: &Bound<'_, PyAny>) -> Result<ItemOutcome, ExecError> {
+    if result.is_none() {
+        return Ok(ItemOutcome::Cancelled);
+    }
+    let malformed = |what: &str| ExecError::internal(format!("run_batch returned a malformed result: {what}"));
+    let (outputs, metadata_json): (Vec<Bound<'_, PyBytes>>, String) =
+        result.extract().map_err(|_| malformed("expected (list[bytes], str)"))?;
+    let metadata: OutputMetadata =
+        serde_json::from_str(&metadata_json).map_err(|e| malformed(&format!("metadata: {e}")))?;
+    let outputs = outputs
+        .iter()
+        .map(|bytes| EncodedOutput { format: request.output_format, bytes: bytes.as_bytes().to_vec() })
+        .collect();
+    Ok(ItemOutcome::Completed(GenerationOutput { outputs, metadata }))
+}
+
+/// Maps a Python exception to the scheduler's error kinds, printing the traceback of unexpected
+/// ones so that a failure in a pipeline is diagnosable from the server's log.
+fn to_exec_error(py: Python<'_>, err: &PyErr, fallback: ExecErrorKind) -> ExecError {
+    let value = err.value(py);
+    let type_name = value.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+    let message = value.str().map(|s| s.to_string()).unwrap_or_default();
+    if type_name == "InvalidRequestError" {
+        let field = value.getattr("field").ok().and_then(|f| f.extract::<String>().ok());
+        return ExecError::new(ExecErrorKind::InvalidInput { field }, message);
+    }
+    if type_name == "OutOfMemoryError" {
+        return ExecError::new(ExecErrorKind::OutOfMemory, message);
+    }
+    err.display(py);
+    ExecError::new(fallback, format!("{type_name}: {message}"))
+}

@@ -1,0 +1,20 @@
+//! Types shared by every entry point of sgl-diffusion (CLI, Python API, HTTP server).
+//!
+//! A request arrives as a [`GenerationRequest`] with optional fields, is resolved against the
+//! [`PipelineInfo`] that the loaded pipeline exports (its defaults and limits), and becomes a
+//! [`ResolvedRequest`] in which every value is concrete and has been validated. Size and frame rules
+//! are never hard-coded here: they come from the pipeline.
+
+mod error;
+mod output;
+mod pipeline;
+mod request;
+mod resolve;
+
+pub use error::ValidationError;
+pub use output::{
+    EncodedOutput, GenerationOutput, MemoryCheckpoint, OutputMetadata, PerfMetrics, StageTiming, StepTiming,
+};
+pub use pipeline::{FrameRule, GuidanceMode, PipelineInfo, PipelineLimits, SamplingDefaults};
+pub use request::{GenerationRequest, OutputFormat, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_STEPS};
+pub use resolve::{BatchKey, ResolvedRequest};

@@ -1,0 +1,75 @@
+use serde::{Deserialize, Serialize};
+
+/// What a loaded pipeline tells the core about itself.
+///
+/// The Python side builds this when it loads a model; the core uses it to fill request defaults and
+/// to reject requests the pipeline cannot run before they reach the GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineInfo {
+    /// The path the model was loaded from.
+    pub model_path: String,
+    /// The Hugging Face id, when the model was named by one or is a known checkpoint.
+    pub hf_id: Option<String>,
+    /// diffusers pipeline class the checkpoint declares (`model_index.json` `_class_name`).
+    pub pipeline_class: String,
+    /// Model family of the native implementation, e.g. `flux1`.
+    pub family: String,
+    /// `text-to-image`, `text-to-video`, ...
+    pub task: String,
+    pub device: String,
+    pub dit_precision: String,
+    pub vae_precision: String,
+    pub attention_backend: String,
+    pub limits: PipelineLimits,
+    pub defaults: SamplingDefaults,
+    pub guidance: GuidanceMode,
+    /// Whether `flow_shift` may be set per request (FLUX derives its shift from the image size).
+    pub supports_flow_shift: bool,
+}
+
+/// Shape limits of a pipeline; requests beyond them are rejected before they run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineLimits {
+    /// Width and height must be multiples of this (16 for FLUX.1, 32 for Wan2.2 TI2V-5B).
+    pub size_multiple: u32,
+    pub min_size: u32,
+    pub max_pixels: u64,
+    pub max_frames: u32,
+    pub frame_rule: FrameRule,
+    pub max_sequence_length: u32,
+}
+
+/// How many frames a pipeline can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameRule {
+    /// An image model: exactly one frame.
+    Single,
+    /// Video VAEs with 4x temporal compression take 4k+1 frames; other counts are rounded down.
+    FourKPlusOne,
+}
+
+/// How a pipeline applies guidance, which decides whether a request needs a second (CFG) branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuidanceMode {
+    /// Guidance-distilled (FLUX.1): `guidance_scale` feeds an embedding; classifier-free guidance
+    /// only through `true_cfg_scale > 1` with a negative prompt.
+    EmbeddedWithTrueCfg,
+    /// Classic classifier-free guidance: on when `guidance_scale > 1`.
+    ClassifierFree,
+}
+
+/// The model's own sampling defaults; a request overrides any of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    pub width: u32,
+    pub height: u32,
+    pub num_frames: u32,
+    pub num_inference_steps: u32,
+    pub guidance_scale: f64,
+    pub true_cfg_scale: f64,
+    pub max_sequence_length: u32,
+    pub negative_prompt: Option<String>,
+    pub flow_shift: Option<f64>,
+}

@@ -1,0 +1,416 @@
+use std::hash::{BuildHasher, Hasher};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    FrameRule, GenerationRequest, GuidanceMode, OutputFormat, PipelineInfo, ValidationError, MAX_OUTPUTS_PER_REQUEST,
+    MAX_PROMPT_CHARS, MAX_STEPS,
+};
+
+/// A request with every default filled in from the pipeline and every value checked against it.
+/// This is what the scheduler batches and what the Python executor receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub num_frames: u32,
+    pub num_inference_steps: u32,
+    pub guidance_scale: f64,
+    pub true_cfg_scale: f64,
+    pub seed: u64,
+    pub max_sequence_length: u32,
+    pub num_outputs: u32,
+    pub flow_shift: Option<f64>,
+    /// Whether this request runs a second, unconditional branch (classifier-free guidance).
+    pub cfg_enabled: bool,
+    pub output_format: OutputFormat,
+    pub output_quality: Option<u8>,
+    /// Adjustments made while resolving (e.g. a frame count rounded down), for the user to see.
+    pub notes: Vec<String>,
+}
+
+/// Requests with equal keys can share one batched forward pass: everything that changes tensor
+/// shapes or the timestep schedule is in the key; prompt, negative prompt, seed and guidance scales
+/// may differ inside a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    pub width: u32,
+    pub height: u32,
+    pub num_frames: u32,
+    pub num_inference_steps: u32,
+    pub max_sequence_length: u32,
+    pub cfg_enabled: bool,
+    /// Bit pattern of the flow shift, so the key stays `Eq`/`Hash`.
+    pub flow_shift_bits: Option<u64>,
+}
+
+impl ResolvedRequest {
+    pub fn batch_key(&self) -> BatchKey {
+        BatchKey {
+            width: self.width,
+            height: self.height,
+            num_frames: self.num_frames,
+            num_inference_steps: self.num_inference_steps,
+            max_sequence_length: self.max_sequence_length,
+            cfg_enabled: self.cfg_enabled,
+            flow_shift_bits: self.flow_shift.map(f64::to_bits),
+        }
+    }
+
+    /// Fills defaults from `info` and validates every field against the pipeline's limits.
+    pub fn resolve(request: &GenerationRequest, info: &PipelineInfo) -> Result<Self, ValidationError> {
+        let defaults = &info.defaults;
+        let limits = &info.limits;
+
+        check_text("prompt", &request.prompt)?;
+        if request.prompt.trim().is_empty() {
+            return Err(ValidationError::new("prompt", "must not be empty"));
+        }
+        let negative_prompt = request.negative_prompt.clone().or_else(|| defaults.negative_prompt.clone());
+        if let Some(negative) = &negative_prompt {
+            check_text("negative_prompt", negative)?;
+        }
+
+        let num_outputs = request.num_outputs_per_prompt.unwrap_or(1);
+        in_range("num_outputs_per_prompt", num_outputs, 1, MAX_OUTPUTS_PER_REQUEST)?;
+        let num_inference_steps = request.num_inference_steps.unwrap_or(defaults.num_inference_steps);
+        in_range("num_inference_steps", num_inference_steps, 1, MAX_STEPS)?;
+        let guidance_scale = request.guidance_scale.unwrap_or(defaults.guidance_scale);
+        non_negative("guidance_scale", guidance_scale)?;
+        let true_cfg_scale = request.true_cfg_scale.unwrap_or(defaults.true_cfg_scale);
+        non_negative("true_cfg_scale", true_cfg_scale)?;
+
+        let width = request.width.unwrap_or(defaults.width);
+        let height = request.height.unwrap_or(defaults.height);
+        check_size("width", width, info)?;
+        check_size("height", height, info)?;
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > limits.max_pixels {
+            return Err(ValidationError::new(
+                "size",
+                format!("{width}x{height} is {pixels} pixels; this model allows at most {}", limits.max_pixels),
+            ));
+        }
+
+        let mut notes = Vec::new();
+        let num_frames = resolve_frames(request.num_frames.unwrap_or(defaults.num_frames), info, &mut notes)?;
+
+        let max_sequence_length = request.max_sequence_length.unwrap_or(defaults.max_sequence_length);
+        in_range("max_sequence_length", max_sequence_length, 1, limits.max_sequence_length)?;
+
+        let flow_shift = match request.flow_shift {
+            Some(_) if !info.supports_flow_shift => {
+                return Err(ValidationError::new(
+                    "flow_shift",
+                    format!(
+                        "{} derives its timestep shift from the image size; flow_shift cannot be set",
+                        info.pipeline_class
+                    ),
+                ))
+            }
+            Some(shift) if !(shift.is_finite() && shift > 0.0) => {
+                return Err(ValidationError::new("flow_shift", format!("must be a finite number > 0, got {shift}")))
+            }
+            Some(shift) => Some(shift),
+            None => defaults.flow_shift,
+        };
+
+        let cfg_enabled = match info.guidance {
+            GuidanceMode::EmbeddedWithTrueCfg => match (&negative_prompt, true_cfg_scale > 1.0) {
+                (Some(_), true) => true,
+                (None, false) => false,
+                (Some(_), false) => {
+                    return Err(ValidationError::new(
+                        "negative_prompt",
+                        format!(
+                            "{} is guidance-distilled: a negative prompt only acts through true CFG, so it needs \
+                             true_cfg_scale > 1 (got {true_cfg_scale})",
+                            info.pipeline_class
+                        ),
+                    ))
+                }
+                (None, true) => {
+                    return Err(ValidationError::new(
+                        "true_cfg_scale",
+                        format!("true_cfg_scale {true_cfg_scale} > 1 needs a negative_prompt to guide against"),
+                    ))
+                }
+            },
+            GuidanceMode::ClassifierFree => guidance_scale > 1.0,
+        };
+
+        if let Some(quality) = request.output_quality {
+            in_range("output_quality", u32::from(quality), 1, 100)?;
+        }
+
+        Ok(Self {
+            prompt: request.prompt.clone(),
+            negative_prompt,
+            width,
+            height,
+            num_frames,
+            num_inference_steps,
+            guidance_scale,
+            true_cfg_scale,
+            seed: request.seed.unwrap_or_else(random_seed),
+            max_sequence_length,
+            num_outputs,
+            flow_shift,
+            cfg_enabled,
+            output_format: request.output_format.unwrap_or_default(),
+            output_quality: request.output_quality,
+            notes,
+        })
+    }
+}
+
+fn check_text(field: &str, text: &str) -> Result<(), ValidationError> {
+    let chars = text.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(ValidationError::new(
+            field,
+            format!("is {chars} characters; at most {MAX_PROMPT_CHARS} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+fn in_range(field: &str, value: u32, min: u32, max: u32) -> Result<(), ValidationError> {
+    if value < min || value > max {
+        return Err(ValidationError::new(field, format!("must be between {min} and {max}, got {value}")));
+    }
+    Ok(())
+}
+
+fn non_negative(field: &str, value: f64) -> Result<(), ValidationError> {
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(ValidationError::new(field, format!("must be a finite number >= 0, got {value}")));
+    }
+    Ok(())
+}
+
+fn check_size(field: &str, value: u32, info: &PipelineInfo) -> Result<(), ValidationError> {
+    let limits = &info.limits;
+    if value < limits.min_size || !value.is_multiple_of(limits.size_multiple) {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "must be a multiple of {} and at least {} for {}, got {value}",
+                limits.size_multiple, limits.min_size, info.pipeline_class
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_frames(requested: u32, info: &PipelineInfo, notes: &mut Vec<String>) -> Result<u32, ValidationError> {
+    let max = info.limits.max_frames;
+    match info.limits.frame_rule {
+        FrameRule::Single if requested == 1 => Ok(1),
+        FrameRule::Single => Err(ValidationError::new(
+            "num_frames",
+            format!("{} makes images: num_frames must be 1, got {requested}", info.pipeline_class),
+        )),
+        FrameRule::FourKPlusOne => {
+            in_range("num_frames", requested, 1, max)?;
+            let used = (requested - 1) / 4 * 4 + 1;
+            if used != requested {
+                notes.push(format!("num_frames {requested} rounded down to {used} (this model takes 4k+1 frames)"));
+            }
+            Ok(used)
+        }
+    }
+}
+
+/// A fresh seed for requests that did not fix one. `RandomState` is keyed from the OS's randomness
+/// once per process and mixed per call, which is all an unseeded request needs.
+fn random_seed() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PipelineLimits, SamplingDefaults};
+
+    fn flux_info() -> PipelineInfo {
+        PipelineInfo {
+            model_path: "/m".into(),
+            hf_id: None,
+            pipeline_class: "FluxPipeline".into(),
+            family: "flux1".into(),
+            task: "text-to-image".into(),
+            device: "cpu".into(),
+            dit_precision: "fp32".into(),
+            vae_precision: "fp32".into(),
+            attention_backend: "torch_sdpa".into(),
+            limits: PipelineLimits {
+                size_multiple: 16,
+                min_size: 16,
+                max_pixels: 2048 * 2048,
+                max_frames: 1,
+                frame_rule: FrameRule::Single,
+                max_sequence_length: 512,
+            },
+            defaults: SamplingDefaults {
+                width: 1024,
+                height: 1024,
+                num_frames: 1,
+                num_inference_steps: 28,
+                guidance_scale: 3.5,
+                true_cfg_scale: 1.0,
+                max_sequence_length: 512,
+                negative_prompt: None,
+                flow_shift: None,
+            },
+            guidance: GuidanceMode::EmbeddedWithTrueCfg,
+            supports_flow_shift: false,
+        }
+    }
+
+    fn video_info() -> PipelineInfo {
+        let mut info = flux_info();
+        info.pipeline_class = "WanPipeline".into();
+        info.limits.frame_rule = FrameRule::FourKPlusOne;
+        info.limits.max_frames = 129;
+        info.guidance = GuidanceMode::ClassifierFree;
+        info.supports_flow_shift = true;
+        info
+    }
+
+    fn req(prompt: &str) -> GenerationRequest {
+        GenerationRequest { prompt: prompt.into(), ..Default::default() }
+    }
+
+    fn field_of(request: GenerationRequest, info: &PipelineInfo) -> String {
+        ResolvedRequest::resolve(&request, info).unwrap_err().field
+    }
+
+    #[test]
+    fn defaults_come_from_the_pipeline() {
+        let r = ResolvedRequest::resolve(&GenerationRequest { seed: Some(7), ..req("a cat") }, &flux_info()).unwrap();
+        assert_eq!((r.width, r.height, r.num_inference_steps, r.max_sequence_length), (1024, 1024, 28, 512));
+        assert_eq!(r.guidance_scale, 3.5);
+        assert_eq!(r.seed, 7);
+        assert!(!r.cfg_enabled);
+        assert_eq!(r.num_outputs, 1);
+    }
+
+    #[test]
+    fn prompt_must_be_non_empty_and_bounded() {
+        let info = flux_info();
+        assert_eq!(field_of(req(""), &info), "prompt");
+        assert_eq!(field_of(req("   "), &info), "prompt");
+        assert_eq!(field_of(req(&"x".repeat(MAX_PROMPT_CHARS + 1)), &info), "prompt");
+        assert!(ResolvedRequest::resolve(&req(&"x".repeat(MAX_PROMPT_CHARS)), &info).is_ok());
+    }
+
+    #[test]
+    fn numeric_ranges_name_their_field() {
+        let info = flux_info();
+        for (n, ok) in [(0, false), (1, true), (10, true), (11, false)] {
+            let r = ResolvedRequest::resolve(&GenerationRequest { num_outputs_per_prompt: Some(n), ..req("a") }, &info);
+            assert_eq!(r.is_ok(), ok, "n={n}");
+        }
+        for (steps, ok) in [(0, false), (1, true), (1000, true), (1001, false)] {
+            let r =
+                ResolvedRequest::resolve(&GenerationRequest { num_inference_steps: Some(steps), ..req("a") }, &info);
+            assert_eq!(r.is_ok(), ok, "steps={steps}");
+        }
+        let err = ResolvedRequest::resolve(&GenerationRequest { num_inference_steps: Some(0), ..req("a") }, &info)
+            .unwrap_err();
+        assert_eq!(err.field, "num_inference_steps");
+        assert!(err.message.contains("between 1 and 1000"), "{}", err.message);
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(field_of(GenerationRequest { guidance_scale: Some(bad), ..req("a") }, &info), "guidance_scale");
+            assert_eq!(field_of(GenerationRequest { true_cfg_scale: Some(bad), ..req("a") }, &info), "true_cfg_scale");
+        }
+        assert_eq!(
+            field_of(GenerationRequest { max_sequence_length: Some(513), ..req("a") }, &info),
+            "max_sequence_length"
+        );
+        assert_eq!(field_of(GenerationRequest { output_quality: Some(0), ..req("a") }, &info), "output_quality");
+    }
+
+    #[test]
+    fn sizes_follow_the_pipeline_limits() {
+        let info = flux_info();
+        assert_eq!(field_of(GenerationRequest { width: Some(1000), ..req("a") }, &info), "width");
+        assert_eq!(field_of(GenerationRequest { height: Some(8), ..req("a") }, &info), "height");
+        assert_eq!(field_of(GenerationRequest { width: Some(4096), height: Some(4096), ..req("a") }, &info), "size");
+        let mut wan = video_info();
+        wan.limits.size_multiple = 32;
+        let err = ResolvedRequest::resolve(&GenerationRequest { width: Some(848), ..req("a") }, &wan).unwrap_err();
+        assert!(err.message.contains("multiple of 32"), "{}", err.message);
+    }
+
+    #[test]
+    fn frames_follow_the_frame_rule() {
+        assert_eq!(field_of(GenerationRequest { num_frames: Some(9), ..req("a") }, &flux_info()), "num_frames");
+        let wan = video_info();
+        let r = ResolvedRequest::resolve(&GenerationRequest { num_frames: Some(83), ..req("a") }, &wan).unwrap();
+        assert_eq!(r.num_frames, 81);
+        assert_eq!(r.notes.len(), 1);
+        assert_eq!(field_of(GenerationRequest { num_frames: Some(0), ..req("a") }, &wan), "num_frames");
+        assert_eq!(field_of(GenerationRequest { num_frames: Some(130), ..req("a") }, &wan), "num_frames");
+    }
+
+    #[test]
+    fn true_cfg_rules_for_guidance_distilled_models() {
+        let info = flux_info();
+        let neg = GenerationRequest { negative_prompt: Some("blurry".into()), ..req("a") };
+        assert_eq!(field_of(neg.clone(), &info), "negative_prompt");
+        assert_eq!(field_of(GenerationRequest { true_cfg_scale: Some(4.0), ..req("a") }, &info), "true_cfg_scale");
+        let r = ResolvedRequest::resolve(&GenerationRequest { true_cfg_scale: Some(4.0), ..neg }, &info).unwrap();
+        assert!(r.cfg_enabled);
+    }
+
+    #[test]
+    fn classifier_free_guidance_switches_on_scale() {
+        let wan = video_info();
+        let on = ResolvedRequest::resolve(&GenerationRequest { guidance_scale: Some(5.0), ..req("a") }, &wan).unwrap();
+        let off = ResolvedRequest::resolve(&GenerationRequest { guidance_scale: Some(1.0), ..req("a") }, &wan).unwrap();
+        assert!(on.cfg_enabled && !off.cfg_enabled);
+    }
+
+    #[test]
+    fn flow_shift_only_where_supported() {
+        assert_eq!(field_of(GenerationRequest { flow_shift: Some(3.0), ..req("a") }, &flux_info()), "flow_shift");
+        let wan = video_info();
+        assert_eq!(field_of(GenerationRequest { flow_shift: Some(0.0), ..req("a") }, &wan), "flow_shift");
+        assert!(ResolvedRequest::resolve(&GenerationRequest { flow_shift: Some(3.0), ..req("a") }, &wan).is_ok());
+    }
+
+    #[test]
+    fn batch_keys_separate_shapes_but_not_prompts_seeds_or_guidance() {
+        let info = flux_info();
+        let base = ResolvedRequest::resolve(&GenerationRequest { seed: Some(1), ..req("a") }, &info).unwrap();
+        let same = ResolvedRequest::resolve(
+            &GenerationRequest { seed: Some(2), guidance_scale: Some(7.0), ..req("another prompt") },
+            &info,
+        )
+        .unwrap();
+        assert_eq!(base.batch_key(), same.batch_key());
+        for other in [
+            GenerationRequest { width: Some(512), ..req("a") },
+            GenerationRequest { num_inference_steps: Some(4), ..req("a") },
+            GenerationRequest { max_sequence_length: Some(256), ..req("a") },
+            GenerationRequest { negative_prompt: Some("x".into()), true_cfg_scale: Some(2.0), ..req("a") },
+        ] {
+            let r = ResolvedRequest::resolve(&other, &info).unwrap();
+            assert_ne!(base.batch_key(), r.batch_key(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn unseeded_requests_get_distinct_seeds() {
+        let info = flux_info();
+        let a = ResolvedRequest::resolve(&req("a"), &info).unwrap().seed;
+        let b = ResolvedRequest::resolve(&req("a"), &info).unwrap().seed;
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,145 @@
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sgl_core::{BatchKey, ResolvedRequest};
+
+use crate::{engine::Event, CancelToken, GenerationError, SubmitError};
+
+/// A request waiting in the queue, with the means to answer its caller.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub id: u64,
+    pub request: ResolvedRequest,
+    pub key: BatchKey,
+    pub token: CancelToken,
+    pub events: flume::Sender<Event>,
+}
+
+impl Pending {
+    fn images(&self) -> u32 {
+        self.request.num_outputs
+    }
+
+    pub fn finish(&self, result: Result<sgl_core::GenerationOutput, GenerationError>) {
+        // The caller may have gone away; its result then has nowhere to go.
+        let _ = self.events.send(Event::Finished(Box::new(result)));
+    }
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    waiting: VecDeque<Pending>,
+    closed: bool,
+}
+
+/// Bounded FIFO of requests. Batches are formed in arrival order: the oldest request picks the
+/// batch key, and later requests with the same key join it up to the batch's image budget.
+#[derive(Debug)]
+pub struct RequestQueue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+    capacity: usize,
+}
+
+impl RequestQueue {
+    pub fn new(capacity: usize) -> Self {
+        Self { state: Mutex::new(QueueState::default()), changed: Condvar::new(), capacity }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic while holding this lock cannot leave the deque half-updated (every mutation is a
+        // single push/remove), so a poisoned lock is still safe to use.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn push(&self, pending: Pending) -> Result<(), SubmitError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if state.waiting.len() >= self.capacity {
+            return Err(SubmitError::QueueFull { capacity: self.capacity });
+        }
+        state.waiting.push_back(pending);
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Removes a queued request and answers it `Cancelled`. Returns false when the request is not
+    /// queued (already running or finished).
+    pub(crate) fn cancel(&self, id: u64) -> bool {
+        let mut state = self.lock();
+        let Some(position) = state.waiting.iter().position(|p| p.id == id) else {
+            return false;
+        };
+        if let Some(pending) = state.waiting.remove(position) {
+            drop(state);
+            pending.token.cancel();
+            pending.finish(Err(GenerationError::Cancelled));
+        }
+        true
+    }
+
+    /// Stops accepting requests; the worker drains what is queued and then stops.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Requests waiting (not running).
+    pub fn depth(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Blocks until a request is queued, then gathers compatible requests for up to `delay` or until
+    /// `max_images` images are collected. Returns `None` once the queue is closed and empty.
+    pub(crate) fn next_batch(&self, max_images: u32, delay: Duration) -> Option<Vec<Pending>> {
+        let mut state = self.lock();
+        let head = loop {
+            if let Some(head) = state.waiting.pop_front() {
+                break head;
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        };
+        let key = head.key.clone();
+        let mut images = head.images();
+        let mut batch = vec![head];
+        let deadline = Instant::now() + delay;
+        loop {
+            let mut index = 0;
+            while index < state.waiting.len() && images < max_images {
+                let fits = state.waiting.get(index).is_some_and(|p| p.key == key && images + p.images() <= max_images);
+                if fits {
+                    if let Some(pending) = state.waiting.remove(index) {
+                        images += pending.images();
+                        batch.push(pending);
+                    }
+                } else {
+                    index += 1;
+                }
+            }
+            let now = Instant::now();
+            if images >= max_images || now >= deadline || state.closed {
+                return Some(batch);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+    }
+}
