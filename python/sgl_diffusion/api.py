@@ -1,0 +1,160 @@
+"""The Python API: `DiffGenerator.from_pretrained(...).generate(...)`.
+
+It submits to the same Rust scheduler as the CLI and the server, in-process (no HTTP). Waiting
+releases the GIL, and Ctrl-C cancels the request being waited for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from . import _native
+from .builtin import builtin_model_path
+from .runtime.device import PRECISIONS, default_device
+from .runtime.encode import decode_output
+
+OutputType = Literal["pil", "np"]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What `generate` returns. `images` holds PIL images, or float32 H×W×3 arrays in [0, 1] for
+    `output_type="np"`; `timings` is the perf record (stages, denoising steps, memory)."""
+
+    images: list[Any]
+    seed: int
+    timings: dict[str, Any]
+    request: dict[str, Any]
+    notes: list[str]
+
+    @property
+    def peak_memory_mb(self) -> float:
+        return float(self.timings["peak_memory_mb"])
+
+    def save(self, path: str | Path, index: int = 0) -> Path:
+        """Writes output `index` as an image file (format from the suffix)."""
+        path = Path(path)
+        image = self.images[index]
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray((image * 255).round().astype(np.uint8))
+        image.save(path)
+        return path
+
+
+class DiffGenerator:
+    """A loaded model behind the engine's scheduler."""
+
+    def __init__(self, engine: _native.Engine) -> None:
+        self._engine = engine
+        self.info: dict[str, Any] = json.loads(engine.info_json())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str | Path | None = None,
+        *,
+        device: str | None = None,
+        dit_precision: str | None = None,
+        vae_precision: str | None = None,
+        attention_backend: str | None = None,
+        max_batch_size: int = 1,
+        batch_delay_ms: int = 0,
+        max_queue_size: int = 256,
+    ) -> DiffGenerator:
+        """Loads a diffusers-format folder or a Hugging Face id from the local cache.
+
+        `model_path=None` uses the built-in tiny default model. Precisions are fp32, fp16 or bf16
+        (default: bf16 on CUDA, fp32 on CPU).
+        """
+        device = device or default_device()
+        default_precision = "fp32" if device == "cpu" else "bf16"
+        dit_precision = dit_precision or default_precision
+        vae_precision = vae_precision or default_precision
+        for field, value in (("dit_precision", dit_precision), ("vae_precision", vae_precision)):
+            if value not in PRECISIONS:
+                raise ValueError(f"{field} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+        name = str(model_path) if model_path is not None else str(builtin_model_path())
+        folder, hf_id, pipeline_class = _native.resolve_model(name)
+        config = {
+            "model": {
+                "model_path": folder,
+                "hf_id": hf_id,
+                "pipeline_class": pipeline_class,
+                "device": device,
+                "dit_precision": dit_precision,
+                "vae_precision": vae_precision,
+                "attention_backend": attention_backend,
+            },
+            "max_batch_size": max_batch_size,
+            "batch_delay_ms": batch_delay_ms,
+            "max_queue_size": max_queue_size,
+        }
+        return cls(_native.Engine(json.dumps(config)))
+
+    def submit(self, **request: Any) -> _native.RequestHandle:
+        """Queues a request and returns at once; `handle.wait()` gives `(outputs, metadata_json)`.
+        Fields as in `generate`, plus `output_format` (png, jpeg, webp, npy)."""
+        return self._engine.submit(json.dumps(_drop_none(request)))
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
+        seed: int | None = None,
+        max_sequence_length: int | None = None,
+        num_outputs_per_prompt: int = 1,
+        output_type: OutputType = "pil",
+        on_progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Generates `num_outputs_per_prompt` images; unset fields take the model's defaults."""
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+            raise _native.InvalidRequestError(f"invalid `seed`: must be an integer in [0, 2^64), got {seed!r}", "seed")
+        handle = self.submit(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            true_cfg_scale=true_cfg_scale,
+            seed=seed,
+            max_sequence_length=max_sequence_length,
+            num_outputs_per_prompt=num_outputs_per_prompt,
+            output_format="npy" if output_type == "np" else "png",
+        )
+        return collect(handle, on_progress)
+
+    def shutdown(self) -> None:
+        """Finishes queued work and stops the engine's worker thread."""
+        self._engine.shutdown()
+
+
+def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None = None) -> GenerationResult:
+    """Waits for a submitted request and decodes its outputs."""
+    outputs, metadata_json = handle.wait(on_progress)
+    metadata = json.loads(metadata_json)
+    request = json.loads(handle.request_json)
+    images = [decode_output(data, request["output_format"]) for data in outputs]
+    return GenerationResult(
+        images=images, seed=metadata["seed"], timings=metadata["perf"], request=request, notes=metadata["notes"]
+    )
+
+
+def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}

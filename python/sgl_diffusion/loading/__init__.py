@@ -1,0 +1,5 @@
+"""Loading checkpoint components straight onto their device in their target precision."""
+
+from .components import load_diffusers_model, load_native_model, load_transformers_model, read_config
+
+__all__ = ["load_diffusers_model", "load_native_model", "load_transformers_model", "read_config"]

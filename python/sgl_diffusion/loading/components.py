@@ -1,0 +1,81 @@
+"""Component loaders.
+
+Models are built on the meta device and then take their tensors from the safetensors files one at a
+time, read directly onto the target device and cast to the target dtype there. No full-precision
+copy of a model ever sits in host memory. Which files make up a component (sharded checkpoints
+follow their `*.index.json`) is the Rust core's bookkeeping (`_native.component_weight_files`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+
+from .. import _native
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def read_config(component_dir: Path) -> dict[str, Any]:
+    """A component's config: `config.json` for models, `scheduler_config.json` for schedulers."""
+    for name in ("config.json", "scheduler_config.json"):
+        path = component_dir / name
+        if path.is_file():
+            with path.open() as f:
+                return json.load(f)
+    raise FileNotFoundError(f"{component_dir} has no config.json; is this a diffusers-format model folder?")
+
+
+def _stream_state_dict(component_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in _native.component_weight_files(str(component_dir)):
+        # safe_open reads each tensor straight onto `device`; only one source tensor is alive at a time.
+        with safe_open(file, framework="pt", device=str(device)) as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                tensor = weights.get_tensor(name)
+                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state
+
+
+def _assign_weights(model: M, component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
+    state = _stream_state_dict(component_dir, device, dtype)
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {component_dir} do not match {type(model).__name__}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_native_model(
+    factory: Callable[[dict[str, Any]], M], component_dir: Path, device: torch.device, dtype: torch.dtype
+) -> M:
+    """Builds one of our models from the component's config.json and loads its weights by name."""
+    config = read_config(component_dir)
+    with torch.device("meta"):
+        model = factory(config)
+    return _assign_weights(model, component_dir, device, dtype)
+
+
+def load_diffusers_model(cls: type[M], component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
+    """A diffusers model class (e.g. the VAE until ours replaces it), loaded the same way."""
+    config = cls.load_config(str(component_dir))  # type: ignore[attr-defined]
+    with torch.device("meta"):
+        model = cls.from_config(config)  # type: ignore[attr-defined]
+    return _assign_weights(model, component_dir, device, dtype)
+
+
+def load_transformers_model(cls: type[M], component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
+    """Text encoders from transformers; its loader already streams to `device_map`."""
+    model = cls.from_pretrained(str(component_dir), dtype=dtype, device_map=str(device))  # type: ignore[attr-defined]
+    return model.eval().requires_grad_(False)

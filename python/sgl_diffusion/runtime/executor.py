@@ -1,0 +1,85 @@
+"""The one Python surface the Rust engine calls.
+
+`PipelineExecutor` is created and used only on the engine's worker thread. It receives plain data
+(JSON) and returns encoded bytes plus JSON metadata: tensors never reach Rust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..layers.attention import resolve_attention_backend
+from ..pipelines import load_pipeline
+from .device import parse_device, parse_precision, precision_name
+from .encode import encode_image
+from .request import Request
+
+
+class PipelineExecutor:
+    def __init__(self, config_json: str) -> None:
+        config = json.loads(config_json)
+        self.device = parse_device(config["device"])
+        self.dit_dtype = parse_precision("dit_precision", config["dit_precision"])
+        self.vae_dtype = parse_precision("vae_precision", config["vae_precision"])
+        self.attention_backend = resolve_attention_backend(config.get("attention_backend"))
+        self.model_path = config["model_path"]
+        self.hf_id = config.get("hf_id")
+        self.pipeline = load_pipeline(
+            Path(self.model_path),
+            config["pipeline_class"],
+            self.hf_id,
+            self.device,
+            self.dit_dtype,
+            self.vae_dtype,
+            self.attention_backend,
+        )
+
+    def info_json(self) -> str:
+        """`sgl_core::PipelineInfo` as JSON."""
+        p = self.pipeline
+        info: dict[str, Any] = {
+            "model_path": self.model_path,
+            "hf_id": self.hf_id,
+            "pipeline_class": p.pipeline_class,
+            "family": p.family,
+            "task": p.task,
+            "device": str(self.device),
+            "dit_precision": precision_name(self.dit_dtype),
+            "vae_precision": precision_name(self.vae_dtype),
+            "attention_backend": self.attention_backend,
+            "limits": dataclasses.asdict(p.limits),
+            "defaults": dataclasses.asdict(p.defaults),
+            "guidance": p.guidance_mode,
+            "supports_flow_shift": p.supports_flow_shift,
+        }
+        return json.dumps(info)
+
+    def run_batch(self, batch_json: str, progress: Any) -> list[tuple[list[bytes], str] | None]:
+        """Runs one batch; returns per request `(encoded outputs, metadata JSON)`, or `None` for a
+        request cancelled while the batch ran."""
+        requests = [Request.from_wire(item) for item in json.loads(batch_json)]
+        try:
+            state = self.pipeline.run(requests, progress)
+        except torch.OutOfMemoryError:
+            # Give the cached blocks back so the next (maybe smaller) batch can run.
+            torch.cuda.empty_cache()
+            raise
+        perf = state.perf.as_dict()
+        owners = state.row_owner.tolist()
+        results: list[tuple[list[bytes], str] | None] = []
+        for index, request in enumerate(requests):
+            if index not in state.active:
+                results.append(None)
+                continue
+            rows = [row for row, owner in enumerate(owners) if owner == index]
+            outputs = [
+                encode_image(state["images"][row], request.output_format, request.output_quality) for row in rows
+            ]
+            metadata = {"seed": request.seed, "batch_size": len(requests), "perf": perf, "notes": list(request.notes)}
+            results.append((outputs, json.dumps(metadata)))
+        return results

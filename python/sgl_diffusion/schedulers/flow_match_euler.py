@@ -1,0 +1,224 @@
+"""Flow-matching Euler sampler (what FLUX.1, Z-Image, HunyuanVideo... use).
+
+Stateless by design: :meth:`FlowMatchEulerScheduler.plan` turns (steps, image tokens) into a
+timestep/sigma schedule, and :func:`euler_step` is a pure function of its arguments. A batch of
+requests can therefore share one scheduler object while each carries its own schedule and step
+index.
+
+Parity notes (values must equal diffusers' ``FlowMatchEulerDiscreteScheduler`` bit for bit):
+
+* the sigma schedule is shifted in **numpy float32** (the reference casts the sigmas to float32
+  before shifting, and numpy keeps Python-float operands "weak", so every op rounds to float32);
+* ``mu`` is computed in Python float64 with the same operation order as the reference;
+* timesteps are ``sigmas * num_train_timesteps`` in float32, and the sigma list gets a trailing 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FlowMatchEulerConfig",
+    "FlowMatchEulerScheduler",
+    "calculate_shift",
+    "euler_step",
+]
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_image_seq_len: int = 256,
+    max_image_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Resolution-dependent shift ``mu``: a line through (base_len, base_shift) and (max_len, max_shift).
+
+    Not clamped: sequences longer than ``max_image_seq_len`` extrapolate, as in the reference.
+    """
+    slope = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    intercept = base_shift - slope * base_image_seq_len
+    return image_seq_len * slope + intercept
+
+
+@dataclass(frozen=True)
+class FlowMatchEulerConfig:
+    """Fields of a ``scheduler/scheduler_config.json`` that this sampler understands."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float | None = 0.5
+    max_shift: float | None = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
+    invert_sigmas: bool = False
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    stochastic_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+        # Fail loudly on features whose schedules we do not reproduce rather than sample differently.
+        unsupported = [
+            name
+            for name in (
+                "invert_sigmas",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "stochastic_sampling",
+            )
+            if getattr(self, name)
+        ]
+        if unsupported:
+            raise ValueError(f"FlowMatchEulerScheduler does not support {', '.join(unsupported)} yet")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> FlowMatchEulerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in cfg if k not in names and not k.startswith("_"))
+        if unknown:
+            logger.debug("FlowMatchEulerConfig: ignoring unknown config keys %s", unknown)
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+class FlowMatchEulerScheduler:
+    """Builds sigma/timestep schedules; holds no per-request state."""
+
+    def __init__(self, config: FlowMatchEulerConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | FlowMatchEulerConfig) -> FlowMatchEulerScheduler:
+        return cls(cfg if isinstance(cfg, FlowMatchEulerConfig) else FlowMatchEulerConfig.from_dict(cfg))
+
+    def mu_for(self, image_seq_len: int) -> float:
+        """``mu`` for dynamic shifting from the config's (base/max len, base/max shift) line."""
+        c = self.config
+        base_shift = 0.5 if c.base_shift is None else c.base_shift
+        max_shift = 1.15 if c.max_shift is None else c.max_shift
+        return calculate_shift(
+            image_seq_len,
+            c.base_image_seq_len,
+            c.max_image_seq_len,
+            base_shift,
+            max_shift,
+        )
+
+    def _time_shift(self, mu: float, sigmas: np.ndarray) -> np.ndarray:
+        # Both shift families map sigma=1 to 1 and push mass towards high noise as mu grows.
+        # ``** 1.0`` is kept (exponent "sigma"=1 in the reference formula) so float32 rounding matches.
+        odds = (1 / sigmas - 1) ** 1.0
+        if self.config.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + odds)
+        return mu / (mu + odds)
+
+    def plan(
+        self,
+        num_inference_steps: int,
+        image_seq_len: int | None = None,
+        *,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule for one request, as FluxPipeline + ``set_timesteps`` produce it.
+
+        Args:
+            num_inference_steps: N.
+            image_seq_len: packed image tokens (``(H/16) * (W/16)`` for FLUX.1); needed for ``mu``
+                when ``use_dynamic_shifting`` and ``mu`` is not given.
+            sigmas: custom unshifted sigmas (length N); default ``linspace(1, 1/N, N)`` as FluxPipeline.
+            mu: explicit dynamic shift, overriding ``image_seq_len``.
+            device: where to put the returned tensors (default CPU).
+
+        Returns:
+            ``(timesteps, sigmas)``: float32 tensors of length N and N+1 (trailing 0). Step ``i``
+            feeds ``timesteps[i] / 1000`` to the FLUX transformer and moves from ``sigmas[i]`` to
+            ``sigmas[i+1]``.
+        """
+        c = self.config
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if sigmas is None:
+            base = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        else:
+            if len(sigmas) != num_inference_steps:
+                raise ValueError(f"got {len(sigmas)} sigmas for {num_inference_steps} steps")
+            base = np.asarray(sigmas)
+        s = base.astype(np.float32)
+
+        if c.use_dynamic_shifting:
+            if mu is None:
+                if image_seq_len is None:
+                    raise ValueError("use_dynamic_shifting needs image_seq_len (or an explicit mu)")
+                mu = self.mu_for(image_seq_len)
+            s = self._time_shift(mu, s)
+        else:
+            s = c.shift * s / (1 + (c.shift - 1) * s)
+
+        if c.shift_terminal:
+            # Stretch so the last sigma lands exactly on shift_terminal (keeps sigma[0]=1 fixed).
+            one_minus = 1 - s
+            scale = one_minus[-1] / (1 - c.shift_terminal)
+            s = 1 - (one_minus / scale)
+
+        sig = torch.from_numpy(np.ascontiguousarray(s)).to(dtype=torch.float32, device=device)
+        timesteps = sig * c.num_train_timesteps
+        sig = torch.cat([sig, torch.zeros(1, dtype=torch.float32, device=sig.device)])
+        return timesteps, sig
+
+
+def _as_sigma(value: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
+    """float32 sigma on ``ref``'s device; ``(B,)`` tensors are shaped to broadcast over ``ref``."""
+    t = (
+        value.to(device=ref.device, dtype=torch.float32)
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(value, dtype=torch.float32, device=ref.device)
+    )
+    if t.ndim == 1 and ref.ndim > 1:
+        t = t.reshape(-1, *([1] * (ref.ndim - 1)))
+    return t
+
+
+def euler_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+) -> torch.Tensor:
+    """One Euler step of the flow ODE: ``x_next = x + (sigma_next - sigma) * v``.
+
+    ``sigma``/``sigma_next`` are floats, 0-d tensors, or ``(B,)`` tensors (one per sample, so a
+    batch may mix requests at different steps). Rounding follows the reference exactly:
+
+    * ``dt`` is a float32 difference of float32 sigmas;
+    * the reference multiplies that 0-d float32 ``dt`` with the model output, which type-promotes to
+      the output's dtype: ``dt`` itself is first rounded to ``model_output.dtype`` (bf16 keeps only 8
+      mantissa bits of it!), the product is formed in float32 and rounded to ``model_output.dtype``;
+    * the sum is formed in float32 (the sample is upcast) and cast back to ``model_output.dtype``.
+
+    Spelling each rounding out (rather than relying on 0-d promotion) keeps ``(B,)`` sigmas, which
+    would otherwise promote to float32, bit-identical to the per-request scalar step.
+    """
+    s = _as_sigma(sigma, sample)
+    s_next = _as_sigma(sigma_next, sample)
+    out_dtype = model_output.dtype
+    dt = (s_next - s).to(out_dtype).float()
+    delta = (dt * model_output.float()).to(out_dtype)
+    return (sample.float() + delta).to(out_dtype)

@@ -1,0 +1,32 @@
+"""Offline test fixtures: tiny random diffusers pipelines with deterministic weights and tokenizers.
+
+    >>> from sgl_diffusion.testing import build_fixture, FIXTURES
+    >>> build_fixture("flux1_dev", "/tmp/flux1_dev")  # doctest: +SKIP
+
+or ``python -m sgl_diffusion.testing flux1_dev /tmp/flux1_dev``.
+"""
+
+from __future__ import annotations
+
+from .fixtures import (
+    FIXTURE_REGISTRY,
+    FixtureSpec,
+    build_fixture,
+    build_pipeline,
+    perturb_constant_params,
+    register_fixture,
+    seeded_component,
+)
+
+FIXTURES: tuple[str, ...] = tuple(FIXTURE_REGISTRY)
+
+__all__ = [
+    "FIXTURES",
+    "FIXTURE_REGISTRY",
+    "FixtureSpec",
+    "build_fixture",
+    "build_pipeline",
+    "perturb_constant_params",
+    "register_fixture",
+    "seeded_component",
+]
