@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import _native
 from .builtin import builtin_model_path
+from .errors import invalid_request
 from .runtime.device import PRECISIONS, default_device
 from .runtime.encode import decode_output
 
@@ -34,6 +35,8 @@ class GenerationResult:
     timings: dict[str, Any]
     request: dict[str, Any]
     notes: list[str]
+    #: How many requests shared the batch that produced these outputs.
+    batch_size: int = 1
 
     @property
     def peak_memory_mb(self) -> float:
@@ -111,6 +114,7 @@ class DiffGenerator:
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         true_cfg_scale: float | None = None,
@@ -124,12 +128,13 @@ class DiffGenerator:
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
-            raise _native.InvalidRequestError(f"invalid `seed`: must be an integer in [0, 2^64), got {seed!r}", "seed")
+            raise invalid_request("seed", f"invalid `seed`: must be an integer in [0, 2^64), got {seed!r}")
         handle = self.submit(
             prompt=prompt,
             negative_prompt=negative_prompt,
             height=height,
             width=width,
+            num_frames=num_frames,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale,
@@ -152,7 +157,12 @@ def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None 
     request = json.loads(handle.request_json)
     images = [decode_output(data, request["output_format"]) for data in outputs]
     return GenerationResult(
-        images=images, seed=metadata["seed"], timings=metadata["perf"], request=request, notes=metadata["notes"]
+        images=images,
+        seed=metadata["seed"],
+        timings=metadata["perf"],
+        request=request,
+        notes=metadata["notes"],
+        batch_size=metadata["batch_size"],
     )
 
 

@@ -1,0 +1,142 @@
+"""`sgl-diffusion generate`: one request through the engine, written to files."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import _native
+from ..api import DiffGenerator, GenerationResult, collect
+from .options import (
+    CommandError,
+    add_model_options,
+    add_not_supported_options,
+    merge_config,
+    reject_not_supported,
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="generate images from a prompt")
+    request = parser.add_argument_group("request")
+    request.add_argument("--prompt", help="text prompt (required)")
+    request.add_argument("--negative-prompt", help="needs --true-cfg-scale > 1 on FLUX.1")
+    request.add_argument("--num-inference-steps", type=int)
+    request.add_argument("--seed", type=int, help="default: random (printed)")
+    request.add_argument("--height", type=int)
+    request.add_argument("--width", type=int)
+    request.add_argument("--num-frames", type=int, help="video models only")
+    request.add_argument("--guidance-scale", type=float)
+    request.add_argument("--true-cfg-scale", type=float)
+    request.add_argument("--max-sequence-length", type=int)
+    request.add_argument("--num-outputs-per-prompt", type=int)
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-path", help="folder for outputs (default: outputs)")
+    output.add_argument("--output-file-name", help="file name (default: from the prompt, time and a hash)")
+    output.add_argument("--output-format", choices=["png", "jpeg", "webp"], help="default: png")
+    output.add_argument(
+        "--save-output", action=argparse.BooleanOptionalAction, default=None, help="write files (default: yes)"
+    )
+    output.add_argument("--perf-dump-path", help="write timings and memory as JSON here")
+    add_model_options(parser)
+    add_not_supported_options(parser)
+    parser.set_defaults(run=lambda args: run(args, parser))
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        options = merge_config(parser, args)
+        reject_not_supported(options)
+        if not options.get("prompt"):
+            raise CommandError("--prompt is required (on the command line or in --config)")
+    except CommandError as err:
+        parser.error(str(err))
+    try:
+        return generate(options)
+    except _native.InvalidRequestError as err:
+        print(f"sgl-diffusion generate: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, _native.ModelLoadError) as err:
+        print(f"sgl-diffusion generate: error: {err}", file=sys.stderr)
+        return 1
+
+
+def generate(options: dict[str, Any]) -> int:
+    from tqdm import tqdm
+
+    generator = DiffGenerator.from_pretrained(
+        options.get("model_path"),
+        device=options.get("device"),
+        dit_precision=options.get("dit_precision"),
+        vae_precision=options.get("vae_precision"),
+        attention_backend=options.get("attention_backend"),
+        max_batch_size=options.get("max_batch_size") or 1,
+        batch_delay_ms=options.get("batch_delay_ms") or 0,
+    )
+    fields = (
+        "prompt",
+        "negative_prompt",
+        "num_inference_steps",
+        "seed",
+        "height",
+        "width",
+        "num_frames",
+        "guidance_scale",
+        "true_cfg_scale",
+        "max_sequence_length",
+        "num_outputs_per_prompt",
+        "output_format",
+    )
+    try:
+        handle = generator.submit(**{name: options.get(name) for name in fields})
+        request = json.loads(handle.request_json)
+        for note in request["notes"]:
+            print(note, file=sys.stderr)
+        with tqdm(total=request["num_inference_steps"], desc="denoising", unit="step", file=sys.stderr) as bar:
+            result = collect(handle, lambda step, total: bar.update(step - bar.n))
+    finally:
+        generator.shutdown()
+    print(f"seed {result.seed}; {result.timings['total_duration_ms'] / 1000:.2f} s", file=sys.stderr)
+    if options.get("save_output") is not False:
+        for path in save_outputs(result, options):
+            print(path)
+    if options.get("perf_dump_path"):
+        dump_perf(result, options["perf_dump_path"])
+    return 0
+
+
+def default_file_stem(prompt: str, seed: int) -> str:
+    """The prompt, sanitized and shortened, plus a timestamp and a short hash (unique per run)."""
+    words = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48].rstrip("_") or "output"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    digest = hashlib.sha1(f"{prompt}\0{seed}\0{time.time_ns()}".encode()).hexdigest()[:8]
+    return f"{words}_{stamp}_{digest}"
+
+
+def save_outputs(result: GenerationResult, options: dict[str, Any]) -> list[Path]:
+    folder = Path(options.get("output_path") or "outputs")
+    folder.mkdir(parents=True, exist_ok=True)
+    extension = "." + result.request["output_format"].replace("jpeg", "jpg")
+    name = options.get("output_file_name")
+    stem, suffix = (Path(name).stem, Path(name).suffix or extension) if name else (None, extension)
+    stem = stem or default_file_stem(result.request["prompt"], result.seed)
+    paths = []
+    for index in range(len(result.images)):
+        path = folder / (f"{stem}{suffix}" if len(result.images) == 1 else f"{stem}_{index}{suffix}")
+        result.save(path, index)
+        paths.append(path)
+    return paths
+
+
+def dump_perf(result: GenerationResult, path: str) -> None:
+    record = dict(result.timings)
+    record["request"] = result.request
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=2))

@@ -1,0 +1,144 @@
+"""`sgl-diffusion generate` as a user runs it: a real process writing real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+# The installed console command, as users run it.
+SGL_DIFFUSION = shutil.which("sgl-diffusion") or pytest.fail("the sgl-diffusion command is not installed")
+SMALL_FLAGS = ["--num-inference-steps", "2", "--max-sequence-length", "16", "--device", "cpu"]
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SGL_DIFFUSION, "generate", *args],
+        check=False,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_generate_writes_a_png_and_a_perf_dump(flux_dir: Path, tmp_path: Path) -> None:
+    perf = tmp_path / "perf.json"
+    proc = run_cli(
+        "--model-path", str(flux_dir), "--prompt", "a red fox", "--height", "48", "--width", "32", "--seed", "3",
+        "--output-path", str(tmp_path / "out"), "--perf-dump-path", str(perf), *SMALL_FLAGS,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (written,) = [Path(line) for line in proc.stdout.split()]
+    assert written.parent == tmp_path / "out"
+    assert written.name.startswith("a_red_fox_") and written.suffix == ".png"
+    assert image_size(written) == (32, 48)
+    record = json.loads(perf.read_text())
+    assert [s["name"] for s in record["steps"]] == [
+        "input_validation",
+        "text_encoding",
+        "latent_preparation",
+        "timestep_preparation",
+        "denoising",
+        "decoding",
+    ]
+    assert [s["step"] for s in record["denoise_steps_ms"]] == [0, 1]
+    assert record["total_duration_ms"] > 0 and record["peak_memory_mb"] > 0
+    assert record["memory_checkpoints"] and record["request"]["seed"] == 3
+    assert "denoising" in proc.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_files_with_the_command_line_winning(flux_dir: Path, tmp_path: Path, suffix: str) -> None:
+    options = {
+        "model_path": str(flux_dir),
+        "prompt": "from the config",
+        "height": 64,
+        "width": 64,
+        "num-inference-steps": 2,
+        "max_sequence_length": 16,
+        "device": "cpu",
+        "output_path": str(tmp_path),
+        "output_file_name": "image.png",
+    }
+    config = tmp_path / f"config{suffix}"
+    if suffix == ".json":
+        config.write_text(json.dumps(options))
+    else:
+        config.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in options.items()))
+    proc = run_cli("--config", str(config), "--width", "32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert image_size(tmp_path / "image.png") == (32, 64)  # width from the command line
+
+
+def test_several_outputs_get_numbered_files(flux_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "--model-path", str(flux_dir), "--prompt", "cats", "--height", "32", "--width", "32",
+        "--num-outputs-per-prompt", "2", "--output-file-name", "cats.jpg", "--output-format", "jpeg",
+        "--output-path", str(tmp_path), *SMALL_FLAGS,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("cats_*.jpg")) == ["cats_0.jpg", "cats_1.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora-path", "x.safetensors"], "--lora-path is not supported yet"),
+        (["--num-gpus", "2"], "--num-gpus is not supported yet"),
+        (["--enable-torch-compile"], "--enable-torch-compile is not supported yet"),
+        (["--sp-degree", "2"], "--sp-degree is not supported yet"),
+    ],
+)
+def test_unsupported_options_are_rejected_clearly(tmp_path: Path, flags: list[str], message: str) -> None:
+    proc = run_cli("--prompt", "a", *flags, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_bad_input_names_the_field(flux_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "--model-path", str(flux_dir), "--prompt", "a", "--negative-prompt", "ugly", *SMALL_FLAGS, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "negative_prompt" in proc.stderr and "true_cfg_scale" in proc.stderr
+    proc = run_cli("--model-path", str(flux_dir), "--prompt", "a", "--width", "40", *SMALL_FLAGS, cwd=tmp_path)
+    assert proc.returncode == 2 and "multiple of 16" in proc.stderr
+    proc = run_cli("--prompt", "a", "--config", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_unknown_config_keys_are_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("prompt: a\nstepz: 3\n")
+    proc = run_cli("--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown option 'stepz'" in proc.stderr
+
+
+def test_a_missing_model_names_where_it_looked(tmp_path: Path) -> None:
+    proc = run_cli("--model-path", "nobody/nothing", "--prompt", "a", "--device", "cpu", cwd=tmp_path,
+                   env={"HF_HUB_CACHE": str(tmp_path / "hub")})  # fmt: skip
+    assert proc.returncode == 1
+    assert "nobody/nothing" in proc.stderr and str(tmp_path / "hub") in proc.stderr
+
+
+def test_the_builtin_default_model_needs_no_model_path(tmp_path: Path) -> None:
+    env = {"SGL_DIFFUSION_CACHE": str(tmp_path / "cache")}
+    proc = run_cli("--prompt", "a lighthouse", "--device", "cpu", "--output-path", str(tmp_path), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (written,) = [Path(line) for line in proc.stdout.split()]
+    assert image_size(written) == (1024, 1024)  # the model's own default size
+    assert (tmp_path / "cache" / "sgl-diffusion" / "tiny-flux1-random-v1" / "model_index.json").is_file()

@@ -1,0 +1,103 @@
+"""Model resolution and weight loading: local folders, the Hugging Face cache, shards, precisions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL
+from sgl_diffusion import DiffGenerator, _native
+from sgl_diffusion.layers.attention import resolve_attention_backend
+from sgl_diffusion.loading import load_native_model
+from sgl_diffusion.models.flux import FluxTransformer2DModel
+from sgl_diffusion.testing import build_fixture
+
+
+def test_sharded_checkpoints_load_to_the_same_output(flux_dir: Path, tmp_path: Path, generator) -> None:
+    sharded = build_fixture("flux1_dev", tmp_path / "sharded", max_shard_size="100KB")
+    files = _native.component_weight_files(str(sharded / "transformer"))
+    assert len(files) > 1
+    gen = DiffGenerator.from_pretrained(sharded, device="cpu", dit_precision="fp32", vae_precision="fp32")
+    try:
+        ours = gen.generate("a cat", seed=5, output_type="np", **SMALL).images[0]
+    finally:
+        gen.shutdown()
+    expected = generator.generate("a cat", seed=5, output_type="np", **SMALL).images[0]
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_a_missing_shard_is_named(tmp_path: Path) -> None:
+    sharded = build_fixture("flux1_dev", tmp_path / "sharded", max_shard_size="100KB")
+    victim = min((sharded / "transformer").glob("*-00002-of-*.safetensors"))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        _native.component_weight_files(str(sharded / "transformer"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_load_in_the_requested_precision(flux_dir: Path, dtype: torch.dtype) -> None:
+    model = load_native_model(FluxTransformer2DModel.from_config, flux_dir / "transformer", torch.device("cpu"), dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_reduced_precision_engine_runs(flux_dir: Path) -> None:
+    gen = DiffGenerator.from_pretrained(flux_dir, device="cpu", dit_precision="bf16", vae_precision="bf16")
+    try:
+        assert gen.info["dit_precision"] == "bf16"
+        image = gen.generate("a cat", seed=1, output_type="np", **SMALL).images[0]
+    finally:
+        gen.shutdown()
+    assert image.dtype == np.float32 and np.isfinite(image).all()
+
+
+def test_hugging_face_ids_resolve_from_the_local_cache(flux_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev"
+    shutil.copytree(flux_dir, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder, hf_id, pipeline_class = _native.resolve_model("black-forest-labs/FLUX.1-dev")
+    assert Path(folder) == repo / "snapshots" / "0123abc"
+    assert (hf_id, pipeline_class) == ("black-forest-labs/FLUX.1-dev", "FluxPipeline")
+    gen = DiffGenerator.from_pretrained("black-forest-labs/FLUX.1-dev", device="cpu")
+    try:
+        # A known id brings the model card's defaults.
+        assert gen.info["hf_id"] == "black-forest-labs/FLUX.1-dev"
+        assert gen.info["defaults"]["num_inference_steps"] == 28
+    finally:
+        gen.shutdown()
+
+
+def test_hf_home_is_honoured(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert _native.hf_cache_dir() == str(tmp_path / "hf" / "hub")
+
+
+def test_unsupported_pipelines_and_backends_fail_clearly(flux_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(flux_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "SomeOtherPipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(_native.ModelLoadError, match="SomeOtherPipeline.*supported: FluxPipeline"):
+        DiffGenerator.from_pretrained(other, device="cpu")
+    with pytest.raises(_native.ModelLoadError, match="'fa' is not available yet"):
+        DiffGenerator.from_pretrained(flux_dir, device="cpu", attention_backend="fa")
+    with pytest.raises(ValueError, match="available: torch_sdpa"):
+        resolve_attention_backend("nonsense")
+    with pytest.raises(ValueError, match="dit_precision"):
+        DiffGenerator.from_pretrained(flux_dir, device="cpu", dit_precision="fp8")
+
+
+def test_safetensors_headers_are_read_without_loading(flux_dir: Path) -> None:
+    (file,) = _native.component_weight_files(str(flux_dir / "transformer"))
+    tensors = {name: (dtype, shape) for name, dtype, shape in _native.safetensors_tensors(file)}
+    assert tensors["x_embedder.weight"] == ("F32", [32, 64])
+    assert "transformer_blocks.0.attn.add_q_proj.weight" in tensors

@@ -1,0 +1,65 @@
+"""Our FLUX.1 pipeline against diffusers' FluxPipeline on the same tiny checkpoint, fp32 on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL
+from sgl_diffusion.pipelines.flux import EncodeText, FluxPipeline
+
+
+def reference(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
+    settings = {**SMALL, "guidance_scale": 3.5, **kwargs}
+    out = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **settings)
+    return out.images
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "cfg"),
+    [(32, 32, False), (48, 32, False), (32, 64, False), (32, 32, True), (48, 32, True)],
+)
+def test_whole_pipeline_matches_diffusers(generator, diffusers_flux, height: int, width: int, cfg: bool) -> None:
+    extra = {"negative_prompt": "blurry, low quality", "true_cfg_scale": 4.0} if cfg else {}
+    settings = {**SMALL, "height": height, "width": width, "guidance_scale": 3.5, **extra}
+    ours = generator.generate("a photo of a cat", seed=7, output_type="np", **settings)
+    expected = reference(diffusers_flux, "a photo of a cat", 7, **settings)
+    assert ours.images[0].shape == (height, width, 3)
+    assert np.abs(ours.images[0] - expected[0]).max() <= 1e-3
+    assert ours.seed == 7
+
+
+def test_several_outputs_per_prompt_match_diffusers(generator, diffusers_flux) -> None:
+    ours = generator.generate("a red fox", seed=3, output_type="np", num_outputs_per_prompt=2, **SMALL)
+    expected = reference(diffusers_flux, "a red fox", 3, num_images_per_prompt=2)
+    assert len(ours.images) == 2
+    for mine, theirs in zip(ours.images, expected, strict=True):
+        assert np.abs(mine - theirs).max() <= 1e-3
+    # Two draws from one generator: the outputs differ.
+    assert np.abs(ours.images[0] - ours.images[1]).max() > 1e-2
+
+
+def test_guidance_and_seed_change_the_output(generator) -> None:
+    base = generator.generate("a cat", seed=1, output_type="np", **SMALL).images[0]
+    other_seed = generator.generate("a cat", seed=2, output_type="np", **SMALL).images[0]
+    other_guidance = generator.generate("a cat", seed=1, guidance_scale=9.0, output_type="np", **SMALL).images[0]
+    assert np.abs(base - other_seed).max() > 1e-2
+    assert np.abs(base - other_guidance).max() > 1e-4
+
+
+def test_text_embeddings_match_diffusers(flux_dir, diffusers_flux) -> None:
+    pipeline = FluxPipeline.load(flux_dir, torch.device("cpu"), torch.float32, torch.float32, "torch_sdpa", None)
+    prompts = ["a photo of a cat", "A Fox in the SNOW, highly detailed, 4k!", ""]
+    pooled, embeds = EncodeText(pipeline)._encode(prompts, 32, torch.device("cpu"))
+    ref_embeds, ref_pooled, _ = diffusers_flux.encode_prompt(prompts, prompts, max_sequence_length=32)
+    torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=1e-6)
+
+
+def test_diffusers_defaults_for_unknown_folders(generator) -> None:
+    # The fixture is no known checkpoint: FluxPipeline.__call__'s defaults apply.
+    defaults = generator.info["defaults"]
+    assert (defaults["width"], defaults["height"], defaults["num_inference_steps"]) == (1024, 1024, 28)
+    assert defaults["guidance_scale"] == 3.5
+    assert generator.info["limits"]["size_multiple"] == 16
