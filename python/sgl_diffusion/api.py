@@ -16,9 +16,7 @@ import numpy as np
 from PIL import Image
 
 from . import _native
-from .builtin import builtin_model_path
 from .errors import invalid_request
-from .runtime.device import PRECISIONS, default_device
 from .runtime.encode import decode_output
 
 OutputType = Literal["pil", "np"]
@@ -77,20 +75,9 @@ class DiffGenerator:
         `model_path=None` uses the built-in tiny default model. Precisions are fp32, fp16 or bf16
         (default: bf16 on CUDA, fp32 on CPU).
         """
-        device = device or default_device()
-        default_precision = "fp32" if device == "cpu" else "bf16"
-        dit_precision = dit_precision or default_precision
-        vae_precision = vae_precision or default_precision
-        for field, value in (("dit_precision", dit_precision), ("vae_precision", vae_precision)):
-            if value not in PRECISIONS:
-                raise ValueError(f"{field} must be one of {', '.join(PRECISIONS)}, got {value!r}")
-        name = str(model_path) if model_path is not None else str(builtin_model_path())
-        folder, hf_id, pipeline_class = _native.resolve_model(name)
         config = {
             "model": {
-                "model_path": folder,
-                "hf_id": hf_id,
-                "pipeline_class": pipeline_class,
+                "model_path": None if model_path is None else str(model_path),
                 "device": device,
                 "dit_precision": dit_precision,
                 "vae_precision": vae_precision,

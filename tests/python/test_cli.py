@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,23 @@ def test_the_builtin_default_model_needs_no_model_path(tmp_path: Path) -> None:
     (written,) = [Path(line) for line in proc.stdout.split()]
     assert image_size(written) == (1024, 1024)  # the model's own default size
     assert (tmp_path / "cache" / "sgl-diffusion" / "tiny-flux1-random-v1" / "model_index.json").is_file()
+
+
+def test_ctrl_c_cancels_the_running_request(flux_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--prompt", "a", "--height", "32",
+             "--width", "32", "--num-inference-steps", "1000", "--device", "cpu", "--output-path", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "denoising:" not in log.read_text() or "/1000" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log.read_text()
+    assert "cancelled" in log.read_text()
+    assert out == "" and not list(tmp_path.glob("*.png"))

@@ -92,7 +92,7 @@ def test_unsupported_pipelines_and_backends_fail_clearly(flux_dir: Path, tmp_pat
         DiffGenerator.from_pretrained(flux_dir, device="cpu", attention_backend="fa")
     with pytest.raises(ValueError, match="available: torch_sdpa"):
         resolve_attention_backend("nonsense")
-    with pytest.raises(ValueError, match="dit_precision"):
+    with pytest.raises(_native.ModelLoadError, match="dit_precision must be one of"):
         DiffGenerator.from_pretrained(flux_dir, device="cpu", dit_precision="fp8")
 
 

@@ -3,23 +3,35 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sgl_scheduler::BatchingConfig;
 
-/// Which model to load and how; handed to the Python executor as JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Which model to load and how, as every entry point states it (`--model-path`, `--device`, ...).
+/// `None` means the default: the built-in tiny model, CUDA when present, bf16 on CUDA / fp32 on CPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Resolved diffusers folder.
-    pub model_path: String,
-    /// Hugging Face id the folder was resolved from, if any.
+    /// A diffusers folder or a Hugging Face id (looked up in the local cache).
     #[serde(default)]
-    pub hf_id: Option<String>,
-    /// `_class_name` from model_index.json.
-    pub pipeline_class: String,
+    pub model_path: Option<String>,
     /// `cuda`, `cuda:N` or `cpu`.
-    pub device: String,
-    pub dit_precision: String,
-    pub vae_precision: String,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub dit_precision: Option<String>,
+    #[serde(default)]
+    pub vae_precision: Option<String>,
     #[serde(default)]
     pub attention_backend: Option<String>,
+}
+
+/// The model config with its folder resolved; what the Python executor receives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ResolvedModelConfig<'a> {
+    pub model_path: String,
+    pub hf_id: Option<String>,
+    pub pipeline_class: String,
+    pub device: Option<&'a str>,
+    pub dit_precision: Option<&'a str>,
+    pub vae_precision: Option<&'a str>,
+    pub attention_backend: Option<&'a str>,
 }
 
 /// Everything needed to start an engine: the model plus the scheduler's limits.

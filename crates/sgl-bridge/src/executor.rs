@@ -4,6 +4,7 @@ use serde::Serialize;
 use sgl_core::{EncodedOutput, GenerationOutput, OutputMetadata, PipelineInfo, ResolvedRequest};
 use sgl_scheduler::{BatchExecutor, BatchItem, BatchProgress, ExecError, ExecErrorKind, ItemOutcome};
 
+use crate::config::ResolvedModelConfig;
 use crate::progress::ProgressCallback;
 use crate::ModelConfig;
 
@@ -23,10 +24,26 @@ struct WireItem<'a> {
 }
 
 impl PythonExecutor {
-    /// Imports the executor module and loads the model. Must run on the worker thread.
+    /// Resolves the model folder, imports the executor module and loads the model. Must run on the
+    /// worker thread.
     pub fn load(config: &ModelConfig) -> Result<(Self, PipelineInfo), ExecError> {
-        let config_json = serde_json::to_string(config)
-            .map_err(|e| ExecError::new(ExecErrorKind::Load, format!("cannot encode the model config: {e}")))?;
+        let load_error = |message: String| ExecError::new(ExecErrorKind::Load, message);
+        let name = match &config.model_path {
+            Some(path) => path.clone(),
+            None => builtin_model_path()?,
+        };
+        let model = sgl_weights::resolve_model(&name).map_err(|e| load_error(e.to_string()))?;
+        let resolved = ResolvedModelConfig {
+            model_path: model.dir.to_string_lossy().into_owned(),
+            hf_id: model.hf_id,
+            pipeline_class: model.pipeline_class,
+            device: config.device.as_deref(),
+            dit_precision: config.dit_precision.as_deref(),
+            vae_precision: config.vae_precision.as_deref(),
+            attention_backend: config.attention_backend.as_deref(),
+        };
+        let config_json =
+            serde_json::to_string(&resolved).map_err(|e| load_error(format!("cannot encode the model config: {e}")))?;
         Python::attach(|py| {
             let load = || -> PyResult<(Py<PyAny>, String)> {
                 let class = py.import(EXECUTOR_MODULE)?.getattr(EXECUTOR_CLASS)?;
@@ -77,6 +94,15 @@ impl BatchExecutor for PythonExecutor {
                 })
         })
     }
+}
+
+/// The built-in default model's folder; Python builds it on first use.
+fn builtin_model_path() -> Result<String, ExecError> {
+    Python::attach(|py| {
+        py.import("sgl_diffusion.builtin")
+            .and_then(|module| module.getattr("builtin_model_path")?.call0()?.str()?.extract::<String>())
+            .map_err(|err| to_exec_error(py, &err, ExecErrorKind::Load))
+    })
 }
 
 /// `None` for a request cancelled mid-batch, else `(list[bytes], metadata_json)`.

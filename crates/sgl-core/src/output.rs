@@ -19,6 +19,7 @@ pub struct GenerationOutput {
 
 /// What the executor reports next to the outputs, serialised as JSON by the Python side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OutputMetadata {
     pub seed: u64,
     /// How many requests shared the forward passes that produced this output.
@@ -30,6 +31,7 @@ pub struct OutputMetadata {
 
 /// Timings and memory of one run; also the schema of `--perf-dump-path` files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PerfMetrics {
     pub total_duration_ms: f64,
     /// Pipeline stages in the order they ran.
@@ -40,12 +42,14 @@ pub struct PerfMetrics {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StageTiming {
     pub name: String,
     pub duration_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StepTiming {
     pub step: u32,
     pub duration_ms: f64,
@@ -53,6 +57,7 @@ pub struct StepTiming {
 
 /// Device memory after a stage (CUDA allocator statistics; process RSS on CPU).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryCheckpoint {
     pub name: String,
     pub allocated_mb: f64,

@@ -3,8 +3,10 @@ use serde::{Deserialize, Serialize};
 /// What a loaded pipeline tells the core about itself.
 ///
 /// The Python side builds this when it loads a model; the core uses it to fill request defaults and
-/// to reject requests the pipeline cannot run before they reach the GPU.
+/// to reject requests the pipeline cannot run before they reach the GPU. Unknown fields are errors,
+/// so the Python mirror (`pipelines/base.py`) cannot drift from this definition unnoticed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineInfo {
     /// The path the model was loaded from.
     pub model_path: String,
@@ -29,6 +31,7 @@ pub struct PipelineInfo {
 
 /// Shape limits of a pipeline; requests beyond them are rejected before they run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineLimits {
     /// Width and height must be multiples of this (16 for FLUX.1, 32 for Wan2.2 TI2V-5B).
     pub size_multiple: u32,
@@ -62,6 +65,7 @@ pub enum GuidanceMode {
 
 /// The model's own sampling defaults; a request overrides any of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SamplingDefaults {
     pub width: u32,
     pub height: u32,

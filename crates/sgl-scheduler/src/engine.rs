@@ -8,7 +8,7 @@ use sgl_core::{GenerationOutput, GenerationRequest, PipelineInfo, ResolvedReques
 
 use crate::executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
 use crate::queue::{Pending, RequestQueue};
-use crate::{CancelToken, ExecError, GenerationError, SubmitError};
+use crate::{CancelToken, ExecError, GenerationError, SchedulerStats, SubmitError};
 
 /// Queue and batching limits (`--max-queue-size`, `--max-batch-size`, `--batch-delay-ms`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,7 @@ pub struct Engine {
     info: PipelineInfo,
     next_id: AtomicU64,
     worker: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<SchedulerStats>,
 }
 
 impl Engine {
@@ -59,8 +60,10 @@ impl Engine {
             ));
         }
         let queue = Arc::new(RequestQueue::new(config.max_queue_size));
+        let stats = Arc::new(SchedulerStats::new(config.max_batch_size));
         let (ready_tx, ready_rx) = flume::bounded(1);
         let worker_queue = Arc::clone(&queue);
+        let worker_stats = Arc::clone(&stats);
         let worker = std::thread::Builder::new()
             .name("sgl-executor".into())
             .spawn(move || {
@@ -69,7 +72,7 @@ impl Engine {
                 match loaded {
                     Ok((executor, info)) => {
                         let _ = ready_tx.send(Ok(info));
-                        run_worker(executor, &worker_queue, &config);
+                        run_worker(executor, &worker_queue, &config, &worker_stats);
                     }
                     Err(err) => {
                         worker_queue.close();
@@ -81,7 +84,7 @@ impl Engine {
         let info = ready_rx
             .recv()
             .map_err(|_| ExecError::internal("the executor thread ended before the model was loaded"))??;
-        Ok(Self { queue, info, next_id: AtomicU64::new(1), worker: Mutex::new(Some(worker)) })
+        Ok(Self { queue, info, next_id: AtomicU64::new(1), worker: Mutex::new(Some(worker)), stats })
     }
 
     pub fn info(&self) -> &PipelineInfo {
@@ -90,6 +93,19 @@ impl Engine {
 
     pub fn queue(&self) -> &Arc<RequestQueue> {
         &self.queue
+    }
+
+    pub fn stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+
+    /// False once the worker thread has ended (after a shutdown, or if it died).
+    pub fn is_alive(&self) -> bool {
+        self.worker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|worker| !worker.is_finished())
     }
 
     /// Validates `request` against the loaded pipeline and queues it.
@@ -166,7 +182,12 @@ impl RequestHandle {
     }
 }
 
-fn run_worker<E: BatchExecutor>(mut executor: E, queue: &RequestQueue, config: &BatchingConfig) {
+fn run_worker<E: BatchExecutor>(
+    mut executor: E,
+    queue: &RequestQueue,
+    config: &BatchingConfig,
+    stats: &SchedulerStats,
+) {
     while let Some(batch) = queue.next_batch(config.max_batch_size, config.batch_delay) {
         let live: Vec<Pending> = batch
             .into_iter()
@@ -181,10 +202,12 @@ fn run_worker<E: BatchExecutor>(mut executor: E, queue: &RequestQueue, config: &
         if live.is_empty() {
             continue;
         }
+        stats.record_batch(live.len());
         match run_batch(&mut executor, &live) {
             Ok(outcomes) => deliver(&live, outcomes),
             Err(err) if live.len() == 1 => live[0].finish(Err(err.into())),
             Err(err) => {
+                stats.record_failed_batch();
                 tracing::warn!(batch_size = live.len(), error = %err, "batch failed; retrying its requests one by one");
                 for pending in &live {
                     if pending.token.is_cancelled() {

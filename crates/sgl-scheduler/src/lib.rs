@@ -10,9 +10,11 @@ mod engine;
 mod error;
 mod executor;
 mod queue;
+mod stats;
 
 pub use cancel::CancelToken;
 pub use engine::{BatchingConfig, Engine, Event, RequestHandle};
 pub use error::{ExecError, ExecErrorKind, GenerationError, SubmitError};
 pub use executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
 pub use queue::RequestQueue;
+pub use stats::SchedulerStats;

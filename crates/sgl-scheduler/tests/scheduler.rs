@@ -135,6 +135,7 @@ fn compatible_requests_share_one_batch() {
         assert_eq!(out.metadata.seed, i as u64);
     }
     assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["p0", "p1", "p2", "p3"]]);
+    assert_eq!(engine.stats().batch_sizes(), vec![(4, 1)]);
 }
 
 #[test]
@@ -265,6 +266,7 @@ fn shutdown_drains_the_queue_and_refuses_new_work() {
         assert!(h.wait().is_ok());
     }
     assert_eq!(engine.submit(&req("late")).unwrap_err(), SubmitError::ShuttingDown);
+    assert!(!engine.is_alive());
 }
 
 #[test]

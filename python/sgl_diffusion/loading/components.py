@@ -77,5 +77,14 @@ def load_diffusers_model(cls: type[M], component_dir: Path, device: torch.device
 
 def load_transformers_model(cls: type[M], component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
     """Text encoders from transformers; its loader already streams to `device_map`."""
-    model = cls.from_pretrained(str(component_dir), dtype=dtype, device_map=str(device))  # type: ignore[attr-defined]
+    from transformers.utils import logging as transformers_logging
+
+    # Our CLI shows its own progress; transformers' per-component "Loading weights" bars are noise.
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(str(component_dir), dtype=dtype, device_map=str(device))  # type: ignore[attr-defined]
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
     return model.eval().requires_grad_(False)

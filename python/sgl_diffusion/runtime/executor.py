@@ -23,9 +23,11 @@ from .request import Request
 class PipelineExecutor:
     def __init__(self, config_json: str) -> None:
         config = json.loads(config_json)
-        self.device = parse_device(config["device"])
-        self.dit_dtype = parse_precision("dit_precision", config["dit_precision"])
-        self.vae_dtype = parse_precision("vae_precision", config["vae_precision"])
+        self.device = parse_device(config.get("device"))
+        # bf16 on GPUs (what real checkpoints ship); fp32 on CPU, where bf16 matmuls are slow.
+        default_precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.dit_dtype = parse_precision("dit_precision", config.get("dit_precision") or default_precision)
+        self.vae_dtype = parse_precision("vae_precision", config.get("vae_precision") or default_precision)
         self.attention_backend = resolve_attention_backend(config.get("attention_backend"))
         self.model_path = config["model_path"]
         self.hf_id = config.get("hf_id")
