@@ -1,0 +1,143 @@
+//! The OpenAI-compatible HTTP server (axum) in front of the scheduler.
+//!
+//! The server binds its port first and answers `/health` with 503 while the model loads on the
+//! engine's own thread. Handlers validate requests, submit them to the scheduler and await its
+//! events; they never call Python. On SIGINT/SIGTERM it stops taking work (503), lets queued and
+//! running requests finish, and returns.
+
+mod auth;
+mod config;
+mod error;
+mod generation;
+mod metrics;
+mod openapi;
+mod outputs;
+mod routes;
+mod state;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sgl_scheduler::Engine;
+use tokio::net::TcpListener;
+
+pub use config::ServerConfig;
+pub use error::ApiError;
+pub use openapi::openapi_json;
+pub use wire::*;
+
+use crate::outputs::OutputStore;
+use crate::state::{AppState, EngineState};
+
+/// How often expired outputs are deleted.
+const PURGE_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: String, source: std::io::Error },
+    #[error("cannot create the output folder {dir}: {source}")]
+    OutputDir { dir: String, source: std::io::Error },
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the model failed to load: {0}")]
+    Load(String),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loads the model (blocking; run on a thread of its own) and returns the engine.
+pub type EngineLoader = Box<dyn FnOnce() -> Result<Engine, String> + Send + 'static>;
+
+/// Runs the server until SIGINT/SIGTERM, then drains the engine and returns. Builds its own tokio
+/// runtime, so callers need none (the Python binding calls this with the GIL released).
+pub fn run(config: ServerConfig, load: EngineLoader) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sgl-http").build()?;
+    runtime.block_on(serve(config, load))
+}
+
+pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), ServeError> {
+    let address = format!("{}:{}", config.host, config.port);
+    let listener =
+        TcpListener::bind(&address).await.map_err(|source| ServeError::Bind { address: address.clone(), source })?;
+    let output_dir = config.output_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sgl-diffusion-outputs"));
+    let outputs = OutputStore::new(output_dir.clone(), Duration::from_secs(config.output_ttl_secs))
+        .map_err(|source| ServeError::OutputDir { dir: output_dir.display().to_string(), source })?;
+    let state = Arc::new(AppState::new(config, outputs, metrics::Metrics::new()?));
+    let app = routes::router(Arc::clone(&state));
+    eprintln!("sgl-diffusion: listening on http://{address} (model loading)");
+
+    let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let loader_state = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || match load() {
+        Ok(engine) => {
+            eprintln!("sgl-diffusion: model ready ({})", engine.info().pipeline_class);
+            loader_state.set_engine(EngineState::Ready(Arc::new(engine)));
+        }
+        Err(reason) => {
+            eprintln!("sgl-diffusion: the model failed to load: {reason}");
+            loader_state.set_engine(EngineState::Failed(reason.clone()));
+            let _ = load_failed_tx.send(reason);
+        }
+    });
+
+    let purge_state = Arc::clone(&state);
+    let purger = tokio::spawn(async move {
+        let mut ticker =
+            tokio::time::interval(PURGE_INTERVAL.min(purge_state.outputs.ttl().max(Duration::from_secs(1))));
+        loop {
+            ticker.tick().await;
+            purge_state.outputs.purge_expired().await;
+        }
+    });
+
+    let load_error = Arc::new(std::sync::Mutex::new(None));
+    let shutdown_state = Arc::clone(&state);
+    let shutdown_error = Arc::clone(&load_error);
+    let shutdown = async move {
+        tokio::select! {
+            () = termination_signal() => eprintln!("sgl-diffusion: shutting down; finishing running requests"),
+            Ok(reason) = load_failed_rx => {
+                *shutdown_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+            }
+        }
+        shutdown_state.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(engine) = shutdown_state.loaded_engine() {
+            // Closes the queue (new work gets 503) and waits for queued and running requests.
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        }
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    purger.abort();
+    let failed = load_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match failed {
+        Some(reason) => Err(ServeError::Load(reason)),
+        None => {
+            eprintln!("sgl-diffusion: stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn termination_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,299 @@
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{CONTENT_TYPE, HOST};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::Json;
+use base64::Engine as _;
+use serde::Deserialize;
+use sgl_core::{GenerationRequest, OutputFormat};
+
+use crate::error::ApiError;
+use crate::generation::await_result;
+use crate::outputs::content_type;
+use crate::state::{unix_now, SharedState};
+use crate::wire::{ErrorBody, ImageData, ImageGenerationRequest, ImageGenerationResponse};
+
+/// Reads a JSON body within the size limit, answering 415 / 413 / 400 in the OpenAI format.
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &SharedState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim_start().to_ascii_lowercase().starts_with("application/json") {
+        return Err(ApiError::unsupported_media_type("application/json"));
+    }
+    let limit = state.config.max_body_bytes();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(format!("the body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::bad_request(format!("invalid request body: {inner}"))
+        } else {
+            ApiError::invalid(path, inner.to_string())
+        }
+    })
+}
+
+fn parse_size(size: &str) -> Result<Option<(u32, u32)>, ApiError> {
+    if size == "auto" {
+        return Ok(None);
+    }
+    let parsed = size.split_once('x').and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)));
+    match parsed {
+        Some((w, h)) if w > 0 && h > 0 => Ok(Some((w, h))),
+        _ => {
+            Err(ApiError::invalid("size", format!("size must be WIDTHxHEIGHT (e.g. 1024x1024) or auto, got {size:?}")))
+        }
+    }
+}
+
+fn parse_output_format(value: Option<&str>) -> Result<OutputFormat, ApiError> {
+    match value.unwrap_or("png") {
+        "png" => Ok(OutputFormat::Png),
+        "jpeg" | "jpg" => Ok(OutputFormat::Jpeg),
+        "webp" => Ok(OutputFormat::Webp),
+        other => {
+            Err(ApiError::invalid("output_format", format!("output_format must be png, jpeg or webp, got {other:?}")))
+        }
+    }
+}
+
+enum ResponseFormat {
+    B64Json,
+    Url,
+}
+
+/// OpenAI's image request → the engine's request. OpenAI fields that mean nothing here are accepted
+/// only with their no-op values; anything we cannot honour is a 400 naming the field.
+fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationRequest, ResponseFormat), ApiError> {
+    let response_format = match body.response_format.as_deref().unwrap_or("b64_json") {
+        "b64_json" => ResponseFormat::B64Json,
+        "url" => ResponseFormat::Url,
+        other => {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("response_format must be b64_json or url, got {other:?}"),
+            ))
+        }
+    };
+    match body.background.as_deref() {
+        None | Some("auto") | Some("opaque") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "background",
+                format!("background {other:?} cannot be produced by this model; use auto or opaque"),
+            ))
+        }
+    }
+    if let Some(quality) = body.quality.as_deref() {
+        if !["auto", "standard", "hd", "low", "medium", "high"].contains(&quality) {
+            return Err(ApiError::invalid(
+                "quality",
+                format!("quality must be auto, standard, hd, low, medium or high, got {quality:?}"),
+            ));
+        }
+    }
+    if let Some(style) = body.style.as_deref() {
+        if !["vivid", "natural"].contains(&style) {
+            return Err(ApiError::invalid("style", format!("style must be vivid or natural, got {style:?}")));
+        }
+    }
+    let (mut width, mut height) = (body.width, body.height);
+    if let Some(size) = body.size.as_deref() {
+        if let Some((w, h)) = parse_size(size)? {
+            if width.is_some_and(|v| v != w) || height.is_some_and(|v| v != h) {
+                return Err(ApiError::invalid("size", "size disagrees with width/height; give one or the other"));
+            }
+            (width, height) = (Some(w), Some(h));
+        }
+    }
+    let request = GenerationRequest {
+        prompt: body.prompt.clone(),
+        negative_prompt: body.negative_prompt.clone(),
+        width,
+        height,
+        num_frames: None,
+        num_inference_steps: body.num_inference_steps,
+        guidance_scale: body.guidance_scale,
+        true_cfg_scale: body.true_cfg_scale,
+        seed: body.seed,
+        max_sequence_length: body.max_sequence_length,
+        num_outputs_per_prompt: Some(body.n.unwrap_or(1)),
+        flow_shift: body.flow_shift,
+        output_format: Some(parse_output_format(body.output_format.as_deref())?),
+        output_quality: body.output_quality.or(body.output_compression),
+    };
+    Ok((request, response_format))
+}
+
+fn new_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut id = String::from(prefix);
+    for _ in 0..2 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher
+            .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        id.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    id
+}
+
+/// Text-to-image generation (OpenAI Images API).
+#[utoipa::path(post, path = "/v1/images/generations", tag = "images",
+    request_body = ImageGenerationRequest,
+    responses(
+        (status = 200, body = ImageGenerationResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_image(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ImageGenerationResponse>, ApiError> {
+    let started = Instant::now();
+    let body: ImageGenerationRequest = read_json(&state, &headers, body).await?;
+    let engine = state.engine()?;
+    if let Some(model) = body.model.as_deref() {
+        let names = state.model_names(&engine);
+        if !names.iter().any(|n| n == model) {
+            return Err(ApiError::model_not_found(model, &names));
+        }
+    }
+    let (request, response_format) = to_generation_request(&body)?;
+    let handle = engine.submit(&request).map_err(|err| ApiError::from_submit(&err))?;
+    let output = await_result(&handle).await?;
+    state.metrics.observe_perf(&output.metadata.perf);
+    let id = new_id("img_");
+    let data = match response_format {
+        ResponseFormat::B64Json => output
+            .outputs
+            .iter()
+            .map(|o| ImageData {
+                b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&o.bytes)),
+                url: None,
+                revised_prompt: body.prompt.clone(),
+            })
+            .collect(),
+        ResponseFormat::Url => {
+            let files: Vec<_> = output.outputs.iter().map(|o| (o.bytes.clone(), o.format)).collect();
+            state
+                .outputs
+                .put(&id, &files)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot store the output: {e}")))?;
+            let base = public_base(&state, &headers);
+            (0..files.len())
+                .map(|variant| ImageData {
+                    b64_json: None,
+                    url: Some(format!("{base}/v1/images/{id}/content?variant={variant}")),
+                    revised_prompt: body.prompt.clone(),
+                })
+                .collect()
+        }
+    };
+    Ok(Json(ImageGenerationResponse {
+        id,
+        created: unix_now(),
+        data,
+        inference_time_s: started.elapsed().as_secs_f64(),
+        peak_memory_mb: output.metadata.perf.peak_memory_mb,
+        seed: output.metadata.seed,
+    }))
+}
+
+/// `--public-url`, else the scheme-less Host the client used.
+fn public_base(state: &SharedState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.config.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+#[derive(Deserialize)]
+pub(crate) struct VariantQuery {
+    #[serde(default)]
+    variant: usize,
+}
+
+/// Downloads output `variant` of a `url` response until it expires (`--output-ttl`).
+#[utoipa::path(get, path = "/v1/images/{id}/content", tag = "images",
+    params(("id" = String, Path), ("variant" = Option<usize>, Query, description = "Index of the image in the response")),
+    responses((status = 200, description = "The image file", content_type = "image/png"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn image_content(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(query): Query<VariantQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let not_found = || ApiError::not_found(format!("no image {id} (variant {}); it may have expired", query.variant));
+    let (path, format) = state.outputs.get(&id, query.variant).ok_or_else(not_found)?;
+    let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
+    Ok(([(CONTENT_TYPE, content_type(format))], bytes))
+}
+
+/// Image editing. The served text-to-image models cannot edit; this answers a clear 400.
+#[utoipa::path(post, path = "/v1/images/edits", tag = "images",
+    responses((status = 400, body = ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn edit_image(State(state): State<SharedState>) -> ApiError {
+    match state.engine() {
+        Ok(engine) => {
+            let info = engine.info();
+            ApiError::invalid(
+                "model",
+                format!(
+                    "the served model ({}) is {} and cannot edit images; use /v1/images/generations",
+                    info.pipeline_class, info.task
+                ),
+            )
+        }
+        Err(err) => err,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_strictly() {
+        assert_eq!(parse_size("1024x768").unwrap(), Some((1024, 768)));
+        assert_eq!(parse_size("auto").unwrap(), None);
+        for bad in ["abc", "1024", "x", "0x10", "-5x10", "10x10x10", "1024X768"] {
+            assert_eq!(parse_size(bad).unwrap_err().param.as_deref(), Some("size"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn openai_fields_we_cannot_honour_are_rejected() {
+        let base = ImageGenerationRequest { prompt: "a".into(), ..Default::default() };
+        let cases = [
+            (ImageGenerationRequest { background: Some("transparent".into()), ..base.clone() }, "background"),
+            (ImageGenerationRequest { response_format: Some("gif".into()), ..base.clone() }, "response_format"),
+            (ImageGenerationRequest { output_format: Some("bmp".into()), ..base.clone() }, "output_format"),
+            (ImageGenerationRequest { quality: Some("ultra".into()), ..base.clone() }, "quality"),
+            (ImageGenerationRequest { style: Some("cartoon".into()), ..base.clone() }, "style"),
+        ];
+        for (request, field) in cases {
+            assert_eq!(to_generation_request(&request).err().and_then(|e| e.param).as_deref(), Some(field));
+        }
+        let ok = ImageGenerationRequest {
+            quality: Some("standard".into()),
+            style: Some("vivid".into()),
+            size: Some("64x32".into()),
+            ..base
+        };
+        let (request, _) = to_generation_request(&ok).ok().unwrap();
+        assert_eq!((request.width, request.height), (Some(64), Some(32)));
+    }
+}

@@ -1,0 +1,74 @@
+//! The router: every route, the API-key check, per-route metrics and the 404 fallback.
+
+mod health;
+mod images;
+mod models;
+mod observability;
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub(crate) use health::__path_health;
+pub(crate) use health::__path_health_generate;
+pub(crate) use images::__path_create_image;
+pub(crate) use images::__path_edit_image;
+pub(crate) use images::__path_image_content;
+pub(crate) use models::__path_get_model;
+pub(crate) use models::__path_list_models;
+pub(crate) use models::__path_served_model;
+pub(crate) use observability::__path_metrics;
+
+use crate::auth::require_api_key;
+use crate::error::ApiError;
+use crate::state::SharedState;
+
+pub fn router(state: SharedState) -> Router {
+    let mut app = Router::new()
+        .route("/health", get(health::health))
+        .route("/health_generate", get(health::health_generate))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{*model}", get(models::get_model))
+        .route("/models", get(models::served_model))
+        .route("/v1/images/generations", post(images::create_image))
+        .route("/v1/images/edits", post(images::edit_image))
+        .route("/v1/images/{id}/content", get(images::image_content))
+        .route("/openapi.json", get(observability::openapi))
+        .route("/metrics", get(observability::metrics))
+        .fallback(not_found)
+        // Bodies are read (and limited to --max-body-mb) by the handlers, which answer 413 in the
+        // OpenAI error format.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics));
+    if !state.config.cors_origins.is_empty() {
+        let origins = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect::<Vec<_>>();
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers(tower_http::cors::Any),
+        );
+    }
+    app.with_state(state)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+async fn record_metrics(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
+    let start = Instant::now();
+    let response = next.run(request).await.into_response();
+    state.metrics.observe_request(&route, response.status().as_u16(), start.elapsed().as_secs_f64());
+    response
+}

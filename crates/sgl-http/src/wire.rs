@@ -1,0 +1,143 @@
+//! The OpenAI-compatible wire types (request and response bodies), with their OpenAPI schemas.
+//! Generation parameters map onto `sgl_core::GenerationRequest`, which does all validation.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/images/generations`. OpenAI's fields plus the engine's sampling extensions.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageGenerationRequest {
+    /// What to draw.
+    pub prompt: String,
+    /// The served model's id, path, Hugging Face id or an alias; default: the served model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Number of images, 1-10.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// `WIDTHxHEIGHT`, e.g. `1024x1024`; default: the model's. `auto` means the default.
+    #[serde(default)]
+    pub size: Option<String>,
+    /// `b64_json` (default) or `url`.
+    #[serde(default)]
+    pub response_format: Option<String>,
+    /// `png` (default), `jpeg` or `webp`.
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// Only `auto` and `opaque` can be honoured; `transparent` is rejected.
+    #[serde(default)]
+    pub background: Option<String>,
+    /// Accepted for compatibility; `auto`, `standard`, `hd`, `low`, `medium`, `high` are no-ops.
+    #[serde(default)]
+    pub quality: Option<String>,
+    /// Accepted for compatibility; `vivid` and `natural` are no-ops.
+    #[serde(default)]
+    pub style: Option<String>,
+    /// End-user id for the caller's records; not used.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Compression for jpeg/webp, 0-100 (OpenAI's name; `output_quality` is the same).
+    #[serde(default)]
+    pub output_compression: Option<u8>,
+    #[serde(default)]
+    pub output_quality: Option<u8>,
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub num_inference_steps: Option<u32>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    pub true_cfg_scale: Option<f64>,
+    /// Seed of the request's noise generator (0 to 2^64-1); random when absent.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub max_sequence_length: Option<u32>,
+    #[serde(default)]
+    pub flow_shift: Option<f64>,
+}
+
+/// One generated image: inline base64, or a URL to fetch it from.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ImageData {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub revised_prompt: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ImageGenerationResponse {
+    pub id: String,
+    pub created: u64,
+    pub data: Vec<ImageData>,
+    /// Seconds from submission to the last output.
+    pub inference_time_s: f64,
+    pub peak_memory_mb: f64,
+    /// The seed used (the request's, or the one drawn for it).
+    pub seed: u64,
+}
+
+/// The OpenAI error body every failure uses.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// The folder the model was loaded from.
+    pub root: String,
+    pub task_type: String,
+    pub pipeline_class: String,
+    pub num_gpus: u32,
+    pub dit_precision: String,
+    pub vae_precision: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// `GET /models`: the shape SGLang Diffusion documents.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ServedModelInfo {
+    pub model_path: String,
+    pub task_type: String,
+    pub pipeline_name: String,
+    pub pipeline_class: String,
+    pub num_gpus: u32,
+    pub dit_precision: String,
+    pub vae_precision: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthStatus {
+    /// `ok`, `loading`, `shutting_down` or `unhealthy`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
