@@ -6,6 +6,7 @@
 
 mod engine;
 mod errors;
+pub mod serve;
 mod weights;
 
 use pyo3::prelude::*;
@@ -17,5 +18,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyRequestHandle>()?;
     errors::register(m)?;
     weights::register(m)?;
+    serve::register(m)?;
     Ok(())
 }

@@ -170,7 +170,7 @@ pub(crate) async fn create_image(
         }
     }
     let (request, response_format) = to_generation_request(&body)?;
-    let handle = engine.submit(&request).map_err(|err| ApiError::from_submit(&err))?;
+    let handle = engine.submit(&request).map_err(|err| rename_param(ApiError::from_submit(&err), &body))?;
     let output = await_result(&handle).await?;
     state.metrics.observe_perf(&output.metadata.perf);
     let id = new_id("img_");
@@ -209,6 +209,20 @@ pub(crate) async fn create_image(
         peak_memory_mb: output.metadata.perf.peak_memory_mb,
         seed: output.metadata.seed,
     }))
+}
+
+/// The core names fields as the engine does; a client should see the name it sent.
+fn rename_param(mut err: ApiError, body: &ImageGenerationRequest) -> ApiError {
+    let renamed = match err.param.as_deref() {
+        Some("num_outputs_per_prompt") => Some("n"),
+        Some("width" | "height" | "size") if body.size.is_some() => Some("size"),
+        Some("output_quality") if body.output_quality.is_none() => Some("output_compression"),
+        _ => None,
+    };
+    if let Some(name) = renamed {
+        err.param = Some(name.to_string());
+    }
+    err
 }
 
 /// `--public-url`, else the scheme-less Host the client used.

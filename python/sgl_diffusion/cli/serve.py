@@ -1,0 +1,113 @@
+"""`sgl-diffusion serve`: the OpenAI-compatible HTTP server (Rust, axum) in front of the engine.
+
+The same option parser serves the native `sgl-diffusion-server` binary, which calls
+`parse_serve_config` so that both take exactly the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .. import _native
+from .options import CommandError, add_model_options, add_not_supported_options, merge_config, reject_not_supported
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = commands.add_parser("serve", help="serve the model over OpenAI-compatible HTTP")
+    configure(parser)
+    parser.set_defaults(run=lambda args: run(args, parser))
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, help="port (default 30000)")
+    server.add_argument("--api-key", help="require Authorization: Bearer <key> on every route but /health")
+    server.add_argument("--max-queue-size", type=int, help="requests waiting before 429 (default 256)")
+    server.add_argument("--max-body-mb", type=int, help="largest request body in MiB (default 16)")
+    server.add_argument("--cors-origin", action="append", help="allow this origin (repeatable; default: CORS off)")
+    server.add_argument("--public-url", help="base of absolute url outputs (default: the request's Host)")
+    server.add_argument("--output-ttl", type=int, help="seconds url outputs stay downloadable (default 3600)")
+    server.add_argument("--output-dir", help="where url outputs are stored (default: a temp folder)")
+    server.add_argument(
+        "--served-model-name", action="append", help="extra name the model answers to, e.g. dall-e-3 (repeatable)"
+    )
+    server.add_argument("--health-generate-ttl", type=int, help="seconds a /health_generate result is reused")
+    add_not_supported_options(parser)
+
+
+def build_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The JSON the Rust side takes (`sgl_python::serve::ServeConfig`)."""
+    server = {
+        "host": options.get("host"),
+        "port": options.get("port"),
+        "api_key": options.get("api_key"),
+        "max_body_mb": options.get("max_body_mb"),
+        "cors_origins": options.get("cors_origin"),
+        "public_url": options.get("public_url"),
+        "output_ttl_secs": options.get("output_ttl"),
+        "output_dir": options.get("output_dir"),
+        "served_model_names": options.get("served_model_name"),
+        "model_path": options.get("model_path"),
+        "health_generate_ttl_secs": options.get("health_generate_ttl"),
+    }
+    engine = {
+        "model": {
+            "model_path": options.get("model_path"),
+            "device": options.get("device"),
+            "dit_precision": options.get("dit_precision"),
+            "vae_precision": options.get("vae_precision"),
+            "attention_backend": options.get("attention_backend"),
+        },
+        "max_batch_size": options.get("max_batch_size"),
+        "batch_delay_ms": options.get("batch_delay_ms"),
+        "max_queue_size": options.get("max_queue_size"),
+    }
+    for name in ("max_batch_size", "max_queue_size", "batch_delay_ms"):
+        value = engine[name]
+        if value is not None and value < (0 if name == "batch_delay_ms" else 1):
+            raise CommandError(f"--{name.replace('_', '-')} must be at least {0 if name == 'batch_delay_ms' else 1}")
+    if options.get("port") is not None and not 0 <= options["port"] <= 65535:
+        raise CommandError("--port must be between 0 and 65535")
+    return {
+        "engine": {key: value for key, value in engine.items() if value is not None},
+        "server": {key: value for key, value in server.items() if value is not None},
+    }
+
+
+def parse_serve_config(argv: Sequence[str]) -> str:
+    """Parses serve flags (for the native binary); exits with a usage error like the CLI does."""
+    parser = argparse.ArgumentParser(prog="sgl-diffusion-server", description="sgl-diffusion HTTP server")
+    configure(parser)
+    args = parser.parse_args(list(argv))
+    try:
+        options = merge_config(parser, args)
+        reject_not_supported(options)
+        return json.dumps(build_config(options))
+    except CommandError as err:
+        parser.error(str(err))
+        raise  # parser.error exits; this satisfies type checkers
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        options = merge_config(parser, args)
+        reject_not_supported(options)
+        config = build_config(options)
+    except CommandError as err:
+        parser.error(str(err))
+    try:
+        _native.serve(json.dumps(config))
+    except _native.ModelLoadError as err:
+        print(f"sgl-diffusion serve: error: the model failed to load: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"sgl-diffusion serve: error: {err}", file=sys.stderr)
+        return 1
+    return 0
