@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import _native
 from .errors import invalid_request
-from .runtime.encode import decode_output
+from .runtime.encode import decode_output, to_uint8
 
 OutputType = Literal["pil", "np"]
 ProgressCallback = Callable[[int, int], None]
@@ -45,7 +45,7 @@ class GenerationResult:
         path = Path(path)
         image = self.images[index]
         if isinstance(image, np.ndarray):
-            image = Image.fromarray((image * 255).round().astype(np.uint8))
+            image = Image.fromarray(to_uint8(image))
         image.save(path)
         return path
 
