@@ -27,6 +27,30 @@ pub struct PipelineInfo {
     pub guidance: GuidanceMode,
     /// Whether `flow_shift` may be set per request (FLUX derives its shift from the image size).
     pub supports_flow_shift: bool,
+    /// Whether the pipeline has a second (low-noise) expert guided by `guidance_scale_2`.
+    pub supports_guidance_scale_2: bool,
+    /// Images or videos.
+    pub output: OutputKind,
+    /// Whether requests may, must or must not carry an input image (image-to-video).
+    pub image_input: ImageInput,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    Image,
+    Video,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageInput {
+    /// Text-to-image / text-to-video only.
+    None,
+    /// Text-to-video, or image-to-video when an image is given (Wan2.2 TI2V-5B).
+    Optional,
+    /// Image-to-video only.
+    Required,
 }
 
 /// Shape limits of a pipeline; requests beyond them are rejected before they run.
@@ -76,4 +100,8 @@ pub struct SamplingDefaults {
     pub max_sequence_length: u32,
     pub negative_prompt: Option<String>,
     pub flow_shift: Option<f64>,
+    /// Frames per second of video outputs; `None` for image models.
+    pub fps: Option<u32>,
+    /// Guidance of the low-noise expert (Wan2.2 A14B); `None` where there is none.
+    pub guidance_scale_2: Option<f64>,
 }

@@ -9,6 +9,8 @@ pub const MAX_PROMPT_CHARS: usize = 10_000;
 pub const MAX_OUTPUTS_PER_REQUEST: u32 = 10;
 /// Most denoising steps one request may ask for.
 pub const MAX_STEPS: u32 = 1000;
+/// Highest frame rate a video output may have.
+pub const MAX_FPS: u32 = 120;
 
 /// One generation request as every entry point submits it. `None` means "the model's default".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -38,6 +40,15 @@ pub struct GenerationRequest {
     pub num_outputs_per_prompt: Option<u32>,
     #[serde(default)]
     pub flow_shift: Option<f64>,
+    /// Guidance of the low-noise expert (Wan2.2 A14B).
+    #[serde(default)]
+    pub guidance_scale_2: Option<f64>,
+    /// Frames per second of a video output.
+    #[serde(default)]
+    pub fps: Option<u32>,
+    /// Path of an input image file (image-to-video). Clients upload; the server stores the file.
+    #[serde(default)]
+    pub image_path: Option<String>,
     #[serde(default)]
     pub output_format: Option<OutputFormat>,
     /// Encoder quality for lossy formats, 1-100.
@@ -53,8 +64,17 @@ pub enum OutputFormat {
     Png,
     Jpeg,
     Webp,
-    /// float32 H×W×3 array in [0, 1] as a `.npy` file, for `output_type="np"` in the Python API.
+    /// float32 H×W×3 (image) or T×H×W×3 (video) array in [0, 1] as a `.npy` file, for
+    /// `output_type="np"` in the Python API.
     Npy,
+    /// H.264 video in yuv420p.
+    Mp4,
+}
+
+impl OutputFormat {
+    pub fn is_image_file(self) -> bool {
+        matches!(self, Self::Png | Self::Jpeg | Self::Webp)
+    }
 }
 
 impl GenerationRequest {

@@ -3,8 +3,8 @@ use std::hash::{BuildHasher, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    FrameRule, GenerationRequest, GuidanceMode, OutputFormat, PipelineInfo, ValidationError, MAX_OUTPUTS_PER_REQUEST,
-    MAX_PROMPT_CHARS, MAX_STEPS,
+    FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo, ValidationError,
+    MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_STEPS,
 };
 
 /// A request with every default filled in from the pipeline and every value checked against it.
@@ -23,6 +23,12 @@ pub struct ResolvedRequest {
     pub max_sequence_length: u32,
     pub num_outputs: u32,
     pub flow_shift: Option<f64>,
+    /// Guidance of the low-noise expert, for pipelines that have one.
+    pub guidance_scale_2: Option<f64>,
+    /// Frame rate of video outputs; `None` for images.
+    pub fps: Option<u32>,
+    /// Input image file for image-to-video.
+    pub image_path: Option<String>,
     /// Whether this request runs a second, unconditional branch (classifier-free guidance).
     pub cfg_enabled: bool,
     pub output_format: OutputFormat,
@@ -44,6 +50,8 @@ pub struct BatchKey {
     pub cfg_enabled: bool,
     /// Bit pattern of the flow shift, so the key stays `Eq`/`Hash`.
     pub flow_shift_bits: Option<u64>,
+    /// Image-conditioned requests carry extra latent channels.
+    pub has_image: bool,
 }
 
 impl ResolvedRequest {
@@ -56,6 +64,7 @@ impl ResolvedRequest {
             max_sequence_length: self.max_sequence_length,
             cfg_enabled: self.cfg_enabled,
             flow_shift_bits: self.flow_shift.map(f64::to_bits),
+            has_image: self.image_path.is_some(),
         }
     }
 
@@ -144,6 +153,36 @@ impl ResolvedRequest {
         if let Some(quality) = request.output_quality {
             in_range("output_quality", u32::from(quality), 1, 100)?;
         }
+        let guidance_scale_2 = match (request.guidance_scale_2, info.supports_guidance_scale_2) {
+            (Some(_), false) => {
+                return Err(ValidationError::new(
+                    "guidance_scale_2",
+                    format!("{} has no second expert; guidance_scale_2 cannot be set", info.pipeline_class),
+                ))
+            }
+            (Some(scale), true) => {
+                non_negative("guidance_scale_2", scale)?;
+                Some(scale)
+            }
+            (None, true) => Some(defaults.guidance_scale_2.unwrap_or(guidance_scale)),
+            (None, false) => None,
+        };
+        let fps = match (info.output, request.fps) {
+            (OutputKind::Image, Some(_)) => {
+                return Err(ValidationError::new(
+                    "fps",
+                    format!("{} makes images; fps applies to videos", info.pipeline_class),
+                ))
+            }
+            (OutputKind::Image, None) => None,
+            (OutputKind::Video, requested) => {
+                let fps = requested.or(defaults.fps).unwrap_or(16);
+                in_range("fps", fps, 1, MAX_FPS)?;
+                Some(fps)
+            }
+        };
+        let image_path = resolve_image(request.image_path.as_deref(), info)?;
+        let output_format = resolve_output_format(request.output_format, info)?;
 
         Ok(Self {
             prompt: request.prompt.clone(),
@@ -158,8 +197,11 @@ impl ResolvedRequest {
             max_sequence_length,
             num_outputs,
             flow_shift,
+            guidance_scale_2,
+            fps,
+            image_path,
             cfg_enabled,
-            output_format: request.output_format.unwrap_or_default(),
+            output_format,
             output_quality: request.output_quality,
             notes,
         })
@@ -224,6 +266,40 @@ fn resolve_frames(requested: u32, info: &PipelineInfo, notes: &mut Vec<String>) 
     }
 }
 
+fn resolve_image(path: Option<&str>, info: &PipelineInfo) -> Result<Option<String>, ValidationError> {
+    match (info.image_input, path) {
+        (ImageInput::None, Some(_)) => Err(ValidationError::new(
+            "image",
+            format!("{} is {} and takes no input image", info.pipeline_class, info.task),
+        )),
+        (ImageInput::Required, None) => Err(ValidationError::new(
+            "image",
+            format!("{} generates from an image: an input image is required", info.pipeline_class),
+        )),
+        (_, Some(path)) if !std::path::Path::new(path).is_file() => {
+            Err(ValidationError::new("image", format!("input image file {path:?} does not exist")))
+        }
+        (_, path) => Ok(path.map(str::to_string)),
+    }
+}
+
+fn resolve_output_format(
+    requested: Option<OutputFormat>,
+    info: &PipelineInfo,
+) -> Result<OutputFormat, ValidationError> {
+    match (info.output, requested) {
+        (OutputKind::Image, None) => Ok(OutputFormat::Png),
+        (OutputKind::Video, None) => Ok(OutputFormat::Mp4),
+        (_, Some(OutputFormat::Npy)) => Ok(OutputFormat::Npy),
+        (OutputKind::Image, Some(format)) if format.is_image_file() => Ok(format),
+        (OutputKind::Video, Some(OutputFormat::Mp4)) => Ok(OutputFormat::Mp4),
+        (OutputKind::Image, Some(_)) => {
+            Err(ValidationError::new("output_format", "image models write png, jpeg, webp or npy"))
+        }
+        (OutputKind::Video, Some(_)) => Err(ValidationError::new("output_format", "video models write mp4 or npy")),
+    }
+}
+
 /// A fresh seed for requests that did not fix one. `RandomState` is keyed from the OS's randomness
 /// once per process and mixed per call, which is all an unseeded request needs.
 fn random_seed() -> u64 {
@@ -266,9 +342,14 @@ mod tests {
                 max_sequence_length: 512,
                 negative_prompt: None,
                 flow_shift: None,
+                fps: None,
+                guidance_scale_2: None,
             },
             guidance: GuidanceMode::EmbeddedWithTrueCfg,
             supports_flow_shift: false,
+            supports_guidance_scale_2: false,
+            output: OutputKind::Image,
+            image_input: ImageInput::None,
         }
     }
 
@@ -279,6 +360,8 @@ mod tests {
         info.limits.max_frames = 129;
         info.guidance = GuidanceMode::ClassifierFree;
         info.supports_flow_shift = true;
+        info.output = OutputKind::Video;
+        info.defaults.fps = Some(16);
         info
     }
 
@@ -404,6 +487,49 @@ mod tests {
             let r = ResolvedRequest::resolve(&other, &info).unwrap();
             assert_ne!(base.batch_key(), r.batch_key(), "{other:?}");
         }
+    }
+
+    #[test]
+    fn video_fields_follow_the_pipeline() {
+        let flux = flux_info();
+        assert_eq!(field_of(GenerationRequest { fps: Some(24), ..req("a") }, &flux), "fps");
+        assert_eq!(field_of(GenerationRequest { guidance_scale_2: Some(3.0), ..req("a") }, &flux), "guidance_scale_2");
+        assert_eq!(
+            field_of(GenerationRequest { output_format: Some(OutputFormat::Mp4), ..req("a") }, &flux),
+            "output_format"
+        );
+        let mut wan = video_info();
+        let r = ResolvedRequest::resolve(&req("a"), &wan).unwrap();
+        assert_eq!((r.fps, r.output_format, r.guidance_scale_2), (Some(16), OutputFormat::Mp4, None));
+        assert_eq!(field_of(GenerationRequest { fps: Some(0), ..req("a") }, &wan), "fps");
+        assert_eq!(
+            field_of(GenerationRequest { output_format: Some(OutputFormat::Png), ..req("a") }, &wan),
+            "output_format"
+        );
+        wan.supports_guidance_scale_2 = true;
+        wan.defaults.guidance_scale_2 = Some(3.0);
+        assert_eq!(ResolvedRequest::resolve(&req("a"), &wan).unwrap().guidance_scale_2, Some(3.0));
+    }
+
+    #[test]
+    fn input_images_follow_the_pipeline() {
+        let image = tempfile_path();
+        let with_image = GenerationRequest { image_path: Some(image.clone()), ..req("a") };
+        assert_eq!(field_of(with_image.clone(), &flux_info()), "image");
+        let mut i2v = video_info();
+        i2v.image_input = ImageInput::Required;
+        assert_eq!(field_of(req("a"), &i2v), "image");
+        let resolved = ResolvedRequest::resolve(&with_image, &i2v).unwrap();
+        assert!(resolved.batch_key().has_image);
+        let missing = GenerationRequest { image_path: Some("/no/such/image.png".into()), ..req("a") };
+        assert_eq!(field_of(missing, &i2v), "image");
+        let _ = std::fs::remove_file(image);
+    }
+
+    fn tempfile_path() -> String {
+        let path = std::env::temp_dir().join(format!("sgl-core-test-{}.png", std::process::id()));
+        std::fs::write(&path, b"not really a png").unwrap();
+        path.to_string_lossy().into_owned()
     }
 
     #[test]

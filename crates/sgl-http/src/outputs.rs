@@ -76,6 +76,7 @@ pub fn extension(format: OutputFormat) -> &'static str {
         OutputFormat::Jpeg => "jpg",
         OutputFormat::Webp => "webp",
         OutputFormat::Npy => "npy",
+        OutputFormat::Mp4 => "mp4",
     }
 }
 
@@ -85,6 +86,7 @@ pub fn content_type(format: OutputFormat) -> &'static str {
         OutputFormat::Jpeg => "image/jpeg",
         OutputFormat::Webp => "image/webp",
         OutputFormat::Npy => "application/octet-stream",
+        OutputFormat::Mp4 => "video/mp4",
     }
 }
 

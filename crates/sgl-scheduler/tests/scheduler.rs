@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sgl_core::{
-    FrameRule, GenerationOutput, GenerationRequest, GuidanceMode, OutputMetadata, PerfMetrics, PipelineInfo,
-    PipelineLimits, SamplingDefaults,
+    FrameRule, GenerationOutput, GenerationRequest, GuidanceMode, ImageInput, OutputKind, OutputMetadata, PerfMetrics,
+    PipelineInfo, PipelineLimits, SamplingDefaults,
 };
 use sgl_scheduler::{
     BatchExecutor, BatchItem, BatchProgress, BatchingConfig, Engine, Event, ExecError, GenerationError, ItemOutcome,
@@ -45,9 +45,14 @@ fn info() -> PipelineInfo {
             max_sequence_length: 32,
             negative_prompt: None,
             flow_shift: None,
+            fps: None,
+            guidance_scale_2: None,
         },
         guidance: GuidanceMode::EmbeddedWithTrueCfg,
         supports_flow_shift: false,
+        supports_guidance_scale_2: false,
+        output: OutputKind::Image,
+        image_input: ImageInput::None,
     }
 }
 

@@ -44,6 +44,8 @@ class SamplingDefaults:
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None
     flow_shift: float | None = None
+    fps: int | None = None
+    guidance_scale_2: float | None = None
 
 
 #: Called after each denoising step with (step, total); returns indices (into the batch's request
@@ -118,6 +120,12 @@ class StagedPipeline(abc.ABC):
     #: "embedded_with_true_cfg" or "classifier_free" (see `sgl_core::GuidanceMode`).
     guidance_mode: ClassVar[str]
     supports_flow_shift: ClassVar[bool] = False
+    supports_guidance_scale_2: ClassVar[bool] = False
+    #: "image" or "video" (see `sgl_core::OutputKind`); stages leave `images` (B×H×W×3) or
+    #: `videos` (B×T×H×W×3) float32 arrays in [0, 1] in the state.
+    output: ClassVar[str] = "image"
+    #: "none", "optional" or "required" (see `sgl_core::ImageInput`).
+    image_input: ClassVar[str] = "none"
 
     def __init__(self, device: torch.device, limits: PipelineLimits, defaults: SamplingDefaults) -> None:
         self.device = device

@@ -18,6 +18,7 @@ from ..pipelines import load_pipeline
 from .device import parse_device, parse_precision, precision_name
 from .encode import encode_image
 from .request import Request
+from .video import encode_mp4
 
 
 class PipelineExecutor:
@@ -58,6 +59,9 @@ class PipelineExecutor:
             "defaults": dataclasses.asdict(p.defaults),
             "guidance": p.guidance_mode,
             "supports_flow_shift": p.supports_flow_shift,
+            "supports_guidance_scale_2": p.supports_guidance_scale_2,
+            "output": p.output,
+            "image_input": p.image_input,
         }
         return json.dumps(info)
 
@@ -85,3 +89,11 @@ class PipelineExecutor:
             metadata = {"seed": request.seed, "batch_size": len(requests), "perf": perf, "notes": list(request.notes)}
             results.append((outputs, json.dumps(metadata)))
         return results
+
+    def _encode(self, state: Any, row: int, request: Request) -> bytes:
+        if self.pipeline.output == "video":
+            frames = state["videos"][row]
+            if request.output_format == "npy":
+                return encode_image(frames, "npy")
+            return encode_mp4(frames, fps=request.fps or 16)
+        return encode_image(state["images"][row], request.output_format, request.output_quality)

@@ -23,6 +23,9 @@ class Request:
     max_sequence_length: int
     num_outputs: int
     flow_shift: float | None
+    guidance_scale_2: float | None
+    fps: int | None
+    image_path: str | None
     cfg_enabled: bool
     output_format: str
     output_quality: int | None

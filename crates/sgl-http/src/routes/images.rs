@@ -128,6 +128,9 @@ fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationReq
         max_sequence_length: body.max_sequence_length,
         num_outputs_per_prompt: Some(body.n.unwrap_or(1)),
         flow_shift: body.flow_shift,
+        guidance_scale_2: None,
+        fps: None,
+        image_path: None,
         output_format: Some(parse_output_format(body.output_format.as_deref())?),
         output_quality: body.output_quality.or(body.output_compression),
     };
