@@ -101,3 +101,19 @@ def test_safetensors_headers_are_read_without_loading(flux_dir: Path) -> None:
     tensors = {name: (dtype, shape) for name, dtype, shape in _native.safetensors_tensors(file)}
     assert tensors["x_embedder.weight"] == ("F32", [32, 64])
     assert "transformer_blocks.0.attn.add_q_proj.weight" in tensors
+
+
+def test_per_parameter_precision_matches_diffusers(tmp_path: Path) -> None:
+    # Wan keeps its modulation tables and norms in float32 under bf16, as diffusers' loader does.
+    from diffusers import WanTransformer3DModel as DiffusersWan
+
+    from sgl_diffusion.models.wan import WanTransformer3DModel
+
+    folder = build_fixture("wan21_t2v", tmp_path / "wan")
+    ours = load_native_model(
+        WanTransformer3DModel.from_config, folder / "transformer", torch.device("cpu"), torch.bfloat16
+    )
+    reference = DiffusersWan.from_pretrained(folder / "transformer", torch_dtype=torch.bfloat16)
+    expected = {name: p.dtype for name, p in reference.state_dict().items()}
+    assert {name: p.dtype for name, p in ours.state_dict().items()} == expected
+    assert torch.float32 in expected.values() and torch.bfloat16 in expected.values()

@@ -31,19 +31,35 @@ def read_config(component_dir: Path) -> dict[str, Any]:
     raise FileNotFoundError(f"{component_dir} has no config.json; is this a diffusers-format model folder?")
 
 
-def _stream_state_dict(component_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _stream_state_dict(
+    component_dir: Path, device: torch.device, dtype_of: Callable[[str], torch.dtype], skip: Callable[[str], bool]
+) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in _native.component_weight_files(str(component_dir)):
         # safe_open reads each tensor straight onto `device`; only one source tensor is alive at a time.
         with safe_open(file, framework="pt", device=str(device)) as weights:
             for name in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if skip(name):
+                    continue
                 tensor = weights.get_tensor(name)
-                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                state[name] = tensor.to(dtype_of(name)) if tensor.is_floating_point() else tensor
     return state
 
 
 def _assign_weights(model: M, component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
-    state = _stream_state_dict(component_dir, device, dtype)
+    # Models may keep some parameters in float32 whatever the target precision (Wan keeps its
+    # modulation tables and norms in fp32, as diffusers does), and may name checkpoint keys that the
+    # reference loader drops.
+    param_dtype = getattr(model, "param_dtype", None)
+    ignored = tuple(getattr(model, "ignore_unexpected_key_components", ()))
+
+    def dtype_of(name: str) -> torch.dtype:
+        return param_dtype(name, dtype) if param_dtype is not None else dtype
+
+    def skip(name: str) -> bool:
+        return any(part in ignored for part in name.split("."))
+
+    state = _stream_state_dict(component_dir, device, dtype_of, skip)
     expected = set(model.state_dict().keys())
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
