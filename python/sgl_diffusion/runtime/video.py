@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import tempfile
 
 import imageio_ffmpeg
@@ -53,13 +55,27 @@ def decode_mp4(data: bytes) -> tuple[np.ndarray, float]:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
-        try:
-            meta = next(reader)
-            width, height = meta["size"]
-            frames = [np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3) for frame in reader]
-        finally:
-            reader.close()  # ends the ffmpeg subprocess and closes its pipes
-        return np.stack(frames), float(meta["fps"])
+        width, height, fps = _probe(path)
+        # Raw RGB frames on stdout; ffmpeg runs to completion, so no pipe outlives this call.
+        decoded = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        frames = np.frombuffer(decoded, dtype=np.uint8).reshape(-1, height, width, 3)
+        return frames, fps
     finally:
         os.unlink(path)
+
+
+def _probe(path: str) -> tuple[int, int, float]:
+    """Width, height and frame rate of the first video stream, from ffmpeg's stream description."""
+    info = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True, check=False
+    ).stderr
+    stream = next((line for line in info.splitlines() if "Video:" in line), "")
+    size = re.search(r"(\d{2,5})x(\d{2,5})", stream)
+    rate = re.search(r"([\d.]+) fps", stream)
+    if size is None or rate is None:
+        raise ValueError(f"not a readable video: {stream or info.strip()[-200:]}")
+    return int(size.group(1)), int(size.group(2)), float(rate.group(1))
