@@ -6,10 +6,24 @@ from .flow_match_euler import (
     calculate_shift,
     euler_step,
 )
+from .unipc_flow import (
+    UniPCFlowConfig,
+    UniPCFlowScheduler,
+    UniPCFlowState,
+    unipc_convert_model_output,
+    unipc_corrector_update,
+    unipc_predictor_update,
+)
 
 __all__ = [
     "FlowMatchEulerConfig",
     "FlowMatchEulerScheduler",
+    "UniPCFlowConfig",
+    "UniPCFlowScheduler",
+    "UniPCFlowState",
     "calculate_shift",
     "euler_step",
+    "unipc_convert_model_output",
+    "unipc_corrector_update",
+    "unipc_predictor_update",
 ]
