@@ -18,6 +18,7 @@ from PIL import Image
 from . import _native
 from .errors import invalid_request
 from .runtime.encode import decode_output, to_uint8
+from .runtime.video import decode_mp4, encode_mp4
 
 OutputType = Literal["pil", "np"]
 ProgressCallback = Callable[[int, int], None]
@@ -25,8 +26,10 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclasses.dataclass
 class GenerationResult:
-    """What `generate` returns. `images` holds PIL images, or float32 H×W×3 arrays in [0, 1] for
-    `output_type="np"`; `timings` is the perf record (stages, denoising steps, memory)."""
+    """What `generate` returns. For image models `images` holds PIL images, or float32 H×W×3 arrays in
+    [0, 1] for `output_type="np"`; for video models `frames` holds one array per output, uint8
+    T×H×W×3 (float32 in [0, 1] for `output_type="np"`). `timings` is the perf record (stages,
+    denoising steps, memory)."""
 
     images: list[Any]
     seed: int
@@ -35,14 +38,20 @@ class GenerationResult:
     notes: list[str]
     #: How many requests shared the batch that produced these outputs.
     batch_size: int = 1
+    frames: list[np.ndarray] = dataclasses.field(default_factory=list)
+    #: Frame rate of video outputs.
+    fps: int | None = None
 
     @property
     def peak_memory_mb(self) -> float:
         return float(self.timings["peak_memory_mb"])
 
     def save(self, path: str | Path, index: int = 0) -> Path:
-        """Writes output `index` as an image file (format from the suffix)."""
+        """Writes output `index`: an MP4 for videos, else an image file (format from the suffix)."""
         path = Path(path)
+        if self.frames:
+            path.write_bytes(encode_mp4(self.frames[index], fps=self.fps or 16))
+            return path
         image = self.images[index]
         if isinstance(image, np.ndarray):
             image = Image.fromarray(to_uint8(image))
@@ -102,9 +111,12 @@ class DiffGenerator:
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
+        fps: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
         true_cfg_scale: float | None = None,
+        flow_shift: float | None = None,
         seed: int | None = None,
         max_sequence_length: int | None = None,
         num_outputs_per_prompt: int = 1,
@@ -122,15 +134,22 @@ class DiffGenerator:
             height=height,
             width=width,
             num_frames=num_frames,
+            fps=fps,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
             true_cfg_scale=true_cfg_scale,
+            flow_shift=flow_shift,
             seed=seed,
             max_sequence_length=max_sequence_length,
             num_outputs_per_prompt=num_outputs_per_prompt,
-            output_format="npy" if output_type == "np" else "png",
+            # Videos come back as exact arrays; `save` encodes MP4 on demand.
+            output_format="npy" if output_type == "np" or self.info["output"] == "video" else "png",
         )
-        return collect(handle, on_progress)
+        result = collect(handle, on_progress)
+        if self.info["output"] == "video" and output_type == "pil":
+            result.frames = [to_uint8(frames) for frames in result.frames]
+        return result
 
     def shutdown(self) -> None:
         """Finishes queued work and stops the engine's worker thread."""
@@ -142,9 +161,16 @@ def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None 
     outputs, metadata_json = handle.wait(on_progress)
     metadata = json.loads(metadata_json)
     request = json.loads(handle.request_json)
-    images = [decode_output(data, request["output_format"]) for data in outputs]
+    # A video output is a T×H×W×3 array (npy) or an MP4 file.
+    is_video = request.get("fps") is not None
+    if request["output_format"] == "mp4":
+        decoded = [decode_mp4(data)[0] for data in outputs]
+    else:
+        decoded = [decode_output(data, request["output_format"]) for data in outputs]
     return GenerationResult(
-        images=images,
+        images=[] if is_video else decoded,
+        frames=decoded if is_video else [],
+        fps=request.get("fps"),
         seed=metadata["seed"],
         timings=metadata["perf"],
         request=request,

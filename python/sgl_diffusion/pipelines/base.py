@@ -87,17 +87,20 @@ class BatchState:
         self.values[key] = value
         self._row_keys.add(key)
 
-    def drop_requests(self, cancelled: Sequence[int]) -> None:
-        """Removes the rows of cancelled requests (original batch indices) from every row tensor."""
+    def drop_requests(self, cancelled: Sequence[int]) -> torch.Tensor | None:
+        """Removes the rows of cancelled requests (original batch indices) from every row tensor.
+        Returns the boolean mask of rows kept (for per-row state held elsewhere, e.g. a sampler's
+        history), or None when nothing was dropped."""
         gone = set(cancelled) & set(self.active)
         if not gone:
-            return
+            return None
         keep = torch.tensor([int(owner) not in gone for owner in self.row_owner], dtype=torch.bool)
         for key in self._row_keys:
             tensor = self.values[key]
             self.values[key] = tensor[keep.to(tensor.device)]
         self.row_owner = self.row_owner[keep]
         self.active = [index for index in self.active if index not in gone]
+        return keep
 
 
 class Stage(abc.ABC):

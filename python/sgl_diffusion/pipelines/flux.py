@@ -19,6 +19,7 @@ from ..loading import load_diffusers_model, load_native_model, load_transformers
 from ..models.flux import FluxTransformer2DModel
 from ..schedulers import FlowMatchEulerScheduler, euler_step
 from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
+from .common import draw_noise, per_row, shared_value
 
 #: FLUX.1's CLIP tokenizer length; T5 takes `max_sequence_length` (at most 512).
 CLIP_MAX_LENGTH = 77
@@ -123,15 +124,9 @@ class CheckShapes(FluxStage):
     outputs = ("height", "width", "latent_height", "latent_width")
 
     def run(self, state: BatchState) -> None:
+        for field in ("width", "height", "num_inference_steps", "max_sequence_length", "cfg_enabled"):
+            shared_value(state.requests, field)
         first = state.requests[0]
-        for request in state.requests[1:]:
-            if (request.width, request.height, request.num_inference_steps, request.max_sequence_length) != (
-                first.width,
-                first.height,
-                first.num_inference_steps,
-                first.max_sequence_length,
-            ) or request.cfg_enabled != first.cfg_enabled:
-                raise RuntimeError("the scheduler batched requests with different shapes")
         factor = self.c.vae_scale_factor
         state["height"], state["width"] = first.height, first.width
         # 8x VAE compression, and an even latent size for the 2x2 packing.
@@ -152,13 +147,12 @@ class EncodeText(FluxStage):
         cfg = requests[0].cfg_enabled
         texts = [r.prompt for r in requests] + ([r.negative_prompt or "" for r in requests] if cfg else [])
         pooled, embeds = self._encode(texts, seq_len, state.device)
-        counts = torch.tensor([r.num_outputs for r in requests], device=state.device)
         n = len(requests)
-        state.set_rows("prompt_embeds", embeds[:n].repeat_interleave(counts, dim=0).to(dtype))
-        state.set_rows("pooled_prompt_embeds", pooled[:n].repeat_interleave(counts, dim=0).to(dtype))
+        state.set_rows("prompt_embeds", per_row(embeds[:n], requests).to(dtype))
+        state.set_rows("pooled_prompt_embeds", per_row(pooled[:n], requests).to(dtype))
         if cfg:
-            state.set_rows("negative_prompt_embeds", embeds[n:].repeat_interleave(counts, dim=0).to(dtype))
-            state.set_rows("negative_pooled_prompt_embeds", pooled[n:].repeat_interleave(counts, dim=0).to(dtype))
+            state.set_rows("negative_prompt_embeds", per_row(embeds[n:], requests).to(dtype))
+            state.set_rows("negative_pooled_prompt_embeds", per_row(pooled[n:], requests).to(dtype))
         state["text_ids"] = torch.zeros(seq_len, 3, device=state.device, dtype=dtype)
         rows = state.row_owner.tolist()
         # Guidance goes to the embedding as float32, as diffusers passes it.
@@ -195,11 +189,7 @@ class PrepareLatents(FluxStage):
         dtype = self.c.transformer.x_embedder.weight.dtype
         channels = self.c.transformer.config.in_channels // 4
         h, w = state["latent_height"], state["latent_width"]
-        noise = []
-        for request in state.requests:
-            generator = torch.Generator("cpu").manual_seed(request.seed)
-            noise.append(torch.randn((request.num_outputs, channels, h, w), generator=generator, dtype=torch.float32))
-        latents = pack_latents(torch.cat(noise).to(state.device, dtype))
+        latents = pack_latents(draw_noise(state.requests, (channels, h, w)).to(state.device, dtype))
         state.set_rows("latents", latents)
         state["latent_image_ids"] = latent_image_ids(h // 2, w // 2, state.device, dtype)
 

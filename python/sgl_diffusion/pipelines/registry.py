@@ -13,9 +13,13 @@ import torch
 
 from .base import SamplingDefaults, StagedPipeline
 from .flux import FluxPipeline
+from .wan import WanPipeline
 
 #: Native pipelines by diffusers pipeline class.
-PIPELINES: dict[str, type[StagedPipeline]] = {FluxPipeline.pipeline_class: FluxPipeline}
+PIPELINES: dict[str, type[StagedPipeline]] = {
+    FluxPipeline.pipeline_class: FluxPipeline,
+    WanPipeline.pipeline_class: WanPipeline,
+}
 
 #: Known checkpoints' own sampling defaults, by Hugging Face id.
 KNOWN_MODELS: dict[str, SamplingDefaults] = {
@@ -26,7 +30,23 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "black-forest-labs/FLUX.1-schnell": SamplingDefaults(
         width=1024, height=1024, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256
     ),
-}
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": SamplingDefaults(
+        width=832, height=480, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0,
+        max_sequence_length=512, negative_prompt="", flow_shift=3.0,
+    ),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": SamplingDefaults(
+        width=1280, height=720, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0,
+        max_sequence_length=512, negative_prompt="", flow_shift=5.0,
+    ),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": SamplingDefaults(
+        width=1280, height=720, num_frames=81, fps=16, num_inference_steps=40, guidance_scale=4.0,
+        guidance_scale_2=3.0, max_sequence_length=512, negative_prompt="", flow_shift=12.0,
+    ),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": SamplingDefaults(
+        width=1280, height=704, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0,
+        max_sequence_length=512, negative_prompt="", flow_shift=5.0,
+    ),
+}  # fmt: skip
 
 
 def supported_pipeline_classes() -> list[str]:

@@ -35,6 +35,8 @@ def decode_output(data: bytes, output_format: str) -> np.ndarray | Image.Image:
     """Inverse of `encode_image` for the Python API: a float array for `npy`, else a PIL image."""
     if output_format == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
+    if output_format == "mp4":
+        raise ValueError("decode MP4 outputs with runtime.video.decode_mp4")
     image = Image.open(io.BytesIO(data))
     image.load()
     return image

@@ -83,9 +83,7 @@ class PipelineExecutor:
                 results.append(None)
                 continue
             rows = [row for row, owner in enumerate(owners) if owner == index]
-            outputs = [
-                encode_image(state["images"][row], request.output_format, request.output_quality) for row in rows
-            ]
+            outputs = [self._encode(state, row, request) for row in rows]
             metadata = {"seed": request.seed, "batch_size": len(requests), "perf": perf, "notes": list(request.notes)}
             results.append((outputs, json.dumps(metadata)))
         return results

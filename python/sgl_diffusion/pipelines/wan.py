@@ -1,0 +1,280 @@
+"""Wan text-to-video (Wan2.1 T2V, Wan2.2 A14B T2V with two experts, Wan2.2 TI2V-5B in text mode).
+
+Matches diffusers' `WanPipeline` on the same weights and seed: UMT5 embeddings of the cleaned prompt
+(trimmed to its length and zero-padded), noise per request from a CPU generator, UniPC in flow mode
+with the request's `flow_shift`, classifier-free guidance when `guidance_scale > 1`, the A14B expert
+switch at `boundary_ratio`, per-token timesteps for TI2V-5B, and diffusers' `AutoencoderKLWan` to
+decode. Image-to-video comes next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..models.wan import WanTransformer3DModel
+from ..schedulers import UniPCFlowScheduler
+from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
+from .common import draw_noise, per_row, shared_value
+
+#: UMT5 context length the Wan DiTs were trained with.
+TEXT_MAX_LENGTH = 512
+#: Longest video we accept (4k+1 frames); Wan2.2 TI2V-5B defaults to 121.
+MAX_FRAMES = 241
+#: Largest frame (1080p-class).
+MAX_PIXELS = 1920 * 1088
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning (ftfy, double HTML unescape, whitespace collapse), so token ids match."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@dataclasses.dataclass
+class WanComponents:
+    tokenizer: Any
+    text_encoder: UMT5EncoderModel
+    transformer: WanTransformer3DModel
+    #: The low-noise expert of Wan2.2 A14B, used below `boundary_ratio`.
+    transformer_2: WanTransformer3DModel | None
+    boundary_ratio: float | None
+    #: Wan2.2 TI2V-5B feeds one timestep per video token.
+    expand_timesteps: bool
+    vae: AutoencoderKLWan
+    scheduler: UniPCFlowScheduler
+    scale_spatial: int
+    scale_temporal: int
+
+
+class WanPipeline(StagedPipeline):
+    pipeline_class = "WanPipeline"
+    family = "wan"
+    task = "text-to-video"
+    guidance_mode = "classifier_free"
+    supports_flow_shift = True
+    output = "video"
+
+    def __init__(self, components: WanComponents, device: torch.device, defaults: SamplingDefaults) -> None:
+        patch = components.transformer.config.patch_size
+        multiple = components.scale_spatial * patch[1]  # 16 for Wan2.1, 32 for TI2V-5B
+        limits = PipelineLimits(
+            size_multiple=multiple,
+            min_size=multiple,
+            max_pixels=MAX_PIXELS,
+            max_frames=MAX_FRAMES,
+            frame_rule="four_k_plus_one",
+            max_sequence_length=TEXT_MAX_LENGTH,
+        )
+        super().__init__(device, limits, defaults)
+        self.c = components
+        self.supports_guidance_scale_2 = components.transformer_2 is not None
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        device: torch.device,
+        dit_dtype: torch.dtype,
+        vae_dtype: torch.dtype,
+        attention_backend: str,
+        defaults: SamplingDefaults | None,
+    ) -> WanPipeline:
+        index = json.loads((model_dir / "model_index.json").read_text())
+        scheduler_config = read_config(model_dir / "scheduler")
+        if scheduler_config.get("_class_name", "UniPCMultistepScheduler") != "UniPCMultistepScheduler":
+            raise ValueError(
+                f"{model_dir}: Wan with {scheduler_config['_class_name']} is not supported yet "
+                "(supported: UniPCMultistepScheduler, what the Wan checkpoints ship)"
+            )
+
+        def build_transformer(config: dict) -> WanTransformer3DModel:
+            return WanTransformer3DModel.from_config(config, attention_backend=attention_backend)
+
+        has_second_expert = (index.get("transformer_2") or [None])[0] is not None
+        vae = load_diffusers_model(AutoencoderKLWan, model_dir / "vae", device, vae_dtype)
+        components = WanComponents(
+            tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
+            text_encoder=load_transformers_model(UMT5EncoderModel, model_dir / "text_encoder", device, dit_dtype),
+            transformer=load_native_model(build_transformer, model_dir / "transformer", device, dit_dtype),
+            transformer_2=(
+                load_native_model(build_transformer, model_dir / "transformer_2", device, dit_dtype)
+                if has_second_expert
+                else None
+            ),
+            boundary_ratio=index.get("boundary_ratio"),
+            expand_timesteps=bool(index.get("expand_timesteps", False)),
+            vae=vae,
+            scheduler=UniPCFlowScheduler.from_config(scheduler_config),
+            scale_spatial=vae.config.scale_factor_spatial,
+            scale_temporal=vae.config.scale_factor_temporal,
+        )
+        if defaults is None:
+            defaults = diffusers_defaults(components)
+        return cls(components, device, defaults)
+
+    def stages(self, progress: ProgressFn) -> list[Stage]:
+        return [CheckShapes(self), EncodeText(self), PrepareLatents(self), Denoise(self, progress), DecodeVideos(self)]
+
+
+def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
+    """WanPipeline.__call__'s defaults, for folders that are no known checkpoint."""
+    return SamplingDefaults(
+        width=832,
+        height=480,
+        num_frames=81,
+        fps=16,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        guidance_scale_2=None,
+        max_sequence_length=TEXT_MAX_LENGTH,
+        negative_prompt="",
+        flow_shift=components.scheduler.config.flow_shift,
+    )
+
+
+class WanStage(Stage):
+    def __init__(self, pipeline: WanPipeline) -> None:
+        self.pipeline = pipeline
+        self.c = pipeline.c
+
+
+class CheckShapes(WanStage):
+    """Input validation: the batch must share shapes; latent sizes follow the VAE's compression."""
+
+    name = "input_validation"
+    outputs = ("latent_frames", "latent_height", "latent_width")
+
+    def run(self, state: BatchState) -> None:
+        for field in ("width", "height", "num_frames", "num_inference_steps", "max_sequence_length", "cfg_enabled"):
+            shared_value(state.requests, field)
+        first = state.requests[0]
+        state["latent_frames"] = (first.num_frames - 1) // self.c.scale_temporal + 1
+        state["latent_height"] = first.height // self.c.scale_spatial
+        state["latent_width"] = first.width // self.c.scale_spatial
+
+
+class EncodeText(WanStage):
+    """UMT5 embeddings of the cleaned prompts (and negative prompts for CFG), one row per output."""
+
+    name = "text_encoding"
+    outputs = ("prompt_embeds",)
+
+    def run(self, state: BatchState) -> None:
+        requests = state.requests
+        seq_len = requests[0].max_sequence_length
+        cfg = requests[0].cfg_enabled
+        texts = [r.prompt for r in requests] + ([r.negative_prompt or "" for r in requests] if cfg else [])
+        embeds = self.encode(texts, seq_len, state.device).to(self.c.transformer.patch_embedding.weight.dtype)
+        n = len(requests)
+        state.set_rows("prompt_embeds", per_row(embeds[:n], requests))
+        if cfg:
+            state.set_rows("negative_prompt_embeds", per_row(embeds[n:], requests))
+        rows = state.row_owner.tolist()
+        for key, field in (("guidance_scale", "guidance_scale"), ("guidance_scale_2", "guidance_scale_2")):
+            values = [getattr(requests[i], field) or requests[i].guidance_scale for i in rows]
+            state.set_rows(key, torch.tensor(values, dtype=torch.float32, device=state.device))
+
+    def encode(self, texts: list[str], seq_len: int, device: torch.device) -> torch.Tensor:
+        tokens = self.c.tokenizer(
+            [clean_prompt(t) for t in texts],
+            padding="max_length",
+            max_length=seq_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(device)
+        hidden = self.c.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
+        # Keep each prompt's real tokens and zero the padding, as the DiT was trained.
+        lengths = mask.gt(0).sum(dim=1)
+        keep = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
+        return hidden * keep[..., None].to(hidden.dtype)
+
+
+class PrepareLatents(WanStage):
+    name = "latent_preparation"
+    inputs = ("latent_frames", "latent_height", "latent_width")
+    outputs = ("latents",)
+
+    def run(self, state: BatchState) -> None:
+        channels = self.c.transformer.config.in_channels
+        shape = (channels, state["latent_frames"], state["latent_height"], state["latent_width"])
+        # diffusers keeps Wan latents in float32 and casts to the DiT dtype per forward.
+        state.set_rows("latents", draw_noise(state.requests, shape).to(state.device))
+
+
+class Denoise(WanStage):
+    name = "denoising"
+    inputs = ("latents", "prompt_embeds", "guidance_scale")
+    outputs = ("latents",)
+
+    def __init__(self, pipeline: WanPipeline, progress: ProgressFn) -> None:
+        super().__init__(pipeline)
+        self.progress = progress
+
+    def run(self, state: BatchState) -> None:
+        c = self.c
+        first = state.requests[0]
+        timesteps, sigmas = c.scheduler.plan(first.num_inference_steps, flow_shift=first.flow_shift)
+        sampler = c.scheduler.start(timesteps, sigmas)
+        boundary = None if c.boundary_ratio is None else c.boundary_ratio * c.scheduler.config.num_train_timesteps
+        dtype = c.transformer.patch_embedding.weight.dtype
+        total = len(timesteps)
+        timer = state.perf.step_timer()
+        for i, t in enumerate(timesteps):
+            high_noise = boundary is None or t >= boundary
+            model = c.transformer if high_noise or c.transformer_2 is None else c.transformer_2
+            scale = state["guidance_scale" if high_noise else "guidance_scale_2"]
+            latents = state["latents"]
+            timestep = self.timestep(t, latents)
+            model_input = latents.to(dtype)
+            noise_pred = model(model_input, timestep, state["prompt_embeds"])
+            if first.cfg_enabled:
+                uncond = model(model_input, timestep, state["negative_prompt_embeds"])
+                noise_pred = uncond + scale.view(-1, 1, 1, 1, 1).to(uncond.dtype) * (noise_pred - uncond)
+            state.set_rows("latents", sampler.step(noise_pred, latents))
+            timer.step_done(i)
+            kept = state.drop_requests(self.progress(i + 1, total))
+            if kept is not None:
+                sampler.select(kept)
+            if not state.active:
+                return
+
+    def timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        batch = latents.shape[0]
+        if not self.c.expand_timesteps:
+            return t.expand(batch).to(latents.device)
+        # TI2V-5B: one timestep per video token (2x2 spatial patches), all equal in text-to-video.
+        frames, height, width = latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2
+        return torch.full((batch, frames * height * width), float(t), dtype=torch.float32, device=latents.device)
+
+
+class DecodeVideos(WanStage):
+    name = "decoding"
+    inputs = ("latents",)
+    outputs = ("videos",)
+
+    def run(self, state: BatchState) -> None:
+        vae = self.c.vae
+        z = vae.config.z_dim
+        latents = state["latents"].to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents / inv_std + mean
+        # One video at a time: bounded memory, and each output independent of its batch.
+        videos = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
+        pixels = (torch.cat(videos) * 0.5 + 0.5).clamp(0, 1)  # (B, C, T, H, W)
+        state["videos"] = pixels.permute(0, 2, 3, 4, 1).float().cpu().numpy()
