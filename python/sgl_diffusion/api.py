@@ -21,6 +21,8 @@ from .runtime.encode import decode_output, to_uint8
 from .runtime.video import decode_mp4, encode_mp4
 
 OutputType = Literal["pil", "np"]
+#: File suffixes of each engine output format.
+_SUFFIXES = {"png": ("png",), "jpeg": ("jpg", "jpeg"), "webp": ("webp",), "mp4": ("mp4",)}
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -39,6 +41,8 @@ class GenerationResult:
     #: How many requests shared the batch that produced these outputs.
     batch_size: int = 1
     frames: list[np.ndarray] = dataclasses.field(default_factory=list)
+    #: The outputs as the engine encoded them (PNG/JPEG/WebP/MP4 files, or .npy arrays).
+    encoded: list[bytes] = dataclasses.field(default_factory=list)
     #: Frame rate of video outputs.
     fps: int | None = None
 
@@ -49,6 +53,10 @@ class GenerationResult:
     def save(self, path: str | Path, index: int = 0) -> Path:
         """Writes output `index`: an MP4 for videos, else an image file (format from the suffix)."""
         path = Path(path)
+        output_format = self.request.get("output_format")
+        if self.encoded and path.suffix.lower().lstrip(".") in _SUFFIXES.get(output_format, ()):
+            path.write_bytes(self.encoded[index])  # already in this format: no second encode
+            return path
         if self.frames:
             path.write_bytes(encode_mp4(self.frames[index], fps=self.fps or 16))
             return path
@@ -171,6 +179,7 @@ def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None 
         images=[] if is_video else decoded,
         frames=decoded if is_video else [],
         fps=request.get("fps"),
+        encoded=list(outputs),
         seed=metadata["seed"],
         timings=metadata["perf"],
         request=request,

@@ -164,3 +164,19 @@ def test_ctrl_c_cancels_the_running_request(flux_dir: Path, tmp_path: Path) -> N
     assert proc.returncode == 130, log.read_text()
     assert "cancelled" in log.read_text()
     assert out == "" and not list(tmp_path.glob("*.png"))
+
+
+def test_generate_writes_an_mp4_for_video_models(tmp_path: Path) -> None:
+    from sgl_diffusion.runtime.video import decode_mp4
+    from sgl_diffusion.testing import build_fixture
+
+    wan = build_fixture("wan21_t2v", tmp_path / "wan")
+    proc = run_cli(
+        "--model-path", str(wan), "--prompt", "a cat", "--height", "32", "--width", "48", "--num-frames", "11",
+        "--fps", "12", "--output-file-name", "cat.mp4", "--output-path", str(tmp_path), *SMALL_FLAGS,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "rounded down to 9" in proc.stderr
+    frames, fps = decode_mp4((tmp_path / "cat.mp4").read_bytes())
+    assert frames.shape == (9, 32, 48, 3) and fps == pytest.approx(12)

@@ -31,15 +31,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     request.add_argument("--seed", type=int, help="default: random (printed)")
     request.add_argument("--height", type=int)
     request.add_argument("--width", type=int)
-    request.add_argument("--num-frames", type=int, help="video models only")
+    request.add_argument("--num-frames", type=int, help="video models: frames (rounded down to 4k+1 for Wan)")
+    request.add_argument("--fps", type=int, help="video models: frames per second of the MP4")
     request.add_argument("--guidance-scale", type=float)
+    request.add_argument("--guidance-scale-2", type=float, help="Wan2.2 A14B: guidance of the low-noise expert")
+    request.add_argument("--flow-shift", type=float, help="video models: timestep shift of the sampler")
     request.add_argument("--true-cfg-scale", type=float)
     request.add_argument("--max-sequence-length", type=int)
     request.add_argument("--num-outputs-per-prompt", type=int)
     output = parser.add_argument_group("output")
     output.add_argument("--output-path", help="folder for outputs (default: outputs)")
     output.add_argument("--output-file-name", help="file name (default: from the prompt, time and a hash)")
-    output.add_argument("--output-format", choices=["png", "jpeg", "webp"], help="default: png")
+    output.add_argument("--output-format", choices=["png", "jpeg", "webp", "mp4"], help="default: png, mp4 for video")
     output.add_argument(
         "--save-output", action=argparse.BooleanOptionalAction, default=None, help="write files (default: yes)"
     )
@@ -87,7 +90,10 @@ def generate(options: dict[str, Any]) -> int:
         "height",
         "width",
         "num_frames",
+        "fps",
         "guidance_scale",
+        "guidance_scale_2",
+        "flow_shift",
         "true_cfg_scale",
         "max_sequence_length",
         "num_outputs_per_prompt",
@@ -127,8 +133,9 @@ def save_outputs(result: GenerationResult, options: dict[str, Any]) -> list[Path
     stem, suffix = (Path(name).stem, Path(name).suffix or extension) if name else (None, extension)
     stem = stem or default_file_stem(result.request["prompt"], result.seed)
     paths = []
-    for index in range(len(result.images)):
-        path = folder / (f"{stem}{suffix}" if len(result.images) == 1 else f"{stem}_{index}{suffix}")
+    count = len(result.encoded)
+    for index in range(count):
+        path = folder / (f"{stem}{suffix}" if count == 1 else f"{stem}_{index}{suffix}")
         result.save(path, index)
         paths.append(path)
     return paths
