@@ -60,6 +60,10 @@ impl ApiError {
         }
     }
 
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self { code: Some("conflict"), ..Self::new(StatusCode::CONFLICT, "invalid_request_error", message) }
+    }
+
     pub fn payload_too_large(limit_bytes: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -9,6 +9,7 @@ mod auth;
 mod config;
 mod error;
 mod generation;
+mod jobs;
 mod metrics;
 mod openapi;
 mod outputs;
@@ -27,6 +28,7 @@ pub use error::ApiError;
 pub use openapi::openapi_json;
 pub use wire::*;
 
+use crate::jobs::JobStore;
 use crate::outputs::OutputStore;
 use crate::state::{AppState, EngineState};
 
@@ -64,16 +66,30 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
     let output_dir = config.output_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sgl-diffusion-outputs"));
     let outputs = OutputStore::new(output_dir.clone(), Duration::from_secs(config.output_ttl_secs))
         .map_err(|source| ServeError::OutputDir { dir: output_dir.display().to_string(), source })?;
-    let state = Arc::new(AppState::new(config, outputs, metrics::Metrics::new()?));
+    let (jobs, queued) = match JobStore::open(output_dir.join("videos"), Duration::from_secs(config.output_ttl_secs)) {
+        Ok((store, queued)) => (Some(Arc::new(store)), queued),
+        Err(err) => {
+            eprintln!("sgl-diffusion: the video job store is unavailable: {err}");
+            (None, Vec::new())
+        }
+    };
+    let state = Arc::new(AppState::new(config, outputs, jobs, metrics::Metrics::new()?));
     let app = routes::router(Arc::clone(&state));
     eprintln!("sgl-diffusion: listening on http://{address} (model loading)");
 
     let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<String>();
     let loader_state = Arc::clone(&state);
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || match load() {
         Ok(engine) => {
             eprintln!("sgl-diffusion: model ready ({})", engine.info().pipeline_class);
-            loader_state.set_engine(EngineState::Ready(Arc::new(engine)));
+            let engine = Arc::new(engine);
+            loader_state.set_engine(EngineState::Ready(Arc::clone(&engine)));
+            // Jobs that were queued when the server last stopped run now, in their order.
+            let _guard = runtime.enter();
+            for id in &queued {
+                routes::resubmit(&loader_state, &engine, id);
+            }
         }
         Err(reason) => {
             eprintln!("sgl-diffusion: the model failed to load: {reason}");
@@ -89,6 +105,9 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
         loop {
             ticker.tick().await;
             purge_state.outputs.purge_expired().await;
+            if let Some(jobs) = &purge_state.jobs {
+                jobs.purge_expired().await;
+            }
         }
     });
 

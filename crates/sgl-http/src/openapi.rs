@@ -9,14 +9,15 @@ use crate::wire::*;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "sgl-diffusion", description = "OpenAI-compatible image generation server"),
+    info(title = "sgl-diffusion", description = "OpenAI-compatible image and video generation server"),
     paths(
         health, health_generate, list_models, get_model, served_model, create_image, edit_image, image_content,
-        metrics
+        create_video, list_videos, get_video, video_content, cancel_video, delete_video, metrics
     ),
     components(schemas(
         ImageGenerationRequest, ImageGenerationResponse, ImageData, ErrorBody, ErrorDetail, ModelCard, ModelList,
-        ServedModelInfo, HealthStatus
+        ServedModelInfo, HealthStatus, VideoCreateRequest, VideoJob, VideoJobList, VideoDeleted, VideoStatus,
+        VideoError
     )),
     modifiers(&BearerAuth)
 )]

@@ -5,6 +5,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sgl_scheduler::Engine;
 
 use crate::error::ApiError;
+use crate::jobs::JobStore;
 use crate::metrics::Metrics;
 use crate::outputs::OutputStore;
 use crate::ServerConfig;
@@ -20,6 +21,8 @@ pub struct AppState {
     pub config: ServerConfig,
     pub engine: RwLock<EngineState>,
     pub outputs: OutputStore,
+    /// Video jobs; `None` only if its folder could not be opened (video routes then answer 503).
+    pub jobs: Option<Arc<JobStore>>,
     pub metrics: Metrics,
     pub shutting_down: AtomicBool,
     /// The last `/health_generate` outcome and when it was measured.
@@ -28,11 +31,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: ServerConfig, outputs: OutputStore, metrics: Metrics) -> Self {
+    pub fn new(config: ServerConfig, outputs: OutputStore, jobs: Option<Arc<JobStore>>, metrics: Metrics) -> Self {
         Self {
             config,
             engine: RwLock::new(EngineState::Loading),
             outputs,
+            jobs,
             metrics,
             shutting_down: AtomicBool::new(false),
             health_probe: tokio::sync::Mutex::new(None),

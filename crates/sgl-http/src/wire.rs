@@ -141,3 +141,97 @@ pub struct HealthStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
+
+/// `POST /v1/videos` (JSON, or multipart/form-data where every field is a string and
+/// `input_reference` may be a file).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VideoCreateRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Duration; with `fps` it decides the frame count (`seconds * fps + 1`).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub seconds: Option<serde_json::Value>,
+    /// `WIDTHxHEIGHT`; default: the model's.
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub fps: Option<u32>,
+    /// Rounded down to what the model supports (4k+1 for Wan).
+    #[serde(default)]
+    pub num_frames: Option<u32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub num_inference_steps: Option<u32>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    pub guidance_scale_2: Option<f64>,
+    #[serde(default)]
+    pub flow_shift: Option<f64>,
+    /// Videos are generated one per job: only 1 is accepted.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Image for image-to-video: a `data:image/...;base64,` URL in JSON, or a file in multipart.
+    #[serde(default)]
+    pub input_reference: Option<String>,
+}
+
+/// `queued → in_progress → completed | failed | cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VideoStatus {
+    Queued,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VideoError {
+    pub code: String,
+    pub message: String,
+}
+
+/// A video job as the OpenAI videos API describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VideoJob {
+    pub id: String,
+    pub object: String,
+    pub model: String,
+    pub status: VideoStatus,
+    /// Percent of denoising steps done.
+    pub progress: u32,
+    pub created_at: u64,
+    pub completed_at: Option<u64>,
+    pub expires_at: Option<u64>,
+    /// `WIDTHxHEIGHT` used.
+    pub size: String,
+    /// Duration of the video used, `(num_frames - 1) / fps`.
+    pub seconds: String,
+    pub num_frames: u32,
+    pub fps: u32,
+    pub prompt: String,
+    pub seed: u64,
+    pub error: Option<VideoError>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VideoJobList {
+    pub object: &'static str,
+    pub data: Vec<VideoJob>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VideoDeleted {
+    pub id: String,
+    pub object: &'static str,
+    pub deleted: bool,
+}

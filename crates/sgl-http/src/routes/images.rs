@@ -42,7 +42,7 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn parse_size(size: &str) -> Result<Option<(u32, u32)>, ApiError> {
+pub(crate) fn parse_size(size: &str) -> Result<Option<(u32, u32)>, ApiError> {
     if size == "auto" {
         return Ok(None);
     }
@@ -137,7 +137,7 @@ fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationReq
     Ok((request, response_format))
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut id = String::from(prefix);
     for _ in 0..2 {
@@ -171,6 +171,12 @@ pub(crate) async fn create_image(
         if !names.iter().any(|n| n == model) {
             return Err(ApiError::model_not_found(model, &names));
         }
+    }
+    if engine.info().output != sgl_core::OutputKind::Image {
+        return Err(ApiError::invalid(
+            "model",
+            format!("the served model ({}) makes videos; use /v1/videos", engine.info().pipeline_class),
+        ));
     }
     let (request, response_format) = to_generation_request(&body)?;
     let handle = engine.submit(&request).map_err(|err| rename_param(ApiError::from_submit(&err), &body))?;

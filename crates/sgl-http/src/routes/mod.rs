@@ -4,6 +4,7 @@ mod health;
 mod images;
 mod models;
 mod observability;
+mod videos;
 
 use std::time::Instant;
 
@@ -23,6 +24,11 @@ pub(crate) use models::__path_get_model;
 pub(crate) use models::__path_list_models;
 pub(crate) use models::__path_served_model;
 pub(crate) use observability::__path_metrics;
+pub(crate) use videos::resubmit;
+pub(crate) use videos::{
+    __path_cancel_video, __path_create_video, __path_delete_video, __path_get_video, __path_list_videos,
+    __path_video_content,
+};
 
 use crate::auth::require_api_key;
 use crate::error::ApiError;
@@ -38,6 +44,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/images/generations", post(images::create_image))
         .route("/v1/images/edits", post(images::edit_image))
         .route("/v1/images/{id}/content", get(images::image_content))
+        .route("/v1/videos", post(videos::create_video).get(videos::list_videos))
+        .route("/v1/videos/{id}", get(videos::get_video).delete(videos::delete_video))
+        .route("/v1/videos/{id}/content", get(videos::video_content))
+        .route("/v1/videos/{id}/cancel", post(videos::cancel_video))
         .route("/openapi.json", get(observability::openapi))
         .route("/metrics", get(observability::metrics))
         .fallback(not_found)

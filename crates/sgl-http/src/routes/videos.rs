@@ -1,0 +1,481 @@
+//! The OpenAI videos API: asynchronous jobs on the shared scheduler, persisted by the job store.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::Json;
+use base64::Engine as _;
+use serde::Deserialize;
+use sgl_core::{GenerationRequest, OutputFormat, OutputKind, ResolvedRequest};
+use sgl_scheduler::{Engine, Event, GenerationError};
+
+use crate::error::ApiError;
+use crate::jobs::{JobRecord, JobStore};
+use crate::routes::images::{new_id, parse_size, read_json};
+use crate::state::{unix_now, SharedState};
+use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoError, VideoJob, VideoJobList, VideoStatus};
+
+/// Largest id page a list request may ask for.
+const MAX_LIST_LIMIT: usize = 100;
+
+fn jobs(state: &SharedState) -> Result<&JobStore, ApiError> {
+    state.jobs.as_deref().ok_or_else(|| ApiError::not_ready("the video job store is not available"))
+}
+
+/// A form field as the official client sends it: every value is a string.
+fn form_value(name: &str, text: String) -> serde_json::Value {
+    const NUMERIC: &[&str] =
+        &["fps", "num_frames", "seed", "num_inference_steps", "guidance_scale", "guidance_scale_2", "flow_shift", "n"];
+    if NUMERIC.contains(&name) {
+        if let Ok(number) = text.trim().parse::<serde_json::Number>() {
+            return serde_json::Value::Number(number);
+        }
+    }
+    serde_json::Value::String(text)
+}
+
+/// Parses JSON or multipart; returns the request and the input image bytes, if any.
+async fn read_create_request(
+    state: &SharedState,
+    request: Request,
+) -> Result<(VideoCreateRequest, Option<Vec<u8>>), ApiError> {
+    let content_type =
+        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if content_type.starts_with("application/json") {
+        let (parts, body) = request.into_parts();
+        let mut body: VideoCreateRequest = read_json(state, &parts.headers, body).await?;
+        let image = body.input_reference.take().map(|reference| decode_data_url(&reference)).transpose()?;
+        return Ok((body, image));
+    }
+    if !content_type.starts_with("multipart/form-data") {
+        return Err(ApiError::unsupported_media_type("application/json or multipart/form-data"));
+    }
+    let limit = state.config.max_body_bytes();
+    let mut multipart =
+        Multipart::from_request(request, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut fields = serde_json::Map::new();
+    let mut image = None;
+    let mut total = 0usize;
+    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(&e, limit))? {
+        let name = field.name().unwrap_or_default().to_string();
+        let is_file = field.file_name().is_some();
+        let bytes = field.bytes().await.map_err(|e| multipart_error(&e, limit))?;
+        total += bytes.len();
+        if total > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        if name == "input_reference" && is_file {
+            image = Some(bytes.to_vec());
+        } else if name == "input_reference" {
+            image = Some(decode_data_url(&String::from_utf8_lossy(&bytes))?);
+        } else {
+            let text =
+                String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::invalid(name.clone(), "not UTF-8 text"))?;
+            fields.insert(name.clone(), form_value(&name, text));
+        }
+    }
+    let body = serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|err| {
+        let path = err.path().to_string();
+        ApiError::invalid(if path == "." { "body".into() } else { path }, err.into_inner().to_string())
+    })?;
+    Ok((body, image))
+}
+
+fn multipart_error(err: &axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if err.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large(limit)
+    } else {
+        ApiError::bad_request(format!("malformed multipart body: {}", err.body_text()))
+    }
+}
+
+/// `data:image/...;base64,...` → bytes. Remote URLs are not fetched (the server has no need to
+/// reach out to the network on a client's behalf).
+fn decode_data_url(reference: &str) -> Result<Vec<u8>, ApiError> {
+    let invalid = |message: &str| ApiError::invalid("input_reference", message);
+    if reference.starts_with("http://") || reference.starts_with("https://") {
+        return Err(invalid("remote URLs are not fetched; upload the image as a file or send a data: URL"));
+    }
+    let payload = reference
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+        .map(|(_, data)| data)
+        .ok_or_else(|| invalid("expected a data:image/...;base64,... URL or an uploaded file"))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|_| invalid("the data URL is not valid base64"))
+}
+
+/// File extension for an image, from its magic bytes; `None` if it is no image we can read.
+fn image_extension(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("png")
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        Some("jpg")
+    } else if bytes.len() > 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some("webp")
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some("gif")
+    } else if bytes.starts_with(b"BM") {
+        Some("bmp")
+    } else {
+        None
+    }
+}
+
+fn parse_seconds(value: &serde_json::Value) -> Result<f64, ApiError> {
+    let seconds = match value {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    seconds
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| ApiError::invalid("seconds", format!("seconds must be a positive number, got {value}")))
+}
+
+/// Creates a video job and queues it at once; poll `GET /v1/videos/{id}` for its progress.
+#[utoipa::path(post, path = "/v1/videos", tag = "videos", request_body = VideoCreateRequest,
+    responses((status = 200, body = VideoJob), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn create_video(
+    State(state): State<SharedState>,
+    request: Request,
+) -> Result<Json<VideoJob>, ApiError> {
+    let (body, image) = read_create_request(&state, request).await?;
+    let engine = state.engine()?;
+    let store = jobs(&state)?;
+    let names = state.model_names(&engine);
+    if let Some(model) = body.model.as_deref() {
+        if !names.iter().any(|n| n == model) {
+            return Err(ApiError::model_not_found(model, &names));
+        }
+    }
+    let info = engine.info();
+    if info.output != OutputKind::Video {
+        return Err(ApiError::invalid(
+            "model",
+            format!("the served model ({}) makes images; use /v1/images/generations", info.pipeline_class),
+        ));
+    }
+    if body.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "each video job makes one video: n must be 1"));
+    }
+    // Creation time first, so the job store's id order is creation order.
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let id = new_id(&format!("video_{millis:012x}"));
+    let mut request = GenerationRequest {
+        prompt: body.prompt.clone(),
+        negative_prompt: body.negative_prompt.clone(),
+        num_frames: body.num_frames,
+        fps: body.fps,
+        num_inference_steps: body.num_inference_steps,
+        guidance_scale: body.guidance_scale,
+        guidance_scale_2: body.guidance_scale_2,
+        flow_shift: body.flow_shift,
+        seed: body.seed,
+        output_format: Some(OutputFormat::Mp4),
+        ..Default::default()
+    };
+    if let Some(size) = body.size.as_deref() {
+        if let Some((w, h)) = parse_size(size)? {
+            (request.width, request.height) = (Some(w), Some(h));
+        }
+    }
+    if let Some(seconds) = body.seconds.as_ref().map(parse_seconds).transpose()? {
+        let fps = f64::from(body.fps.or(info.defaults.fps).unwrap_or(16));
+        let frames = (seconds * fps).round() as u32 + 1;
+        if body.num_frames.is_some_and(|n| n != frames) {
+            return Err(ApiError::invalid(
+                "seconds",
+                format!(
+                    "seconds {seconds} at {fps} fps means {frames} frames, but num_frames is {:?}",
+                    body.num_frames
+                ),
+            ));
+        }
+        request.num_frames = Some(frames);
+    }
+    // Validate before anything is stored; the resolved request fixes the seed and frame count.
+    let resolved = ResolvedRequest::resolve(&GenerationRequest { image_path: None, ..request.clone() }, info)
+        .map_err(|e| video_param(ApiError::from_validation(&e)))?;
+    match (image, info.image_input) {
+        (Some(_), sgl_core::ImageInput::None) => {
+            return Err(ApiError::invalid("input_reference", format!("{} takes no input image", info.pipeline_class)))
+        }
+        (None, sgl_core::ImageInput::Required) => {
+            return Err(ApiError::invalid("input_reference", format!("{} needs an input image", info.pipeline_class)))
+        }
+        (Some(bytes), _) => {
+            let extension = image_extension(&bytes).ok_or_else(|| {
+                ApiError::invalid("input_reference", "not a readable image (png, jpeg, webp, gif or bmp)")
+            })?;
+            let dir = store.job_dir(&id);
+            let path = dir.join(format!("input.{extension}"));
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
+            tokio::fs::write(&path, bytes)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
+            request.image_path = Some(path.to_string_lossy().into_owned());
+        }
+        (None, _) => {}
+    }
+    request.seed = Some(resolved.seed);
+    request.num_frames = Some(resolved.num_frames);
+    let fps = resolved.fps.unwrap_or(16);
+    let job = VideoJob {
+        id: id.clone(),
+        object: "video".into(),
+        model: body.model.clone().unwrap_or_else(|| names.first().cloned().unwrap_or_default()),
+        status: VideoStatus::Queued,
+        progress: 0,
+        created_at: unix_now(),
+        completed_at: None,
+        expires_at: None,
+        size: format!("{}x{}", resolved.width, resolved.height),
+        seconds: format_seconds(resolved.num_frames, fps),
+        num_frames: resolved.num_frames,
+        fps,
+        prompt: body.prompt,
+        seed: resolved.seed,
+        error: None,
+    };
+    let handle = engine.submit(&request).map_err(|e| video_param(ApiError::from_submit(&e)))?;
+    store.insert(JobRecord { job: job.clone(), request });
+    drive(Arc::clone(&state), id, handle);
+    Ok(Json(job))
+}
+
+fn format_seconds(frames: u32, fps: u32) -> String {
+    let seconds = f64::from(frames.saturating_sub(1)) / f64::from(fps.max(1));
+    let text = format!("{seconds:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Core field names → the videos API's.
+fn video_param(mut err: ApiError) -> ApiError {
+    if matches!(err.param.as_deref(), Some("width" | "height")) {
+        err.param = Some("size".into());
+    } else if err.param.as_deref() == Some("image") {
+        err.param = Some("input_reference".into());
+    }
+    err
+}
+
+/// Submits a stored job again (after a restart).
+pub(crate) fn resubmit(state: &SharedState, engine: &Engine, id: &str) {
+    let Some(store) = state.jobs.as_deref() else { return };
+    let Some(record) = store.get(id) else { return };
+    match engine.submit(&record.request) {
+        Ok(handle) => drive(Arc::clone(state), id.to_string(), handle),
+        Err(err) => {
+            let message = err.to_string();
+            store.update(id, true, |job| fail(job, "resubmit_failed", &message));
+        }
+    }
+}
+
+fn fail(job: &mut VideoJob, code: &str, message: &str) {
+    job.status = VideoStatus::Failed;
+    job.completed_at = Some(unix_now());
+    job.error = Some(VideoError { code: code.into(), message: message.into() });
+}
+
+/// Follows a job's events: progress from real denoising steps, the MP4 written on completion.
+fn drive(state: SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
+    let handle = Arc::new(handle);
+    let Some(store) = state.jobs.clone() else { return };
+    store.set_live(&id, Arc::clone(&handle));
+    tokio::spawn(async move {
+        let outcome = loop {
+            match handle.events().recv_async().await {
+                Ok(Event::Started { .. }) => {
+                    store.update(&id, true, |job| {
+                        if job.status == VideoStatus::Queued {
+                            job.status = VideoStatus::InProgress;
+                        }
+                    });
+                }
+                Ok(Event::Progress { step, total }) => {
+                    store.update(&id, false, |job| job.progress = (step * 100 / total.max(1)).min(99));
+                }
+                Ok(Event::Finished(result)) => break *result,
+                Err(_) => break Err(GenerationError::EngineStopped),
+            }
+        };
+        store.take_live(&id);
+        let ttl = store.ttl().as_secs();
+        match outcome {
+            Ok(output) => {
+                state.metrics.observe_perf(&output.metadata.perf);
+                let path = store.video_path(&id);
+                let written = match output.outputs.first() {
+                    Some(video) => async {
+                        tokio::fs::create_dir_all(store.job_dir(&id)).await?;
+                        tokio::fs::write(&path, &video.bytes).await
+                    }
+                    .await
+                    .map_err(|e| e.to_string()),
+                    None => Err("the pipeline returned no video".to_string()),
+                };
+                store.update(&id, true, |job| match written {
+                    Ok(()) => {
+                        job.status = VideoStatus::Completed;
+                        job.progress = 100;
+                        job.completed_at = Some(unix_now());
+                        job.expires_at = Some(unix_now() + ttl);
+                    }
+                    Err(message) => fail(job, "storage_error", &message),
+                });
+            }
+            Err(GenerationError::Cancelled) => {
+                store.update(&id, true, |job| {
+                    job.status = VideoStatus::Cancelled;
+                    job.completed_at = Some(unix_now());
+                    job.expires_at = Some(unix_now() + ttl);
+                });
+            }
+            Err(err) => {
+                let api = ApiError::from_generation(&err);
+                let code = api.code.unwrap_or("generation_failed");
+                store.update(&id, true, |job| {
+                    fail(job, code, &api.message);
+                    job.expires_at = Some(unix_now() + ttl);
+                });
+            }
+        }
+    });
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    order: Option<String>,
+}
+
+/// Video jobs, newest first by default.
+#[utoipa::path(get, path = "/v1/videos", tag = "videos",
+    params(("after" = Option<String>, Query), ("limit" = Option<usize>, Query, description = "1-100, default 20"),
+        ("order" = Option<String>, Query, description = "asc or desc (default)")),
+    responses((status = 200, body = VideoJobList), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn list_videos(
+    State(state): State<SharedState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<VideoJobList>, ApiError> {
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid("limit", format!("limit must be between 1 and {MAX_LIST_LIMIT}")));
+    }
+    let newest_first = match query.order.as_deref().unwrap_or("desc") {
+        "desc" => true,
+        "asc" => false,
+        other => return Err(ApiError::invalid("order", format!("order must be asc or desc, got {other:?}"))),
+    };
+    let (data, has_more) = jobs(&state)?.list(query.after.as_deref(), limit, newest_first);
+    Ok(Json(VideoJobList { object: "list", data, has_more }))
+}
+
+fn job_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no video job {id}"))
+}
+
+#[utoipa::path(get, path = "/v1/videos/{id}", tag = "videos", params(("id" = String, Path)),
+    responses((status = 200, body = VideoJob), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn get_video(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<VideoJob>, ApiError> {
+    jobs(&state)?.get(&id).map(|r| Json(r.job)).ok_or_else(|| job_not_found(&id))
+}
+
+/// The MP4 of a completed job.
+#[utoipa::path(get, path = "/v1/videos/{id}/content", tag = "videos", params(("id" = String, Path)),
+    responses((status = 200, description = "The video", content_type = "video/mp4"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn video_content(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = jobs(&state)?;
+    let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
+    if record.job.status != VideoStatus::Completed {
+        return Err(ApiError::not_found(format!("video job {id} is {:?}, not completed", record.job.status)));
+    }
+    let bytes = tokio::fs::read(store.video_path(&id)).await.map_err(|_| job_not_found(&id))?;
+    Ok(([(CONTENT_TYPE, "video/mp4")], Body::from(bytes)))
+}
+
+/// Cancels a queued or running job: a running one stops between two denoising steps.
+#[utoipa::path(post, path = "/v1/videos/{id}/cancel", tag = "videos", params(("id" = String, Path)),
+    responses((status = 200, body = VideoJob), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(crate) async fn cancel_video(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<VideoJob>, ApiError> {
+    let store = jobs(&state)?;
+    let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
+    match record.job.status {
+        VideoStatus::Queued | VideoStatus::InProgress => {
+            if let Some(handle) = store.live(&id) {
+                handle.cancel();
+            }
+            let ttl = store.ttl().as_secs();
+            let job = store.update(&id, true, |job| {
+                job.status = VideoStatus::Cancelled;
+                job.completed_at = Some(unix_now());
+                job.expires_at = Some(unix_now() + ttl);
+            });
+            job.map(Json).ok_or_else(|| job_not_found(&id))
+        }
+        VideoStatus::Cancelled => Ok(Json(record.job)),
+        status => Err(ApiError::conflict(format!("video job {id} is already {status:?} and cannot be cancelled"))),
+    }
+}
+
+/// Deletes a job (cancelling it if it runs) and its files.
+#[utoipa::path(delete, path = "/v1/videos/{id}", tag = "videos", params(("id" = String, Path)),
+    responses((status = 200, body = VideoDeleted), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn delete_video(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<VideoDeleted>, ApiError> {
+    jobs(&state)?.remove(&id).await.ok_or_else(|| job_not_found(&id))?;
+    Ok(Json(VideoDeleted { id, object: "video.deleted", deleted: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_strings_become_numbers_where_numbers_belong() {
+        assert_eq!(form_value("fps", "16".into()), serde_json::json!(16));
+        assert_eq!(form_value("guidance_scale", "4.5".into()), serde_json::json!(4.5));
+        assert_eq!(form_value("prompt", "16".into()), serde_json::json!("16"));
+        assert_eq!(form_value("fps", "fast".into()), serde_json::json!("fast"));
+    }
+
+    #[test]
+    fn images_are_recognised_by_their_bytes() {
+        assert_eq!(image_extension(b"\x89PNG\r\n\x1a\nrest"), Some("png"));
+        assert_eq!(image_extension(&[0xff, 0xd8, 0xff, 0xe0]), Some("jpg"));
+        assert_eq!(image_extension(b"not an image"), None);
+        assert!(decode_data_url("https://example.com/a.png").is_err());
+        assert_eq!(decode_data_url("data:image/png;base64,aGk=").ok(), Some(b"hi".to_vec()));
+    }
+
+    #[test]
+    fn durations_are_reported_from_frames() {
+        assert_eq!(format_seconds(81, 16), "5");
+        assert_eq!(format_seconds(9, 16), "0.5");
+    }
+}
