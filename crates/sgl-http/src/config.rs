@@ -10,8 +10,8 @@ pub struct ServerConfig {
     pub host: String,
     #[serde(default = "default_port")]
     pub port: u16,
-    /// When set, every route but `/health` needs `Authorization: Bearer <key>` (content routes
-    /// also accept `?api_key=`, so that `url` outputs can be fetched by plain links).
+    /// When set, every route but `/health` needs `Authorization: Bearer <key>`, content downloads
+    /// included (keys never travel in URLs, where logs and referrers would keep them).
     #[serde(default)]
     pub api_key: Option<String>,
     /// Largest request body accepted, in MiB.

@@ -60,6 +60,10 @@ impl ApiError {
         }
     }
 
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", message)
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self { code: Some("conflict"), ..Self::new(StatusCode::CONFLICT, "invalid_request_error", message) }
     }

@@ -1,7 +1,7 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, HOST};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
@@ -11,6 +11,7 @@ use serde::Deserialize;
 use sgl_core::{GenerationRequest, OutputFormat};
 
 use crate::error::ApiError;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::generation::await_result;
 use crate::outputs::content_type;
 use crate::state::{unix_now, SharedState};
@@ -35,11 +36,20 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
         if inner.is_syntax() || inner.is_eof() {
             ApiError::bad_request(format!("the body is not valid JSON: {inner}"))
         } else if path == "." {
-            ApiError::bad_request(format!("invalid request body: {inner}"))
+            missing_field(&inner.to_string())
+                .unwrap_or_else(|| ApiError::bad_request(format!("invalid request body: {inner}")))
         } else {
             ApiError::invalid(path, inner.to_string())
         }
     })
+}
+
+/// serde reports a missing field at the body's root: name it as the field at fault.
+pub(crate) fn missing_field(message: &str) -> Option<ApiError> {
+    let field = message.strip_prefix("missing field `")?.split('`').next()?;
+    let mut err = ApiError::invalid(field, format!("`{field}` is required"));
+    err.code = Some("missing_required_parameter");
+    Some(err)
 }
 
 pub(crate) fn parse_size(size: &str) -> Result<Option<(u32, u32)>, ApiError> {
@@ -256,8 +266,8 @@ pub(crate) struct VariantQuery {
     security(("bearer" = [])))]
 pub(crate) async fn image_content(
     State(state): State<SharedState>,
-    Path(id): Path<String>,
-    Query(query): Query<VariantQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<VariantQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let not_found = || ApiError::not_found(format!("no image {id} (variant {}); it may have expired", query.variant));
     let (path, format) = state.outputs.get(&id, query.variant).ok_or_else(not_found)?;

@@ -51,6 +51,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/openapi.json", get(observability::openapi))
         .route("/metrics", get(observability::metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read (and limited to --max-body-mb) by the handlers, which answer 413 in the
         // OpenAI error format.
         .layer(DefaultBodyLimit::disable())
@@ -70,6 +71,10 @@ pub fn router(state: SharedState) -> Router {
 
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::method_not_allowed(format!("{} is not allowed on {}", request.method(), request.uri().path()))
 }
 
 async fn record_metrics(State(state): State<SharedState>, request: Request, next: Next) -> Response {

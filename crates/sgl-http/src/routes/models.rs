@@ -1,8 +1,9 @@
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use sgl_scheduler::Engine;
 
 use crate::error::ApiError;
+use crate::extract::ApiPath;
 use crate::state::{AppState, SharedState};
 use crate::wire::{ErrorBody, ModelCard, ModelList, ServedModelInfo};
 
@@ -37,7 +38,7 @@ pub(crate) async fn list_models(State(state): State<SharedState>) -> Result<Json
     responses((status = 200, body = ModelCard), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get_model(
     State(state): State<SharedState>,
-    Path(model): Path<String>,
+    ApiPath(model): ApiPath<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
     let engine = state.engine()?;
     let names = state.model_names(&engine);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -13,8 +13,9 @@ use sgl_core::{GenerationRequest, OutputFormat, OutputKind, ResolvedRequest};
 use sgl_scheduler::{Engine, Event, GenerationError};
 
 use crate::error::ApiError;
+use crate::extract::{ApiPath, ApiQuery};
 use crate::jobs::{JobRecord, JobStore};
-use crate::routes::images::{new_id, parse_size, read_json};
+use crate::routes::images::{missing_field, new_id, parse_size, read_json};
 use crate::state::{unix_now, SharedState};
 use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoError, VideoJob, VideoJobList, VideoStatus};
 
@@ -79,7 +80,11 @@ async fn read_create_request(
     }
     let body = serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|err| {
         let path = err.path().to_string();
-        ApiError::invalid(if path == "." { "body".into() } else { path }, err.into_inner().to_string())
+        let message = err.into_inner().to_string();
+        match missing_field(&message) {
+            Some(missing) if path == "." => missing,
+            _ => ApiError::invalid(if path == "." { "body".into() } else { path }, message),
+        }
     })?;
     Ok((body, image))
 }
@@ -368,7 +373,7 @@ pub(crate) struct ListQuery {
     responses((status = 200, body = VideoJobList), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn list_videos(
     State(state): State<SharedState>,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<VideoJobList>, ApiError> {
     let limit = query.limit.unwrap_or(20);
     if !(1..=MAX_LIST_LIMIT).contains(&limit) {
@@ -391,7 +396,7 @@ fn job_not_found(id: &str) -> ApiError {
     responses((status = 200, body = VideoJob), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn get_video(
     State(state): State<SharedState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VideoJob>, ApiError> {
     jobs(&state)?.get(&id).map(|r| Json(r.job)).ok_or_else(|| job_not_found(&id))
 }
@@ -402,7 +407,7 @@ pub(crate) async fn get_video(
     security(("bearer" = [])))]
 pub(crate) async fn video_content(
     State(state): State<SharedState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = jobs(&state)?;
     let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
@@ -419,7 +424,7 @@ pub(crate) async fn video_content(
     security(("bearer" = [])))]
 pub(crate) async fn cancel_video(
     State(state): State<SharedState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VideoJob>, ApiError> {
     let store = jobs(&state)?;
     let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
@@ -446,7 +451,7 @@ pub(crate) async fn cancel_video(
     responses((status = 200, body = VideoDeleted), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn delete_video(
     State(state): State<SharedState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VideoDeleted>, ApiError> {
     jobs(&state)?.remove(&id).await.ok_or_else(|| job_not_found(&id))?;
     Ok(Json(VideoDeleted { id, object: "video.deleted", deleted: true }))
