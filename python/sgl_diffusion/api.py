@@ -6,8 +6,11 @@ releases the GIL, and Ctrl-C cancels the request being waited for.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +128,7 @@ class DiffGenerator:
         guidance_scale_2: float | None = None,
         true_cfg_scale: float | None = None,
         flow_shift: float | None = None,
+        image: str | Path | Image.Image | None = None,
         seed: int | None = None,
         max_sequence_length: int | None = None,
         num_outputs_per_prompt: int = 1,
@@ -148,6 +152,7 @@ class DiffGenerator:
             guidance_scale_2=guidance_scale_2,
             true_cfg_scale=true_cfg_scale,
             flow_shift=flow_shift,
+            image_path=_image_path(image),
             seed=seed,
             max_sequence_length=max_sequence_length,
             num_outputs_per_prompt=num_outputs_per_prompt,
@@ -186,6 +191,18 @@ def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None 
         notes=metadata["notes"],
         batch_size=metadata["batch_size"],
     )
+
+
+def _image_path(image: str | Path | Image.Image | None) -> str | None:
+    """The engine takes input images as files; a PIL image is written to a temporary PNG (removed
+    when the process exits)."""
+    if image is None or isinstance(image, (str, Path)):
+        return None if image is None else str(Path(image).resolve())
+    fd, path = tempfile.mkstemp(suffix=".png", prefix="sgl-diffusion-input-")
+    with os.fdopen(fd, "wb") as f:
+        image.save(f, format="PNG")
+    atexit.register(lambda: Path(path).unlink(missing_ok=True))
+    return path
 
 
 def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:

@@ -57,3 +57,71 @@ def test_frames_are_rounded_to_4k_plus_1_and_saved_as_mp4(wan_dirs: dict[str, Pa
     assert any("rounded down to 5" in note for note in res.notes)
     frames, fps = decode_mp4(res.save(tmp_path / "cat.mp4").read_bytes())
     assert frames.shape == (5, 32, 48, 3) and fps == pytest.approx(8)
+
+
+I2V_CASES = ["wan21_i2v", "wan22_i2v_a14b", "wan22_ti2v_5b"]
+
+
+@pytest.fixture(scope="module")
+def i2v_dirs(tmp_path_factory: pytest.TempPathFactory, wan_dirs: dict[str, Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wan_i2v")
+    dirs = {name: build_fixture(name, root / name) for name in I2V_CASES if name not in wan_dirs}
+    return {**dirs, "wan22_ti2v_5b": wan_dirs["wan22_ti2v_5b"]}
+
+
+@pytest.fixture(scope="module")
+def input_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("images") / "input.png"
+    pixels = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)  # resized by both pipelines
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", I2V_CASES)
+def test_image_to_video_matches_diffusers(i2v_dirs: dict[str, Path], input_image: Path, name: str) -> None:
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    settings = dict(FIXTURE_REGISTRY[name].call_kwargs)
+    if name == "wan22_ti2v_5b":
+        settings["max_sequence_length"] = 16
+    settings["negative_prompt"] = "blurry"
+    gen = DiffGenerator.from_pretrained(i2v_dirs[name], device="cpu")
+    try:
+        ours = gen.generate("the cat turns its head", seed=5, output_type="np", image=input_image, **settings)
+    finally:
+        gen.shutdown()
+    pipe = WanImageToVideoPipeline.from_pretrained(i2v_dirs[name])
+    pipe.set_progress_bar_config(disable=True)
+    with Image.open(input_image) as image:
+        expected = pipe(
+            image.convert("RGB"),
+            "the cat turns its head",
+            generator=torch.Generator("cpu").manual_seed(5),
+            output_type="np",
+            **settings,
+        ).frames
+    assert ours.frames[0].shape == expected[0].shape == (9, 32, 32, 3)
+    assert np.abs(ours.frames[0] - expected[0]).max() <= 1e-3
+
+
+def test_image_rules_follow_the_checkpoint(
+    i2v_dirs: dict[str, Path], wan_dirs: dict[str, Path], input_image: Path
+) -> None:
+    from sgl_diffusion import InvalidRequestError
+
+    small = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 1, "max_sequence_length": 16}
+    i2v = DiffGenerator.from_pretrained(i2v_dirs["wan21_i2v"], device="cpu")
+    t2v = DiffGenerator.from_pretrained(wan_dirs["wan21_t2v"], device="cpu")
+    try:
+        with pytest.raises(InvalidRequestError) as missing:
+            i2v.generate("a cat", **small)
+        assert missing.value.field == "image"
+        with pytest.raises(InvalidRequestError) as unwanted:
+            t2v.generate("a cat", image=input_image, **small)
+        assert unwanted.value.field == "image"
+    finally:
+        i2v.shutdown()
+        t2v.shutdown()

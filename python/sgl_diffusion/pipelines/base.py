@@ -77,6 +77,9 @@ class BatchState:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
     def __setitem__(self, key: str, value: Any) -> None:
         self.values[key] = value
 

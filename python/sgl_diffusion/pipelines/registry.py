@@ -13,12 +13,13 @@ import torch
 
 from .base import SamplingDefaults, StagedPipeline
 from .flux import FluxPipeline
-from .wan import WanPipeline
+from .wan import WanImageToVideoPipeline, WanPipeline
 
 #: Native pipelines by diffusers pipeline class.
 PIPELINES: dict[str, type[StagedPipeline]] = {
     FluxPipeline.pipeline_class: FluxPipeline,
     WanPipeline.pipeline_class: WanPipeline,
+    WanImageToVideoPipeline.pipeline_class: WanImageToVideoPipeline,
 }
 
 #: Known checkpoints' own sampling defaults, by Hugging Face id.

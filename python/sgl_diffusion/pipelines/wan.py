@@ -1,10 +1,12 @@
-"""Wan text-to-video (Wan2.1 T2V, Wan2.2 A14B T2V with two experts, Wan2.2 TI2V-5B in text mode).
+"""Wan text-to-video and image-to-video: Wan2.1 T2V and I2V, Wan2.2 A14B (two experts), Wan2.2 TI2V-5B.
 
-Matches diffusers' `WanPipeline` on the same weights and seed: UMT5 embeddings of the cleaned prompt
-(trimmed to its length and zero-padded), noise per request from a CPU generator, UniPC in flow mode
-with the request's `flow_shift`, classifier-free guidance when `guidance_scale > 1`, the A14B expert
-switch at `boundary_ratio`, per-token timesteps for TI2V-5B, and diffusers' `AutoencoderKLWan` to
-decode. Image-to-video comes next.
+Matches diffusers' `WanPipeline` / `WanImageToVideoPipeline` on the same weights and seed: UMT5
+embeddings of the cleaned prompt (trimmed to its length and zero-padded), noise per request from a
+CPU generator, UniPC in flow mode with the request's `flow_shift`, classifier-free guidance when
+`guidance_scale > 1`, the A14B expert switch at `boundary_ratio`, per-token timesteps for TI2V-5B.
+Image conditioning: the first frame encoded by the VAE (concatenated with a frame mask for Wan2.1 I2V
+and A14B I2V; pasted over the first latent frame for TI2V-5B) and CLIP image tokens for Wan2.1 I2V.
+diffusers' `AutoencoderKLWan` encodes and decodes, and its `VideoProcessor` resizes input images.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
-from transformers import AutoTokenizer, UMT5EncoderModel
+from diffusers.video_processor import VideoProcessor
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
+from ..errors import invalid_request
 from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
 from ..schedulers import UniPCFlowScheduler
@@ -56,6 +61,9 @@ class WanComponents:
     scheduler: UniPCFlowScheduler
     scale_spatial: int
     scale_temporal: int
+    #: Wan2.1 I2V: CLIP vision tower whose penultimate hidden states condition the DiT.
+    image_encoder: CLIPVisionModel | None = None
+    image_processor: CLIPImageProcessor | None = None
 
 
 class WanPipeline(StagedPipeline):
@@ -80,6 +88,11 @@ class WanPipeline(StagedPipeline):
         super().__init__(device, limits, defaults)
         self.c = components
         self.supports_guidance_scale_2 = components.transformer_2 is not None
+        self.video_processor = VideoProcessor(vae_scale_factor=components.scale_spatial)
+        if components.expand_timesteps:
+            # TI2V-5B: one folder serves text-to-video and image-to-video.
+            self.image_input = "optional"
+            self.task = "text-image-to-video"
 
     @classmethod
     def load(
@@ -102,7 +115,10 @@ class WanPipeline(StagedPipeline):
         def build_transformer(config: dict) -> WanTransformer3DModel:
             return WanTransformer3DModel.from_config(config, attention_backend=attention_backend)
 
-        has_second_expert = (index.get("transformer_2") or [None])[0] is not None
+        def present(component: str) -> bool:
+            return (index.get(component) or [None])[0] is not None
+
+        has_second_expert = present("transformer_2")
         vae = load_diffusers_model(AutoencoderKLWan, model_dir / "vae", device, vae_dtype)
         components = WanComponents(
             tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
@@ -119,13 +135,43 @@ class WanPipeline(StagedPipeline):
             scheduler=UniPCFlowScheduler.from_config(scheduler_config),
             scale_spatial=vae.config.scale_factor_spatial,
             scale_temporal=vae.config.scale_factor_temporal,
+            image_encoder=(
+                load_transformers_model(CLIPVisionModel, model_dir / "image_encoder", device, dit_dtype)
+                if present("image_encoder")
+                else None
+            ),
+            image_processor=(
+                CLIPImageProcessor.from_pretrained(str(model_dir / "image_processor"))
+                if present("image_processor")
+                else None
+            ),
         )
         if defaults is None:
             defaults = diffusers_defaults(components)
         return cls(components, device, defaults)
 
     def stages(self, progress: ProgressFn) -> list[Stage]:
-        return [CheckShapes(self), EncodeText(self), PrepareLatents(self), Denoise(self, progress), DecodeVideos(self)]
+        return [
+            CheckShapes(self),
+            EncodeText(self),
+            EncodeImage(self),
+            PrepareLatents(self),
+            Denoise(self, progress),
+            DecodeVideos(self),
+        ]
+
+
+class WanImageToVideoPipeline(WanPipeline):
+    """The same stages; the checkpoint's class says every request brings an image."""
+
+    pipeline_class = "WanImageToVideoPipeline"
+    task = "image-to-video"
+    image_input = "required"
+
+    def __init__(self, components: WanComponents, device: torch.device, defaults: SamplingDefaults) -> None:
+        super().__init__(components, device, defaults)
+        self.image_input = "required"
+        self.task = "image-to-video"
 
 
 def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
@@ -159,6 +205,8 @@ class CheckShapes(WanStage):
     def run(self, state: BatchState) -> None:
         for field in ("width", "height", "num_frames", "num_inference_steps", "max_sequence_length", "cfg_enabled"):
             shared_value(state.requests, field)
+        if len({r.image_path is None for r in state.requests}) != 1:
+            raise RuntimeError("the scheduler batched image-conditioned and text-only requests together")
         first = state.requests[0]
         state["latent_frames"] = (first.num_frames - 1) // self.c.scale_temporal + 1
         state["latent_height"] = first.height // self.c.scale_spatial
@@ -204,13 +252,93 @@ class EncodeText(WanStage):
         return hidden * keep[..., None].to(hidden.dtype)
 
 
+def load_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise invalid_request("image", f"the input image cannot be read: {err}") from err
+
+
+class EncodeImage(WanStage):
+    """Image conditioning for image-to-video: the VAE latent of the first frame (with the frame mask
+    for Wan2.1 I2V / A14B I2V, or pasted over the first latent frame for TI2V-5B) and, where the DiT
+    takes them, CLIP image tokens. One request at a time, as diffusers encodes a batch of one."""
+
+    name = "image_encoding"
+    inputs = ("latent_frames", "latent_height", "latent_width")
+
+    def run(self, state: BatchState) -> None:
+        requests = state.requests
+        if requests[0].image_path is None:
+            return
+        c = self.c
+        first = requests[0]
+        conditions, tokens = [], []
+        for request in requests:
+            image = load_image(request.image_path)
+            if c.image_encoder is not None and c.transformer.config.image_dim is not None:
+                tokens.append(self.clip_tokens(image, state.device))
+            pixels = self.video_processor_preprocess(image, first.height, first.width, state.device)
+            conditions.append(self.latent_condition(pixels, first.num_frames, state))
+        state.set_rows("condition", per_row(torch.cat(conditions), requests))
+        if tokens:
+            dtype = c.transformer.patch_embedding.weight.dtype
+            state.set_rows("image_embeds", per_row(torch.cat(tokens), requests).to(dtype))
+        if c.expand_timesteps:
+            mask = torch.ones(
+                1, 1, state["latent_frames"], state["latent_height"], state["latent_width"], device=state.device
+            )
+            mask[:, :, 0] = 0
+            state["first_frame_mask"] = mask
+
+    def clip_tokens(self, image: Image.Image, device: torch.device) -> torch.Tensor:
+        c = self.c
+        inputs = c.image_processor(images=image, return_tensors="pt").to(device)
+        return c.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+
+    def video_processor_preprocess(
+        self, image: Image.Image, height: int, width: int, device: torch.device
+    ) -> torch.Tensor:
+        return self.pipeline.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+
+    def latent_condition(self, pixels: torch.Tensor, num_frames: int, state: BatchState) -> torch.Tensor:
+        c = self.c
+        vae = c.vae
+        image = pixels.unsqueeze(2)  # (1, 3, 1, H, W)
+        if c.expand_timesteps:
+            video = image
+        else:
+            # The first frame, then black frames: the VAE sees a whole clip whose start is fixed.
+            video = torch.cat([image, image.new_zeros(1, 3, num_frames - 1, *image.shape[-2:])], dim=2)
+        encoded = vae.encode(video.to(vae.dtype)).latent_dist.mode().to(state.device, torch.float32)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(encoded.device, encoded.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(encoded.device, encoded.dtype)
+        encoded = (encoded - mean) * inv_std
+        if c.expand_timesteps:
+            return encoded
+        return torch.cat([self.frame_mask(num_frames, state).to(encoded.device), encoded], dim=1)
+
+    def frame_mask(self, num_frames: int, state: BatchState) -> torch.Tensor:
+        """Which pixel frames are given (only the first), folded to latent frames as the DiT expects:
+        (1, scale_temporal, latent_frames, h, w)."""
+        height, width, scale = state["latent_height"], state["latent_width"], self.c.scale_temporal
+        mask = torch.zeros(1, 1, num_frames, height, width)
+        mask[:, :, 0] = 1
+        first = mask[:, :, 0:1].repeat_interleave(scale, dim=2)
+        mask = torch.cat([first, mask[:, :, 1:]], dim=2)
+        return mask.view(1, -1, scale, height, width).transpose(1, 2)
+
+
 class PrepareLatents(WanStage):
     name = "latent_preparation"
     inputs = ("latent_frames", "latent_height", "latent_width")
     outputs = ("latents",)
 
     def run(self, state: BatchState) -> None:
-        channels = self.c.transformer.config.in_channels
+        # Noise has the VAE's channels; the DiT's extra input channels (I2V) are the image condition.
+        channels = self.c.vae.config.z_dim
         shape = (channels, state["latent_frames"], state["latent_height"], state["latent_width"])
         # diffusers keeps Wan latents in float32 and casts to the DiT dtype per forward.
         state.set_rows("latents", draw_noise(state.requests, shape).to(state.device))
@@ -239,11 +367,12 @@ class Denoise(WanStage):
             model = c.transformer if high_noise or c.transformer_2 is None else c.transformer_2
             scale = state["guidance_scale" if high_noise else "guidance_scale_2"]
             latents = state["latents"]
-            timestep = self.timestep(t, latents)
-            model_input = latents.to(dtype)
-            noise_pred = model(model_input, timestep, state["prompt_embeds"])
+            timestep = self.timestep(t, latents, state)
+            model_input = self.model_input(latents, state).to(dtype)
+            image_embeds = state.get("image_embeds")
+            noise_pred = model(model_input, timestep, state["prompt_embeds"], image_embeds)
             if first.cfg_enabled:
-                uncond = model(model_input, timestep, state["negative_prompt_embeds"])
+                uncond = model(model_input, timestep, state["negative_prompt_embeds"], image_embeds)
                 noise_pred = uncond + scale.view(-1, 1, 1, 1, 1).to(uncond.dtype) * (noise_pred - uncond)
             state.set_rows("latents", sampler.step(noise_pred, latents))
             timer.step_done(i)
@@ -253,13 +382,26 @@ class Denoise(WanStage):
             if not state.active:
                 return
 
-    def timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def model_input(latents: torch.Tensor, state: BatchState) -> torch.Tensor:
+        if "condition" not in state:
+            return latents
+        if "first_frame_mask" in state:  # TI2V-5B: the image's latent replaces the first frame
+            mask = state["first_frame_mask"]
+            return (1 - mask) * state["condition"] + mask * latents
+        return torch.cat([latents, state["condition"]], dim=1)
+
+    def timestep(self, t: torch.Tensor, latents: torch.Tensor, state: BatchState) -> torch.Tensor:
         batch = latents.shape[0]
         if not self.c.expand_timesteps:
             return t.expand(batch).to(latents.device)
-        # TI2V-5B: one timestep per video token (2x2 spatial patches), all equal in text-to-video.
-        frames, height, width = latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2
-        return torch.full((batch, frames * height * width), float(t), dtype=torch.float32, device=latents.device)
+        # TI2V-5B: one timestep per video token (2x2 spatial patches); 0 on a given first frame.
+        if "first_frame_mask" in state:
+            mask = state["first_frame_mask"][0][0]
+        else:
+            mask = torch.ones(latents.shape[2:], device=latents.device)
+        per_token = (mask[:, ::2, ::2] * t).flatten()
+        return per_token.unsqueeze(0).expand(batch, -1)
 
 
 class DecodeVideos(WanStage):
@@ -270,7 +412,11 @@ class DecodeVideos(WanStage):
     def run(self, state: BatchState) -> None:
         vae = self.c.vae
         z = vae.config.z_dim
-        latents = state["latents"].to(vae.dtype)
+        latents = state["latents"]
+        if "first_frame_mask" in state:
+            mask = state["first_frame_mask"]
+            latents = (1 - mask) * state["condition"] + mask * latents
+        latents = latents.to(vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
         latents = latents / inv_std + mean
