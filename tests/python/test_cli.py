@@ -180,3 +180,23 @@ def test_generate_writes_an_mp4_for_video_models(tmp_path: Path) -> None:
     assert "rounded down to 9" in proc.stderr
     frames, fps = decode_mp4((tmp_path / "cat.mp4").read_bytes())
     assert frames.shape == (9, 32, 48, 3) and fps == pytest.approx(12)
+
+
+def test_generate_image_to_video_from_an_image_path(tmp_path: Path) -> None:
+    from sgl_diffusion.runtime.video import decode_mp4
+    from sgl_diffusion.testing import build_fixture
+
+    wan = build_fixture("wan21_i2v", tmp_path / "wan")
+    image = tmp_path / "first.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    proc = run_cli(
+        "--model-path", str(wan), "--prompt", "a red square", "--image-path", str(image), "--height", "32",
+        "--width", "32", "--num-frames", "5", "--output-file-name", "i2v.mp4", "--output-path", str(tmp_path),
+        "--device", "cpu", "--num-inference-steps", "2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    frames, _ = decode_mp4((tmp_path / "i2v.mp4").read_bytes())
+    assert frames.shape == (5, 32, 32, 3)
+    proc = run_cli("--model-path", str(wan), "--prompt", "a", "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 2 and "image" in proc.stderr

@@ -33,6 +33,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     request.add_argument("--width", type=int)
     request.add_argument("--num-frames", type=int, help="video models: frames (rounded down to 4k+1 for Wan)")
     request.add_argument("--fps", type=int, help="video models: frames per second of the MP4")
+    request.add_argument("--image-path", help="image-to-video: the input image (first frame)")
     request.add_argument("--guidance-scale", type=float)
     request.add_argument("--guidance-scale-2", type=float, help="Wan2.2 A14B: guidance of the low-noise expert")
     request.add_argument("--flow-shift", type=float, help="video models: timestep shift of the sampler")
@@ -99,8 +100,12 @@ def generate(options: dict[str, Any]) -> int:
         "num_outputs_per_prompt",
         "output_format",
     )
+    image_path = options.get("image_path")
     try:
-        handle = generator.submit(**{name: options.get(name) for name in fields})
+        fields_given = {name: options.get(name) for name in fields}
+        if image_path:
+            fields_given["image_path"] = str(Path(image_path).resolve())
+        handle = generator.submit(**fields_given)
         request = json.loads(handle.request_json)
         for note in request["notes"]:
             print(note, file=sys.stderr)

@@ -58,7 +58,6 @@ NOT_SUPPORTED_YET: dict[str, tuple[dict[str, Any], Callable[[Any], bool]]] = {
     "cache_dit": ({"action": "store_true", "default": None}, bool),
     "enable_teacache": ({"action": "store_true", "default": None}, bool),
     "profile": ({"action": "store_true", "default": None}, bool),
-    "image_path": ({}, lambda v: v is not None),
     "backend": ({}, lambda v: v not in (None, "native")),
 }
 
