@@ -659,3 +659,33 @@ def test_sigterm_finishes_the_running_request_then_exits_0(doomed_server: Server
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.base_url}/health", timeout=5)
     assert "shutting down" in server.log()
+
+
+def test_serve_without_a_model_path_serves_the_builtin_model(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from server_util import SGL_DIFFUSION, free_port
+
+    assert SGL_DIFFUSION is not None
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [SGL_DIFFUSION, "serve", "--device", "cpu", "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "SGL_DIFFUSION_CACHE": str(tmp_path / "cache")},
+        )
+    server = Server(proc=proc, port=port, log_path=log_path).wait_ready()
+    try:
+        card = httpx.get(f"{server.base_url}/v1/models").json()["data"][0]
+        assert "tiny-flux1-random" in card["root"] and card["pipeline_class"] == "FluxPipeline"
+        body = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 2}
+        response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        assert image.size == (64, 64)
+    finally:
+        assert server.stop() == 0
