@@ -125,3 +125,54 @@ def test_image_rules_follow_the_checkpoint(
     finally:
         i2v.shutdown()
         t2v.shutdown()
+
+
+def request(**fields: object):
+    from sgl_diffusion.runtime.request import Request
+
+    base = {
+        "id": 1, "prompt": "a cat dancing in the rain", "negative_prompt": "blurry", "width": 32, "height": 32,
+        "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 5.0, "true_cfg_scale": 1.0, "seed": 3,
+        "max_sequence_length": 16, "num_outputs": 1, "flow_shift": None, "guidance_scale_2": None, "fps": 16,
+        "image_path": None, "cfg_enabled": True, "output_format": "npy", "output_quality": None, "notes": (),
+    }  # fmt: skip
+    return Request(**{**base, **fields})
+
+
+def load_ours(folder: Path):
+    from sgl_diffusion.pipelines.wan import WanPipeline
+
+    return WanPipeline.load(folder, torch.device("cpu"), torch.float32, torch.float32, "torch_sdpa", None)
+
+
+def test_prompt_embeddings_match_diffusers(wan_dirs: dict[str, Path]) -> None:
+    from diffusers import WanPipeline
+
+    from sgl_diffusion.pipelines.wan import EncodeText
+
+    prompts = ["a cat dancing in the rain", "  Ünïcode &amp; <b>html</b>   spaces ", ""]
+    ours = EncodeText(load_ours(wan_dirs["wan21_t2v"])).encode(prompts, 16, torch.device("cpu"))
+    reference, _ = WanPipeline.from_pretrained(wan_dirs["wan21_t2v"]).encode_prompt(
+        prompts, do_classifier_free_guidance=False, max_sequence_length=16
+    )
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_latents_after_the_loop_match_and_both_a14b_experts_run(wan_dirs: dict[str, Path]) -> None:
+    from diffusers import WanPipeline
+
+    folder = wan_dirs["wan22_t2v_a14b"]
+    ours = load_ours(folder)
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name in calls:
+        getattr(ours.c, name).register_forward_hook(lambda *_, key=name: calls.__setitem__(key, calls[key] + 1))
+    state = ours.run([request(guidance_scale_2=3.0, flow_shift=12.0)], lambda step, total: [])
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0  # both experts really run
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        "a cat dancing in the rain", negative_prompt="blurry", height=32, width=32, num_frames=9,
+        num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=3.0, max_sequence_length=16,
+        generator=torch.Generator("cpu").manual_seed(3), output_type="latent",
+    ).frames  # fmt: skip
+    torch.testing.assert_close(state["latents"], expected, rtol=0, atol=1e-5)

@@ -1,7 +1,7 @@
 """Which native pipeline serves a checkpoint, and the sampling defaults of known checkpoints.
 
 A folder is matched by its `model_index.json` `_class_name`; a known Hugging Face id also brings
-the model card's defaults (models.md). Folders that are no known id take their pipeline's
+the model card's defaults (models.md), and for FastWan its DMD sampler (`PIPELINES_BY_ID`). Folders that are no known id take their pipeline's
 diffusers defaults.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .base import SamplingDefaults, StagedPipeline
+from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
 from .wan import WanImageToVideoPipeline, WanPipeline
 
@@ -20,6 +21,15 @@ PIPELINES: dict[str, type[StagedPipeline]] = {
     FluxPipeline.pipeline_class: FluxPipeline,
     WanPipeline.pipeline_class: WanPipeline,
     WanImageToVideoPipeline.pipeline_class: WanImageToVideoPipeline,
+    # FastVideo's FastWan folders name their (DMD) pipeline `WanDMDPipeline`.
+    FastWanPipeline.pipeline_class: FastWanPipeline,
+}
+
+#: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
+#: as a plain `WanPipeline`): the id picks the native pipeline.
+PIPELINES_BY_ID: dict[str, type[StagedPipeline]] = {
+    "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FastWanPipeline,
+    "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FastWanPipeline,
 }
 
 #: Known checkpoints' own sampling defaults, by Hugging Face id.
@@ -43,10 +53,25 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
         width=1280, height=720, num_frames=81, fps=16, num_inference_steps=40, guidance_scale=4.0,
         guidance_scale_2=3.0, max_sequence_length=512, negative_prompt="", flow_shift=12.0,
     ),
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": SamplingDefaults(
+        width=832, height=480, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0,
+        max_sequence_length=512, negative_prompt="", flow_shift=3.0,
+    ),
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": SamplingDefaults(
+        width=1280, height=720, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0,
+        max_sequence_length=512, negative_prompt="", flow_shift=5.0,
+    ),
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": SamplingDefaults(
+        width=1280, height=720, num_frames=81, fps=16, num_inference_steps=40, guidance_scale=3.5,
+        guidance_scale_2=3.5, max_sequence_length=512, negative_prompt="", flow_shift=5.0,
+    ),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": SamplingDefaults(
         width=1280, height=704, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0,
         max_sequence_length=512, negative_prompt="", flow_shift=5.0,
     ),
+    # DMD-distilled: 3 fixed timesteps (1000, 757, 522), no CFG (see fastwan.py).
+    "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FASTWAN21_DEFAULTS,
+    "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FASTWAN22_TI2V_5B_DEFAULTS,
 }  # fmt: skip
 
 
@@ -63,7 +88,8 @@ def load_pipeline(
     vae_dtype: torch.dtype,
     attention_backend: str,
 ) -> StagedPipeline:
-    pipeline = PIPELINES.get(pipeline_class)
+    pipeline = PIPELINES_BY_ID.get(hf_id) if hf_id else None
+    pipeline = pipeline or PIPELINES.get(pipeline_class)
     if pipeline is None:
         raise ValueError(
             f"{model_dir} is a {pipeline_class}, which has no native implementation yet; "

@@ -1,0 +1,223 @@
+"""FastWan: DMD-distilled Wan text-to-video (FastWan2.1-T2V-1.3B, FastWan2.2-TI2V-5B-FullAttn).
+
+FastWan students are trained with distribution-matching distillation (DMD) to sample at a few fixed
+timesteps (1000, 757, 522). At each one the DiT's flow prediction `v` gives the clean latent
+`x0 = x_t - sigma_t * v`; unless it is the last step, `x0` is re-noised with *fresh* Gaussian noise to
+the next timestep, `x_next = (1 - sigma_next) * x0 + sigma_next * noise`; the last `x0` is decoded.
+There is no classifier-free guidance. This follows FastVideo's `DmdDenoisingStage` (also what
+SGLang's multimodal_gen runs):
+
+* `t` goes to the DiT as is (1000, 757, 522); `sigma_t` is looked up in the sigma table of a
+  flow-match scheduler with shift 8.0 over 1000 training steps (the entry whose shifted timestep is
+  nearest `t`), so sigma is 1.0, 0.75676, 0.52174 (t / 1000 snapped to that table's grid). FastVideo
+  hard-codes shift 8.0 there for every DMD model, whatever the checkpoint's own flow_shift.
+* Fresh noise comes from the same CPU generator as the initial noise, continued: FastVideo draws both
+  from the request's `torch.Generator("cpu").manual_seed(seed)`. We do the same per request (each
+  request keeps its own generator), so a request's output does not depend on its batch.
+
+Where we differ from FastVideo, on purpose:
+
+* Noise is drawn in diffusers' (B, C, T, H, W) float32 layout, as our other Wan pipelines draw the
+  initial noise (same seed, same initial noise as `WanPipeline`); FastVideo draws (B, T, C, H, W) in
+  bf16. The same seed therefore gives a different (equally valid) sample than FastVideo.
+* Latents and the x0 / re-noising arithmetic stay in float32 between steps (diffusers' convention
+  for Wan); FastVideo rounds them to bf16.
+
+Requests: `num_inference_steps` must be the number of DMD timesteps (3); any other count is an error,
+never silently replaced, since the student was trained for exactly these timesteps. `guidance_scale`
+above 1 (CFG), a negative prompt and `flow_shift` are rejected for the same reason: none of them can act.
+
+Attention: FastWan2.1-T2V-1.3B was trained with video sparse attention (VSA). We run dense attention,
+so its output is an approximation of the model as trained until a VSA backend exists.
+FastWan2.2-TI2V-5B-FullAttn was trained with full attention and runs exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import invalid_request
+from .base import BatchState, ProgressFn, SamplingDefaults, Stage
+from .wan import (
+    TEXT_MAX_LENGTH,
+    CheckShapes,
+    DecodeVideos,
+    Denoise,
+    EncodeText,
+    WanComponents,
+    WanPipeline,
+    WanStage,
+)
+
+#: FastVideo's `dmd_denoising_steps` for FastWan2.1 and FastWan2.2 alike.
+DMD_TIMESTEPS: tuple[int, ...] = (1000, 757, 522)
+#: Shift of the flow-match sigma table that converts a DMD timestep into its sigma (see module doc).
+DMD_SIGMA_TABLE_SHIFT = 8.0
+NUM_TRAIN_TIMESTEPS = 1000
+
+#: Model-card defaults (models.md). FastWan2.1 is 480p T2V; TI2V-5B-based FastWan2.2 is 704p.
+FASTWAN21_DEFAULTS = SamplingDefaults(
+    width=832, height=480, num_frames=81, fps=16, num_inference_steps=len(DMD_TIMESTEPS), guidance_scale=1.0,
+    max_sequence_length=TEXT_MAX_LENGTH,
+)  # fmt: skip
+FASTWAN22_TI2V_5B_DEFAULTS = SamplingDefaults(
+    width=1280, height=704, num_frames=121, fps=24, num_inference_steps=len(DMD_TIMESTEPS), guidance_scale=1.0,
+    max_sequence_length=TEXT_MAX_LENGTH,
+)  # fmt: skip
+
+
+def dmd_sigmas(
+    timesteps: tuple[int, ...] = DMD_TIMESTEPS,
+    shift: float = DMD_SIGMA_TABLE_SHIFT,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> list[float]:
+    """Sigma of each DMD timestep: the entry of a shifted flow-match table whose timestep is nearest.
+
+    The table is built as a flow-match Euler scheduler builds it at construction (float32, 1000 steps
+    from 1.0 down to 0.001, then shifted), so each sigma is bit-identical to FastVideo's lookup.
+    """
+    grid = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
+    sigmas = torch.from_numpy(grid) / num_train_timesteps
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    table = (sigmas * num_train_timesteps).double()
+    return [float(sigmas[torch.argmin((table - t).abs())]) for t in timesteps]
+
+
+class FastWanPipeline(WanPipeline):
+    """Wan DiT, text encoder and VAE as in `WanPipeline`; DMD sampling instead of UniPC + CFG.
+
+    Chosen for a folder whose `model_index.json` says `WanDMDPipeline` (what FastVideo's FastWan
+    checkpoints ship) and for the FastWan Hugging Face ids (`registry.PIPELINES_BY_ID`). Text-to-video
+    only: the TI2V-5B student was distilled for text-to-video.
+    """
+
+    pipeline_class = "WanDMDPipeline"
+    task = "text-to-video"
+    # The sigma table is fixed by the distillation: a request's flow_shift could not act.
+    supports_flow_shift = False
+
+    def __init__(self, components: WanComponents, device: torch.device, defaults: SamplingDefaults) -> None:
+        if components.transformer_2 is not None or components.image_encoder is not None:
+            raise ValueError("FastWan (DMD) is supported for single-expert text-to-video Wan checkpoints only")
+        if components.transformer.config.in_channels != components.vae.config.z_dim:
+            raise ValueError("FastWan (DMD) is supported for text-to-video Wan checkpoints only")
+        super().__init__(components, device, defaults)
+        # WanPipeline makes TI2V-5B folders text-image-to-video; the DMD student is text-to-video.
+        self.image_input = "none"
+        self.task = "text-to-video"
+        self.supports_guidance_scale_2 = False
+        self.dmd_timesteps = DMD_TIMESTEPS
+        self.dmd_sigmas = dmd_sigmas(DMD_TIMESTEPS)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        device: torch.device,
+        dit_dtype: torch.dtype,
+        vae_dtype: torch.dtype,
+        attention_backend: str,
+        defaults: SamplingDefaults | None,
+    ) -> WanPipeline:
+        if defaults is None:
+            # An unknown FastWan folder: the model card of the architecture it has (TI2V-5B or 2.1).
+            index = json.loads((model_dir / "model_index.json").read_text())
+            defaults = FASTWAN22_TI2V_5B_DEFAULTS if index.get("expand_timesteps") else FASTWAN21_DEFAULTS
+        # WanPipeline.load builds the components and calls `cls(...)`: a FastWanPipeline.
+        return super().load(model_dir, device, dit_dtype, vae_dtype, attention_backend, defaults)
+
+    def stages(self, progress: ProgressFn) -> list[Stage]:
+        return [
+            CheckDmdRequests(self),
+            EncodeText(self),
+            PrepareDmdLatents(self),
+            DmdDenoise(self, progress),
+            DecodeVideos(self),
+        ]
+
+
+class CheckDmdRequests(CheckShapes):
+    """Rejects what a DMD student cannot honour, then the usual shape checks."""
+
+    pipeline: FastWanPipeline
+
+    def run(self, state: BatchState) -> None:
+        timesteps = self.pipeline.dmd_timesteps
+        for request in state.requests:
+            if request.num_inference_steps != len(timesteps):
+                raise invalid_request(
+                    "num_inference_steps",
+                    f"FastWan is DMD-distilled to sample at exactly the timesteps {list(timesteps)}: "
+                    f"num_inference_steps must be {len(timesteps)}, got {request.num_inference_steps}",
+                )
+            if request.cfg_enabled:
+                raise invalid_request(
+                    "guidance_scale",
+                    "FastWan is DMD-distilled without classifier-free guidance: guidance_scale must be <= 1, "
+                    f"got {request.guidance_scale}",
+                )
+            if request.negative_prompt:
+                raise invalid_request(
+                    "negative_prompt", "FastWan samples without classifier-free guidance: a negative prompt cannot act"
+                )
+        super().run(state)
+
+
+class PrepareDmdLatents(WanStage):
+    """Initial noise per request from its own CPU generator (as `draw_noise`), and that generator
+    kept for the fresh noise of the later steps."""
+
+    name = "latent_preparation"
+    inputs = ("latent_frames", "latent_height", "latent_width")
+    outputs = ("latents", "noise_generators", "noise_shape")
+
+    def run(self, state: BatchState) -> None:
+        shape = (self.c.vae.config.z_dim, state["latent_frames"], state["latent_height"], state["latent_width"])
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in state.requests]
+        state["noise_generators"] = generators
+        state["noise_shape"] = shape
+        state.set_rows("latents", fresh_noise(state, list(range(len(state.requests))), generators, shape))
+
+
+def fresh_noise(
+    state: BatchState, requests: list[int], generators: list[torch.Generator], shape: tuple[int, ...]
+) -> torch.Tensor:
+    """`num_outputs` float32 samples of `shape` for each listed request (indices into the batch's
+    requests, in row order), each from that request's generator."""
+    noise = [
+        torch.randn((state.requests[i].num_outputs, *shape), generator=generators[i], dtype=torch.float32)
+        for i in requests
+    ]
+    return torch.cat(noise).to(state.device)
+
+
+class DmdDenoise(Denoise):
+    """DMD: predict x0 at each fixed timestep, re-noise it with fresh noise to the next one."""
+
+    inputs = ("latents", "prompt_embeds", "noise_generators", "noise_shape")
+    pipeline: FastWanPipeline
+
+    def run(self, state: BatchState) -> None:
+        c = self.c
+        timesteps, sigmas = self.pipeline.dmd_timesteps, self.pipeline.dmd_sigmas
+        dtype = c.transformer.patch_embedding.weight.dtype
+        total = len(timesteps)
+        timer = state.perf.step_timer()
+        for i, t in enumerate(timesteps):
+            latents = state["latents"]
+            timestep = self.timestep(torch.tensor(t, dtype=torch.int64), latents, state)
+            flow = c.transformer(latents.to(dtype), timestep, state["prompt_embeds"], None)
+            clean = latents - sigmas[i] * flow.float()
+            if i + 1 < total:
+                noise = fresh_noise(state, state.active, state["noise_generators"], state["noise_shape"])
+                clean = (1 - sigmas[i + 1]) * clean + sigmas[i + 1] * noise
+            state.set_rows("latents", clean)
+            timer.step_done(i)
+            # Cancelled requests leave the batch; `state.active` then lists whose generators remain.
+            state.drop_requests(self.progress(i + 1, total))
+            if not state.active:
+                return
