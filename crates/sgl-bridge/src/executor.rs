@@ -130,7 +130,14 @@ fn to_exec_error(py: Python<'_>, err: &PyErr, fallback: ExecErrorKind) -> ExecEr
     let message = value.str().map(|s| s.to_string()).unwrap_or_default();
     if type_name == "InvalidRequestError" {
         let field = value.getattr("field").ok().and_then(|f| f.extract::<String>().ok());
-        return ExecError::new(ExecErrorKind::InvalidInput { field }, message);
+        // Raised as InvalidRequestError(message, field): report the message, not the args tuple.
+        let text = value
+            .getattr("args")
+            .ok()
+            .and_then(|args| args.get_item(0).ok())
+            .and_then(|first| first.extract::<String>().ok())
+            .unwrap_or(message);
+        return ExecError::new(ExecErrorKind::InvalidInput { field }, text);
     }
     if type_name == "OutOfMemoryError" {
         return ExecError::new(ExecErrorKind::OutOfMemory, message);

@@ -114,7 +114,8 @@ impl ResolvedRequest {
                 return Err(ValidationError::new(
                     "flow_shift",
                     format!(
-                        "{} derives its timestep shift from the image size; flow_shift cannot be set",
+                        "{} sets its own timestep shift (FLUX.1 from the image size, distilled models from \
+                         training); flow_shift cannot be set",
                         info.pipeline_class
                     ),
                 ))
