@@ -15,7 +15,6 @@ Parity notes (values must equal diffusers' ``FlowMatchEulerDiscreteScheduler`` b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..config_dict import config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,7 @@ class FlowMatchEulerConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> FlowMatchEulerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in cfg if k not in names and not k.startswith("_"))
-        if unknown:
-            logger.debug("FlowMatchEulerConfig: ignoring unknown config keys %s", unknown)
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return config_from_dict(cls, cfg)
 
 
 class FlowMatchEulerScheduler:

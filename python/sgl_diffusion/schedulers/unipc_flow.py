@@ -37,7 +37,6 @@ high-noise ``transformer`` (and ``guidance_scale``), otherwise the low-noise ``t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..config_dict import config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +153,7 @@ class UniPCFlowConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> UniPCFlowConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in cfg if k not in names and k not in _INERT_KEYS and not k.startswith("_"))
-        if unknown:
-            logger.debug("UniPCFlowConfig: ignoring unknown config keys %s", unknown)
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return config_from_dict(cls, cfg, _INERT_KEYS)
 
 
 class UniPCFlowScheduler:

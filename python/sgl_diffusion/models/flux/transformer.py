@@ -11,7 +11,6 @@ Shapes used below: ``B`` batch, ``L`` image tokens, ``T`` text tokens, ``D`` inn
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
 from ...layers.norms import LayerNormNoAffine, RMSNorm
 from ...layers.rotary import apply_interleaved_rotary, multi_axis_rope_tables
@@ -71,11 +71,7 @@ class FluxTransformerConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> FluxTransformerConfig:
         """Build from a parsed ``config.json``; bookkeeping keys (``_class_name``...) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in cfg if k not in names and not k.startswith("_"))
-        if unknown:
-            logger.debug("FluxTransformerConfig: ignoring unknown config keys %s", unknown)
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return config_from_dict(cls, cfg)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ tokens, ``D`` inner dim (``num_attention_heads * attention_head_dim``), ``H`` he
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
 from ...layers.norms import RMSNorm
 from ...layers.rotary import apply_interleaved_rotary, rope_tables_1d
@@ -89,11 +89,7 @@ class WanTransformerConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> WanTransformerConfig:
         """Build from a parsed ``config.json``; bookkeeping (``_class_name``...) and unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in cfg if k not in names and not k.startswith("_"))
-        if unknown:
-            logger.debug("WanTransformerConfig: ignoring unknown config keys %s", unknown)
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        return config_from_dict(cls, cfg)
 
 
 # --------------------------------------------------------------------------------------------------
