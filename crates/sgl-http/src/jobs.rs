@@ -58,10 +58,14 @@ impl JobStore {
             Err(err) => return Err(err),
         };
         let mut queued = Vec::new();
+        let now = unix_now();
         for (id, record) in &mut index.jobs {
             match record.job.status {
                 VideoStatus::InProgress => {
                     record.job.status = VideoStatus::Failed;
+                    // Expires like every other finished job.
+                    record.job.completed_at = Some(now);
+                    record.job.expires_at = Some(now + ttl.as_secs());
                     record.job.error = Some(VideoError {
                         code: "server_restarted".into(),
                         message: "the server restarted while this job was running".into(),
@@ -227,6 +231,7 @@ mod tests {
         assert_eq!(store.get("video_1").unwrap().job.status, VideoStatus::Completed);
         let failed = store.get("video_3").unwrap().job;
         assert_eq!(failed.status, VideoStatus::Failed);
+        assert!(failed.expires_at.is_some());
         assert_eq!(failed.error.unwrap().code, "server_restarted");
         assert!(!tmp.path().join("index.json.tmp").exists());
     }

@@ -226,6 +226,9 @@ pub struct VideoJob {
 pub struct VideoJobList {
     pub object: &'static str,
     pub data: Vec<VideoJob>,
+    /// Ids of the page's first and last jobs (what clients pass as `after` to page on).
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
     pub has_more: bool,
 }
 

@@ -206,9 +206,7 @@ pub(crate) async fn create_video(
         }
         request.num_frames = Some(frames);
     }
-    // Validate before anything is stored; the resolved request fixes the seed and frame count.
-    let resolved = ResolvedRequest::resolve(&GenerationRequest { image_path: None, ..request.clone() }, info)
-        .map_err(|e| video_param(ApiError::from_validation(&e)))?;
+    // The image must be a file before the request can be resolved (the core checks it exists).
     match (image, info.image_input) {
         (Some(_), sgl_core::ImageInput::None) => {
             return Err(ApiError::invalid("input_reference", format!("{} takes no input image", info.pipeline_class)))
@@ -232,6 +230,14 @@ pub(crate) async fn create_video(
         }
         (None, _) => {}
     }
+    // Validate before the job exists; the resolved request fixes the seed and frame count.
+    let resolved = match ResolvedRequest::resolve(&request, info) {
+        Ok(resolved) => resolved,
+        Err(err) => {
+            discard_job_dir(store, &id).await;
+            return Err(video_param(ApiError::from_validation(&err)));
+        }
+    };
     request.seed = Some(resolved.seed);
     request.num_frames = Some(resolved.num_frames);
     let fps = resolved.fps.unwrap_or(16);
@@ -252,10 +258,31 @@ pub(crate) async fn create_video(
         seed: resolved.seed,
         error: None,
     };
-    let handle = engine.submit(&request).map_err(|e| video_param(ApiError::from_submit(&e)))?;
+    let handle = match engine.submit(&request) {
+        Ok(handle) => handle,
+        Err(err) => {
+            discard_job_dir(store, &id).await;
+            return Err(video_param(ApiError::from_submit(&err)));
+        }
+    };
     store.insert(JobRecord { job: job.clone(), request });
     drive(Arc::clone(&state), id, handle);
     Ok(Json(job))
+}
+
+fn status_name(status: VideoStatus) -> &'static str {
+    match status {
+        VideoStatus::Queued => "queued",
+        VideoStatus::InProgress => "in_progress",
+        VideoStatus::Completed => "completed",
+        VideoStatus::Failed => "failed",
+        VideoStatus::Cancelled => "cancelled",
+    }
+}
+
+/// Removes the folder of a job that was refused before it was stored.
+async fn discard_job_dir(store: &JobStore, id: &str) {
+    let _ = tokio::fs::remove_dir_all(store.job_dir(id)).await;
 }
 
 fn format_seconds(frames: u32, fps: u32) -> String {
@@ -320,6 +347,12 @@ fn drive(state: SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
         match outcome {
             Ok(output) => {
                 state.metrics.observe_perf(&output.metadata.perf);
+                // A cancel or delete may have arrived after the last denoising step, while the
+                // video was being decoded: it wins, and no file is written for a deleted job.
+                let still_wanted = store.get(&id).is_some_and(|r| r.job.status != VideoStatus::Cancelled);
+                if !still_wanted {
+                    return;
+                }
                 let path = store.video_path(&id);
                 let written = match output.outputs.first() {
                     Some(video) => async {
@@ -330,15 +363,24 @@ fn drive(state: SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
                     .map_err(|e| e.to_string()),
                     None => Err("the pipeline returned no video".to_string()),
                 };
-                store.update(&id, true, |job| match written {
-                    Ok(()) => {
-                        job.status = VideoStatus::Completed;
-                        job.progress = 100;
-                        job.completed_at = Some(unix_now());
-                        job.expires_at = Some(unix_now() + ttl);
+                let updated = store.update(&id, true, |job| {
+                    if job.status == VideoStatus::Cancelled {
+                        return;
                     }
-                    Err(message) => fail(job, "storage_error", &message),
+                    match written {
+                        Ok(()) => {
+                            job.status = VideoStatus::Completed;
+                            job.progress = 100;
+                            job.completed_at = Some(unix_now());
+                            job.expires_at = Some(unix_now() + ttl);
+                        }
+                        Err(message) => fail(job, "storage_error", &message),
+                    }
                 });
+                if updated.is_none() {
+                    // Deleted while the file was being written.
+                    discard_job_dir(&store, &id).await;
+                }
             }
             Err(GenerationError::Cancelled) => {
                 store.update(&id, true, |job| {
@@ -385,7 +427,9 @@ pub(crate) async fn list_videos(
         other => return Err(ApiError::invalid("order", format!("order must be asc or desc, got {other:?}"))),
     };
     let (data, has_more) = jobs(&state)?.list(query.after.as_deref(), limit, newest_first);
-    Ok(Json(VideoJobList { object: "list", data, has_more }))
+    let first_id = data.first().map(|job| job.id.clone());
+    let last_id = data.last().map(|job| job.id.clone());
+    Ok(Json(VideoJobList { object: "list", data, first_id, last_id, has_more }))
 }
 
 fn job_not_found(id: &str) -> ApiError {
@@ -412,7 +456,10 @@ pub(crate) async fn video_content(
     let store = jobs(&state)?;
     let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
     if record.job.status != VideoStatus::Completed {
-        return Err(ApiError::not_found(format!("video job {id} is {:?}, not completed", record.job.status)));
+        return Err(ApiError::not_found(format!(
+            "video job {id} is {}, not completed",
+            status_name(record.job.status)
+        )));
     }
     let bytes = tokio::fs::read(store.video_path(&id)).await.map_err(|_| job_not_found(&id))?;
     Ok(([(CONTENT_TYPE, "video/mp4")], Body::from(bytes)))
@@ -442,7 +489,10 @@ pub(crate) async fn cancel_video(
             job.map(Json).ok_or_else(|| job_not_found(&id))
         }
         VideoStatus::Cancelled => Ok(Json(record.job)),
-        status => Err(ApiError::conflict(format!("video job {id} is already {status:?} and cannot be cancelled"))),
+        status => Err(ApiError::conflict(format!(
+            "video job {id} is already {} and cannot be cancelled",
+            status_name(status)
+        ))),
     }
 }
 
