@@ -2,7 +2,8 @@
 
 Matches diffusers' `WanPipeline` / `WanImageToVideoPipeline` on the same weights and seed: UMT5
 embeddings of the cleaned prompt (trimmed to its length and zero-padded), noise per request from a
-CPU generator, UniPC in flow mode with the request's `flow_shift`, classifier-free guidance when
+CPU generator, UniPC in flow mode or flow-match Euler (whichever the folder's scheduler config names)
+with the request's `flow_shift`, classifier-free guidance when
 `guidance_scale > 1`, the A14B expert switch at `boundary_ratio`, per-token timesteps for TI2V-5B.
 Image conditioning: the first frame encoded by the VAE (concatenated with a frame mask for Wan2.1 I2V
 and A14B I2V; pasted over the first latent frame for TI2V-5B) and CLIP image tokens for Wan2.1 I2V.
@@ -28,6 +29,8 @@ from ..errors import invalid_request
 from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
 from ..schedulers import UniPCFlowScheduler
+from ..schedulers.flow_match_euler import FlowMatchEulerScheduler, FlowMatchEulerState
+from ..schedulers.unipc_flow import UniPCFlowState
 from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
 from .common import draw_noise, per_row, shared_value
 
@@ -37,6 +40,40 @@ TEXT_MAX_LENGTH = 512
 MAX_FRAMES = 241
 #: Largest frame (1080p-class).
 MAX_PIXELS = 1920 * 1088
+#: Scheduler classes a Wan folder may name, with the sampler that reproduces each.
+SCHEDULERS: dict[str, type[UniPCFlowScheduler | FlowMatchEulerScheduler]] = {
+    "UniPCMultistepScheduler": UniPCFlowScheduler,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchEulerScheduler,
+}
+
+
+def build_scheduler(config: dict[str, Any], where: Path) -> UniPCFlowScheduler | FlowMatchEulerScheduler:
+    """The sampler for a ``scheduler_config.json`` (UniPC when it names no class, as before)."""
+    name = config.get("_class_name", "UniPCMultistepScheduler")
+    if name not in SCHEDULERS:
+        raise ValueError(f"{where}: Wan with {name} is not supported (supported: {', '.join(SCHEDULERS)})")
+    scheduler = SCHEDULERS[name].from_config(config)
+    if isinstance(scheduler, FlowMatchEulerScheduler) and scheduler.config.use_dynamic_shifting:
+        # WanPipeline passes no mu to set_timesteps, which the reference rejects for dynamic shifting.
+        raise ValueError(f"{where}: Wan with FlowMatchEulerDiscreteScheduler needs use_dynamic_shifting=false")
+    return scheduler
+
+
+def default_flow_shift(scheduler: UniPCFlowScheduler | FlowMatchEulerScheduler) -> float:
+    """The config's own shift: ``flow_shift`` for UniPC, ``shift`` for flow-match Euler."""
+    if isinstance(scheduler, FlowMatchEulerScheduler):
+        return scheduler.config.shift
+    return scheduler.config.flow_shift
+
+
+def plan_schedule(
+    scheduler: UniPCFlowScheduler | FlowMatchEulerScheduler, num_inference_steps: int, flow_shift: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(timesteps, sigmas)`` as WanPipeline's ``set_timesteps(N)``, with ``flow_shift`` overriding the config's
+    shift (a reference scheduler built with it). UniPC timesteps are int64, Euler's float32."""
+    if isinstance(scheduler, FlowMatchEulerScheduler):
+        return scheduler.plan_default(num_inference_steps, shift=flow_shift)
+    return scheduler.plan(num_inference_steps, flow_shift=flow_shift)
 
 
 def clean_prompt(text: str) -> str:
@@ -58,7 +95,7 @@ class WanComponents:
     #: Wan2.2 TI2V-5B feeds one timestep per video token.
     expand_timesteps: bool
     vae: AutoencoderKLWan
-    scheduler: UniPCFlowScheduler
+    scheduler: UniPCFlowScheduler | FlowMatchEulerScheduler
     scale_spatial: int
     scale_temporal: int
     #: Wan2.1 I2V: CLIP vision tower whose penultimate hidden states condition the DiT.
@@ -105,12 +142,7 @@ class WanPipeline(StagedPipeline):
         defaults: SamplingDefaults | None,
     ) -> WanPipeline:
         index = json.loads((model_dir / "model_index.json").read_text())
-        scheduler_config = read_config(model_dir / "scheduler")
-        if scheduler_config.get("_class_name", "UniPCMultistepScheduler") != "UniPCMultistepScheduler":
-            raise ValueError(
-                f"{model_dir}: Wan with {scheduler_config['_class_name']} is not supported yet "
-                "(supported: UniPCMultistepScheduler, what the Wan checkpoints ship)"
-            )
+        scheduler = build_scheduler(read_config(model_dir / "scheduler"), model_dir)
 
         def build_transformer(config: dict) -> WanTransformer3DModel:
             return WanTransformer3DModel.from_config(config, attention_backend=attention_backend)
@@ -132,7 +164,7 @@ class WanPipeline(StagedPipeline):
             boundary_ratio=index.get("boundary_ratio"),
             expand_timesteps=bool(index.get("expand_timesteps", False)),
             vae=vae,
-            scheduler=UniPCFlowScheduler.from_config(scheduler_config),
+            scheduler=scheduler,
             scale_spatial=vae.config.scale_factor_spatial,
             scale_temporal=vae.config.scale_factor_temporal,
             image_encoder=(
@@ -186,7 +218,7 @@ def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
         guidance_scale_2=None,
         max_sequence_length=TEXT_MAX_LENGTH,
         negative_prompt="",
-        flow_shift=components.scheduler.config.flow_shift,
+        flow_shift=default_flow_shift(components.scheduler),
     )
 
 
@@ -356,8 +388,9 @@ class Denoise(WanStage):
     def run(self, state: BatchState) -> None:
         c = self.c
         first = state.requests[0]
-        timesteps, sigmas = c.scheduler.plan(first.num_inference_steps, flow_shift=first.flow_shift)
-        sampler = c.scheduler.start(timesteps, sigmas)
+        timesteps, sigmas = plan_schedule(c.scheduler, first.num_inference_steps, first.flow_shift)
+        sampler: UniPCFlowState | FlowMatchEulerState = c.scheduler.start(timesteps, sigmas)
+        # Both samplers compare the step's timestep (int64 for UniPC, float32 for Euler) with this float.
         boundary = None if c.boundary_ratio is None else c.boundary_ratio * c.scheduler.config.num_train_timesteps
         dtype = c.transformer.patch_embedding.weight.dtype
         total = len(timesteps)

@@ -11,6 +11,11 @@ Parity notes (values must equal diffusers' ``FlowMatchEulerDiscreteScheduler`` b
   before shifting, and numpy keeps Python-float operands "weak", so every op rounds to float32);
 * ``mu`` is computed in Python float64 with the same operation order as the reference;
 * timesteps are ``sigmas * num_train_timesteps`` in float32, and the sigma list gets a trailing 0.
+
+:meth:`FlowMatchEulerScheduler.plan_default` is the other schedule the reference builds: what
+``set_timesteps(N)`` gives without custom sigmas (WanPipeline). Timesteps are spaced between the
+shifted ends of the training schedule and then shifted once more, all in float64 (see there).
+:class:`FlowMatchEulerState` steps a batch along one schedule, with the interface of the UniPC state.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FlowMatchEulerConfig",
     "FlowMatchEulerScheduler",
+    "FlowMatchEulerState",
     "calculate_shift",
     "euler_step",
 ]
@@ -179,6 +185,114 @@ class FlowMatchEulerScheduler:
         timesteps = sig * c.num_train_timesteps
         sig = torch.cat([sig, torch.zeros(1, dtype=torch.float32, device=sig.device)])
         return timesteps, sig
+
+    def training_sigma_range(self, shift: float | None = None) -> tuple[float, float]:
+        """``(sigma_max, sigma_min)`` of the shifted training schedule, as the reference's ``__init__`` leaves them.
+
+        The training sigmas are ``k / num_train_timesteps`` for ``k = T..1`` and are shifted in
+        **float32** (a float32 tensor with a Python-float ``shift``); only the two ends matter.
+        """
+        c = self.config
+        shift = c.shift if shift is None else shift
+        ends = torch.tensor([c.num_train_timesteps, 1], dtype=torch.float32) / c.num_train_timesteps
+        if not c.use_dynamic_shifting:
+            ends = shift * ends / (1 + (shift - 1) * ends)
+        return float(ends[0]), float(ends[1])
+
+    def plan_default(
+        self,
+        num_inference_steps: int,
+        *,
+        shift: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule for one request, equal to the reference's ``set_timesteps(num_inference_steps)`` (no
+        custom sigmas, no ``mu``): what WanPipeline builds.
+
+        Args:
+            num_inference_steps: N (>= 1).
+            shift: per-request override of ``config.shift``; equals a reference scheduler built with
+                ``shift=shift`` (both the training-schedule ends and the second shift use it).
+            device: where to put the returned tensors (default CPU).
+
+        Returns:
+            ``(timesteps, sigmas)``: float32 ``(N,)`` (``sigmas * num_train_timesteps``, fed to the model
+            and compared for the A14B expert switch) and float32 ``(N+1,)`` ending in 0.
+        """
+        c = self.config
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if c.use_dynamic_shifting:
+            # The reference needs ``mu`` here, and pipelines that call set_timesteps(N) pass none.
+            raise ValueError("plan_default needs a static shift (use_dynamic_shifting=False); use plan() with mu")
+        shift = c.shift if shift is None else shift
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        sigma_max, sigma_min = self.training_sigma_range(shift)
+        # Timesteps evenly spaced between the (already shifted) ends, back to sigmas and shifted a second
+        # time, all in float64 with Python-float operands; the only float32 rounding is the final cast.
+        t = np.linspace(sigma_max * c.num_train_timesteps, sigma_min * c.num_train_timesteps, num_inference_steps)
+        s = t / c.num_train_timesteps
+        s = shift * s / (1 + (shift - 1) * s)
+        if c.shift_terminal:
+            one_minus = 1 - s
+            s = 1 - one_minus / (one_minus[-1] / (1 - c.shift_terminal))
+        sig = torch.from_numpy(np.ascontiguousarray(s)).to(dtype=torch.float32, device=device)
+        timesteps = sig * c.num_train_timesteps
+        sig = torch.cat([sig, torch.zeros(1, dtype=torch.float32, device=sig.device)])
+        return timesteps, sig
+
+    def start(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> FlowMatchEulerState:
+        """A stepping state for a batch following one schedule from :meth:`plan` or :meth:`plan_default`."""
+        return FlowMatchEulerState(timesteps, sigmas)
+
+
+class FlowMatchEulerState:
+    """Steps a batch ``(B, C, ...)`` whose rows all follow one schedule: ``x = state.step(v, x)`` per timestep.
+
+    The same interface as the UniPC state, for pipelines that take either sampler. Euler keeps no history,
+    so :meth:`select` only has to accept the call. Like the reference, the returned sample has the model
+    output's dtype (float32 latents become bf16 after a step with a bf16 model).
+    """
+
+    def __init__(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
+        if timesteps.ndim != 1 or sigmas.ndim != 1 or sigmas.shape[0] != timesteps.shape[0] + 1:
+            raise ValueError(
+                f"need timesteps (N,) and sigmas (N+1,); got {tuple(timesteps.shape)}, {tuple(sigmas.shape)}"
+            )
+        self.timesteps = timesteps
+        self.sigmas = sigmas.to(torch.float32)
+        self.num_steps = int(timesteps.shape[0])
+        self.step_index = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        """The (float32, 0-d) timestep of the step about to run."""
+        if self.done:
+            raise IndexError("all steps have been taken")
+        return self.timesteps[self.step_index]
+
+    @property
+    def sigma(self) -> float:
+        """The noise level of the sample about to be denoised."""
+        return float(self.sigmas[self.step_index])
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """One Euler step from ``sigmas[i]`` to ``sigmas[i+1]``; returns the next sample."""
+        i = self.step_index
+        if i >= self.num_steps:
+            raise IndexError(f"all {self.num_steps} steps have been taken")
+        prev = euler_step(sample, model_output, self.sigmas[i], self.sigmas[i + 1])
+        self.step_index = i + 1
+        return prev
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Keep only ``rows`` of the batch: nothing is stored per row, so there is nothing to cut."""
+        del rows
 
 
 def _as_sigma(value: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor:
