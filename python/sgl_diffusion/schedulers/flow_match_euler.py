@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config_dict import config_from_dict
+from .stepping import ScheduleCursor
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class FlowMatchEulerScheduler:
         return FlowMatchEulerState(timesteps, sigmas)
 
 
-class FlowMatchEulerState:
+class FlowMatchEulerState(ScheduleCursor):
     """Steps a batch ``(B, C, ...)`` whose rows all follow one schedule: ``x = state.step(v, x)`` per timestep.
 
     The same interface as the UniPC state, for pipelines that take either sampler. Euler keeps no history,
@@ -256,38 +257,13 @@ class FlowMatchEulerState:
     """
 
     def __init__(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
-        if timesteps.ndim != 1 or sigmas.ndim != 1 or sigmas.shape[0] != timesteps.shape[0] + 1:
-            raise ValueError(
-                f"need timesteps (N,) and sigmas (N+1,); got {tuple(timesteps.shape)}, {tuple(sigmas.shape)}"
-            )
-        self.timesteps = timesteps
-        self.sigmas = sigmas.to(torch.float32)
-        self.num_steps = int(timesteps.shape[0])
-        self.step_index = 0
-
-    @property
-    def done(self) -> bool:
-        return self.step_index >= self.num_steps
-
-    @property
-    def timestep(self) -> torch.Tensor:
-        """The (float32, 0-d) timestep of the step about to run."""
-        if self.done:
-            raise IndexError("all steps have been taken")
-        return self.timesteps[self.step_index]
-
-    @property
-    def sigma(self) -> float:
-        """The noise level of the sample about to be denoised."""
-        return float(self.sigmas[self.step_index])
+        super().__init__(timesteps, sigmas.to(torch.float32))
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """One Euler step from ``sigmas[i]`` to ``sigmas[i+1]``; returns the next sample."""
-        i = self.step_index
-        if i >= self.num_steps:
-            raise IndexError(f"all {self.num_steps} steps have been taken")
+        i = self._begin_step()
         prev = euler_step(sample, model_output, self.sigmas[i], self.sigmas[i + 1])
-        self.step_index = i + 1
+        self._end_step()
         return prev
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..config_dict import config_from_dict
+from .stepping import ScheduleCursor
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +385,7 @@ def unipc_corrector_update(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class UniPCFlowState:
+class UniPCFlowState(ScheduleCursor):
     """Stepping state of one schedule, for a batch ``(B, C, ...)`` whose rows all follow that schedule.
 
     ``latents = state.step(model_output, latents)`` once per timestep, in order. The state keeps references
@@ -392,47 +393,21 @@ class UniPCFlowState:
     """
 
     def __init__(self, config: UniPCFlowConfig, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
-        if timesteps.ndim != 1 or sigmas.ndim != 1 or sigmas.shape[0] != timesteps.shape[0] + 1:
-            raise ValueError(
-                f"need timesteps (N,) and sigmas (N+1,) from plan(); got {tuple(timesteps.shape)}, "
-                f"{tuple(sigmas.shape)}"
-            )
-        self.config = config
-        self.timesteps = timesteps
         # The reference keeps sigmas on the CPU and reads its conversion sigma from there (a CPU scalar):
         # keep it that way so CUDA rounding is the same too. One device-to-host copy per request.
-        self.sigmas = sigmas.detach().to(device="cpu", dtype=torch.float32)
-        self.num_steps = int(timesteps.shape[0])
-        self.step_index = 0
+        super().__init__(timesteps, sigmas.detach().to(device="cpu", dtype=torch.float32))
+        self.config = config
         self._x0_history: list[torch.Tensor] = []
         self._last_sample: torch.Tensor | None = None
         self._lower_order_nums = 0
         self._this_order = 0
 
-    @property
-    def done(self) -> bool:
-        return self.step_index >= self.num_steps
-
-    @property
-    def timestep(self) -> torch.Tensor:
-        """The (int64, 0-d) timestep of the step about to run: feed it to the model, compare it for A14B."""
-        if self.done:
-            raise IndexError("all steps have been taken")
-        return self.timesteps[self.step_index]
-
-    @property
-    def sigma(self) -> float:
-        """The noise level of the sample about to be denoised."""
-        return float(self.sigmas[self.step_index])
-
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """One UniPC step (corrector on ``sample``, then predictor); returns the sample for the next step."""
         c = self.config
-        i = self.step_index
-        if i >= self.num_steps:
-            raise IndexError(f"all {self.num_steps} steps have been taken")
         if sample.ndim < 2:
             raise ValueError(f"sample must be batched (B, C, ...), got shape {tuple(sample.shape)}")
+        i = self._begin_step()
 
         x0 = unipc_convert_model_output(model_output, sample, self.sigmas[i], c.prediction_type)
         # The corrector refines the sample the previous predictor produced, now that the model has been
@@ -451,7 +426,7 @@ class UniPCFlowState:
         self._last_sample = sample
         prev = unipc_predictor_update(sample, self._x0_history, self.sigmas, i, order, c.solver_type)
         self._lower_order_nums = min(self._lower_order_nums + 1, c.solver_order)
-        self.step_index = i + 1
+        self._end_step()
         return prev
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> None:
