@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,16 @@ from torch import nn
 
 from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
+from ...layers.fused import gated_residual, norm_modulate, qk_norm_rope
+from ...layers.linear import (
+    ProjectionFusion,
+    fuse_model_projections,
+    linear_gelu_tanh,
+    linear_split_accumulate,
+    unfuse_model_projections,
+)
 from ...layers.norms import LayerNormNoAffine, RMSNorm
-from ...layers.rotary import apply_interleaved_rotary, multi_axis_rope_tables
+from ...layers.rotary import multi_axis_rope_tables
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +159,25 @@ class _AdaLNModulation(nn.Module):
         return self.linear(F.silu(temb)).chunk(self.n_chunks, dim=1)
 
 
-def _modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift`` with per-sample ``(B, D)`` scale/shift broadcast over tokens."""
-    return x_normed * (1 + scale[:, None]) + shift[:, None]
+def _norm_modulate(norm: LayerNormNoAffine, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` with per-sample ``(B, D)`` scale/shift broadcast over tokens.
+
+    The torch path evaluates it in the activation dtype, op by op, as the reference does; the fused
+    CUDA kernel (:mod:`sgl_diffusion.layers.fused`) computes in float32 and rounds once.
+    """
+    return norm_modulate(x, shift[:, None], scale[:, None], norm="layer", eps=norm.eps, precision="input")
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y`` with a per-sample ``(B, D)`` gate (activation dtype; float32 when fused)."""
+    return gated_residual(x, y, gate[:, None], precision="input")
 
 
 class _FeedForward(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, keyed ``net.0.proj`` and ``net.2`` like the checkpoint."""
+    """Linear -> GELU(tanh) -> Linear, keyed ``net.0.proj`` and ``net.2`` like the checkpoint.
+
+    On CUDA the GELU runs in the first GEMM's epilogue (:func:`~sgl_diffusion.layers.linear.linear_gelu_tanh`).
+    """
 
     class _ProjGelu(nn.Module):
         def __init__(self, dim_in: int, dim_out: int) -> None:
@@ -165,7 +185,7 @@ class _FeedForward(nn.Module):
             self.proj = nn.Linear(dim_in, dim_out)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.gelu(self.proj(x), approximate="tanh")
+            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
@@ -185,13 +205,22 @@ class _FeedForward(nn.Module):
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
-class _FluxAttention(nn.Module):
+class _FluxAttention(ProjectionFusion):
     """QK-normed multi-head attention; with ``joint=True`` also holds the text-stream projections.
 
     Keys: ``to_q/to_k/to_v``, ``norm_q/norm_k``, and for joint attention ``add_{q,k,v}_proj``,
     ``norm_added_{q,k}``, ``to_out.0`` and ``to_add_out``. Single-stream blocks have no output
     projection here (their ``proj_out`` fuses attention and MLP).
+
+    The q/k/v projections of a stream read the same input: after :meth:`fuse_projections` they run as
+    one GEMM (group ``qkv`` for the image / joint stream, ``add_qkv`` for the text stream).
     """
+
+    _SINGLE_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {"qkv": ("to_q", "to_k", "to_v")}
+    _JOINT_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        **_SINGLE_GROUPS,
+        "add_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    }
 
     def __init__(self, dim: int, heads: int, head_dim: int, joint: bool, eps: float = 1e-6) -> None:
         super().__init__()
@@ -214,44 +243,58 @@ class _FluxAttention(nn.Module):
             self.add_v_proj = nn.Linear(dim, inner)
             self.to_add_out = nn.Linear(inner, dim)
 
-    def _qkv(
-        self,
-        x: torch.Tensor,
-        q_proj: nn.Linear,
-        k_proj: nn.Linear,
-        v_proj: nn.Linear,
-        q_norm: RMSNorm,
-        k_norm: RMSNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = q_norm(q_proj(x).unflatten(-1, (-1, self.head_dim)))
-        k = k_norm(k_proj(x).unflatten(-1, (-1, self.head_dim)))
-        v = v_proj(x).unflatten(-1, (-1, self.head_dim))
-        return q, k, v
+    def projection_groups(self) -> dict[str, tuple[str, ...]]:
+        return self._JOINT_GROUPS if self.joint else self._SINGLE_GROUPS
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, self.head_dim))
+
+    def _norm_rope(
+        self, x: torch.Tensor, norm: RMSNorm, rope: RopeTables, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-head RMS ``norm`` of a q/k projection, then RoPE (one fused kernel on CUDA)."""
+        return qk_norm_rope(self._heads(x), norm.weight, *rope, eps=norm.eps, norm_over="head", out=out)
 
     def forward_single(self, x: torch.Tensor, rope: RopeTables, backend: str) -> torch.Tensor:
         """Self-attention over the already-concatenated ``[text, image]`` sequence -> ``(B, S, D)``."""
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        q = apply_interleaved_rotary(q, *rope)
-        k = apply_interleaved_rotary(k, *rope)
-        return attention(q, k, v, backend=backend)
+        q, k, v = self.project(x, "qkv")
+        q = self._norm_rope(q, self.norm_q, rope)
+        k = self._norm_rope(k, self.norm_k, rope)
+        return attention(q, k, self._heads(v), backend=backend)
+
+    def _joint_norm_rope(
+        self,
+        img_x: torch.Tensor,
+        txt_x: torch.Tensor,
+        img_norm: RMSNorm,
+        txt_norm: RMSNorm,
+        rope: RopeTables,
+    ) -> torch.Tensor:
+        """``rope(cat(txt_norm(txt), img_norm(img)))`` for q or k, built in place in one buffer.
+
+        RoPE acts on each token independently, so rotating each stream with its rows of the
+        ``[text, image]`` tables equals rotating the concatenation; writing both straight into their
+        slices of the joint tensor saves the concatenation's copy.
+        """
+        n_txt = txt_x.shape[1]
+        batch, n_img, inner = img_x.shape
+        joint = img_x.new_empty(batch, n_txt + n_img, inner // self.head_dim, self.head_dim)
+        cos, sin = rope
+        self._norm_rope(txt_x, txt_norm, (cos[:n_txt], sin[:n_txt]), out=joint[:, :n_txt])
+        self._norm_rope(img_x, img_norm, (cos[n_txt:], sin[n_txt:]), out=joint[:, n_txt:])
+        return joint
 
     def forward_joint(
         self, img: torch.Tensor, txt: torch.Tensor, rope: RopeTables, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both streams attend over ``[text, image]`` jointly; returns projected (img_out, txt_out)."""
-        q, k, v = self._qkv(img, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        tq, tk, tv = self._qkv(
-            txt,
-            self.add_q_proj,
-            self.add_k_proj,
-            self.add_v_proj,
-            self.norm_added_q,
-            self.norm_added_k,
-        )
-        # Text first: RoPE tables are built for ids ordered [txt_ids, img_ids].
-        q = apply_interleaved_rotary(torch.cat((tq, q), dim=1), *rope)
-        k = apply_interleaved_rotary(torch.cat((tk, k), dim=1), *rope)
-        v = torch.cat((tv, v), dim=1)
+        # Text first: RoPE tables are built for ids ordered [txt_ids, img_ids]. Each stream has its own
+        # q/k norm weights.
+        img_q, img_k, img_v = self.project(img, "qkv")
+        txt_q, txt_k, txt_v = self.project(txt, "add_qkv")
+        q = self._joint_norm_rope(img_q, txt_q, self.norm_q, self.norm_added_q, rope)
+        k = self._joint_norm_rope(img_k, txt_k, self.norm_k, self.norm_added_k, rope)
+        v = torch.cat((self._heads(txt_v), self._heads(img_v)), dim=1)
         out = attention(q, k, v, backend=backend)
         n_txt = txt.shape[1]
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
@@ -292,22 +335,27 @@ class FluxTransformerBlock(nn.Module):
         c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = self.norm1_context(temb)
 
         img_attn, txt_attn = self.attn.forward_joint(
-            _modulate(self.norm(img), shift_a, scale_a),
-            _modulate(self.norm(txt), c_shift_a, c_scale_a),
+            _norm_modulate(self.norm, img, shift_a, scale_a),
+            _norm_modulate(self.norm, txt, c_shift_a, c_scale_a),
             rope,
             backend,
         )
 
-        img = img + gate_a[:, None] * img_attn
-        img = img + gate_m[:, None] * self.ff(_modulate(self.norm(img), shift_m, scale_m))
+        img = _gated_residual(img, img_attn, gate_a)
+        img = _gated_residual(img, self.ff(_norm_modulate(self.norm, img, shift_m, scale_m)), gate_m)
 
-        txt = txt + c_gate_a[:, None] * txt_attn
-        txt = txt + c_gate_m[:, None] * self.ff_context(_modulate(self.norm(txt), c_shift_m, c_scale_m))
+        txt = _gated_residual(txt, txt_attn, c_gate_a)
+        txt = _gated_residual(txt, self.ff_context(_norm_modulate(self.norm, txt, c_shift_m, c_scale_m)), c_gate_m)
         return img, _clip_fp16(txt)
 
 
 class FluxSingleTransformerBlock(nn.Module):
-    """Single-stream block over ``[text, image]``: attention and MLP in parallel, one fused output."""
+    """Single-stream block over ``[text, image]``: attention and MLP in parallel, one fused output.
+
+    On CUDA the MLP's GELU runs in its GEMM's epilogue, and ``proj_out(cat(attn, mlp))`` runs as two
+    GEMMs against column slices of ``proj_out.weight`` accumulating into one output, so the
+    ``(tokens, dim + mlp_dim)`` concatenation is never materialised (:mod:`sgl_diffusion.layers.linear`).
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -320,10 +368,11 @@ class FluxSingleTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, rope: RopeTables, backend: str) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
-        h = _modulate(self.layer_norm(x), shift, scale)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        h = _norm_modulate(self.layer_norm, x, shift, scale)
+        mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)
         attn = self.attn.forward_single(h, rope, backend)
-        x = x + gate[:, None] * self.proj_out(torch.cat((attn, mlp), dim=2))
+        out = linear_split_accumulate((attn, mlp), self.proj_out.weight, self.proj_out.bias)
+        x = _gated_residual(x, out, gate)
         return _clip_fp16(x)
 
 
@@ -466,8 +515,20 @@ class FluxTransformer2DModel(nn.Module):
 
         # The final modulation is cast to the activation dtype first (temb may be float32 upstream).
         scale, shift = self.norm_out.linear(F.silu(temb).to(img.dtype)).chunk(2, dim=1)
-        img = _modulate(self.final_norm(img), shift, scale)
+        img = _norm_modulate(self.final_norm, img, shift, scale)
         return self.proj_out(img)
+
+    def fuse_projections(self) -> int:
+        """Pack each attention's q/k/v projections into one GEMM (call after the weights are loaded).
+
+        State-dict keys and values are unchanged (the Linears keep views of the packed weights). Returns
+        the number of packed groups (two per dual-stream block, one per single-stream block).
+        """
+        return fuse_model_projections(self)
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections`."""
+        unfuse_model_projections(self)
 
     def extra_repr(self) -> str:
         return f"attention_backend={self.attention_backend!r}"

@@ -31,8 +31,10 @@ from torch import nn
 
 from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
+from ...layers.fused import gated_residual, norm_modulate, qk_norm_rope
+from ...layers.linear import ProjectionFusion, fuse_model_projections, linear_gelu_tanh, unfuse_model_projections
 from ...layers.norms import RMSNorm
-from ...layers.rotary import apply_interleaved_rotary, rope_tables_1d
+from ...layers.rotary import rope_tables_1d
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +151,9 @@ class _FeedForward(nn.Module):
             self.approximate = approximate
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.approximate == "tanh":
+                # On CUDA: the GELU in the GEMM's epilogue (sgl_diffusion.layers.linear).
+                return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
             return F.gelu(self.proj(x), approximate=self.approximate)
 
     def __init__(self, dim: int, inner_dim: int, dim_out: int, approximate: str) -> None:
@@ -226,17 +231,38 @@ RopeTables = tuple[torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------------------------------
 
 
-class _WanAttention(nn.Module):
+class _WanAttention(ProjectionFusion):
     """Multi-head attention with RMS q/k norms over the full inner dim (across heads).
 
     Keys: ``to_q/to_k/to_v``, ``to_out.0``, ``norm_q/norm_k``; with ``added_kv_proj_dim`` (Wan2.1 I2V
     cross-attention) also ``add_k_proj/add_v_proj`` and ``norm_added_k`` for the image tokens.
+
+    Projections that read the same input run as one GEMM after :meth:`fuse_projections`: q/k/v of the
+    self-attention (group ``qkv``); k/v of the text and k/v of the image tokens in the cross-attention
+    (``kv``, ``add_kv``; its q reads the video tokens).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, added_kv_proj_dim: int | None = None) -> None:
+    _SELF_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {"qkv": ("to_q", "to_k", "to_v")}
+    _CROSS_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {"kv": ("to_k", "to_v")}
+    _CROSS_IMAGE_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        **_CROSS_GROUPS,
+        "add_kv": ("add_k_proj", "add_v_proj"),
+    }
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        eps: float,
+        added_kv_proj_dim: int | None = None,
+        *,
+        cross: bool = False,
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.head_dim = head_dim
+        self.cross = cross
         inner = heads * head_dim
         self.to_q = nn.Linear(dim, inner)
         self.to_k = nn.Linear(dim, inner)
@@ -251,15 +277,25 @@ class _WanAttention(nn.Module):
             self.add_v_proj = nn.Linear(added_kv_proj_dim, inner)
             self.norm_added_k = RMSNorm(inner, eps)
 
+    def projection_groups(self) -> dict[str, tuple[str, ...]]:
+        if not self.cross:
+            return self._SELF_GROUPS
+        return self._CROSS_IMAGE_GROUPS if self.has_image_kv else self._CROSS_GROUPS
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim))
 
+    def _normed_heads(self, x: torch.Tensor, norm: RMSNorm, rope: RopeTables | None = None) -> torch.Tensor:
+        """``norm`` over all inner channels (across heads) of a projection, split into heads, then RoPE."""
+        cos, sin = rope if rope is not None else (None, None)
+        return qk_norm_rope(self._heads(x), norm.weight, cos, sin, eps=norm.eps, norm_over="all")
+
     def forward_self(self, x: torch.Tensor, rope: RopeTables, backend: str) -> torch.Tensor:
         """Self-attention over the video tokens with 3D RoPE on q and k -> ``(B, S, D)``."""
-        q = apply_interleaved_rotary(self._heads(self.norm_q(self.to_q(x))), *rope)
-        k = apply_interleaved_rotary(self._heads(self.norm_k(self.to_k(x))), *rope)
-        v = self._heads(self.to_v(x))
-        return self.to_out[0](attention(q, k, v, backend=backend))
+        q, k, v = self.project(x, "qkv")
+        q = self._normed_heads(q, self.norm_q, rope)
+        k = self._normed_heads(k, self.norm_k, rope)
+        return self.to_out[0](attention(q, k, self._heads(v), backend=backend))
 
     def forward_cross(
         self,
@@ -273,15 +309,14 @@ class _WanAttention(nn.Module):
         The two attentions share the query and are summed before the output projection (two softmaxes,
         not one over the concatenation), as the checkpoint was trained.
         """
-        q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(text)))
-        v = self._heads(self.to_v(text))
-        out = attention(q, k, v, backend=backend)
+        q = self._normed_heads(self.to_q(x), self.norm_q)
+        k, v = self.project(text, "kv")
+        out = attention(q, self._normed_heads(k, self.norm_k), self._heads(v), backend=backend)
         # An empty image context (I2V model called without image tokens) contributes exactly zero.
         if image is not None and image.shape[1] > 0:
-            k_img = self._heads(self.norm_added_k(self.add_k_proj(image)))
-            v_img = self._heads(self.add_v_proj(image))
-            out = out + attention(q, k_img, v_img, backend=backend)
+            k_img, v_img = self.project(image, "add_kv")
+            k_img = self._normed_heads(k_img, self.norm_added_k)
+            out = out + attention(q, k_img, self._heads(v_img), backend=backend)
         return self.to_out[0](out)
 
 
@@ -350,9 +385,12 @@ class _WanConditionEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift``; shift/scale are ``(B, 1, D)`` (per sample) or ``(B, S, D)`` (per token)."""
-    return x_normed * (1 + scale) + shift
+def _norm_modulate(norm: _FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in float32, rounded once to ``x.dtype`` (fused on CUDA).
+
+    shift/scale are float32 ``(B, 1, D)`` (per sample) or ``(B, S, D)`` (per token) views.
+    """
+    return norm_modulate(x, shift, scale, norm="layer", eps=norm.eps, weight=norm.weight, bias=norm.bias)
 
 
 class WanTransformerBlock(nn.Module):
@@ -360,7 +398,9 @@ class WanTransformerBlock(nn.Module):
 
     The residual adds of the modulated branches and all modulations run in float32, then cast back to
     the activation dtype; the cross-attention residual is added in the activation dtype. This mirrors
-    the reference exactly so bf16 results round the same way.
+    the reference exactly so bf16 results round the same way. On CUDA the norm + modulation and the
+    gated residual adds are fused kernels (:mod:`sgl_diffusion.layers.fused`) with the same float32
+    arithmetic, rounded once.
     """
 
     def __init__(self, config: WanTransformerConfig) -> None:
@@ -369,7 +409,7 @@ class WanTransformerBlock(nn.Module):
         head_dim, eps = config.attention_head_dim, config.eps
         self.norm1 = _FP32LayerNorm(dim, eps, affine=False)
         self.attn1 = _WanAttention(dim, heads, head_dim, eps)
-        self.attn2 = _WanAttention(dim, heads, head_dim, eps, added_kv_proj_dim=config.added_kv_proj_dim)
+        self.attn2 = _WanAttention(dim, heads, head_dim, eps, added_kv_proj_dim=config.added_kv_proj_dim, cross=True)
         self.norm2 = _FP32LayerNorm(dim, eps, affine=True) if config.cross_attn_norm else nn.Identity()
         self.ffn = _FeedForward(dim, config.ffn_dim, dim, approximate="tanh")
         self.norm3 = _FP32LayerNorm(dim, eps, affine=False)
@@ -388,14 +428,14 @@ class WanTransformerBlock(nn.Module):
         mods = (self.scale_shift_table[None] + time_proj.float()).unbind(2)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
 
-        h = _modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
-        x = (x.float() + self.attn1.forward_self(h, rope, backend) * gate_sa).type_as(x)
+        h = _norm_modulate(self.norm1, x, shift_sa, scale_sa)
+        x = gated_residual(x, self.attn1.forward_self(h, rope, backend), gate_sa)
 
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2.forward_cross(h, text, image, backend)
 
-        h = _modulate(self.norm3(x.float()), shift_ff, scale_ff).type_as(x)
-        return (x.float() + self.ffn(h).float() * gate_ff).type_as(x)
+        h = _norm_modulate(self.norm3, x, shift_ff, scale_ff)
+        return gated_residual(x, self.ffn(h), gate_ff)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,13 +636,26 @@ class WanTransformer3DModel(nn.Module):
 
         # Output adaLN uses temb itself (not time_proj): (1, 1, 2, D) + (B, 1|S, 1, D), order (shift, scale).
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None]).unbind(2)
-        x = _modulate(self.norm_out(x.float()), shift, scale).type_as(x)
+        x = _norm_modulate(self.norm_out, x, shift, scale)
         x = self.proj_out(x)
 
         # Unpatchify: (B, S, pt*ph*pw*C) -> (B, C, F, H, W).
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def fuse_projections(self) -> int:
+        """Pack projections that read the same input into one GEMM (call after the weights are loaded).
+
+        Per block: self-attention q/k/v, cross-attention text k/v (and I2V image k/v). State-dict keys
+        and values are unchanged (the Linears keep views of the packed weights). Returns the number of
+        packed groups.
+        """
+        return fuse_model_projections(self)
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections`."""
+        unfuse_model_projections(self)
 
     def extra_repr(self) -> str:
         return f"attention_backend={self.attention_backend!r}"
