@@ -167,12 +167,12 @@ def test_attention_backend_resolver() -> None:
     assert resolve_attention_backend(None) == "torch_sdpa"
     assert resolve_attention_backend("torch_sdpa") == "torch_sdpa"
     assert "torch_sdpa" in available_attention_backends()
-    with pytest.raises(ValueError, match=r"'fa' is not available yet; available: torch_sdpa"):
-        resolve_attention_backend("fa")
+    with pytest.raises(ValueError, match=r"'vsa' is not available yet; available: torch_sdpa"):
+        resolve_attention_backend("vsa")
     with pytest.raises(ValueError, match=r"unknown attention backend 'nope'; available: torch_sdpa"):
         resolve_attention_backend("nope")
     with pytest.raises(ValueError, match="not available yet"):
-        FluxTransformer2DModel.from_config(TINY_CONFIG, attention_backend="fa")
+        FluxTransformer2DModel.from_config(TINY_CONFIG, attention_backend="vsa")
 
 
 def test_attention_layout() -> None:

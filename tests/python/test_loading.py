@@ -88,8 +88,8 @@ def test_unsupported_pipelines_and_backends_fail_clearly(flux_dir: Path, tmp_pat
     (other / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(_native.ModelLoadError, match="SomeOtherPipeline.*supported: FluxPipeline"):
         DiffGenerator.from_pretrained(other, device="cpu")
-    with pytest.raises(_native.ModelLoadError, match="'fa' is not available yet"):
-        DiffGenerator.from_pretrained(flux_dir, device="cpu", attention_backend="fa")
+    with pytest.raises(_native.ModelLoadError, match="'vsa' is not available yet"):
+        DiffGenerator.from_pretrained(flux_dir, device="cpu", attention_backend="vsa")
     with pytest.raises(ValueError, match="available: torch_sdpa"):
         resolve_attention_backend("nonsense")
     with pytest.raises(_native.ModelLoadError, match="dit_precision must be one of"):

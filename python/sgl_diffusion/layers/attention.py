@@ -8,17 +8,35 @@ flash-attention style kernels take without a transpose):
 * output: ``(batch, seq_q, heads * head_dim)``, in ``q``'s dtype, ready for the output projection.
 
 Backends are looked up by name so that a request/server flag (``--attention-backend``) can pick one
-without the model code knowing which kernels were built. Only ``torch_sdpa`` exists today; the other
-well-known names are reserved so that asking for them gives a clear "not available yet" error instead
-of a silent fallback (a silent fallback would make benchmark numbers lie).
+without the model code knowing which kernels were built:
+
+* ``torch_sdpa`` (default, exact): ``F.scaled_dot_product_attention``; on Hopper it prefers cuDNN's
+  fused attention (see :data:`SDPA_KERNEL_PREFERENCES`).
+* ``fa`` (exact): FlashAttention, via FlashAttention-3's ``flash_attn_interface.flash_attn_func`` when
+  that imports, else FlashAttention-2's ``flash_attn.flash_attn_func``. fp16/bf16 CUDA tensors only.
+* ``sage_attn`` (lossy, int8 QK): SageAttention's ``sageattention.sageattn``. fp16/bf16 CUDA only.
+* ``auto``: not a kernel; :func:`resolve_attention_backend` turns it into one of the exact backends
+  above from the device and dtype (rule in :func:`resolve_attention_backend`).
+
+``fa`` and ``sage_attn`` come from optional packages and are checked lazily, when a name is resolved
+(not only when this module is imported), so a package installed after start-up, or a stand-in module
+placed in ``sys.modules`` by a test, is picked up. Asking for one whose package is missing fails with
+an error naming the package and how to install it. The remaining reserved names (``sliding_tile``,
+``vsa``) fail with "not available yet". Nothing falls back silently to another kernel: a silent
+fallback would make benchmark numbers lie.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import logging
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +52,8 @@ __all__ = [
     "set_sdpa_kernel_preference",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 class AttentionBackend(str, Enum):
     """Every backend name the engine knows about, built or not.
@@ -43,10 +63,11 @@ class AttentionBackend(str, Enum):
     """
 
     TORCH_SDPA = "torch_sdpa"
-    # Reserved: planned kernels. Listed so the resolver can say "not available yet" for them.
+    AUTO = "auto"
+    # Optional packages: usable when they import (see the module docstring).
     FLASH_ATTN = "fa"
-    FLASH_ATTN3 = "fa3"
-    SAGE_ATTN = "sage"
+    SAGE_ATTN = "sage_attn"
+    # Reserved: planned kernels. Listed so the resolver can say "not available yet" for them.
     SLIDING_TILE = "sliding_tile"
     VIDEO_SPARSE = "vsa"
 
@@ -55,6 +76,19 @@ DEFAULT_ATTENTION_BACKEND = AttentionBackend.TORCH_SDPA.value
 
 # (q, k, v, attn_mask) with q/k/v in (batch, seq, heads, head_dim) -> (batch, seq_q, heads*head_dim)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+# Names people plausibly type for a backend under another name; used only to improve the error.
+_NAME_HINTS = {
+    "fa2": "fa",
+    "fa3": "fa",
+    "flash": "fa",
+    "flash_attn": "fa",
+    "flash_attention": "fa",
+    "sage": "sage_attn",
+    "sageattn": "sage_attn",
+    "sageattention": "sage_attn",
+    "sdpa": "torch_sdpa",
+}
 
 
 def _expand_key_padding_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -90,6 +124,10 @@ def _is_hopper_or_newer(device: torch.device) -> bool:
 
 
 def _sdpa_kernels(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    # Under torch.compile the context manager would break the graph; torch >= 2.5 already ranks cuDNN
+    # attention first on Hopper for these shapes (measured: same kernel either way).
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     if _sdpa_preference != "cudnn" or not q.is_cuda or not _is_hopper_or_newer(q.device):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -114,38 +152,306 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
     return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 
+# --------------------------------------------------------------------------------------------------
+# Optional kernel packages (fa, sage_attn), looked up lazily.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KernelSource:
+    module: str
+    attr: str
+    label: str
+
+
+@dataclass(frozen=True)
+class _OptionalBackend:
+    name: str
+    # Tried in order; the first that imports and has a callable ``attr`` wins.
+    sources: tuple[_KernelSource, ...]
+    package: str
+    provides: str
+    install: str
+    fn: AttentionFn
+
+
+@dataclass(frozen=True)
+class _FoundKernel:
+    source: _KernelSource
+    module: ModuleType
+    fn: Callable[..., object]
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Device types the fa/sage_attn wrappers accept. The real kernels are CUDA-only; tests widen this to
+# run stand-in kernels (pure torch) on CPU.
+_KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+# name -> kernel found by the last probe. Kept so the per-call lookup is a dict lookup plus an identity
+# check against ``sys.modules`` instead of an import attempt.
+_kernel_cache: dict[str, _FoundKernel] = {}
+# Why a probe failed for a source that is installed but broken (e.g. built against another torch), so the
+# error can say so instead of "not installed".
+_import_failures: dict[str, str] = {}
+# Backends that already logged their "mask -> SDPA" fallback; logged once per process, not per call.
+_mask_fallback_logged: set[str] = set()
+
+
+def _probe(backend: _OptionalBackend) -> _FoundKernel | None:
+    """Import the backend's package now (first source that works) and refresh the cache."""
+    for source in backend.sources:
+        try:
+            # Also how ``sys.modules[name] = None`` (Python's way to block an import) is honoured.
+            module = importlib.import_module(source.module)
+        except (ImportError, OSError) as exc:
+            # Optional dependency: a missing package just means "try the next source". One that is present
+            # but broken (e.g. built against another torch/CUDA) is remembered for the error message.
+            if not (isinstance(exc, ModuleNotFoundError) and exc.name == source.module):
+                _import_failures[source.module] = f"{source.module} failed to import ({type(exc).__name__}: {exc})"
+            continue
+        _import_failures.pop(source.module, None)
+        fn = getattr(module, source.attr, None)
+        if callable(fn):
+            found = _FoundKernel(source, module, fn)
+            _kernel_cache[backend.name] = found
+            return found
+        _import_failures[source.module] = f"{source.module} has no callable '{source.attr}'"
+    _kernel_cache.pop(backend.name, None)
+    return None
+
+
+def _kernel(backend: _OptionalBackend) -> _FoundKernel:
+    """The kernel to call now; raises the user-facing error when the package is missing."""
+    found = _kernel_cache.get(backend.name)
+    # Revalidate against sys.modules so a module that was removed or replaced is not called stale.
+    if found is not None and sys.modules.get(found.source.module) is found.module:
+        return found
+    found = _probe(backend)
+    if found is None:
+        raise ValueError(_missing_package_message(backend))
+    return found
+
+
+def _missing_package_message(backend: _OptionalBackend) -> str:
+    broken = [why for module, why in _import_failures.items() if module in _source_modules(backend)]
+    state = "is installed but unusable: " + "; ".join(broken) if broken else "is not installed"
+    return (
+        f"attention backend '{backend.name}' needs the {backend.package} package ({backend.provides}), which {state}; "
+        f"install it with {backend.install}; available: {', '.join(available_attention_backends())}"
+    )
+
+
+def _source_modules(backend: _OptionalBackend) -> set[str]:
+    return {s.module for s in backend.sources}
+
+
+def _check_kernel_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    # The kernels' own errors for these cases are either cryptic or (Triton) a compile failure deep in the
+    # stack; say what is wrong and what to use instead.
+    for t in (q, k, v):
+        if t.dtype not in _HALF_DTYPES or t.dtype != q.dtype:
+            raise ValueError(
+                f"attention backend '{name}' takes fp16/bf16 tensors of one dtype, got q {q.dtype}, k {k.dtype}, "
+                f"v {v.dtype}; use --attention-backend torch_sdpa (or auto) for other precisions"
+            )
+        if t.device.type not in _KERNEL_DEVICE_TYPES:
+            raise ValueError(
+                f"attention backend '{name}' runs on CUDA only, got tensors on {t.device}; "
+                "use --attention-backend torch_sdpa (or auto)"
+            )
+
+
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    found = _kernel(_FLASH_ATTN)
+    _check_kernel_inputs(_FLASH_ATTN.name, q, k, v)
+    if attn_mask is not None:
+        # flash_attn_func has no key-padding/bias input. SDPA with the mask is exact, so this call (and only
+        # this one) goes there; logged once so benchmarks can tell that some calls did not run FlashAttention.
+        if _FLASH_ATTN.name not in _mask_fallback_logged:
+            _mask_fallback_logged.add(_FLASH_ATTN.name)
+            logger.warning(
+                "attention backend 'fa': flash_attn_func does not take masks; masked attention calls run on "
+                "torch_sdpa instead (exact). Unmasked calls still use %s.",
+                found.source.label,
+            )
+        return _torch_sdpa(q, k, v, attn_mask)
+    return _package_attention(q, k, v, _FLASH_ATTN.name).flatten(2, 3)
+
+
+def _flash_attn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    found = _kernel(_FLASH_ATTN)
+    _check_kernel_inputs(_FLASH_ATTN.name, q, k, v)
+    # Both FA2 and FA3 take (batch, seq, heads, head_dim) as-is and default to scale 1/sqrt(head_dim).
+    out = found.fn(q, k, v, causal=False)
+    # FA3's flash_attn_func returns (out, softmax_lse) in some releases and out alone in others.
+    if isinstance(out, tuple):
+        out = out[0]
+    return out
+
+
+def _sage_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """SageAttention: LOSSY. It quantizes Q and K to int8 (per block) before QK^T, so outputs differ from
+    exact attention by more than bf16 rounding. Never picked by ``auto``; opt in explicitly."""
+    if attn_mask is not None:
+        # sageattn has no mask input; falling back would silently mix exact and int8 calls.
+        raise ValueError(
+            "attention backend 'sage_attn' does not support attention masks; "
+            "use --attention-backend torch_sdpa (or fa) for models that pass attn_mask"
+        )
+    return _package_attention(q, k, v, _SAGE_ATTN.name).flatten(2, 3)
+
+
+def _sage_attn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    found = _kernel(_SAGE_ATTN)
+    _check_kernel_inputs(_SAGE_ATTN.name, q, k, v)
+    # sageattn wants a unit-stride head_dim (it asserts); DiT projections already give that, so this is free.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return found.fn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+_PACKAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "fa": _flash_attn_kernel,
+    "sage_attn": _sage_attn_kernel,
+}
+
+
+@torch.library.custom_op("sgl_diffusion::package_attention", mutates_args=())
+def _package_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """An attention kernel from an optional package (``fa``, ``sage_attn``) as one opaque op: torch.compile
+    cannot trace into those packages' Python/Triton code (``fullgraph=True`` would fail), so compiled
+    blocks call it as an extern kernel. Output ``(batch, seq_q, heads, head_dim_v)``, contiguous."""
+    return _PACKAGE_KERNELS[backend](q, k, v).contiguous()
+
+
+@_package_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+_FLASH_ATTN = _OptionalBackend(
+    name=AttentionBackend.FLASH_ATTN.value,
+    sources=(
+        _KernelSource("flash_attn_interface", "flash_attn_func", "FlashAttention-3"),
+        _KernelSource("flash_attn", "flash_attn_func", "FlashAttention-2"),
+    ),
+    package="flash-attn",
+    provides="FlashAttention-3 `flash_attn_interface` or FlashAttention-2 `flash_attn`",
+    install=(
+        "`pip install flash-attn --no-build-isolation` (FlashAttention-2) or, for FlashAttention-3 on Hopper, "
+        "`cd hopper && python setup.py install` in a clone of https://github.com/Dao-AILab/flash-attention"
+    ),
+    fn=_flash_attn,
+)
+_SAGE_ATTN = _OptionalBackend(
+    name=AttentionBackend.SAGE_ATTN.value,
+    sources=(_KernelSource("sageattention", "sageattn", "SageAttention"),),
+    package="sageattention",
+    provides="`from sageattention import sageattn`",
+    install="`pip install sageattention`",
+    fn=_sage_attn,
+)
+_OPTIONAL: dict[str, _OptionalBackend] = {b.name: b for b in (_FLASH_ATTN, _SAGE_ATTN)}
+# Hot-path table for attention(): the wrappers themselves find (and, if missing, complain about) the kernel.
+_OPTIONAL_FNS: dict[str, AttentionFn] = {name: b.fn for name, b in _OPTIONAL.items()}
+
 _REGISTRY: dict[str, AttentionFn] = {AttentionBackend.TORCH_SDPA.value: _torch_sdpa}
 
 
 def register_attention_backend(name: str, fn: AttentionFn, *, override: bool = False) -> None:
-    """Make a backend callable by name (used by optional kernel packages when they import)."""
+    """Make a backend callable by name (used by optional kernel packages when they import).
+
+    Registering ``fa`` or ``sage_attn`` needs ``override=True`` (it replaces the built-in wrapper);
+    ``auto`` is not a kernel and cannot be registered.
+    """
     key = str(getattr(name, "value", name))
-    if key in _REGISTRY and not override:
+    if key == AttentionBackend.AUTO.value:
+        raise ValueError("'auto' is resolved to a concrete backend and cannot be registered")
+    if (key in _REGISTRY or key in _OPTIONAL) and not override:
         raise ValueError(f"attention backend '{key}' is already registered")
     _REGISTRY[key] = fn
 
 
 def available_attention_backends() -> list[str]:
-    """Names that can actually run in this process, sorted."""
-    return sorted(_REGISTRY)
+    """Names that can run in this process now: the default first, then ``auto``, then the rest sorted.
+
+    Optional packages are probed on every call, so this reflects what is importable right now.
+    """
+    others = set(_REGISTRY) | {name for name, b in _OPTIONAL.items() if _probe(b) is not None}
+    others -= {DEFAULT_ATTENTION_BACKEND, AttentionBackend.AUTO.value}
+    return [DEFAULT_ATTENTION_BACKEND, AttentionBackend.AUTO.value, *sorted(others)]
 
 
-def resolve_attention_backend(name: str | AttentionBackend | None) -> str:
-    """Validate a backend name; ``None`` means the default (``torch_sdpa``).
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    Raises ``ValueError`` naming the available backends when the name is unknown or known but not
-    built, so a bad CLI flag fails at startup rather than deep inside a forward pass.
+
+def _resolve_auto(device: torch.device | str | None, dtype: torch.dtype | None) -> str:
+    device = _default_device() if device is None else torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        choice, why = DEFAULT_ATTENTION_BACKEND, f"device {device} is not CUDA"
+    elif dtype is not None and dtype not in _HALF_DTYPES:
+        choice, why = DEFAULT_ATTENTION_BACKEND, f"{dtype} is not fp16/bf16"
+    elif _is_hopper_or_newer(device):
+        # Measured on an H100 (bf16): cuDNN attention through SDPA 615 TFLOP/s vs FlashAttention-2 370 and
+        # SageAttention 434, so the exact SDPA path is also the fastest one.
+        choice, why = DEFAULT_ATTENTION_BACKEND, "Hopper or newer: SDPA uses cuDNN attention"
+    elif _probe(_FLASH_ATTN) is not None:
+        choice, why = _FLASH_ATTN.name, "pre-Hopper CUDA GPU with flash-attn installed"
+    else:
+        choice, why = DEFAULT_ATTENTION_BACKEND, "pre-Hopper CUDA GPU without flash-attn"
+    # debug, not info: attention(backend="auto") resolves on every call.
+    logger.debug("attention backend 'auto' -> '%s' (%s)", choice, why)
+    return choice
+
+
+def resolve_attention_backend(
+    name: str | AttentionBackend | None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Validate a backend name and return the concrete backend to run; ``None`` means ``torch_sdpa``.
+
+    ``auto`` becomes a concrete, exact backend (never the lossy ``sage_attn``):
+
+    * CUDA, compute capability >= 9.0 (Hopper and newer), fp16/bf16: ``torch_sdpa`` (cuDNN attention);
+    * older CUDA GPUs, fp16/bf16: ``fa`` when flash-attn imports, else ``torch_sdpa``;
+    * CPU, or a dtype other than fp16/bf16: ``torch_sdpa``.
+
+    Args:
+        name: a backend name (see :class:`AttentionBackend`), ``auto`` or ``None``.
+        device: where attention will run; ``None`` means the current CUDA device if CUDA is available,
+            else the CPU.
+        dtype: the attention inputs' dtype; ``None`` means unknown, taken as fp16/bf16 (what the engine
+            runs on GPUs). When given, an explicit ``fa``/``sage_attn`` is also checked against it.
+
+    Raises ``ValueError`` naming the available backends when the name is unknown, reserved but not built,
+    or needs a package that is not installed, so a bad CLI flag fails at startup rather than deep inside a
+    forward pass.
     """
     if name is None:
         return DEFAULT_ATTENTION_BACKEND
     key = str(getattr(name, "value", name))
+    if key == AttentionBackend.AUTO.value:
+        return _resolve_auto(device, dtype)
     if key in _REGISTRY:
         return key
+    optional = _OPTIONAL.get(key)
+    if optional is not None:
+        if _probe(optional) is None:
+            raise ValueError(_missing_package_message(optional))
+        if dtype is not None and dtype not in _HALF_DTYPES:
+            raise ValueError(f"attention backend '{key}' takes fp16/bf16 only, got {dtype}")
+        if device is not None and torch.device(device).type not in _KERNEL_DEVICE_TYPES:
+            raise ValueError(f"attention backend '{key}' runs on CUDA only, got device {device}")
+        return key
     available = ", ".join(available_attention_backends())
-    known = {b.value for b in AttentionBackend}
-    if key in known:
+    if key in {b.value for b in AttentionBackend}:
         raise ValueError(f"attention backend '{key}' is not available yet; available: {available}")
-    raise ValueError(f"unknown attention backend '{key}'; available: {available}")
+    hint = f" (did you mean '{_NAME_HINTS[key]}'?)" if key in _NAME_HINTS else ""
+    raise ValueError(f"unknown attention backend '{key}'{hint}; available: {available}")
 
 
 def attention(
@@ -160,9 +466,11 @@ def attention(
 
     Args:
         q, k, v: ``(batch, seq, heads, head_dim)``.
-        backend: a name accepted by :func:`resolve_attention_backend`.
+        backend: a name accepted by :func:`resolve_attention_backend` (``auto`` is resolved per call from
+            ``q``'s device and dtype; resolve it once up front to skip that).
         attn_mask: optional; ``(batch, seq_k)`` key mask (bool: True = keep, float: additive) or any
-            shape broadcastable to ``(batch, heads, seq_q, seq_k)``.
+            shape broadcastable to ``(batch, heads, seq_q, seq_k)``. ``fa`` runs masked calls on
+            ``torch_sdpa`` (exact; logged once); ``sage_attn`` rejects masks.
 
     Returns:
         ``(batch, seq_q, heads * head_dim)`` in ``q.dtype``.
@@ -172,9 +480,10 @@ def attention(
             f"attention expects (batch, seq, heads, head_dim) tensors, got q{tuple(q.shape)} "
             f"k{tuple(k.shape)} v{tuple(v.shape)}"
         )
-    fn = _REGISTRY.get(backend)
+    fn = _REGISTRY.get(backend) or _OPTIONAL_FNS.get(backend)
     if fn is None:
-        # Resolve only on the slow path so the hot path is a single dict lookup; this raises the
-        # user-facing error message.
-        fn = _REGISTRY[resolve_attention_backend(backend)]
+        # Resolve only on the slow path so the hot path is a dict lookup; this raises the user-facing
+        # error message, or turns "auto" into a concrete backend for these inputs.
+        resolved = resolve_attention_backend(backend, device=q.device, dtype=q.dtype)
+        fn = _REGISTRY.get(resolved) or _OPTIONAL_FNS[resolved]
     return fn(q, k, v, attn_mask)

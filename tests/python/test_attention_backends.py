@@ -1,0 +1,333 @@
+"""Attention backends behind ``--attention-backend``: names, lazy optional packages, ``auto``, masks.
+
+flash-attn and sageattention are not installed on CPU test machines, so their routing is proven with
+stand-in modules placed in ``sys.modules`` that record calls and compute attention with torch. Entries
+set to ``None`` in ``sys.modules`` block the real packages, so these tests behave the same on a GPU box
+where they are installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgl_diffusion.layers.attention import (
+    AttentionBackend,
+    attention,
+    available_attention_backends,
+    register_attention_backend,
+    resolve_attention_backend,
+)
+
+# `sgl_diffusion.layers.attention` the attribute is the function (re-exported by the package), so fetch
+# the module itself to patch its internals.
+attn = importlib.import_module("sgl_diffusion.layers.attention")
+
+OPTIONAL_MODULES = ("flash_attn_interface", "flash_attn", "sageattention")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Block the real packages (if any) and start every test with empty caches.
+    for name in OPTIONAL_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(attn, "_kernel_cache", {})
+    monkeypatch.setattr(attn, "_import_failures", {})
+    monkeypatch.setattr(attn, "_mask_fallback_logged", set())
+
+
+@pytest.fixture
+def on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the fa/sage_attn wrappers accept CPU tensors so stand-in kernels can run here."""
+    monkeypatch.setattr(attn, "_KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(b, s, h, d) attention in float32, output in the same (b, s, h, d) layout and q's dtype."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / q.shape[-1] ** 0.5
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def _fake_module(
+    monkeypatch: pytest.MonkeyPatch, module: str, attr: str, *, returns_lse: bool = False
+) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+        calls.append({"q": q, "k": k, "v": v, **kwargs})
+        out = _reference(q, k, v)
+        return (out, torch.zeros(q.shape[0], q.shape[2], q.shape[1])) if returns_lse else out
+
+    fake = types.ModuleType(module)
+    setattr(fake, attr, kernel)
+    monkeypatch.setitem(sys.modules, module, fake)
+    return calls
+
+
+def _qkv(seq_q: int = 5, seq_k: int = 7, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, seq_q, 3, 8, generator=gen).to(dtype)
+    k = torch.randn(2, seq_k, 3, 8, generator=gen).to(dtype)
+    v = torch.randn(2, seq_k, 3, 8, generator=gen).to(dtype)
+    return q, k, v
+
+
+# ---- names and errors ----------------------------------------------------------------------------
+
+
+def test_names() -> None:
+    assert {b.value for b in AttentionBackend} == {"torch_sdpa", "auto", "fa", "sage_attn", "sliding_tile", "vsa"}
+    assert resolve_attention_backend(None) == "torch_sdpa"
+    assert resolve_attention_backend("torch_sdpa") == "torch_sdpa"
+    assert resolve_attention_backend(AttentionBackend.TORCH_SDPA) == "torch_sdpa"
+    assert available_attention_backends() == ["torch_sdpa", "auto"]
+
+
+def test_unknown_and_reserved_names() -> None:
+    with pytest.raises(ValueError, match=r"^unknown attention backend 'nope'; available: torch_sdpa, auto$"):
+        resolve_attention_backend("nope")
+    with pytest.raises(ValueError, match=r"unknown attention backend 'fa3' \(did you mean 'fa'\?\)"):
+        resolve_attention_backend("fa3")
+    with pytest.raises(ValueError, match=r"unknown attention backend 'sage' \(did you mean 'sage_attn'\?\)"):
+        resolve_attention_backend("sage")
+    for name in ("sliding_tile", "vsa"):
+        with pytest.raises(ValueError, match=rf"'{name}' is not available yet; available: torch_sdpa, auto"):
+            resolve_attention_backend(name)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        attention(q, k, v, backend="nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "needles"),
+    [
+        ("fa", ["flash-attn", "flash_attn_interface", "`flash_attn`", "not installed", "pip install flash-attn"]),
+        ("sage_attn", ["sageattention", "not installed", "pip install sageattention"]),
+    ],
+)
+def test_missing_package_errors(name: str, needles: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_attention_backend(name)
+    message = str(info.value)
+    assert message.startswith(f"attention backend '{name}' needs the ")
+    for needle in needles:
+        assert needle in message
+    assert message.endswith("available: torch_sdpa, auto")
+    # The same error when a model calls attention() with the unresolved name.
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=f"attention backend '{name}' needs the .* not installed"):
+        attention(q, k, v, backend=name)
+
+
+def test_broken_package_is_reported_as_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A module that exists but fails to import (e.g. built against another torch) is not "not installed".
+    monkeypatch.delitem(sys.modules, "flash_attn")
+
+    class _Finder:
+        @staticmethod
+        def find_spec(name: str, path: object = None, target: object = None) -> None:
+            if name == "flash_attn":
+                raise ImportError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(sys, "meta_path", [_Finder(), *sys.meta_path])
+    with pytest.raises(ValueError, match=r"is installed but unusable: flash_attn failed to import \(ImportError: "):
+        resolve_attention_backend("fa")
+
+
+def test_register_rules() -> None:
+    with pytest.raises(ValueError, match="'auto' is resolved"):
+        register_attention_backend("auto", attn._torch_sdpa)
+    with pytest.raises(ValueError, match="'fa' is already registered"):
+        register_attention_backend("fa", attn._torch_sdpa)
+    with pytest.raises(ValueError, match="'torch_sdpa' is already registered"):
+        register_attention_backend("torch_sdpa", attn._torch_sdpa)
+
+
+# ---- fa ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "returns_lse"),
+    [("flash_attn_interface", True), ("flash_attn_interface", False), ("flash_attn", False)],
+)
+@pytest.mark.usefixtures("on_cpu")
+def test_fa_routes_to_kernel(monkeypatch: pytest.MonkeyPatch, module: str, returns_lse: bool) -> None:
+    calls = _fake_module(monkeypatch, module, "flash_attn_func", returns_lse=returns_lse)
+    assert resolve_attention_backend("fa") == "fa"
+    assert "fa" in available_attention_backends()
+    q, k, v = _qkv(seq_q=5, seq_k=7)  # cross attention: seq_k != seq_q
+    out = attention(q, k, v, backend="fa")
+    assert len(calls) == 1
+    # Passed through untouched: (batch, seq, heads, head_dim), no transpose, no copy.
+    assert calls[0]["q"] is q and calls[0]["k"] is k and calls[0]["v"] is v
+    assert calls[0]["causal"] is False
+    assert out.shape == (2, 5, 24) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, _reference(q, k, v).flatten(2, 3))
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_fa_prefers_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
+    fa3 = _fake_module(monkeypatch, "flash_attn_interface", "flash_attn_func", returns_lse=True)
+    fa2 = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    attention(*_qkv(), backend="fa")
+    assert (len(fa3), len(fa2)) == (1, 0)
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_fa_registration_is_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "Installed" after this module was imported: picked up at resolve time.
+    assert "fa" not in available_attention_backends()
+    calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    assert "fa" in available_attention_backends()
+    assert resolve_attention_backend("fa") == "fa"
+    attention(*_qkv(), backend="fa")
+    assert len(calls) == 1
+    # Removed again: the cached kernel is not called stale, and the name stops resolving.
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with pytest.raises(ValueError, match="not installed"):
+        attention(*_qkv(), backend="fa")
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_attention_backend("fa")
+    assert len(calls) == 1
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_fa_mask_falls_back_to_sdpa_once_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    q, k, v = _qkv()
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[:, -2:] = False
+    with caplog.at_level(logging.WARNING, logger=attn.__name__):
+        first = attention(q, k, v, backend="fa", attn_mask=mask)
+        second = attention(q, k, v, backend="fa", attn_mask=mask)
+    assert calls == []  # the kernel cannot take a mask, so it is never called with one
+    # Exact: the same numbers torch_sdpa gives, which equal dropping the masked keys.
+    assert torch.equal(first, attention(q, k, v, backend="torch_sdpa", attn_mask=mask))
+    assert torch.equal(first, second)
+    # (bf16 SDPA vs an fp32 reference rounded once: allow bf16-level differences.)
+    torch.testing.assert_close(first, _reference(q, k[:, :-2], v[:, :-2]).flatten(2, 3), atol=1e-2, rtol=1e-2)
+    fallback_logs = [r for r in caplog.records if "does not take masks" in r.getMessage()]
+    assert len(fallback_logs) == 1 and "FlashAttention-2" in fallback_logs[0].getMessage()
+    # Unmasked calls still go to the kernel.
+    attention(q, k, v, backend="fa")
+    assert len(calls) == 1
+
+
+def test_fa_rejects_unsupported_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    with pytest.raises(ValueError, match=r"'fa' takes fp16/bf16 .* got q torch.float32"):
+        attention(*_qkv(dtype=torch.float32), backend="fa")
+    with pytest.raises(ValueError, match="'fa' runs on CUDA only, got tensors on cpu"):
+        attention(*_qkv(dtype=torch.bfloat16), backend="fa")
+    with pytest.raises(ValueError, match="'fa' takes fp16/bf16 only"):
+        resolve_attention_backend("fa", dtype=torch.float32)
+    with pytest.raises(ValueError, match="'fa' runs on CUDA only, got device cpu"):
+        resolve_attention_backend("fa", device="cpu")
+    assert resolve_attention_backend("fa", device="cuda:0", dtype=torch.float16) == "fa"
+    assert calls == []
+
+
+# ---- sage_attn -----------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_sage_attn_routes_to_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_module(monkeypatch, "sageattention", "sageattn")
+    assert resolve_attention_backend("sage_attn") == "sage_attn"
+    assert available_attention_backends() == ["torch_sdpa", "auto", "sage_attn"]
+    q, k, v = _qkv(dtype=torch.float16)
+    out = attention(q, k, v, backend="sage_attn")
+    assert len(calls) == 1
+    assert calls[0]["q"] is q and calls[0]["k"] is k and calls[0]["v"] is v
+    assert calls[0]["tensor_layout"] == "NHD" and calls[0]["is_causal"] is False
+    assert out.shape == (2, 5, 24) and out.dtype == torch.float16
+    torch.testing.assert_close(out, _reference(q, k, v).flatten(2, 3))
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_package_kernels_run_inside_torch_compile_fullgraph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled blocks call package kernels as one opaque op (dynamo cannot trace into them)."""
+    calls = _fake_module(monkeypatch, "sageattention", "sageattn")
+    q, k, v = _qkv(dtype=torch.float16)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend="sage_attn") * 2, fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    torch.testing.assert_close(compiled(q, k, v), 2 * _reference(q, k, v).flatten(2, 3))
+    assert len(calls) == 1
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_sage_attn_rejects_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_module(monkeypatch, "sageattention", "sageattn")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="attention backend 'sage_attn' does not support attention masks"):
+        attention(q, k, v, backend="sage_attn", attn_mask=torch.ones(2, 7, dtype=torch.bool))
+    assert calls == []
+
+
+def test_sage_attn_rejects_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_module(monkeypatch, "sageattention", "sageattn")
+    with pytest.raises(ValueError, match="'sage_attn' takes fp16/bf16"):
+        attention(*_qkv(dtype=torch.float32), backend="sage_attn")
+
+
+# ---- auto ----------------------------------------------------------------------------------------
+
+
+def test_auto_on_cpu() -> None:
+    assert resolve_attention_backend("auto", device="cpu") == "torch_sdpa"
+    assert resolve_attention_backend(AttentionBackend.AUTO, device="cpu", dtype=torch.bfloat16) == "torch_sdpa"
+    if not torch.cuda.is_available():
+        assert resolve_attention_backend("auto") == "torch_sdpa"
+    q, k, v = _qkv(dtype=torch.float32)
+    assert torch.equal(attention(q, k, v, backend="auto"), attention(q, k, v, backend="torch_sdpa"))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[tuple[int, int]], None]:
+    def set_capability(capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(attn, "_is_hopper_or_newer", lambda device: capability >= (9, 0))
+
+    return set_capability
+
+
+def test_auto_on_cuda(monkeypatch: pytest.MonkeyPatch, fake_gpu: Callable[[tuple[int, int]], None]) -> None:
+    # Installed lossy kernel: never chosen automatically.
+    _fake_module(monkeypatch, "sageattention", "sageattn")
+    fake_gpu((8, 0))
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "torch_sdpa"
+    _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "fa"
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.float16) == "fa"
+    assert resolve_attention_backend("auto", device="cuda:0") == "fa"  # dtype unknown: taken as bf16
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.float32) == "torch_sdpa"
+    assert resolve_attention_backend("auto", device="cpu", dtype=torch.bfloat16) == "torch_sdpa"
+    # Hopper: cuDNN attention via SDPA is the fastest (and exact), even with flash-attn installed.
+    fake_gpu((9, 0))
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "torch_sdpa"
+
+
+# ---- torch_sdpa unchanged ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_sdpa_matches_sdpa_bitwise(dtype: torch.dtype) -> None:
+    q, k, v = _qkv(dtype=dtype)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 3] = False
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]
+    )
+    out = attention(q, k, v, backend="torch_sdpa", attn_mask=mask)
+    assert torch.equal(out, expected.transpose(1, 2).flatten(2, 3))
+    assert torch.equal(attention(q, k, v), attention(q, k, v, backend="torch_sdpa"))
