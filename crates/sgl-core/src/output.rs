@@ -39,6 +39,9 @@ pub struct PerfMetrics {
     pub denoise_steps_ms: Vec<StepTiming>,
     pub memory_checkpoints: Vec<MemoryCheckpoint>,
     pub peak_memory_mb: f64,
+    /// `--profile`: the folder holding this batch's torch profiler trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_trace_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

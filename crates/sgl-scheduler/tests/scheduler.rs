@@ -99,6 +99,7 @@ impl BatchExecutor for Recorder {
                                 denoise_steps_ms: vec![],
                                 memory_checkpoints: vec![],
                                 peak_memory_mb: 0.0,
+                                profile_trace_dir: None,
                             },
                             notes: vec![],
                         },
