@@ -89,11 +89,15 @@ class DiffGenerator:
         max_batch_size: int = 1,
         batch_delay_ms: int = 0,
         max_queue_size: int = 256,
+        **speed_options: Any,
     ) -> DiffGenerator:
         """Loads a diffusers-format folder or a Hugging Face id from the local cache.
 
         `model_path=None` uses the built-in tiny default model. Precisions are fp32, fp16 or bf16
-        (default: bf16 on CUDA, fp32 on CPU).
+        (default: bf16 on CUDA, fp32 on CPU). `speed_options` are the CLI's speed and profiling
+        options by their Python names: `enable_torch_compile`, `warmup`, `cfg_batching`,
+        `vae_tiling`, `vae_slicing`, `profile`, `num_profiled_timesteps`, `profile_all_stages`,
+        `profile_dir`; an unknown name is an error.
         """
         config = {
             "model": {
@@ -102,6 +106,7 @@ class DiffGenerator:
                 "dit_precision": dit_precision,
                 "vae_precision": vae_precision,
                 "attention_backend": attention_backend,
+                **speed_options,
             },
             "max_batch_size": max_batch_size,
             "batch_delay_ms": batch_delay_ms,

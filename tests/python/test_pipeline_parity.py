@@ -8,6 +8,7 @@ import torch
 
 from conftest import SMALL
 from sgl_diffusion.pipelines.flux import EncodeText, FluxPipeline
+from sgl_diffusion.runtime.options import RuntimeOptions
 
 
 def reference(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
@@ -49,7 +50,7 @@ def test_guidance_and_seed_change_the_output(generator) -> None:
 
 
 def test_text_embeddings_match_diffusers(flux_dir, diffusers_flux) -> None:
-    pipeline = FluxPipeline.load(flux_dir, torch.device("cpu"), torch.float32, torch.float32, "torch_sdpa", None)
+    pipeline = FluxPipeline.load(flux_dir, RuntimeOptions.for_device("cpu"), None)
     prompts = ["a photo of a cat", "A Fox in the SNOW, highly detailed, 4k!", ""]
     pooled, embeds = EncodeText(pipeline)._encode(prompts, 32, torch.device("cpu"))
     ref_embeds, ref_pooled, _ = diffusers_flux.encode_prompt(prompts, prompts, max_sequence_length=32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sgl_diffusion import DiffGenerator
+from sgl_diffusion.runtime.options import RuntimeOptions
 from sgl_diffusion.testing import FIXTURE_REGISTRY, build_fixture
 
 CASES = ["wan21_t2v", "wan22_t2v_a14b", "wan22_ti2v_5b"]
@@ -142,7 +143,7 @@ def request(**fields: object):
 def load_ours(folder: Path):
     from sgl_diffusion.pipelines.wan import WanPipeline
 
-    return WanPipeline.load(folder, torch.device("cpu"), torch.float32, torch.float32, "torch_sdpa", None)
+    return WanPipeline.load(folder, RuntimeOptions.for_device("cpu"), None)
 
 
 def test_prompt_embeddings_match_diffusers(wan_dirs: dict[str, Path]) -> None:

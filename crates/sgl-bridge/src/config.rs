@@ -18,20 +18,45 @@ pub struct ModelConfig {
     pub dit_precision: Option<String>,
     #[serde(default)]
     pub vae_precision: Option<String>,
+    /// `torch_sdpa`, `fa`, `sage_attn` or `auto`.
     #[serde(default)]
     pub attention_backend: Option<String>,
+    /// Compile the denoiser's repeated blocks with torch.compile.
+    #[serde(default)]
+    pub enable_torch_compile: Option<bool>,
+    /// Run one small generation before serving (default: on with torch.compile).
+    #[serde(default)]
+    pub warmup: Option<bool>,
+    /// `auto` (by shape), `on` or `off`: conditional and unconditional branches in one forward.
+    #[serde(default)]
+    pub cfg_batching: Option<String>,
+    /// Decode in spatial tiles to bound VAE memory.
+    #[serde(default)]
+    pub vae_tiling: Option<bool>,
+    /// Decode one output at a time to bound VAE memory.
+    #[serde(default)]
+    pub vae_slicing: Option<bool>,
+    /// Write torch profiler traces of each batch.
+    #[serde(default)]
+    pub profile: Option<bool>,
+    /// Denoising steps traced per batch when profiling (default 2).
+    #[serde(default)]
+    pub num_profiled_timesteps: Option<u32>,
+    /// Trace every stage (text encoding, decoding...), not only denoising steps.
+    #[serde(default)]
+    pub profile_all_stages: Option<bool>,
+    /// Folder for profiler traces (default `./profiles`).
+    #[serde(default)]
+    pub profile_dir: Option<String>,
 }
 
-/// The model config with its folder resolved; what the Python executor receives.
+/// The model with its folder resolved, plus the options as given; what the Python executor receives.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct ResolvedModelConfig<'a> {
     pub model_path: String,
     pub hf_id: Option<String>,
     pub pipeline_class: String,
-    pub device: Option<&'a str>,
-    pub dit_precision: Option<&'a str>,
-    pub vae_precision: Option<&'a str>,
-    pub attention_backend: Option<&'a str>,
+    pub options: &'a ModelConfig,
 }
 
 /// Everything needed to start an engine: the model plus the scheduler's limits.

@@ -37,10 +37,7 @@ impl PythonExecutor {
             model_path: model.dir.to_string_lossy().into_owned(),
             hf_id: model.hf_id,
             pipeline_class: model.pipeline_class,
-            device: config.device.as_deref(),
-            dit_precision: config.dit_precision.as_deref(),
-            vae_precision: config.vae_precision.as_deref(),
-            attention_backend: config.attention_backend.as_deref(),
+            options: config,
         };
         let config_json =
             serde_json::to_string(&resolved).map_err(|e| load_error(format!("cannot encode the model config: {e}")))?;

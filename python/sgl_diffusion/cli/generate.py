@@ -18,6 +18,7 @@ from .options import (
     add_model_options,
     add_not_supported_options,
     merge_config,
+    model_config,
     reject_not_supported,
 )
 
@@ -75,11 +76,7 @@ def generate(options: dict[str, Any]) -> int:
     from tqdm import tqdm
 
     generator = DiffGenerator.from_pretrained(
-        options.get("model_path"),
-        device=options.get("device"),
-        dit_precision=options.get("dit_precision"),
-        vae_precision=options.get("vae_precision"),
-        attention_backend=options.get("attention_backend"),
+        **model_config(options),
         max_batch_size=options.get("max_batch_size") or 1,
         batch_delay_ms=options.get("batch_delay_ms") or 0,
     )
@@ -117,6 +114,8 @@ def generate(options: dict[str, Any]) -> int:
     if options.get("save_output") is not False:
         for path in save_outputs(result, options):
             print(path)
+    if result.timings.get("profile_trace_dir"):  # --profile: stdout lists the trace folder like other outputs
+        print(result.timings["profile_trace_dir"])
     if options.get("perf_dump_path"):
         dump_perf(result, options["perf_dump_path"])
     return 0

@@ -15,6 +15,30 @@ from typing import Any
 import yaml
 
 from ..layers.attention import available_attention_backends
+from ..runtime.options import CFG_BATCHING_CHOICES
+
+#: Options that say how the model is loaded and run (`sgl_bridge::ModelConfig`), in every command.
+MODEL_OPTIONS = (
+    "model_path",
+    "device",
+    "dit_precision",
+    "vae_precision",
+    "attention_backend",
+    "enable_torch_compile",
+    "warmup",
+    "cfg_batching",
+    "vae_tiling",
+    "vae_slicing",
+    "profile",
+    "num_profiled_timesteps",
+    "profile_all_stages",
+    "profile_dir",
+)
+
+
+def model_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The `model` part of the engine config, from parsed options (unset ones left out)."""
+    return {name: options[name] for name in MODEL_OPTIONS if options.get(name) is not None}
 
 
 class CommandError(Exception):
@@ -32,6 +56,37 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--attention-backend", help=f"attention kernels (available: {', '.join(available_attention_backends())})"
     )
+    speed = parser.add_argument_group("speed and profiling")
+    speed.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        default=None,
+        help="compile the denoiser's repeated blocks with torch.compile (CUDA; first run of a shape is slow)",
+    )
+    speed.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run one short generation at the default size before serving (default: on with torch.compile)",
+    )
+    speed.add_argument(
+        "--cfg-batching",
+        choices=CFG_BATCHING_CHOICES,
+        help="run conditional and unconditional branches in one forward: auto (by shape, default), on, off",
+    )
+    speed.add_argument("--vae-tiling", action="store_true", default=None, help="decode in spatial tiles (less memory)")
+    speed.add_argument(
+        "--vae-slicing", action="store_true", default=None, help="decode one output at a time (less memory)"
+    )
+    speed.add_argument("--profile", action="store_true", default=None, help="write torch profiler traces of each batch")
+    speed.add_argument("--num-profiled-timesteps", type=int, help="denoising steps traced per batch (default 2)")
+    speed.add_argument(
+        "--profile-all-stages",
+        action="store_true",
+        default=None,
+        help="trace every stage (text encoding, decoding), not only denoising steps",
+    )
+    speed.add_argument("--profile-dir", help="folder for profiler traces (default ./profiles)")
     group.add_argument("--max-batch-size", type=int, help="most images per batched forward (default 1)")
     group.add_argument("--batch-delay-ms", type=int, help="how long a request waits for batch company (default 0)")
     group.add_argument("--config", help="JSON or YAML file with any of these options; the command line wins")
@@ -49,15 +104,11 @@ NOT_SUPPORTED_YET: dict[str, tuple[dict[str, Any], Callable[[Any], bool]]] = {
     "enable_cfg_parallel": ({"action": "store_true", "default": None}, bool),
     "lora_path": ({}, lambda v: v is not None),
     "lora_nickname": ({}, lambda v: v is not None),
-    "enable_torch_compile": ({"action": "store_true", "default": None}, bool),
     "dit_cpu_offload": ({"action": "store_true", "default": None}, bool),
     "text_encoder_cpu_offload": ({"action": "store_true", "default": None}, bool),
     "vae_cpu_offload": ({"action": "store_true", "default": None}, bool),
-    "vae_tiling": ({"action": "store_true", "default": None}, bool),
-    "vae_slicing": ({"action": "store_true", "default": None}, bool),
     "cache_dit": ({"action": "store_true", "default": None}, bool),
     "enable_teacache": ({"action": "store_true", "default": None}, bool),
-    "profile": ({"action": "store_true", "default": None}, bool),
     "backend": ({}, lambda v: v not in (None, "native")),
 }
 

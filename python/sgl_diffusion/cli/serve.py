@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _native
-from .options import CommandError, add_model_options, add_not_supported_options, merge_config, reject_not_supported
+from .options import (
+    CommandError,
+    add_model_options,
+    add_not_supported_options,
+    merge_config,
+    model_config,
+    reject_not_supported,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,13 +65,7 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         "health_generate_ttl_secs": options.get("health_generate_ttl"),
     }
     engine = {
-        "model": {
-            "model_path": options.get("model_path"),
-            "device": options.get("device"),
-            "dit_precision": options.get("dit_precision"),
-            "vae_precision": options.get("vae_precision"),
-            "attention_backend": options.get("attention_backend"),
-        },
+        "model": model_config(options),
         "max_batch_size": options.get("max_batch_size"),
         "batch_delay_ms": options.get("batch_delay_ms"),
         "max_queue_size": options.get("max_queue_size"),

@@ -8,6 +8,7 @@ their stages and describe themselves (limits, defaults) to the Rust core.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..runtime.options import RuntimeOptions
 from ..runtime.perf import PerfRecorder
+from ..runtime.profiling import BatchProfiler
 from ..runtime.request import Request
 
 
@@ -133,8 +136,9 @@ class StagedPipeline(abc.ABC):
     #: "none", "optional" or "required" (see `sgl_core::ImageInput`).
     image_input: ClassVar[str] = "none"
 
-    def __init__(self, device: torch.device, limits: PipelineLimits, defaults: SamplingDefaults) -> None:
-        self.device = device
+    def __init__(self, options: RuntimeOptions, limits: PipelineLimits, defaults: SamplingDefaults) -> None:
+        self.options = options
+        self.device = options.device
         self.limits = limits
         self.defaults = defaults
 
@@ -143,31 +147,45 @@ class StagedPipeline(abc.ABC):
     def load(
         cls,
         model_dir: Path,
-        device: torch.device,
-        dit_dtype: torch.dtype,
-        vae_dtype: torch.dtype,
-        attention_backend: str,
+        options: RuntimeOptions,
         defaults: SamplingDefaults | None,
     ) -> StagedPipeline:
         """Loads the checkpoint folder; `defaults` None means the pipeline's diffusers defaults."""
 
     @abc.abstractmethod
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The denoising transformers (what `--enable-torch-compile` compiles)."""
+
+    @abc.abstractmethod
     def stages(self, progress: ProgressFn) -> list[Stage]:
         """The stages for one batch, in order; `progress` is the batch's step callback."""
 
-    def run(self, requests: Sequence[Request], progress: ProgressFn) -> BatchState:
-        perf = PerfRecorder(self.device)
+    def run(self, requests: Sequence[Request], progress: ProgressFn, *, profile: bool = True) -> BatchState:
+        """Runs the stages over one batch. With `--profile` on, the batch is traced into a new folder
+        of `--profile-dir` (see `runtime.profiling`) unless `profile` is False (e.g. a warm-up run)."""
+        # `--profile` off: no profiler object and no wrapped callback, only a null context per stage.
+        profiler = BatchProfiler(self.options, self.device) if profile and self.options.profile else None
+        perf = PerfRecorder(self.device) if profiler is None else profiler.perf
         state = BatchState(requests, self.device, perf)
-        with torch.inference_mode():
-            for stage in self.stages(progress):
-                missing = [key for key in stage.inputs if key not in state]
-                if missing:
-                    raise RuntimeError(f"stage {stage.name} is missing its inputs {missing}")
-                with perf.stage(stage.name):
-                    stage.run(state)
-                absent = [key for key in stage.outputs if key not in state]
-                if absent:
-                    raise RuntimeError(f"stage {stage.name} did not produce {absent}")
-                if not state.active:
-                    break
+        try:
+            stages = self.stages(progress if profiler is None else profiler.wrap_progress(progress))
+            with torch.inference_mode():
+                for stage in stages:
+                    missing = [key for key in stage.inputs if key not in state]
+                    if missing:
+                        raise RuntimeError(f"stage {stage.name} is missing its inputs {missing}")
+                    traced = contextlib.nullcontext() if profiler is None else profiler.stage(stage.name)
+                    with perf.stage(stage.name), traced:
+                        stage.run(state)
+                    absent = [key for key in stage.outputs if key not in state]
+                    if absent:
+                        raise RuntimeError(f"stage {stage.name} did not produce {absent}")
+                    if not state.active:
+                        break
+        finally:
+            if profiler is not None:
+                # Also on failure: a profiler left running would trace every later batch.
+                profiler.close()
+        if profiler is not None:
+            profiler.export()  # names the trace folder in the batch's perf record
         return state

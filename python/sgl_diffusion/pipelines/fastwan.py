@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import invalid_request
+from ..runtime.options import RuntimeOptions
 from .base import BatchState, ProgressFn, SamplingDefaults, Stage
 from .wan import (
     TEXT_MAX_LENGTH,
@@ -100,12 +101,12 @@ class FastWanPipeline(WanPipeline):
     # The sigma table is fixed by the distillation: a request's flow_shift could not act.
     supports_flow_shift = False
 
-    def __init__(self, components: WanComponents, device: torch.device, defaults: SamplingDefaults) -> None:
+    def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         if components.transformer_2 is not None or components.image_encoder is not None:
             raise ValueError("FastWan (DMD) is supported for single-expert text-to-video Wan checkpoints only")
         if components.transformer.config.in_channels != components.vae.config.z_dim:
             raise ValueError("FastWan (DMD) is supported for text-to-video Wan checkpoints only")
-        super().__init__(components, device, defaults)
+        super().__init__(components, options, defaults)
         # WanPipeline makes TI2V-5B folders text-image-to-video; the DMD student is text-to-video.
         self.image_input = "none"
         self.task = "text-to-video"
@@ -117,10 +118,7 @@ class FastWanPipeline(WanPipeline):
     def load(
         cls,
         model_dir: Path,
-        device: torch.device,
-        dit_dtype: torch.dtype,
-        vae_dtype: torch.dtype,
-        attention_backend: str,
+        options: RuntimeOptions,
         defaults: SamplingDefaults | None,
     ) -> WanPipeline:
         if defaults is None:
@@ -128,7 +126,7 @@ class FastWanPipeline(WanPipeline):
             index = json.loads((model_dir / "model_index.json").read_text())
             defaults = FASTWAN22_TI2V_5B_DEFAULTS if index.get("expand_timesteps") else FASTWAN21_DEFAULTS
         # WanPipeline.load builds the components and calls `cls(...)`: a FastWanPipeline.
-        return super().load(model_dir, device, dit_dtype, vae_dtype, attention_backend, defaults)
+        return super().load(model_dir, options, defaults)
 
     def stages(self, progress: ProgressFn) -> list[Stage]:
         return [

@@ -17,9 +17,10 @@ from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
 from ..models.flux import FluxTransformer2DModel
+from ..runtime.options import RuntimeOptions
 from ..schedulers import FlowMatchEulerScheduler, euler_step
 from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
-from .common import draw_noise, per_row, shared_value
+from .common import draw_noise, guided_forward, per_row, shared_value, use_batched_cfg
 
 #: FLUX.1's CLIP tokenizer length; T5 takes `max_sequence_length` (at most 512).
 CLIP_MAX_LENGTH = 77
@@ -46,7 +47,7 @@ class FluxPipeline(StagedPipeline):
     task = "text-to-image"
     guidance_mode = "embedded_with_true_cfg"
 
-    def __init__(self, components: FluxComponents, device: torch.device, defaults: SamplingDefaults) -> None:
+    def __init__(self, components: FluxComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         limits = PipelineLimits(
             size_multiple=components.vae_scale_factor * 2,  # 8x VAE, then 2x2 latent packing
             min_size=components.vae_scale_factor * 2,
@@ -55,37 +56,41 @@ class FluxPipeline(StagedPipeline):
             frame_rule="single",
             max_sequence_length=T5_MAX_LENGTH,
         )
-        super().__init__(device, limits, defaults)
+        super().__init__(options, limits, defaults)
         self.c = components
 
     @classmethod
     def load(
         cls,
         model_dir: Path,
-        device: torch.device,
-        dit_dtype: torch.dtype,
-        vae_dtype: torch.dtype,
-        attention_backend: str,
+        options: RuntimeOptions,
         defaults: SamplingDefaults | None,
     ) -> FluxPipeline:
         def build_transformer(config: dict) -> FluxTransformer2DModel:
-            return FluxTransformer2DModel.from_config(config, attention_backend=attention_backend)
+            return FluxTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKL, model_dir / "vae", device, vae_dtype)
+        vae = load_diffusers_model(AutoencoderKL, model_dir / "vae", options.device, options.vae_dtype)
+        if options.vae_tiling:
+            vae.enable_tiling()
         components = FluxComponents(
             clip_tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
             # Text encoders run in the DiT's precision (bf16 on GPU, as the reference checkpoints ship).
-            clip=load_transformers_model(CLIPTextModel, model_dir / "text_encoder", device, dit_dtype),
+            clip=load_transformers_model(CLIPTextModel, model_dir / "text_encoder", options.device, options.dit_dtype),
             t5_tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer_2")),
-            t5=load_transformers_model(T5EncoderModel, model_dir / "text_encoder_2", device, dit_dtype),
-            transformer=load_native_model(build_transformer, model_dir / "transformer", device, dit_dtype),
+            t5=load_transformers_model(T5EncoderModel, model_dir / "text_encoder_2", options.device, options.dit_dtype),
+            transformer=load_native_model(
+                build_transformer, model_dir / "transformer", options.device, options.dit_dtype
+            ),
             vae=vae,
             scheduler=FlowMatchEulerScheduler.from_config(read_config(model_dir / "scheduler")),
             vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
         )
         if defaults is None:
             defaults = diffusers_defaults(components)
-        return cls(components, device, defaults)
+        return cls(components, options, defaults)
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        return [self.c.transformer]
 
     def stages(self, progress: ProgressFn) -> list[Stage]:
         return [
@@ -221,26 +226,31 @@ class Denoise(FluxStage):
         cfg = state.requests[0].cfg_enabled
         timesteps, sigmas = state["timesteps"], state["sigmas"]
         total = len(timesteps)
+        batched_cfg = use_batched_cfg(self.pipeline.options.cfg_batching, state["latents"].shape[1])
         timer = state.perf.step_timer()
         for i, t in enumerate(timesteps):
             latents = state["latents"]
             # diffusers casts t to the latent dtype before dividing; keep that rounding.
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            common = {
+            rows = {
                 "hidden_states": latents,
                 "timestep": timestep,
-                "img_ids": state["latent_image_ids"],
-                "txt_ids": state["text_ids"],
                 "guidance": state["guidance"] if guided else None,
             }
-            noise_pred = transformer(
-                encoder_hidden_states=state["prompt_embeds"], pooled_projections=state["pooled_prompt_embeds"], **common
-            )
-            if cfg:
-                negative = transformer(
-                    encoder_hidden_states=state["negative_prompt_embeds"],
-                    pooled_projections=state["negative_pooled_prompt_embeds"],
-                    **common,
+            fixed = {"img_ids": state["latent_image_ids"], "txt_ids": state["text_ids"]}
+            cond = {
+                "encoder_hidden_states": state["prompt_embeds"],
+                "pooled_projections": state["pooled_prompt_embeds"],
+            }
+            if not cfg:
+                noise_pred = transformer(**rows, **cond, **fixed)
+            else:
+                uncond = {
+                    "encoder_hidden_states": state["negative_prompt_embeds"],
+                    "pooled_projections": state["negative_pooled_prompt_embeds"],
+                }
+                noise_pred, negative = guided_forward(
+                    transformer, rows=rows, cond=cond, uncond=uncond, fixed=fixed, batched=batched_cfg
                 )
                 scale = state["true_cfg_scale"].view(-1, 1, 1)
                 noise_pred = negative + scale * (noise_pred - negative)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from ..runtime.options import RuntimeOptions
 from .base import SamplingDefaults, StagedPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
@@ -83,10 +82,7 @@ def load_pipeline(
     model_dir: Path,
     pipeline_class: str,
     hf_id: str | None,
-    device: torch.device,
-    dit_dtype: torch.dtype,
-    vae_dtype: torch.dtype,
-    attention_backend: str,
+    options: RuntimeOptions,
 ) -> StagedPipeline:
     pipeline = PIPELINES_BY_ID.get(hf_id) if hf_id else None
     pipeline = pipeline or PIPELINES.get(pipeline_class)
@@ -96,4 +92,4 @@ def load_pipeline(
             f"supported: {', '.join(supported_pipeline_classes())}"
         )
     defaults = KNOWN_MODELS.get(hf_id) if hf_id else None
-    return pipeline.load(model_dir, device, dit_dtype, vae_dtype, attention_backend, defaults)
+    return pipeline.load(model_dir, options, defaults)

@@ -28,11 +28,13 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT
 from ..errors import invalid_request
 from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
+from ..models.wan.vae import WanVAEDecoder
+from ..runtime.options import RuntimeOptions
 from ..schedulers import UniPCFlowScheduler
 from ..schedulers.flow_match_euler import FlowMatchEulerScheduler, FlowMatchEulerState
 from ..schedulers.unipc_flow import UniPCFlowState
 from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
-from .common import draw_noise, per_row, shared_value
+from .common import draw_noise, guided_forward, per_row, shared_value, use_batched_cfg
 
 #: UMT5 context length the Wan DiTs were trained with.
 TEXT_MAX_LENGTH = 512
@@ -94,6 +96,7 @@ class WanComponents:
     boundary_ratio: float | None
     #: Wan2.2 TI2V-5B feeds one timestep per video token.
     expand_timesteps: bool
+    #: diffusers' VAE: the encoder (image-to-video), latent statistics, and tiled decoding.
     vae: AutoencoderKLWan
     scheduler: UniPCFlowScheduler | FlowMatchEulerScheduler
     scale_spatial: int
@@ -101,6 +104,8 @@ class WanComponents:
     #: Wan2.1 I2V: CLIP vision tower whose penultimate hidden states condition the DiT.
     image_encoder: CLIPVisionModel | None = None
     image_processor: CLIPImageProcessor | None = None
+    #: Our whole-clip decoder over the VAE's own decoder weights (None: decode with diffusers' tiles).
+    decoder: WanVAEDecoder | None = None
 
 
 class WanPipeline(StagedPipeline):
@@ -111,7 +116,7 @@ class WanPipeline(StagedPipeline):
     supports_flow_shift = True
     output = "video"
 
-    def __init__(self, components: WanComponents, device: torch.device, defaults: SamplingDefaults) -> None:
+    def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         patch = components.transformer.config.patch_size
         multiple = components.scale_spatial * patch[1]  # 16 for Wan2.1, 32 for TI2V-5B
         limits = PipelineLimits(
@@ -122,7 +127,7 @@ class WanPipeline(StagedPipeline):
             frame_rule="four_k_plus_one",
             max_sequence_length=TEXT_MAX_LENGTH,
         )
-        super().__init__(device, limits, defaults)
+        super().__init__(options, limits, defaults)
         self.c = components
         self.supports_guidance_scale_2 = components.transformer_2 is not None
         self.video_processor = VideoProcessor(vae_scale_factor=components.scale_spatial)
@@ -135,29 +140,32 @@ class WanPipeline(StagedPipeline):
     def load(
         cls,
         model_dir: Path,
-        device: torch.device,
-        dit_dtype: torch.dtype,
-        vae_dtype: torch.dtype,
-        attention_backend: str,
+        options: RuntimeOptions,
         defaults: SamplingDefaults | None,
     ) -> WanPipeline:
         index = json.loads((model_dir / "model_index.json").read_text())
         scheduler = build_scheduler(read_config(model_dir / "scheduler"), model_dir)
 
         def build_transformer(config: dict) -> WanTransformer3DModel:
-            return WanTransformer3DModel.from_config(config, attention_backend=attention_backend)
+            return WanTransformer3DModel.from_config(config, attention_backend=options.attention_backend)
 
         def present(component: str) -> bool:
             return (index.get(component) or [None])[0] is not None
 
         has_second_expert = present("transformer_2")
-        vae = load_diffusers_model(AutoencoderKLWan, model_dir / "vae", device, vae_dtype)
+        vae = load_diffusers_model(AutoencoderKLWan, model_dir / "vae", options.device, options.vae_dtype)
+        if options.vae_tiling:
+            vae.enable_tiling()
         components = WanComponents(
             tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
-            text_encoder=load_transformers_model(UMT5EncoderModel, model_dir / "text_encoder", device, dit_dtype),
-            transformer=load_native_model(build_transformer, model_dir / "transformer", device, dit_dtype),
+            text_encoder=load_transformers_model(
+                UMT5EncoderModel, model_dir / "text_encoder", options.device, options.dit_dtype
+            ),
+            transformer=load_native_model(
+                build_transformer, model_dir / "transformer", options.device, options.dit_dtype
+            ),
             transformer_2=(
-                load_native_model(build_transformer, model_dir / "transformer_2", device, dit_dtype)
+                load_native_model(build_transformer, model_dir / "transformer_2", options.device, options.dit_dtype)
                 if has_second_expert
                 else None
             ),
@@ -168,7 +176,7 @@ class WanPipeline(StagedPipeline):
             scale_spatial=vae.config.scale_factor_spatial,
             scale_temporal=vae.config.scale_factor_temporal,
             image_encoder=(
-                load_transformers_model(CLIPVisionModel, model_dir / "image_encoder", device, dit_dtype)
+                load_transformers_model(CLIPVisionModel, model_dir / "image_encoder", options.device, options.dit_dtype)
                 if present("image_encoder")
                 else None
             ),
@@ -177,10 +185,14 @@ class WanPipeline(StagedPipeline):
                 if present("image_processor")
                 else None
             ),
+            decoder=None if options.vae_tiling else WanVAEDecoder.from_diffusers(vae),
         )
         if defaults is None:
             defaults = diffusers_defaults(components)
-        return cls(components, device, defaults)
+        return cls(components, options, defaults)
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        return [model for model in (self.c.transformer, self.c.transformer_2) if model is not None]
 
     def stages(self, progress: ProgressFn) -> list[Stage]:
         return [
@@ -200,8 +212,8 @@ class WanImageToVideoPipeline(WanPipeline):
     task = "image-to-video"
     image_input = "required"
 
-    def __init__(self, components: WanComponents, device: torch.device, defaults: SamplingDefaults) -> None:
-        super().__init__(components, device, defaults)
+    def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
+        super().__init__(components, options, defaults)
         self.image_input = "required"
         self.task = "image-to-video"
 
@@ -394,6 +406,8 @@ class Denoise(WanStage):
         boundary = None if c.boundary_ratio is None else c.boundary_ratio * c.scheduler.config.num_train_timesteps
         dtype = c.transformer.patch_embedding.weight.dtype
         total = len(timesteps)
+        latents = state["latents"]
+        batched_cfg = use_batched_cfg(self.pipeline.options.cfg_batching, latents[0, 0].numel() // 4)
         timer = state.perf.step_timer()
         for i, t in enumerate(timesteps):
             high_noise = boundary is None or t >= boundary
@@ -402,10 +416,22 @@ class Denoise(WanStage):
             latents = state["latents"]
             timestep = self.timestep(t, latents, state)
             model_input = self.model_input(latents, state).to(dtype)
-            image_embeds = state.get("image_embeds")
-            noise_pred = model(model_input, timestep, state["prompt_embeds"], image_embeds)
-            if first.cfg_enabled:
-                uncond = model(model_input, timestep, state["negative_prompt_embeds"], image_embeds)
+            rows = {
+                "hidden_states": model_input,
+                "timestep": timestep,
+                "encoder_hidden_states_image": state.get("image_embeds"),
+            }
+            if not first.cfg_enabled:
+                noise_pred = model(encoder_hidden_states=state["prompt_embeds"], **rows)
+            else:
+                noise_pred, uncond = guided_forward(
+                    model,
+                    rows=rows,
+                    cond={"encoder_hidden_states": state["prompt_embeds"]},
+                    uncond={"encoder_hidden_states": state["negative_prompt_embeds"]},
+                    fixed={},
+                    batched=batched_cfg,
+                )
                 noise_pred = uncond + scale.view(-1, 1, 1, 1, 1).to(uncond.dtype) * (noise_pred - uncond)
             state.set_rows("latents", sampler.step(noise_pred, latents))
             timer.step_done(i)
@@ -454,6 +480,24 @@ class DecodeVideos(WanStage):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
         latents = latents / inv_std + mean
         # One video at a time: bounded memory, and each output independent of its batch.
-        videos = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
+        if self.c.decoder is None:  # --vae-tiling
+            videos = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
+        else:
+            chunk = decode_chunk(latents.shape, vae.config.z_dim)
+            videos = [self.c.decoder.decode(row.unsqueeze(0), temporal_chunk=chunk) for row in latents]
         pixels = (torch.cat(videos) * 0.5 + 0.5).clamp(0, 1)  # (B, C, T, H, W)
         state["videos"] = pixels.permute(0, 2, 3, 4, 1).float().cpu().numpy()
+
+
+#: Whole-clip decoding keeps every layer's activations for all frames at once: about 20 GB in bf16
+#: for Wan2.1 at 832x480x81. Larger clips (or the 48-channel Wan2.2 VAE, whose widest layers are 5x
+#: wider) are decoded this many latent frames at a time, with the causal context carried over.
+WHOLE_CLIP_MAX_PIXELS = 832 * 480 * 81
+DECODE_CHUNK_FRAMES = 8
+
+
+def decode_chunk(latent_shape: torch.Size, z_dim: int) -> int | None:
+    """Latent frames per decode call: None (the whole clip at once) when it fits the budget above."""
+    _, _, frames, height, width = latent_shape
+    pixels = (4 * (frames - 1) + 1) * height * width * 64  # 8x8 pixels per latent position
+    return None if z_dim == 16 and pixels <= WHOLE_CLIP_MAX_PIXELS else DECODE_CHUNK_FRAMES

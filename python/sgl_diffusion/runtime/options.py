@@ -1,0 +1,81 @@
+"""How a model is loaded and run: the Python mirror of `sgl_bridge::ModelConfig`.
+
+The Rust side passes the options exactly as the user gave them (`None` = default); this module turns
+them into one validated object that pipelines receive at load time, so a new option is one field
+here instead of one more argument on every `load` signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..layers.attention import resolve_attention_backend
+from .device import parse_device, parse_precision
+
+CFG_BATCHING_CHOICES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    device: torch.device
+    dit_dtype: torch.dtype
+    vae_dtype: torch.dtype
+    attention_backend: str = "torch_sdpa"
+    enable_torch_compile: bool = False
+    warmup: bool = False
+    cfg_batching: str = "auto"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    profile: bool = False
+    num_profiled_timesteps: int = 2
+    profile_all_stages: bool = False
+    profile_dir: Path = Path("profiles")
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, **overrides: Any) -> RuntimeOptions:
+        """Defaults for a device (bf16 on CUDA, fp32 on CPU), with fields overridden by name."""
+        return cls.from_config({"device": str(device), **overrides})
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RuntimeOptions:
+        """Validates the options as given on the command line / API; errors name the option."""
+        known = {field.name for field in dataclasses.fields(cls)} | {"dit_precision", "vae_precision", "model_path"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown model options {unknown}")
+        device = parse_device(config.get("device"))
+        # bf16 on GPUs (what real checkpoints ship); fp32 on CPU, where bf16 matmuls are slow.
+        default_precision = "bf16" if device.type == "cuda" else "fp32"
+        dtypes = {
+            name: parse_precision(name, config.get(name) or default_precision)
+            for name in ("dit_precision", "vae_precision")
+        }
+        compile_blocks = bool(config.get("enable_torch_compile") or False)
+        cfg_batching = config.get("cfg_batching") or "auto"
+        if cfg_batching not in CFG_BATCHING_CHOICES:
+            raise ValueError(f"cfg_batching must be one of {', '.join(CFG_BATCHING_CHOICES)}, got {cfg_batching!r}")
+        steps = config.get("num_profiled_timesteps")
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"num_profiled_timesteps must be a positive integer, got {steps!r}")
+        warmup = config.get("warmup")
+        return cls(
+            device=device,
+            dit_dtype=dtypes["dit_precision"],
+            vae_dtype=dtypes["vae_precision"],
+            attention_backend=resolve_attention_backend(
+                config.get("attention_backend"), device=device, dtype=dtypes["dit_precision"]
+            ),
+            enable_torch_compile=compile_blocks,
+            warmup=compile_blocks if warmup is None else bool(warmup),
+            cfg_batching=cfg_batching,
+            vae_tiling=bool(config.get("vae_tiling") or False),
+            vae_slicing=bool(config.get("vae_slicing") or False),
+            profile=bool(config.get("profile") or False),
+            num_profiled_timesteps=steps or 2,
+            profile_all_stages=bool(config.get("profile_all_stages") or False),
+            profile_dir=Path(config.get("profile_dir") or "profiles"),
+        )

@@ -1,0 +1,156 @@
+"""Speed options on the CPU: torch.compile of the repeated blocks (no recompiles across steps and
+requests of one shape), batched CFG (same result as two forwards), warm-up, VAE tiling, and the
+option validation every entry point shares."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sgl_diffusion.runtime.options import RuntimeOptions
+
+
+def flux_request(**fields: object):
+    from sgl_diffusion.runtime.request import Request
+
+    base = {
+        "id": 1, "prompt": "a red cube", "negative_prompt": None, "width": 32, "height": 32, "num_frames": 1,
+        "num_inference_steps": 3, "guidance_scale": 3.5, "true_cfg_scale": 1.0, "seed": 7,
+        "max_sequence_length": 32, "num_outputs": 1, "flow_shift": None, "guidance_scale_2": None, "fps": None,
+        "image_path": None, "cfg_enabled": False, "output_format": "npy", "output_quality": None, "notes": (),
+    }  # fmt: skip
+    return Request(**{**base, **fields})
+
+
+def load_flux(flux_dir: Path, **options: object):
+    from sgl_diffusion.pipelines.flux import FluxPipeline
+
+    return FluxPipeline.load(flux_dir, RuntimeOptions.for_device("cpu", **options), None)
+
+
+def run(pipeline, request) -> np.ndarray:
+    return pipeline.run([request], lambda step, total: [])["images"]
+
+
+def test_compiled_blocks_match_eager_and_do_not_recompile(flux_dir: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks
+
+    eager = load_flux(flux_dir)
+    expected = [run(eager, flux_request(seed=seed, prompt=p)) for seed, p in ((1, "a cube"), (2, "two dogs"))]
+
+    compiled = load_flux(flux_dir)
+    # aot_eager runs dynamo's capture and guards (what decides recompiles) without inductor's C++
+    # build, so the test is fast; the GPU bench uses inductor.
+    n = compile_repeated_blocks(compiled.c.transformer, backend="aot_eager")
+    assert n == len(compiled.c.transformer.transformer_blocks) + len(compiled.c.transformer.single_transformer_blocks)
+    torch._dynamo.reset()
+    counters.clear()
+    first = run(compiled, flux_request(seed=1, prompt="a cube"))
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    assert graphs_after_first == 2  # one graph per block class (double and single), shared by all blocks
+    second = run(compiled, flux_request(seed=2, prompt="two dogs"))
+    assert counters["stats"]["unique_graphs"] == graphs_after_first  # 3 more steps, new request: no recompile
+    np.testing.assert_allclose(first, expected[0], atol=1e-5)
+    np.testing.assert_allclose(second, expected[1], atol=1e-5)
+
+
+def test_compile_rejects_a_model_without_blocks() -> None:
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks
+
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        compile_repeated_blocks(torch.nn.Linear(2, 2))
+
+
+def test_batched_true_cfg_matches_two_forwards(flux_dir: Path) -> None:
+    request = flux_request(negative_prompt="blurry", true_cfg_scale=4.0, cfg_enabled=True)
+    forwards: dict[str, list[int]] = {"on": [], "off": []}
+    outputs = {}
+    for mode in forwards:
+        pipeline = load_flux(flux_dir, cfg_batching=mode)
+        pipeline.c.transformer.register_forward_hook(
+            lambda module, args, kwargs, out, key=mode: forwards[key].append(kwargs["hidden_states"].shape[0]),
+            with_kwargs=True,
+        )
+        outputs[mode] = run(pipeline, request)
+    assert forwards["on"] == [2, 2, 2] and forwards["off"] == [1] * 6
+    np.testing.assert_allclose(outputs["on"], outputs["off"], atol=1e-5)
+
+
+def test_cfg_batching_auto_is_chosen_by_token_count() -> None:
+    from sgl_diffusion.pipelines.common import CFG_BATCH_MAX_TOKENS, use_batched_cfg
+
+    assert use_batched_cfg("auto", 4096 + 512) is True  # FLUX.1 1024²
+    assert use_batched_cfg("auto", 17160) is True  # Wan 480p, 41 frames
+    assert use_batched_cfg("auto", 32760) is False  # Wan 480p, 81 frames
+    assert use_batched_cfg("auto", CFG_BATCH_MAX_TOKENS + 1) is False
+    assert use_batched_cfg("on", 10**6) is True and use_batched_cfg("off", 1) is False
+
+
+def test_vae_tiling_is_applied(flux_dir: Path) -> None:
+    pipeline = load_flux(flux_dir, vae_tiling=True)
+    vae = pipeline.c.vae
+    assert vae.use_tiling
+    # Force tiles at this tiny size so the tiled path really runs, and check it still decodes.
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4
+    image = run(pipeline, flux_request(width=64, height=64))
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cfg_batching": "sometimes"}, "cfg_batching must be one of auto, on, off"),
+        ({"num_profiled_timesteps": 0}, "num_profiled_timesteps must be a positive integer"),
+        ({"dit_precision": "fp8"}, "dit_precision must be one of"),
+        ({"turbo": True}, "unknown model options"),
+    ],
+)
+def test_bad_options_name_the_field(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RuntimeOptions.from_config({"device": "cpu", **options})
+
+
+def test_warmup_defaults_to_compile() -> None:
+    assert RuntimeOptions.for_device("cpu").warmup is False
+    assert RuntimeOptions.for_device("cpu", enable_torch_compile=True).warmup is True
+    assert RuntimeOptions.for_device("cpu", enable_torch_compile=True, warmup=False).warmup is False
+
+
+def test_api_warmup_runs_before_the_first_request(flux_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from sgl_diffusion import DiffGenerator
+
+    with caplog.at_level("INFO", logger="sgl_diffusion.runtime.warmup"):
+        gen = DiffGenerator.from_pretrained(flux_dir, device="cpu", dit_precision="fp32", warmup=True)
+    try:
+        assert any(record.message.startswith("warm-up at") for record in caplog.records)
+        result = gen.generate("a cube", height=32, width=32, num_inference_steps=2, seed=3)
+        assert result.images[0].size == (32, 32)
+    finally:
+        gen.shutdown()
+
+
+def test_api_rejects_an_unknown_speed_option(flux_dir: Path) -> None:
+    from sgl_diffusion import DiffGenerator
+
+    with pytest.raises(Exception, match="turbo"):
+        DiffGenerator.from_pretrained(flux_dir, device="cpu", turbo=True)
+
+
+def test_cli_compiles_with_inductor(flux_dir: Path, tmp_path: Path) -> None:
+    """The real `--enable-torch-compile` path end to end (inductor's CPU backend)."""
+    command = [
+        sys.executable, "-m", "sgl_diffusion.cli", "generate", "--model-path", str(flux_dir),
+        "--device", "cpu", "--dit-precision", "fp32", "--enable-torch-compile", "--no-warmup",
+        "--prompt", "a cube", "--height", "32", "--width", "32", "--num-inference-steps", "2",
+        "--output-path", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("*.png"))
