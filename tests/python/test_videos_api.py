@@ -427,7 +427,9 @@ def test_progress_is_real_and_cancel_frees_the_worker(server: Server) -> None:
 
 
 def test_a_job_cancelled_after_its_last_step_stays_cancelled(server: Server) -> None:
-    job_id = create(server, **FAST)["id"]
+    # 81 frames: decoding and MP4 encoding take long enough (a second or more on CPU) for the cancel to
+    # land while they run; with 9 frames the whole-clip decoder can finish before the request arrives.
+    job_id = create(server, **{**FAST, "num_frames": 81})["id"]
     wait_denoised(server, job_id)
     response = cancel(server, job_id)
     # Too late to stop it would be a 409; a 200 that says `cancelled` must hold.

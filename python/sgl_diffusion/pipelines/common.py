@@ -10,14 +10,18 @@ import torch
 from ..runtime.request import Request
 
 
-def draw_noise(requests: Sequence[Request], shape: tuple[int, ...]) -> torch.Tensor:
+def draw_noise(requests: Sequence[Request], shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Initial noise, `num_outputs` samples of `shape` per request, each request from its own CPU
     generator seeded with its seed: a request's noise (and so its output) does not depend on its batch,
-    and equals what diffusers draws for the same seed (`randn_tensor` with a CPU generator)."""
+    and equals what diffusers draws for the same seed (`randn_tensor` with a CPU generator).
+
+    `dtype` must be the dtype the reference pipeline draws in (FLUX: the transformer's; Wan: float32):
+    torch's CPU sampler may take a different path per dtype (torch 2.11 does for bf16), so drawing in
+    float32 and casting is not always the same noise."""
     noise = []
     for request in requests:
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        noise.append(torch.randn((request.num_outputs, *shape), generator=generator, dtype=torch.float32))
+        noise.append(torch.randn((request.num_outputs, *shape), generator=generator, dtype=dtype))
     return torch.cat(noise)
 
 

@@ -194,7 +194,7 @@ class PrepareLatents(FluxStage):
         dtype = self.c.transformer.x_embedder.weight.dtype
         channels = self.c.transformer.config.in_channels // 4
         h, w = state["latent_height"], state["latent_width"]
-        latents = pack_latents(draw_noise(state.requests, (channels, h, w)).to(state.device, dtype))
+        latents = pack_latents(draw_noise(state.requests, (channels, h, w), dtype).to(state.device))
         state.set_rows("latents", latents)
         state["latent_image_ids"] = latent_image_ids(h // 2, w // 2, state.device, dtype)
 
