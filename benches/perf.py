@@ -283,11 +283,21 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     add("ours eager, fused kernels", lambda: ours(**inputs), expected)
     ours.fuse_projections()
     add("ours eager, fused kernels, packed QKV", lambda: ours(**inputs), expected)
+    ours.unfuse_projections()  # the engine's default: packing measured no faster (see --compile-ablations)
     if args.compile:
         reference.compile_repeated_blocks(fullgraph=True)
         add("diffusers + torch.compile", lambda: reference(**inputs, return_dict=False)[0], expected)
         compile_repeated_blocks(ours)
         add("ours + torch.compile", lambda: ours(**inputs), expected)
+        if args.compile_ablations:
+            ours.fuse_projections()
+            torch._dynamo.reset()
+            add("ours + torch.compile, packed q/k/v GEMMs", lambda: ours(**inputs), expected)
+            ours.unfuse_projections()
+            fused.set_fused_kernels(False)
+            torch._dynamo.reset()
+            add("ours + torch.compile, no GEMM epilogues", lambda: ours(**inputs), expected)
+            fused.set_fused_kernels(True)
     notes = [
         (
             f"{tflop:.1f} TFLOP per forward ({linear_tflop} linear + {attention_tflop} attention); floor "
@@ -599,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diffusers", choices=["none", "eager", "eager+compiled"], default="eager",
                         help="diffusers pipelines to run in e2e workloads")  # fmt: skip
     parser.add_argument("--lossy-attention", nargs="*", default=[], help="e2e: also run these attention backends")
+    parser.add_argument("--compile-ablations", action="store_true",
+                        help="forward: also compiled with packed q/k/v, and without GEMM epilogues")  # fmt: skip
     parser.add_argument("--cfg-shapes", type=int, nargs="*", default=[],
                         help="forward: compare batch-2 CFG at these sizes (FLUX: latent side in tokens, "
                              "Wan: latent frames)")  # fmt: skip

@@ -30,11 +30,6 @@ class PipelineExecutor:
         self.model_path = config["model_path"]
         self.hf_id = config.get("hf_id")
         self.pipeline = load_pipeline(Path(self.model_path), config["pipeline_class"], self.hf_id, self.options)
-        if self.options.device.type == "cuda":
-            # One GEMM per packed q/k/v group (views keep the checkpoint's parameters); on the CPU the
-            # separate projections keep results bit-identical to diffusers.
-            for denoiser in self.pipeline.denoisers():
-                denoiser.fuse_projections()
         if self.options.enable_torch_compile:
             for denoiser in self.pipeline.denoisers():
                 compile_repeated_blocks(denoiser)
