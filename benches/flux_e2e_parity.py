@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import perf  # noqa: E402
+import perf
 
 
 def main() -> None:
