@@ -7,7 +7,8 @@
 #       --platform manylinux_2_28_x86_64 --platform any -d .whl diffusers==0.42.1 importlib_metadata==8.7.0 \
 #       zipp==3.23.0 ftfy==6.3.1 wcwidth==0.7.0 sageattention==1.0.6 pytest==9.2.0 pluggy iniconfig \
 #       pytest-timeout pygments
-# There (device tool, carry [".whl"]), any of the workloads in order, plus `kernels` (the kernel tests on the GPU):
+# There (device tool, carry [".whl"]), any of the workloads in order, plus `kernels` / `graph-tests` (the
+# CUDA-only tests of the fused kernels / of CUDA graphs):
 #   BENCH_COMMIT=<sha> bash benches/gpu_perf.sh kernels flux-forward wan-forward
 # Results land in $OUT (<workload>.json / .md and a log). Extra perf.py flags per workload go in
 # PERF_ARGS_<WORKLOAD> with - replaced by _, e.g. PERF_ARGS_flux_forward="--cfg-shapes 16 32".
@@ -28,11 +29,18 @@ python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, '
 
 for workload in "$@"; do
     echo "== $workload ($(date -u +%H:%M:%S))"
+    # The CUDA-only tests, on the GPU. pythonpath= : test the installed wheel (the checkout has no built
+    # extension there), kernels from PYTHONPATH.
     if [[ "$workload" == kernels ]]; then
-        # The kernel tests again, on the GPU: the CUDA-only cases compare kernels and references at full size.
-        # pythonpath= : test the installed wheel (the checkout has no built extension there), kernels from PYTHONPATH.
+        # Kernels against their references at full size, GEMM epilogues.
         python3 -m pytest -q -s -p no:cacheprovider -o pythonpath= tests/python/test_kernels.py \
             tests/python/test_linear_fusions.py || echo "kernel tests FAILED"
+        continue
+    fi
+    if [[ "$workload" == graph-tests ]]; then
+        # CUDA-graph replay against the plain forward, per model and through the engine.
+        python3 -m pytest -q -p no:cacheprovider -o pythonpath= tests/python/test_cuda_graphs.py \
+            || echo "graph tests FAILED"
         continue
     fi
     extra_var="PERF_ARGS_${workload//-/_}"

@@ -8,6 +8,9 @@ Workloads (each fits one 10-minute GPU command):
   flux-e2e      FLUX.1-dev 1024², 28 steps: text encoding + denoising + VAE decode
   wan-e2e       Wan2.1-1.3B 832×480, 81 frames, 50 steps, CFG 5: text encoding + denoising + decode
   wan-vae       Wan2.1 VAE decode of 81 frames at 832×480 (diffusers' decoder against ours)
+  flux-graphs   FLUX.1-dev forwards at small shapes (batch 1 and 2): ours eager / compiled, each plain and
+                replayed as a CUDA graph, against diffusers + torch.compile (`--graph-shapes`: latent sides)
+  wan-graphs    the same for Wan2.1-1.3B at 480p (`--graph-shapes`: latent frame counts)
 
 Models are full size with random bf16 weights created on the GPU (forward workloads: the diffusers
 model's weights are copied into ours, so outputs are comparable; end-to-end workloads: a diffusers
@@ -332,6 +335,64 @@ def cfg_batching_rows(args: argparse.Namespace, ours: torch.nn.Module, device: t
     return rows
 
 
+#: `--graph-shapes` defaults: FLUX 256², 512², 768², 1024²; Wan 480p with 1, 5 and 9 frames.
+GRAPH_SHAPES = {"flux-forward": [16, 32, 48, 64], "wan-forward": [1, 2, 3]}
+
+
+def run_graph_sweep(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Where CUDA graphs pay (picks `cuda_graphs.AUTO_MAX_TOKENS`): one row per shape and batch size."""
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks
+    from sgl_diffusion.runtime.cuda_graphs import CudaGraphRunner, batch_tokens
+
+    workload = args.workload.replace("-graphs", "-forward")
+    device, dtype = args.device, torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    reference, ours = build_forward_pair(workload, args.tiny, device, dtype)
+    cases = [(size, batch) for size in (args.graph_shapes or GRAPH_SHAPES[workload]) for batch in (1, 2)]
+    inputs = {case: forward_inputs(workload, args.tiny, device, dtype, batch=case[1], size=case[0]) for case in cases}
+    plain = ours.forward
+    tokens = batch_tokens(ours)
+    rows = {case: {"variant": f"{tokens(inputs[case])} tokens (batch {case[1]})"} for case in cases}
+
+    def measure(column: str, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        for case in cases:
+            stats, out = timed(lambda case=case: fn(inputs[case]), args.warmup, args.runs, device)
+            rows[case][column] = stats["median_ms"]
+            if column.startswith("ours"):
+                expected = rows[case].setdefault("_expected", out.float())
+                rows[case]["max rel L2 vs ours eager"] = max(rows[case].get("max rel L2 vs ours eager", 0.0),
+                                                             rel_l2(out, expected))  # fmt: skip
+            log(f"{rows[case]['variant']} {column}: {stats['median_ms']:.2f} ms")
+
+    def graphed() -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        runner = CudaGraphRunner(ours, plain, capture_all=True, tokens=tokens)
+        return lambda x: runner(**x)
+
+    measure("ours eager ms", lambda x: plain(**x))
+    if device.type == "cuda":
+        measure("ours eager + graph ms", graphed())
+    if args.compile:
+        compile_repeated_blocks(ours)
+        measure("ours compiled ms", lambda x: plain(**x))
+        measure("ours compiled + graph ms", graphed())
+        if args.diffusers != "none":
+            reference.compile_repeated_blocks(fullgraph=True)
+            measure("diffusers + compile ms", lambda x: reference(**x, return_dict=False)[0])
+    for row in rows.values():
+        row.pop("_expected", None)
+        for mode in ("eager", "compiled"):
+            if f"ours {mode} + graph ms" in row:
+                row[f"{mode} graph speed-up"] = row[f"ours {mode} ms"] / row[f"ours {mode} + graph ms"]
+    notes = [
+        (
+            f"{'Tiny' if args.tiny else 'Full-size'} {workload.split('-')[0].upper()} with random weights; "
+            f"{16 if args.tiny else 512} text tokens; median of {args.runs} after {args.warmup} warm-ups. "
+            "A graph replay includes copying the inputs into the graph's buffers and the output out of it."
+        ),
+        "Tokens: image/video tokens of the whole batch (what `--cuda-graphs auto` compares with AUTO_MAX_TOKENS).",
+    ]
+    return list(rows.values()), notes
+
+
 # --------------------------------------------------------------------------------------------------
 # End-to-end workloads
 # --------------------------------------------------------------------------------------------------
@@ -580,6 +641,8 @@ WORKLOADS = {
     "wan-forward": run_forward,
     "flux-e2e": run_e2e,
     "wan-e2e": run_e2e,
+    "flux-graphs": run_graph_sweep,
+    "wan-graphs": run_graph_sweep,
     "wan-vae": run_wan_vae,
 }
 
@@ -614,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-shapes", type=int, nargs="*", default=[],
                         help="forward: compare batch-2 CFG at these sizes (FLUX: latent side in tokens, "
                              "Wan: latent frames)")  # fmt: skip
+    parser.add_argument("--graph-shapes", type=int, nargs="*", default=[],
+                        help="flux-graphs / wan-graphs: sizes (FLUX: latent side in tokens, Wan: latent frames)")  # fmt: skip
     parser.add_argument("--vae-args", nargs="*", default=[], help="wan-vae: extra flags for wan_vae_decode.py")
     parser.add_argument("--commit", default=None, help="default: $BENCH_COMMIT or git rev-parse")
     args = parser.parse_args(argv)

@@ -95,7 +95,7 @@ class DiffGenerator:
 
         `model_path=None` uses the built-in tiny default model. Precisions are fp32, fp16 or bf16
         (default: bf16 on CUDA, fp32 on CPU). `speed_options` are the CLI's speed and profiling
-        options by their Python names: `enable_torch_compile`, `warmup`, `cfg_batching`,
+        options by their Python names: `enable_torch_compile`, `warmup`, `cfg_batching`, `cuda_graphs`,
         `vae_tiling`, `vae_slicing`, `profile`, `num_profiled_timesteps`, `profile_all_stages`,
         `profile_dir`; an unknown name is an error.
         """

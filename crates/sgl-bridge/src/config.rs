@@ -30,6 +30,9 @@ pub struct ModelConfig {
     /// `auto` (by shape), `on` or `off`: conditional and unconditional branches in one forward.
     #[serde(default)]
     pub cfg_batching: Option<String>,
+    /// `auto` (small shapes, default), `on` or `off`: replay the denoiser's forward as a CUDA graph.
+    #[serde(default)]
+    pub cuda_graphs: Option<String>,
     /// Decode in spatial tiles to bound VAE memory.
     #[serde(default)]
     pub vae_tiling: Option<bool>,

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..layers.attention import available_attention_backends
+from ..runtime.cuda_graphs import CUDA_GRAPH_CHOICES
 from ..runtime.options import CFG_BATCHING_CHOICES
 
 #: Options that say how the model is loaded and run (`sgl_bridge::ModelConfig`), in every command.
@@ -27,6 +28,7 @@ MODEL_OPTIONS = (
     "enable_torch_compile",
     "warmup",
     "cfg_batching",
+    "cuda_graphs",
     "vae_tiling",
     "vae_slicing",
     "profile",
@@ -73,6 +75,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--cfg-batching",
         choices=CFG_BATCHING_CHOICES,
         help="run conditional and unconditional branches in one forward: auto (by shape, default), on, off",
+    )
+    speed.add_argument(
+        "--cuda-graphs",
+        choices=CUDA_GRAPH_CHOICES,
+        help="replay the denoiser's forward as a CUDA graph: auto (small shapes, default), on (every shape), off",
     )
     speed.add_argument("--vae-tiling", action="store_true", default=None, help="decode in spatial tiles (less memory)")
     speed.add_argument(

@@ -15,6 +15,7 @@ import torch
 
 from ..pipelines import load_pipeline
 from .compile import compile_repeated_blocks
+from .cuda_graphs import enable_cuda_graphs
 from .device import precision_name
 from .encode import encode_image
 from .options import RuntimeOptions
@@ -33,6 +34,8 @@ class PipelineExecutor:
         if self.options.enable_torch_compile:
             for denoiser in self.pipeline.denoisers():
                 compile_repeated_blocks(denoiser)
+        for denoiser in self.pipeline.denoisers():
+            enable_cuda_graphs(denoiser, self.options.cuda_graphs, self.options.device)
         if self.options.warmup:
             warm_up(self.pipeline)
 

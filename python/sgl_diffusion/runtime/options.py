@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..layers.attention import resolve_attention_backend
+from .cuda_graphs import CUDA_GRAPH_CHOICES
 from .device import parse_device, parse_precision
 
 CFG_BATCHING_CHOICES = ("auto", "on", "off")
@@ -28,6 +29,7 @@ class RuntimeOptions:
     enable_torch_compile: bool = False
     warmup: bool = False
     cfg_batching: str = "auto"
+    cuda_graphs: str = "auto"
     vae_tiling: bool = False
     vae_slicing: bool = False
     profile: bool = False
@@ -58,6 +60,11 @@ class RuntimeOptions:
         cfg_batching = config.get("cfg_batching") or "auto"
         if cfg_batching not in CFG_BATCHING_CHOICES:
             raise ValueError(f"cfg_batching must be one of {', '.join(CFG_BATCHING_CHOICES)}, got {cfg_batching!r}")
+        cuda_graphs = config.get("cuda_graphs") or "auto"
+        if cuda_graphs not in CUDA_GRAPH_CHOICES:
+            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_CHOICES)}, got {cuda_graphs!r}")
+        if cuda_graphs == "on" and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=on needs a CUDA device (device is {device}); use auto or off")
         steps = config.get("num_profiled_timesteps")
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"num_profiled_timesteps must be a positive integer, got {steps!r}")
@@ -72,6 +79,7 @@ class RuntimeOptions:
             enable_torch_compile=compile_blocks,
             warmup=compile_blocks if warmup is None else bool(warmup),
             cfg_batching=cfg_batching,
+            cuda_graphs=cuda_graphs,
             vae_tiling=bool(config.get("vae_tiling") or False),
             vae_slicing=bool(config.get("vae_slicing") or False),
             profile=bool(config.get("profile") or False),

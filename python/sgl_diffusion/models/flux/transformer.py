@@ -518,6 +518,11 @@ class FluxTransformer2DModel(nn.Module):
         img = _norm_modulate(self.final_norm, img, shift, scale)
         return self.proj_out(img)
 
+    @staticmethod
+    def tokens_per_sample(hidden_states: torch.Tensor) -> int:
+        """Image tokens of one sample of the packed latents ``(B, L, C)``."""
+        return int(hidden_states.shape[1])
+
     def fuse_projections(self) -> int:
         """Pack each attention's q/k/v projections into one GEMM (call after the weights are loaded).
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -195,35 +195,45 @@ def wan_rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def wan_rope_tables(
-    head_dim: int, grid: tuple[int, int, int], theta: float = _ROPE_THETA
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``(F' * H' * W', head_dim)`` float32 (CPU) for a latent token grid, pairs interleaved.
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+
+def wan_rope_axis_tables(head_dim: int, positions: int, theta: float = _ROPE_THETA) -> list[RopeTables]:
+    """Per-axis cos/sin tables ``(positions, axis_dim)`` float32 (CPU) for frames, rows and columns.
+
+    Angles are computed in float64 on the CPU (like the reference's precomputed table) so values do not
+    depend on the device; row ``p`` of an axis's table is position ``p`` whatever ``positions`` is.
+    """
+    return [rope_tables_1d(axis_dim, torch.arange(positions), theta) for axis_dim in wan_rope_axis_dims(head_dim)]
+
+
+def assemble_wan_rope(axis_tables: Sequence[RopeTables], grid: tuple[int, int, int]) -> RopeTables:
+    """cos/sin tables ``(F' * H' * W', head_dim)`` for a latent token grid, on the axis tables' device.
 
     Token ``(f, h, w)`` (row-major, the order patchify flattens in) rotates its first ``t_dim`` channels
-    by ``f``, the next ``h_dim`` by ``h`` and the last ``w_dim`` by ``w``. Angles are computed in float64
-    on the CPU (like the reference's precomputed table) so values do not depend on the device.
+    by ``f``, the next ``h_dim`` by ``h`` and the last ``w_dim`` by ``w``. Only device ops: under a CUDA
+    graph this runs inside the graph (nothing read from the host, nothing cached per grid).
     """
     frames, height, width = grid
-    t_dim, h_dim, w_dim = wan_rope_axis_dims(head_dim)
-    tables = [
-        rope_tables_1d(axis_dim, torch.arange(n), theta)
-        for axis_dim, n in zip((t_dim, h_dim, w_dim), grid, strict=True)
-    ]
 
     def assemble(which: int) -> torch.Tensor:
-        t_tab, h_tab, w_tab = (tab[which] for tab in tables)
+        t_tab, h_tab, w_tab = (tables[which] for tables in axis_tables)
+        t_dim, h_dim, w_dim = t_tab.shape[1], h_tab.shape[1], w_tab.shape[1]
         parts = (
-            t_tab.view(frames, 1, 1, t_dim).expand(frames, height, width, t_dim),
-            h_tab.view(1, height, 1, h_dim).expand(frames, height, width, h_dim),
-            w_tab.view(1, 1, width, w_dim).expand(frames, height, width, w_dim),
+            t_tab[:frames].view(frames, 1, 1, t_dim).expand(frames, height, width, t_dim),
+            h_tab[:height].view(1, height, 1, h_dim).expand(frames, height, width, h_dim),
+            w_tab[:width].view(1, 1, width, w_dim).expand(frames, height, width, w_dim),
         )
-        return torch.cat(parts, dim=-1).reshape(frames * height * width, head_dim)
+        return torch.cat(parts, dim=-1).reshape(frames * height * width, t_dim + h_dim + w_dim)
 
     return assemble(0), assemble(1)
 
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]
+def wan_rope_tables(
+    head_dim: int, grid: tuple[int, int, int], theta: float = _ROPE_THETA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``(F' * H' * W', head_dim)`` float32 (CPU) for a latent token grid, pairs interleaved."""
+    return assemble_wan_rope(wan_rope_axis_tables(head_dim, max(grid), theta), grid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,8 +501,10 @@ class WanTransformer3DModel(nn.Module):
         self.proj_out = nn.Linear(dim, config.resolved_out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, _OUT_MOD_CHUNKS, dim) / dim**0.5)
 
-        # Not a buffer: keeps the module meta-constructible and the state_dict equal to the checkpoint's.
-        self._rope_cache: tuple[tuple[int, int, int, torch.device], RopeTables] | None = None
+        # Per-axis RoPE tables for rope_max_seq_len positions, per device, made on first use. Not a buffer:
+        # keeps the module meta-constructible and the state_dict equal to the checkpoint's. Never
+        # replaced, so a CUDA graph may keep reading them.
+        self._rope_axes: dict[torch.device, list[RopeTables]] = {}
         self._warned_context_len = False
 
     @classmethod
@@ -520,11 +532,16 @@ class WanTransformer3DModel(nn.Module):
         if any(n > self.config.rope_max_seq_len for n in grid):
             # The reference precomputes rope_max_seq_len positions per axis and fails beyond them.
             raise ValueError(f"latent grid {grid} exceeds rope_max_seq_len={self.config.rope_max_seq_len}")
-        key = (*grid, device)
-        if self._rope_cache is None or self._rope_cache[0] != key:
-            cos, sin = wan_rope_tables(self.config.attention_head_dim, grid)
-            self._rope_cache = (key, (cos.to(device), sin.to(device)))
-        return self._rope_cache[1]
+        axes = self._rope_axes.get(device)
+        if axes is None:
+            tables = wan_rope_axis_tables(self.config.attention_head_dim, self.config.rope_max_seq_len)
+            axes = [(cos.to(device), sin.to(device)) for cos, sin in tables]
+            self._rope_axes[device] = axes
+        return assemble_wan_rope(axes, grid)
+
+    def tokens_per_sample(self, hidden_states: torch.Tensor) -> int:
+        """Video tokens of one sample of ``hidden_states`` ``(B, C, F, H, W)`` (after patchifying)."""
+        return math.prod(n // p for n, p in zip(hidden_states.shape[2:], self.config.patch_size, strict=True))
 
     @staticmethod
     def _as_timestep(timestep: torch.Tensor | float, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
