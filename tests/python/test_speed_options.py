@@ -154,3 +154,45 @@ def test_cli_compiles_with_inductor(flux_dir: Path, tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.glob("*.png"))
+
+
+def test_wan_decode_chunk_follows_the_slicing_option_and_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl_diffusion.pipelines import wan
+
+    clip = torch.Size((1, 16, 21, 60, 104))  # 832x480, 81 frames
+    cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    assert wan.decode_chunk(clip, 16, bf16, cpu, slicing=False) is None
+    assert wan.decode_chunk(clip, 16, bf16, cpu, slicing=True) == wan.SLICED_CHUNK_FRAMES
+    assert wan.decode_chunk(clip, 48, bf16, cpu, slicing=False) == wan.DECODE_CHUNK_FRAMES
+    assert wan.decode_chunk(torch.Size((1, 16, 21, 90, 160)), 16, bf16, cpu, slicing=False) == wan.DECODE_CHUNK_FRAMES
+    # On a GPU the whole clip needs about 24.6 GB of free memory in bf16 (twice in fp32).
+    monkeypatch.setattr(wan, "available_memory", lambda device: 40e9)
+    assert wan.decode_chunk(clip, 16, bf16, gpu, slicing=False) is None
+    assert wan.decode_chunk(clip, 16, torch.float32, gpu, slicing=False) == wan.DECODE_CHUNK_FRAMES
+    monkeypatch.setattr(wan, "available_memory", lambda device: 20e9)
+    assert wan.decode_chunk(clip, 16, bf16, gpu, slicing=False) == wan.DECODE_CHUNK_FRAMES
+
+
+def test_wan_vae_slicing_decodes_in_short_slices_with_the_same_result(tmp_path: Path) -> None:
+    from sgl_diffusion.pipelines import wan
+    from sgl_diffusion.testing import build_fixture
+
+    folder = build_fixture("wan21_t2v", tmp_path / "wan")
+    request = flux_request(
+        num_frames=17, guidance_scale=5.0, cfg_enabled=True, negative_prompt="", max_sequence_length=16
+    )
+    videos, chunks = {}, {}
+    for slicing in (False, True):
+        pipeline = wan.WanPipeline.load(folder, RuntimeOptions.for_device("cpu", vae_slicing=slicing), None)
+        decoder, decode = pipeline.c.decoder, pipeline.c.decoder.decode
+        seen: list[int | None] = []
+
+        def spy(latents: torch.Tensor, temporal_chunk: int | None = None, seen=seen, decode=decode) -> torch.Tensor:
+            seen.append(temporal_chunk)
+            return decode(latents, temporal_chunk=temporal_chunk)
+
+        decoder.decode = spy
+        videos[slicing] = pipeline.run([request], lambda step, total: [])["videos"]
+        chunks[slicing] = seen
+    assert chunks == {False: [None], True: [wan.SLICED_CHUNK_FRAMES]}  # 5 latent frames: sliced 4 + 1
+    np.testing.assert_allclose(videos[True], videos[False], atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -483,21 +484,45 @@ class DecodeVideos(WanStage):
         if self.c.decoder is None:  # --vae-tiling
             videos = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
         else:
-            chunk = decode_chunk(latents.shape, vae.config.z_dim)
+            slicing = self.pipeline.options.vae_slicing
+            chunk = decode_chunk(latents.shape, z, latents.dtype, latents.device, slicing)
             videos = [self.c.decoder.decode(row.unsqueeze(0), temporal_chunk=chunk) for row in latents]
         pixels = (torch.cat(videos) * 0.5 + 0.5).clamp(0, 1)  # (B, C, T, H, W)
         state["videos"] = pixels.permute(0, 2, 3, 4, 1).float().cpu().numpy()
 
 
-#: Whole-clip decoding keeps every layer's activations for all frames at once: about 20 GB in bf16
-#: for Wan2.1 at 832x480x81. Larger clips (or the 48-channel Wan2.2 VAE, whose widest layers are 5x
-#: wider) are decoded this many latent frames at a time, with the causal context carried over.
+#: Whole-clip decoding keeps every layer's activations for all frames at once: it peaked at 24.4 GB
+#: in bf16 for Wan2.1 at 832x480x81 on an H100 (0.88 s; perf_wan-vae_h100.md), about this many bytes
+#: per output pixel (twice that in fp32). Larger clips, the 48-channel Wan2.2 VAE (whose widest layers
+#: are 5x wider) or a GPU without room for it decode a few latent frames at a time instead, with the
+#: causal context carried over.
 WHOLE_CLIP_MAX_PIXELS = 832 * 480 * 81
+WHOLE_CLIP_BYTES_PER_PIXEL = 760
 DECODE_CHUNK_FRAMES = 8
+#: `--vae-slicing`: the smallest-memory decode, 4 latent frames per call (8.4 GB peak at 832x480x81,
+#: 0.92 s against 0.88 s for the whole clip on the H100).
+SLICED_CHUNK_FRAMES = 4
+#: Share of the GPU's free memory the whole-clip decode may plan to use (fragmentation, the output).
+FREE_MEMORY_SHARE = 0.8
 
 
-def decode_chunk(latent_shape: torch.Size, z_dim: int) -> int | None:
+def decode_chunk(
+    latent_shape: torch.Size, z_dim: int, dtype: torch.dtype, device: torch.device, slicing: bool
+) -> int | None:
     """Latent frames per decode call: None (the whole clip at once) when it fits the budget above."""
+    if slicing:
+        return SLICED_CHUNK_FRAMES
     _, _, frames, height, width = latent_shape
     pixels = (4 * (frames - 1) + 1) * height * width * 64  # 8x8 pixels per latent position
-    return None if z_dim == 16 and pixels <= WHOLE_CLIP_MAX_PIXELS else DECODE_CHUNK_FRAMES
+    if z_dim != 16 or pixels > WHOLE_CLIP_MAX_PIXELS:
+        return DECODE_CHUNK_FRAMES
+    needed = pixels * WHOLE_CLIP_BYTES_PER_PIXEL * (2 if dtype == torch.float32 else 1)
+    return None if needed <= available_memory(device) * FREE_MEMORY_SHARE else DECODE_CHUNK_FRAMES
+
+
+def available_memory(device: torch.device) -> float:
+    """Bytes a new allocation can get: free on the GPU plus what torch's cache holds unused (inf on CPU)."""
+    if device.type != "cuda":
+        return math.inf
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
