@@ -202,7 +202,7 @@ def wire_request(**fields: Any) -> dict[str, Any]:
     ("fixture", "fields"),
     [
         ("flux1_dev", {}),
-        # Two experts (two runners sharing the graph pool), CFG in one batch-2 forward.
+        # Two experts (two runners), CFG in one batch-2 forward.
         ("wan22_t2v_a14b", {"num_frames": 9, "guidance_scale": 5.0, "guidance_scale_2": 3.0, "cfg_enabled": True}),
     ],
 )

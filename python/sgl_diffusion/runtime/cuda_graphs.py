@@ -17,9 +17,9 @@ tensor argument plus the value of every other argument) the runner:
 Which shapes: `auto` captures when the batch has at most `AUTO_MAX_TOKENS` image/video tokens, where
 graphs measured faster (benches/results/perf_h100.md); larger shapes are GPU-bound and run as before.
 `on` captures every shape. Both stop capturing after `MAX_GRAPHS` signatures (each graph keeps its
-static inputs; all of one process's graphs share one memory pool, which is safe because replays never
-overlap and outputs are copied out at once). A shape whose capture fails falls back to the plain
-forward, with a warning, and is not tried again.
+static inputs; a model's graphs share one memory pool, which is safe because replays never overlap and
+outputs are copied out at once). A shape whose capture fails falls back to the plain forward, with a
+warning, and is not tried again.
 
 What a graph assumes: the weights stay where they are (in-place updates are seen, replaced tensors are
 not: call `CudaGraphRunner.reset()` after swapping weights) and the forward reads nothing from the host
@@ -51,17 +51,6 @@ MAX_GRAPHS = 32
 
 #: Plain forwards run before capturing a signature (compilation, cuDNN/cuBLAS plans, allocator).
 WARMUP_CALLS = 2
-
-#: One memory pool for every graph of the process (the two experts of Wan2.2 included): replays run
-#: one at a time on one stream, and outputs are copied out right after each replay.
-_shared_pool: tuple[int, int] | None = None
-
-
-def _pool() -> tuple[int, int]:
-    global _shared_pool
-    if _shared_pool is None:
-        _shared_pool = torch.cuda.graph_pool_handle()
-    return _shared_pool
 
 
 @dataclasses.dataclass
@@ -102,11 +91,15 @@ class CudaGraphRunner:
         self.uncapturable: set[Hashable] = set()
         self.stats = GraphStats()
         self._warned_full = False
+        # The memory pool of this model's graphs: made by the first capture, alive while its graphs are
+        # (a pool handle outliving every graph that used it must not be captured into again).
+        self._pool: tuple[int, int] | None = None
 
     def reset(self) -> None:
         """Drops every captured graph (after the model's weights were replaced)."""
         self.graphs.clear()
         self.uncapturable.clear()
+        self._pool = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         bound = self.signature.bind(*args, **kwargs)
@@ -182,8 +175,10 @@ class CudaGraphRunner:
                 self.forward(**arguments)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_pool()):
+        with torch.cuda.graph(graph, pool=self._pool):
             output = self.forward(**arguments)
+        if self._pool is None:
+            self._pool = graph.pool()
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"forward returned {type(output).__name__}, not a tensor")
         return _CapturedForward(graph, static_inputs, output)
