@@ -530,6 +530,8 @@ def run_diffusers_e2e(pipe, family: str, fields: dict[str, Any], runs: int, devi
 
 
 def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    from sgl_diffusion.runtime.cuda_graphs import cuda_graph_runner
+
     family = "flux" if args.workload == "flux-e2e" else "wan"
     folder = build_folder(args, family)
     fields = e2e_request(args, family)
@@ -557,11 +559,24 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
         record.setdefault("runs", {})[variant] = runs
         return row
 
-    options = {"enable_torch_compile": args.compile, "cfg_batching": "auto"}
+    options = {"enable_torch_compile": args.compile, "cfg_batching": "auto", "cuda_graphs": args.cuda_graphs}
     executor = ours_executor(args, folder, **options)
     ours_runs, ours_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
-    rows.append(e2e_row(f"ours{' + torch.compile' if args.compile else ''}", ours_runs, ours=True))
+    ours_name = f"ours{' + torch.compile' if args.compile else ''}, CUDA graphs {args.cuda_graphs}"
+    rows.append(e2e_row(ours_name, ours_runs, ours=True))
     write_results(args, record, rows, notes, quiet=True)  # partial results survive a time-out
+    runners = [cuda_graph_runner(d) for d in executor.pipeline.denoisers()]
+    if args.graph_ablation and any(runners):
+        for denoiser in executor.pipeline.denoisers():
+            vars(denoiser).pop("forward", None)  # back to the class's forward: no graphs
+        plain_runs, plain_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
+        row = e2e_row(ours_name.replace(f"CUDA graphs {args.cuda_graphs}", "no CUDA graphs"), plain_runs, ours=True)
+        row["PSNR dB vs with graphs"] = psnr(plain_out, ours_out)
+        rows.append(row)
+        for denoiser, runner in zip(executor.pipeline.denoisers(), runners, strict=True):
+            if runner is not None:
+                denoiser.forward = runner
+        write_results(args, record, rows, notes, quiet=True)
     for backend in args.lossy_attention:
         executor.pipeline.c.transformer.attention_backend = backend
         lossy_runs, lossy_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
@@ -677,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-shapes", type=int, nargs="*", default=[],
                         help="forward: compare batch-2 CFG at these sizes (FLUX: latent side in tokens, "
                              "Wan: latent frames)")  # fmt: skip
+    parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="e2e: ours' --cuda-graphs")
+    parser.add_argument("--graph-ablation", action="store_true", help="e2e: ours again with the graphs removed")
     parser.add_argument("--graph-shapes", type=int, nargs="*", default=[],
                         help="flux-graphs / wan-graphs: sizes (FLUX: latent side in tokens, Wan: latent frames)")  # fmt: skip
     parser.add_argument("--vae-args", nargs="*", default=[], help="wan-vae: extra flags for wan_vae_decode.py")
