@@ -42,9 +42,12 @@ logger = logging.getLogger(__name__)
 
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
-#: `auto` captures batches with at most this many image/video tokens (all samples together).
-#: Measured on an H100 (bf16, FLUX.1-dev and Wan2.1-1.3B, eager and compiled): see perf_h100.md.
-AUTO_MAX_TOKENS = 4096
+#: `auto` captures batches with at most this many image/video tokens (all samples together). On an H100
+#: (bf16, full-size FLUX.1-dev and Wan2.1-1.3B, benches/results/perf_{flux,wan}-graphs_h100.md) graphs
+#: were faster at every shape up to 6 240 tokens, compiled by 1.9-60 % (Wan 1 560 tokens: 18.3 -> 12.0 ms;
+#: FLUX 1024², 4 096 tokens: 154.5 -> 151.7 ms), and within +-1 % (noise) at 8 192 and 9 360 tokens,
+#: where the GPU, not the launches, sets the pace and a graph only holds memory.
+AUTO_MAX_TOKENS = 6400
 
 #: Most input signatures one model keeps graphs for; later new shapes run without a graph.
 MAX_GRAPHS = 32
