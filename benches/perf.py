@@ -560,9 +560,12 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
         return row
 
     options = {"enable_torch_compile": args.compile, "cfg_batching": "auto", "cuda_graphs": args.cuda_graphs}
+    if args.vae_slicing:
+        options["vae_slicing"] = True
     executor = ours_executor(args, folder, **options)
     ours_runs, ours_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
     ours_name = f"ours{' + torch.compile' if args.compile else ''}, CUDA graphs {args.cuda_graphs}"
+    ours_name += ", --vae-slicing" if args.vae_slicing else ""
     rows.append(e2e_row(ours_name, ours_runs, ours=True))
     write_results(args, record, rows, notes, quiet=True)  # partial results survive a time-out
     runners = [cuda_graph_runner(d) for d in executor.pipeline.denoisers()]
@@ -693,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="forward: compare batch-2 CFG at these sizes (FLUX: latent side in tokens, "
                              "Wan: latent frames)")  # fmt: skip
     parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="e2e: ours' --cuda-graphs")
+    parser.add_argument("--vae-slicing", action="store_true", help="e2e: ours with --vae-slicing")
     parser.add_argument("--graph-ablation", action="store_true", help="e2e: ours again with the graphs removed")
     parser.add_argument("--graph-shapes", type=int, nargs="*", default=[],
                         help="flux-graphs / wan-graphs: sizes (FLUX: latent side in tokens, Wan: latent frames)")  # fmt: skip
