@@ -47,6 +47,7 @@ from sgl_diffusion_kernels import qk_norm_rope as qr
 from sgl_diffusion_kernels import triton_available
 from sgl_diffusion_kernels import vae_rows as vr
 
+from cuda_timing import cuda_ms
 from sgl_diffusion.layers import fused
 from sgl_diffusion.layers.rotary import apply_interleaved_rotary
 
@@ -548,18 +549,6 @@ def test_interpreter_in_fresh_process() -> None:
     assert "passed" in proc.stdout.splitlines()[-1]
 
 
-def _cuda_ms(fn: Callable[[], object], runs: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / runs
-
-
 @pytest.mark.skipif(not CUDA or not KERNELS_RUN or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")
 @torch.inference_mode()
 def test_cuda_full_size() -> None:
@@ -571,8 +560,8 @@ def test_cuda_full_size() -> None:
     def check(name: str, kernel: Callable, reference: Callable, *args: object, rope: bool = False, **kwargs) -> None:
         got, want = kernel(*args, **kwargs), reference(*args, **kwargs)
         (assert_rope_close if rope else assert_one_rounding_apart)(got, want)
-        kernel_ms = _cuda_ms(lambda: kernel(*args, **kwargs))
-        reference_ms = _cuda_ms(lambda: reference(*args, **kwargs))
+        kernel_ms = cuda_ms(lambda: kernel(*args, **kwargs))
+        reference_ms = cuda_ms(lambda: reference(*args, **kwargs))
         report.append(f"{name}: kernel {kernel_ms:.3f} ms, reference {reference_ms:.3f} ms")
 
     for seq, dim in ((4608, 3072), (4608, 5120)):
@@ -645,11 +634,11 @@ def test_cuda_vae_rows_full_size() -> None:
                 assert torch.equal(inplace, got)
                 del inplace
             del got
-            kernel_ms = _cuda_ms(lambda args=args: vr.vae_rows(x, **args))
-            reference_ms = _cuda_ms(lambda args=args: vr.vae_rows_reference(x, **args))
+            kernel_ms = cuda_ms(lambda args=args: vr.vae_rows(x, **args))
+            reference_ms = cuda_ms(lambda args=args: vr.vae_rows_reference(x, **args))
             kw = {"gamma": args.get("weight"), "bias": args.get("bias"), "silu": args.get("silu", False)}
             kw["residual"] = act_res if "residual" in args else None
-            torch_ms = _cuda_ms(lambda kw=kw: vae._rows_torch(act, False, **kw))
+            torch_ms = cuda_ms(lambda kw=kw: vae._rows_torch(act, False, **kw))
             report.append(
                 f"vae_rows {(1, c, t, h, w)} {tag}: kernel {kernel_ms:.3f} ms, reference {reference_ms:.3f} ms, "
                 f"decoder torch ops {torch_ms:.3f} ms"

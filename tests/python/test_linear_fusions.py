@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import cuda_ms
 from sgl_diffusion.layers import fused, linear
 from sgl_diffusion.layers.linear import linear_gelu_tanh, linear_split_accumulate
 from sgl_diffusion.models.flux import FluxTransformer2DModel
@@ -365,18 +366,6 @@ def test_meta_model_does_not_fuse() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cuda_ms(fn: Callable[[], object], runs: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / runs
-
-
 def _cpu_op_names(fn: Callable[[], object]) -> set[str]:
     # acc_events: keep every event of the one cycle (and no "clears events" warning on torch 2.11).
     with warnings.catch_warnings():
@@ -409,8 +398,8 @@ def test_cuda_full_size(monkeypatch: pytest.MonkeyPatch) -> None:
     assert err_fused <= 1.5 * err_unfused + 1e-3
     ops = _cpu_op_names(lambda: linear_gelu_tanh(x, w1, b1))
     assert not {"aten::gelu", "aten::gelu_"} & ops, f"GELU ran as its own kernel (no cuBLASLt epilogue): {ops}"
-    fused_ms = _cuda_ms(lambda: linear_gelu_tanh(x, w1, b1))
-    unfused_ms = _cuda_ms(lambda: _gelu_ref(x, w1, b1))
+    fused_ms = cuda_ms(lambda: linear_gelu_tanh(x, w1, b1))
+    unfused_ms = cuda_ms(lambda: _gelu_ref(x, w1, b1))
     print(f"linear_gelu_tanh ({tokens}x{dim} @ {dim}x{mlp_dim}): fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms")
 
     # Split-accumulate against the concatenation (FLUX single block proj_out: 3072 + 12288 -> 3072).
@@ -431,8 +420,8 @@ def test_cuda_full_size(monkeypatch: pytest.MonkeyPatch) -> None:
     # The weight's column slices go to cuBLAS as they are: no copy, no clone, no concatenation.
     ops = _cpu_op_names(lambda: linear_split_accumulate((attn, mlp), w2, b2))
     assert not {"aten::copy_", "aten::clone", "aten::contiguous", "aten::cat"} & ops, ops
-    split_ms = _cuda_ms(lambda: linear_split_accumulate((attn, mlp), w2, b2))
-    cat_ms = _cuda_ms(lambda: _split_ref([attn, mlp], w2, b2))
+    split_ms = cuda_ms(lambda: linear_split_accumulate((attn, mlp), w2, b2))
+    cat_ms = cuda_ms(lambda: _split_ref([attn, mlp], w2, b2))
     print(
         f"linear_split_accumulate ({tokens} tokens, {dim}+{mlp_dim} -> {dim}): split {split_ms:.3f} ms, cat {cat_ms:.3f} ms"
     )

@@ -124,16 +124,18 @@ class CudaGraphRunner:
         if torch.is_grad_enabled():
             return None
         parts: list[Hashable] = []
+        saw_tensor = False
         for name, value in inputs.items():
             if isinstance(value, torch.Tensor):
                 if value.device.type != "cuda" or value.requires_grad:
                     return None
                 parts.append((name, tuple(value.shape), tuple(value.stride()), value.dtype, value.device))
+                saw_tensor = True
             elif value is None or isinstance(value, bool | int | float | str):
                 parts.append((name, value))  # baked into the graph, so part of its identity
             else:
                 return None
-        if not any(isinstance(value, torch.Tensor) for value in inputs.values()):
+        if not saw_tensor:
             return None
         # Asked last: only once a CUDA tensor showed that CUDA works here. Nested capture: run plainly.
         return None if torch.cuda.is_current_stream_capturing() else tuple(parts)
