@@ -1,44 +1,93 @@
 # Developer commands. `make help` lists them.
+#
+# The test targets never use the Python environment they are started from: each builds a brand-new
+# virtualenv and installs an exact set of packages into it, so a run never leans on whatever the
+# machine happened to have installed by hand.
+#   make test         the locked set (requirements/test.txt), the README's test command and CI's
+#   make test-latest  the newest versions PyPI resolves today
+#   make test-lowest  the lower bounds pyproject.toml declares
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+VENV ?= .venv
+LOCK ?= requirements/test.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-test demo test test-rust test-python lint format wheel clean
+.PHONY: help install demo venv install-test test test-latest test-lowest test-rust test-python lint format lock wheel clean
 
 help: ## List the developer commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: ## Install sgl-diffusion with its runtime dependencies (builds the Rust extension)
+install: ## Install sgl-diffusion with its runtime dependencies into the current environment
 	$(PIP) install ./kernels .
 
 demo: install ## Install, then generate an image with the built-in default model (offline, CPU ok)
 	sgl-diffusion generate --prompt "a lighthouse at dawn" --output-path outputs
 
-install-test: ## Install in editable mode with the test dependencies
-	$(PIP) install -e ./kernels -e ".[test]"
+# $(1): the virtualenv's folder. uv comes from the lock too, so the installer is pinned as well.
+define new_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --disable-pip-version-check -c $(LOCK) uv
+endef
 
-test: install-test test-rust test-python ## Install what tests need, then run every test (Rust and Python)
+# $(1): the virtualenv's folder. The checkout is installed editable (the extension is built in place,
+# reusing target/'s release build) without resolving anything: its dependencies are already there.
+define install_checkout
+	$(1)/bin/uv pip install -q --python $(1)/bin/python --no-deps -e ./kernels -e .
+	rm -f dist/sgl_diffusion-*.whl
+	$(1)/bin/maturin build --release --out dist
+endef
+
+venv: ## A brand-new $(VENV) holding exactly the locked test set plus this checkout (editable)
+	$(call new_venv,$(VENV))
+	$(VENV)/bin/uv pip sync -q --python $(VENV)/bin/python $(LOCK)
+	$(call install_checkout,$(VENV))
+
+install-test: venv ## Alias of `venv`
+
+test: venv ## Install exactly the locked test set into a new virtualenv, then run every test (Rust and Python)
+	$(MAKE) test-rust test-python VENV=$(VENV)
+
+# $(1): the virtualenv's folder, $(2): the requirements file to write, $(3): how uv resolves.
+define test_resolved
+	$(call new_venv,$(1))
+	$(1)/bin/uv pip compile -q pyproject.toml --extra test $(3) --custom-compile-command "make $@" -o $(2)
+	$(1)/bin/uv pip sync -q --python $(1)/bin/python $(2)
+	$(call install_checkout,$(1))
+	$(MAKE) test-rust test-python VENV=$(1) LOCK=$(2)
+endef
+
+test-latest: ## Every test on the newest versions PyPI resolves today (records them in requirements/latest-tested.txt)
+	$(call test_resolved,.venv-latest,requirements/latest-tested.txt,--upgrade)
+
+test-lowest: ## Every test on pyproject.toml's lower bounds (records them in requirements/lowest-tested.txt)
+	$(call test_resolved,.venv-lowest,requirements/lowest-tested.txt,--resolution lowest-direct)
 
 test-rust: ## cargo test for the whole workspace
 	cargo test --workspace
 
-test-python: ## pytest (CPU; builds tiny fixtures offline)
-	$(PYTHON) -m pytest -q
+test-python: ## pytest in the virtualenv (CPU; builds tiny fixtures offline; one test installs the wheel from dist/)
+	SGL_DIFFUSION_WHEEL_DIR=$(abspath dist) SGL_DIFFUSION_LOCK=$(abspath $(LOCK)) $(VENV)/bin/python -m pytest -q
 
-lint: ## rustfmt, clippy (warnings are errors) and ruff
+lint: ## rustfmt, clippy (warnings are errors) and ruff (the locked version, from the virtualenv)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(PYTHON) -m ruff check python tests benches kernels
-	$(PYTHON) -m ruff format --check python tests benches kernels
+	$(VENV)/bin/python -m ruff check python tests benches kernels
+	$(VENV)/bin/python -m ruff format --check python tests benches kernels
 
 format: ## Format Rust and Python sources
 	cargo fmt --all
-	$(PYTHON) -m ruff format python tests benches kernels
-	$(PYTHON) -m ruff check --fix python tests benches kernels
+	$(VENV)/bin/python -m ruff format python tests benches kernels
+	$(VENV)/bin/python -m ruff check --fix python tests benches kernels
 
-wheel: ## Build the abi3 wheel (one wheel for CPython 3.10+) into dist/
+lock: ## Re-resolve requirements/test.txt: the newest versions allowed by pyproject.toml, for Python 3.11+
+	$(PIP) install -q uv
+	$(PYTHON) -m uv pip compile -q pyproject.toml --extra test --universal --python-version 3.11 \
+		--upgrade --custom-compile-command "make lock" -o $(LOCK)
+
+wheel: ## Build the abi3 wheel (one wheel for CPython 3.11+) into dist/
 	maturin build --release --out dist
 
-clean: ## Remove build outputs
+clean: ## Remove build outputs and the test virtualenvs
 	cargo clean
-	rm -rf dist build outputs
+	rm -rf dist build outputs $(VENV) .venv-latest .venv-lowest
