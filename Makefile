@@ -63,15 +63,19 @@ test-latest: ## Every test on the newest versions PyPI resolves today (records t
 test-lowest: ## Every test on pyproject.toml's lower bounds (records them in requirements/lowest-tested.txt)
 	$(call test_resolved,.venv-lowest,requirements/lowest-tested.txt,--resolution lowest-direct)
 
+# Commands run as in an activated virtualenv: its `python3` (which PyO3's build links) and console
+# scripts (`sgl-diffusion`) come first on PATH.
+IN_VENV = PATH="$(abspath $(VENV))/bin:$$PATH" VIRTUAL_ENV="$(abspath $(VENV))"
+
 test-rust: ## cargo test for the whole workspace
-	cargo test --workspace
+	$(IN_VENV) cargo test --workspace
 
 test-python: ## pytest in the virtualenv (CPU; builds tiny fixtures offline; one test installs the wheel from dist/)
-	SGL_DIFFUSION_WHEEL_DIR=$(abspath dist) SGL_DIFFUSION_LOCK=$(abspath $(LOCK)) $(VENV)/bin/python -m pytest -q
+	$(IN_VENV) SGL_DIFFUSION_WHEEL_DIR=$(abspath dist) SGL_DIFFUSION_LOCK=$(abspath $(LOCK)) python -m pytest -q
 
 lint: ## rustfmt, clippy (warnings are errors) and ruff (the locked version, from the virtualenv)
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	$(IN_VENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/python -m ruff check python tests benches kernels
 	$(VENV)/bin/python -m ruff format --check python tests benches kernels
 
