@@ -97,7 +97,9 @@ class DiffGenerator:
         (default: bf16 on CUDA, fp32 on CPU). `speed_options` are the CLI's speed and profiling
         options by their Python names: `enable_torch_compile`, `warmup`, `cfg_batching`, `cuda_graphs`,
         `vae_tiling`, `vae_slicing`, `profile`, `num_profiled_timesteps`, `profile_all_stages`,
-        `profile_dir`; an unknown name is an error.
+        `profile_dir`, `text_encoder_precisions` (a list, one per text encoder); an unknown name is an error.
+        SGLang Diffusion's environment variables that ask for a feature not built yet
+        (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError` naming them.
         """
         config = {
             "model": {

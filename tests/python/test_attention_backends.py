@@ -23,6 +23,7 @@ from sgl_diffusion.layers.attention import (
     AttentionBackend,
     attention,
     available_attention_backends,
+    check_attention_backend_name,
     register_attention_backend,
     resolve_attention_backend,
 )
@@ -94,8 +95,8 @@ def test_names() -> None:
 def test_unknown_and_reserved_names() -> None:
     with pytest.raises(ValueError, match=r"^unknown attention backend 'nope'; available: torch_sdpa, auto$"):
         resolve_attention_backend("nope")
-    with pytest.raises(ValueError, match=r"unknown attention backend 'fa3' \(did you mean 'fa'\?\)"):
-        resolve_attention_backend("fa3")
+    with pytest.raises(ValueError, match=r"unknown attention backend 'fa2' \(did you mean 'fa'\?\)"):
+        resolve_attention_backend("fa2")
     with pytest.raises(ValueError, match=r"unknown attention backend 'sage' \(did you mean 'sage_attn'\?\)"):
         resolve_attention_backend("sage")
     for name in ("sliding_tile", "vsa"):
@@ -179,6 +180,15 @@ def test_fa_prefers_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
     fa2 = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
     attention(*_qkv(), backend="fa")
     assert (len(fa3), len(fa2)) == (1, 0)
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_sglang_names_fa3_and_fa4_mean_fa(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="flash"):  # the same "not installed" error as `fa` itself
+        resolve_attention_backend("fa3")
+    _fake_module(monkeypatch, "flash_attn_interface", "flash_attn_func", returns_lse=True)
+    assert [resolve_attention_backend(name) for name in ("fa3", "fa4")] == ["fa", "fa"]
+    assert check_attention_backend_name("fa4") == "fa"
 
 
 @pytest.mark.usefixtures("on_cpu")

@@ -325,8 +325,8 @@ def test_no_422_for_odd_bodies(server: Server) -> None:
 def check_card(card: dict[str, Any], flux_dir: Path) -> None:
     assert card["object"] == "model"
     assert Path(card["root"]).resolve() == flux_dir.resolve()
-    assert card["task_type"] == "text-to-image"
-    assert card["pipeline_class"] == "FluxPipeline"
+    assert (card["task_type"], card["task"]) == ("T2I", "text-to-image")
+    assert (card["pipeline_name"], card["pipeline_class"]) == ("flux_pipeline", "FluxPipeline")
     assert card["num_gpus"] == 1
     assert isinstance(card["dit_precision"], str) and card["dit_precision"]
     assert isinstance(card["vae_precision"], str) and card["vae_precision"]
@@ -373,12 +373,13 @@ def test_models_route_has_the_sglang_shape(server: Server, flux_dir: Path) -> No
     assert response.status_code == 200
     info = response.json()
     assert set(info) == {
-        "model_path", "task_type", "pipeline_name", "pipeline_class", "num_gpus", "dit_precision", "vae_precision"
+        "model_path", "task_type", "pipeline_name", "pipeline_class", "num_gpus", "dit_precision", "vae_precision",
+        "task", "family",
     }  # fmt: skip
     assert info["model_path"] == str(flux_dir)
-    assert info["task_type"] == "text-to-image"
+    assert (info["task_type"], info["task"]) == ("T2I", "text-to-image")
     assert info["pipeline_class"] == "FluxPipeline"
-    assert isinstance(info["pipeline_name"], str) and info["pipeline_name"]
+    assert (info["pipeline_name"], info["family"]) == ("flux_pipeline", "flux1")
     assert info["num_gpus"] == 1
 
 

@@ -51,6 +51,9 @@ pub struct ModelConfig {
     /// Folder for profiler traces (default `./profiles`).
     #[serde(default)]
     pub profile_dir: Option<String>,
+    /// Precision of each text encoder, in `model_index.json` order (default: the DiT's precision).
+    #[serde(default)]
+    pub text_encoder_precisions: Option<Vec<String>>,
 }
 
 /// The model with its folder resolved, plus the options as given; what the Python executor receives.

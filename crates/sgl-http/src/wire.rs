@@ -109,8 +109,16 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     /// The folder the model was loaded from.
     pub root: String,
+    /// SGLang Diffusion's task code: `T2I`, `T2V`, `I2V`, `TI2V`, `I2I`.
     pub task_type: String,
+    /// SGLang Diffusion's pipeline name: the pipeline class in snake case (`flux_pipeline`, `wan_pipeline`).
+    pub pipeline_name: String,
+    /// diffusers pipeline class the model runs as (`FluxPipeline`, `WanPipeline`, `WanDMDPipeline`, ...).
     pub pipeline_class: String,
+    /// The task in words: `text-to-image`, `text-to-video`, `image-to-video`, `text-image-to-video`.
+    pub task: String,
+    /// Model family of the native implementation: `flux1`, `wan`.
+    pub family: String,
     pub num_gpus: u32,
     pub dit_precision: String,
     pub vae_precision: String,
@@ -122,13 +130,19 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
-/// `GET /models`: the shape SGLang Diffusion documents.
+/// `GET /models`: the shape SGLang Diffusion documents, plus `task` and `family` in our own words.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ServedModelInfo {
     pub model_path: String,
+    /// SGLang Diffusion's task code: `T2I`, `T2V`, `I2V`, `TI2V`, `I2I`.
     pub task_type: String,
+    /// SGLang Diffusion's pipeline name: the pipeline class in snake case (`flux_pipeline`, `wan_pipeline`).
     pub pipeline_name: String,
     pub pipeline_class: String,
+    /// The task in words: `text-to-image`, `text-to-video`, `image-to-video`, `text-image-to-video`.
+    pub task: String,
+    /// Model family of the native implementation: `flux1`, `wan`.
+    pub family: String,
     pub num_gpus: u32,
     pub dit_precision: String,
     pub vae_precision: String,

@@ -13,17 +13,17 @@ from typing import Any
 
 from .. import _native
 from ..api import DiffGenerator, GenerationResult, collect
-from .options import (
-    CommandError,
-    add_model_options,
-    add_not_supported_options,
-    merge_config,
-    model_config,
-    reject_not_supported,
-)
+from .options import CommandError, add_model_options, add_sglang_options, model_config, parse_options
+from .serve import SERVER_OPTIONS, server_option_name
+
+#: The server's options, given to `generate` (SGLang's docs pass them to both commands): each is an error.
+NOT_HERE = {
+    server_option_name(flag): "applies to `sgl-diffusion serve` only: `generate` starts no HTTP server"
+    for flag, _ in SERVER_OPTIONS
+}
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("generate", help="generate images from a prompt")
     request = parser.add_argument_group("request")
     request.add_argument("--prompt", help="text prompt (required)")
@@ -50,16 +50,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     output.add_argument("--perf-dump-path", help="write timings and memory as JSON here")
     add_model_options(parser)
-    add_not_supported_options(parser)
+    add_sglang_options(parser)
+    serve_only = parser.add_argument_group("serve only (an error here)")
+    for flag, kwargs in SERVER_OPTIONS:
+        serve_only.add_argument(flag, **{**kwargs, "help": argparse.SUPPRESS})
     parser.set_defaults(run=lambda args: run(args, parser))
+    return parser
+
+
+def checked_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The command line and `--config` merged and checked; raises `CommandError` (a usage error)."""
+    options = parse_options(parser, args, NOT_HERE)
+    if not options.get("prompt"):
+        raise CommandError("--prompt is required (on the command line or in --config)")
+    return options
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        options = merge_config(parser, args)
-        reject_not_supported(options)
-        if not options.get("prompt"):
-            raise CommandError("--prompt is required (on the command line or in --config)")
+        options = checked_options(parser, args)
     except CommandError as err:
         parser.error(str(err))
     try:

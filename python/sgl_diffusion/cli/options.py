@@ -1,21 +1,25 @@
-"""Command-line options shared by commands, `--config` files, and options not built yet.
+"""Command-line options shared by commands, `--config` files, and SGLang Diffusion's options.
 
-Every option has one definition here. A `--config` file (JSON or YAML) uses the same names (with
-`-` or `_`); an option given on the command line wins over the file.
+Every option has one definition here (SGLang's flags that we only accept by name: `sglang_compat.OPTIONS`). A
+`--config` file (JSON or YAML) uses the same names (with `-` or `_`, any of an option's spellings, e.g. `precision`
+for `dit_precision`); an option given on the command line wins over the file. `parse_options` merges both and
+rejects, in one error listing each, every value that asks for a feature not built yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..layers.attention import available_attention_backends
+from .. import sglang_compat
+from ..layers.attention import available_attention_backends, check_attention_backend_name
 from ..runtime.cuda_graphs import CUDA_GRAPH_CHOICES
+from ..runtime.device import PRECISIONS
 from ..runtime.options import CFG_BATCHING_CHOICES
 
 #: Options that say how the model is loaded and run (`sgl_bridge::ModelConfig`), in every command.
@@ -35,6 +39,7 @@ MODEL_OPTIONS = (
     "num_profiled_timesteps",
     "profile_all_stages",
     "profile_dir",
+    "text_encoder_precisions",
 )
 
 
@@ -53,10 +58,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--model-path", help="diffusers folder or Hugging Face id (local cache); default: built-in tiny model"
     )
     group.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present")
-    group.add_argument("--dit-precision", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
-    group.add_argument("--vae-precision", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    # `precision` is the DiT's precision in SGLang Diffusion's config files.
     group.add_argument(
-        "--attention-backend", help=f"attention kernels (available: {', '.join(available_attention_backends())})"
+        "--dit-precision", "--precision", choices=list(PRECISIONS), help="default: bf16 on cuda, fp32 on cpu"
+    )
+    group.add_argument("--vae-precision", choices=list(PRECISIONS), help="default: bf16 on cuda, fp32 on cpu")
+    group.add_argument(
+        "--text-encoder-precisions",
+        nargs="+",
+        choices=list(PRECISIONS),
+        metavar="PRECISION",
+        help="one per text encoder, in model_index.json order (FLUX.1: CLIP T5; Wan: UMT5); default: the DiT's",
+    )
+    group.add_argument(
+        "--attention-backend",
+        help=f"attention kernels (available: {', '.join(available_attention_backends())}; fa3 and fa4 mean fa)",
     )
     speed = parser.add_argument_group("speed and profiling")
     speed.add_argument(
@@ -99,39 +115,30 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", help="JSON or YAML file with any of these options; the command line wins")
 
 
-#: Options users of the seed project pass that we do not support yet: accepted by the parser so the
-#: error can say so, never silently ignored. Value: predicate telling whether the given value asks
-#: for the missing feature (e.g. `--num-gpus 1` is fine).
-NOT_SUPPORTED_YET: dict[str, tuple[dict[str, Any], Callable[[Any], bool]]] = {
-    "num_gpus": ({"type": int}, lambda v: v != 1),
-    "tp_size": ({"type": int}, lambda v: v != 1),
-    "sp_degree": ({"type": int}, lambda v: v != 1),
-    "ulysses_degree": ({"type": int}, lambda v: v != 1),
-    "ring_degree": ({"type": int}, lambda v: v != 1),
-    "enable_cfg_parallel": ({"action": "store_true", "default": None}, bool),
-    "lora_path": ({}, lambda v: v is not None),
-    "lora_nickname": ({}, lambda v: v is not None),
-    "dit_cpu_offload": ({"action": "store_true", "default": None}, bool),
-    "text_encoder_cpu_offload": ({"action": "store_true", "default": None}, bool),
-    "vae_cpu_offload": ({"action": "store_true", "default": None}, bool),
-    "cache_dit": ({"action": "store_true", "default": None}, bool),
-    "enable_teacache": ({"action": "store_true", "default": None}, bool),
-    "backend": ({}, lambda v: v not in (None, "native")),
-}
+def add_sglang_options(parser: argparse.ArgumentParser) -> None:
+    """SGLang Diffusion's flags (and config keys) that have no option of our own: see `sglang_compat.OPTIONS`."""
+    sglang_compat.add_options(parser)
 
 
-def add_not_supported_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("not supported yet (rejected with an error)")
-    for name, (kwargs, _) in NOT_SUPPORTED_YET.items():
-        group.add_argument("--" + name.replace("_", "-"), help=argparse.SUPPRESS, **kwargs)
-
-
-def reject_not_supported(values: dict[str, Any]) -> None:
-    for name, (_, asks_for_feature) in NOT_SUPPORTED_YET.items():
-        value = values.get(name)
-        if value is not None and asks_for_feature(value):
-            flag = "--" + name.replace("_", "-")
-            raise CommandError(f"{flag} is not supported yet (got {value!r}); see the README for what works today")
+def parse_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, not_here: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The options from the command line and `--config`, checked. Raises `CommandError` listing every option, config
+    key and environment variable that asks for a feature not built yet, and every option in `not_here` (name: why
+    it does not apply to this command) that was given."""
+    values, spelled = merge_config(parser, args)
+    problems = sglang_compat.option_problems(values, spelled)
+    problems += [f"{spelled[name]} {why}" for name, why in (not_here or {}).items() if values.get(name) is not None]
+    backend = values.get("attention_backend")
+    if backend is not None:
+        try:
+            values["attention_backend"] = check_attention_backend_name(backend)
+        except ValueError as err:
+            problems.append(f"{spelled['attention_backend']}: {err}")
+    problems += sglang_compat.environment_problems()
+    if problems:
+        raise CommandError("\n".join(problems))
+    return values
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -150,26 +157,48 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
-def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     """Options from `--config`, overridden by those given on the command line; values from the file
-    go through the same type conversion and choices as the command line."""
+    go through the same type conversion and choices as the command line. Also returns how each option
+    was spelled (`--num-gpus`, `run.yaml: num_gpus`), for error messages."""
     values = vars(args).copy()
+    actions = [action for action in parser._actions if action.dest not in ("help", "config") and action.option_strings]
+    spelled = {action.dest: action.option_strings[0] for action in actions}
     if not args.config:
-        return values
-    known = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+        return values, spelled
+    # Every spelling of an option is a key: `dit_precision` and `precision`, `sp_degree` and `sp_size`.
+    known = {flag.lstrip("-").replace("-", "_"): action for action in actions for flag in action.option_strings}
+    from_file: dict[str, str] = {}
     for key, value in load_config_file(args.config).items():
         action = known.get(key)
         if action is None:
             raise CommandError(f"--config {args.config}: unknown option {key!r}")
-        if values.get(key) is not None and values[key] != action.default:
+        where = f"{args.config}: {key}"
+        if action.dest in from_file:
+            raise CommandError(f"--config {args.config}: {key} and {from_file[action.dest]} are the same option")
+        from_file[action.dest] = key
+        if values.get(action.dest) is not None and values[action.dest] != action.default:
             continue  # the command line wins
-        if value is not None and action.type is not None and not isinstance(value, bool):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as err:
-                raise CommandError(f"--config {args.config}: {key}: {err}") from err
-        if action.choices is not None and value not in action.choices:
-            choices = ", ".join(map(str, action.choices))
-            raise CommandError(f"--config {args.config}: {key} must be one of {choices}, got {value!r}")
-        values[key] = value
-    return values
+        values[action.dest] = convert_config_value(action, value, where)
+        spelled[action.dest] = where
+    return values, spelled
+
+
+def convert_config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A value from a config file through the option's type and choices (each item of a list option)."""
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return None if value is None else [convert_config_value_item(action, item, where) for item in items]
+    return convert_config_value_item(action, value, where)
+
+
+def convert_config_value_item(action: argparse.Action, value: Any, where: str) -> Any:
+    if value is not None and action.type is not None and not isinstance(value, bool):
+        try:
+            value = action.type(value)  # type: ignore[operator]
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            raise CommandError(f"--config {where}: {err}") from err
+    if value is not None and action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise CommandError(f"--config {where} must be one of {choices}, got {value!r}")
+    return value

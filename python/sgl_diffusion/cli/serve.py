@@ -13,14 +13,29 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _native
-from .options import (
-    CommandError,
-    add_model_options,
-    add_not_supported_options,
-    merge_config,
-    model_config,
-    reject_not_supported,
+from .options import CommandError, add_model_options, add_sglang_options, model_config, parse_options
+
+#: The HTTP server's own options. `generate` knows them too, to say that they do not apply there.
+SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--host", {"help": "address to bind (default 127.0.0.1)"}),
+    ("--port", {"type": int, "help": "port (default 30000)"}),
+    ("--api-key", {"help": "require Authorization: Bearer <key> on every route but /health"}),
+    ("--max-queue-size", {"type": int, "help": "requests waiting before 429 (default 256)"}),
+    ("--max-body-mb", {"type": int, "help": "largest request body in MiB (default 16)"}),
+    ("--cors-origin", {"action": "append", "help": "allow this origin (repeatable; default: CORS off)"}),
+    ("--public-url", {"help": "base of absolute url outputs (default: the request's Host)"}),
+    ("--output-ttl", {"type": int, "help": "seconds url outputs stay downloadable (default 3600)"}),
+    ("--output-dir", {"help": "where url outputs are stored (default: a temp folder)"}),
+    (
+        "--served-model-name",
+        {"action": "append", "help": "extra name the model answers to, e.g. dall-e-3 (repeatable)"},
+    ),
+    ("--health-generate-ttl", {"type": int, "help": "seconds a /health_generate result is reused"}),
 )
+
+
+def server_option_name(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,20 +48,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     server = parser.add_argument_group("server")
-    server.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    server.add_argument("--port", type=int, help="port (default 30000)")
-    server.add_argument("--api-key", help="require Authorization: Bearer <key> on every route but /health")
-    server.add_argument("--max-queue-size", type=int, help="requests waiting before 429 (default 256)")
-    server.add_argument("--max-body-mb", type=int, help="largest request body in MiB (default 16)")
-    server.add_argument("--cors-origin", action="append", help="allow this origin (repeatable; default: CORS off)")
-    server.add_argument("--public-url", help="base of absolute url outputs (default: the request's Host)")
-    server.add_argument("--output-ttl", type=int, help="seconds url outputs stay downloadable (default 3600)")
-    server.add_argument("--output-dir", help="where url outputs are stored (default: a temp folder)")
-    server.add_argument(
-        "--served-model-name", action="append", help="extra name the model answers to, e.g. dall-e-3 (repeatable)"
-    )
-    server.add_argument("--health-generate-ttl", type=int, help="seconds a /health_generate result is reused")
-    add_not_supported_options(parser)
+    for flag, kwargs in SERVER_OPTIONS:
+        server.add_argument(flag, **kwargs)
+    add_sglang_options(parser)
 
 
 def build_config(options: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +92,7 @@ def parse_serve_config(argv: Sequence[str]) -> str:
     configure(parser)
     args = parser.parse_args(list(argv))
     try:
-        options = merge_config(parser, args)
-        reject_not_supported(options)
-        return json.dumps(build_config(options))
+        return json.dumps(build_config(parse_options(parser, args)))
     except CommandError as err:
         parser.error(str(err))
         raise  # parser.error exits; this satisfies type checkers
@@ -98,9 +100,7 @@ def parse_serve_config(argv: Sequence[str]) -> str:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        options = merge_config(parser, args)
-        reject_not_supported(options)
-        config = build_config(options)
+        config = build_config(parse_options(parser, args))
     except CommandError as err:
         parser.error(str(err))
     try:

@@ -22,8 +22,12 @@ without the model code knowing which kernels were built:
 (not only when this module is imported), so a package installed after start-up, or a stand-in module
 placed in ``sys.modules`` by a test, is picked up. Asking for one whose package is missing fails with
 an error naming the package and how to install it. The remaining reserved names (``sliding_tile``,
-``vsa``) fail with "not available yet". Nothing falls back silently to another kernel: a silent
-fallback would make benchmark numbers lie.
+``vsa``) and SGLang Diffusion's names for kernels not built here (:data:`PLANNED_ATTENTION_BACKENDS`)
+fail with "not supported yet ... not available yet". Nothing falls back silently to another kernel: a
+silent fallback would make benchmark numbers lie.
+
+SGLang's aliases ``fa3`` / ``fa4`` for ``fa`` (:data:`ATTENTION_BACKEND_ALIASES`) are accepted wherever a
+name is (:func:`resolve_attention_backend`, :func:`check_attention_backend_name`) and mean ``fa``.
 """
 
 from __future__ import annotations
@@ -42,11 +46,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ATTENTION_BACKEND_ALIASES",
     "DEFAULT_ATTENTION_BACKEND",
+    "PLANNED_ATTENTION_BACKENDS",
     "AttentionBackend",
     "AttentionFn",
     "attention",
     "available_attention_backends",
+    "canonical_attention_backend",
+    "check_attention_backend_name",
     "register_attention_backend",
     "resolve_attention_backend",
     "set_sdpa_kernel_preference",
@@ -77,10 +85,23 @@ DEFAULT_ATTENTION_BACKEND = AttentionBackend.TORCH_SDPA.value
 # (q, k, v, attn_mask) with q/k/v in (batch, seq, heads, head_dim) -> (batch, seq_q, heads*head_dim)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
+#: SGLang Diffusion's other names for a backend built here (it normalizes them while parsing arguments).
+ATTENTION_BACKEND_ALIASES = {"fa3": "fa", "fa4": "fa"}
+
+#: Reserved names and SGLang Diffusion's names for kernels not built here yet, with what each one is.
+PLANNED_ATTENTION_BACKENDS = {
+    AttentionBackend.SLIDING_TILE.value: "Sliding Tile Attention",
+    "sliding_tile_attn": "Sliding Tile Attention",
+    AttentionBackend.VIDEO_SPARSE.value: "Video Sparse Attention",
+    "video_sparse_attn": "Video Sparse Attention",
+    "sage_attn_3": "SageAttention3",
+    "vmoba_attn": "V-MoBA attention",
+    "aiter": "AMD AITER attention",
+}
+
 # Names people plausibly type for a backend under another name; used only to improve the error.
 _NAME_HINTS = {
     "fa2": "fa",
-    "fa3": "fa",
     "flash": "fa",
     "flash_attn": "fa",
     "flash_attention": "fa",
@@ -406,6 +427,34 @@ def _resolve_auto(device: torch.device | str | None, dtype: torch.dtype | None) 
     return choice
 
 
+def canonical_attention_backend(name: str | None) -> str | None:
+    """The backend's own name for one of SGLang's aliases (``fa3``, ``fa4``: ``fa``); other names unchanged."""
+    if name is None:
+        return None
+    key = str(getattr(name, "value", name))
+    return ATTENTION_BACKEND_ALIASES.get(key, key)
+
+
+def check_attention_backend_name(name: str | AttentionBackend) -> str:
+    """Rejects names that are unknown or not built yet, without probing packages (that happens at load time);
+    returns the name. For parsers, which should fail before a model loads."""
+    key = canonical_attention_backend(str(getattr(name, "value", name))) or ""
+    if key in _REGISTRY or key in _OPTIONAL or key == AttentionBackend.AUTO.value:
+        return key
+    raise _name_error(key)
+
+
+def _name_error(key: str) -> ValueError:
+    available = ", ".join(available_attention_backends())
+    if key in PLANNED_ATTENTION_BACKENDS:
+        return ValueError(
+            f"not supported yet: {PLANNED_ATTENTION_BACKENDS[key]} "
+            f"(attention backend '{key}' is not available yet; available: {available})"
+        )
+    hint = f" (did you mean '{_NAME_HINTS[key]}'?)" if key in _NAME_HINTS else ""
+    return ValueError(f"unknown attention backend '{key}'{hint}; available: {available}")
+
+
 def resolve_attention_backend(
     name: str | AttentionBackend | None,
     *,
@@ -433,7 +482,7 @@ def resolve_attention_backend(
     """
     if name is None:
         return DEFAULT_ATTENTION_BACKEND
-    key = str(getattr(name, "value", name))
+    key = canonical_attention_backend(str(getattr(name, "value", name))) or ""
     if key == AttentionBackend.AUTO.value:
         return _resolve_auto(device, dtype)
     if key in _REGISTRY:
@@ -447,11 +496,7 @@ def resolve_attention_backend(
         if device is not None and torch.device(device).type not in _KERNEL_DEVICE_TYPES:
             raise ValueError(f"attention backend '{key}' runs on CUDA only, got device {device}")
         return key
-    available = ", ".join(available_attention_backends())
-    if key in {b.value for b in AttentionBackend}:
-        raise ValueError(f"attention backend '{key}' is not available yet; available: {available}")
-    hint = f" (did you mean '{_NAME_HINTS[key]}'?)" if key in _NAME_HINTS else ""
-    raise ValueError(f"unknown attention backend '{key}'{hint}; available: {available}")
+    raise _name_error(key)
 
 
 def attention(

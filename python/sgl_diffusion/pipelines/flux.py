@@ -72,12 +72,14 @@ class FluxPipeline(StagedPipeline):
         vae = load_diffusers_model(AutoencoderKL, model_dir / "vae", options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
+        # Text encoders run in the DiT's precision (bf16 on GPU, as the reference checkpoints ship) unless
+        # --text-encoder-precisions says otherwise.
+        clip_dtype, t5_dtype = options.text_encoder_dtypes_for(("text_encoder (CLIP)", "text_encoder_2 (T5)"))
         components = FluxComponents(
             clip_tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
-            # Text encoders run in the DiT's precision (bf16 on GPU, as the reference checkpoints ship).
-            clip=load_transformers_model(CLIPTextModel, model_dir / "text_encoder", options.device, options.dit_dtype),
+            clip=load_transformers_model(CLIPTextModel, model_dir / "text_encoder", options.device, clip_dtype),
             t5_tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer_2")),
-            t5=load_transformers_model(T5EncoderModel, model_dir / "text_encoder_2", options.device, options.dit_dtype),
+            t5=load_transformers_model(T5EncoderModel, model_dir / "text_encoder_2", options.device, t5_dtype),
             transformer=load_native_model(
                 build_transformer, model_dir / "transformer", options.device, options.dit_dtype
             ),

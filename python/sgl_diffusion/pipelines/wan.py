@@ -157,10 +157,11 @@ class WanPipeline(StagedPipeline):
         vae = load_diffusers_model(AutoencoderKLWan, model_dir / "vae", options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
+        (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (UMT5)",))
         components = WanComponents(
             tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
             text_encoder=load_transformers_model(
-                UMT5EncoderModel, model_dir / "text_encoder", options.device, options.dit_dtype
+                UMT5EncoderModel, model_dir / "text_encoder", options.device, text_encoder_dtype
             ),
             transformer=load_native_model(
                 build_transformer, model_dir / "transformer", options.device, options.dit_dtype

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..layers.attention import resolve_attention_backend
+from ..sglang_compat import check_environment
 from .cuda_graphs import CUDA_GRAPH_CHOICES
 from .device import parse_device, parse_precision
 
@@ -36,6 +37,19 @@ class RuntimeOptions:
     num_profiled_timesteps: int = 2
     profile_all_stages: bool = False
     profile_dir: Path = Path("profiles")
+    #: One precision per text encoder (`--text-encoder-precisions`); `None`: the DiT's precision.
+    text_encoder_dtypes: tuple[torch.dtype, ...] | None = None
+
+    def text_encoder_dtypes_for(self, encoders: tuple[str, ...]) -> tuple[torch.dtype, ...]:
+        """The precision of each of a pipeline's text encoders, named in `model_index.json` order."""
+        if self.text_encoder_dtypes is None:
+            return (self.dit_dtype,) * len(encoders)
+        if len(self.text_encoder_dtypes) != len(encoders):
+            raise ValueError(
+                f"text_encoder_precisions: this model has {len(encoders)} text encoder(s) ({', '.join(encoders)}), "
+                f"got {len(self.text_encoder_dtypes)} precision(s)"
+            )
+        return self.text_encoder_dtypes
 
     @classmethod
     def for_device(cls, device: torch.device | str, **overrides: Any) -> RuntimeOptions:
@@ -44,8 +58,17 @@ class RuntimeOptions:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RuntimeOptions:
-        """Validates the options as given on the command line / API; errors name the option."""
-        known = {field.name for field in dataclasses.fields(cls)} | {"dit_precision", "vae_precision", "model_path"}
+        """Validates the options as given on the command line / API; errors name the option.
+
+        Every entry point builds its options here, so this is also where SGLang's environment variables that ask
+        for a missing feature (`SGLANG_CACHE_DIT_ENABLED=true`, ...) are refused."""
+        check_environment()
+        known = {field.name for field in dataclasses.fields(cls)} | {
+            "dit_precision",
+            "vae_precision",
+            "model_path",
+            "text_encoder_precisions",
+        }
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown model options {unknown}")
@@ -69,12 +92,19 @@ class RuntimeOptions:
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"num_profiled_timesteps must be a positive integer, got {steps!r}")
         warmup = config.get("warmup")
+        text_encoder_precisions = config.get("text_encoder_precisions")
+        if text_encoder_precisions is not None and (
+            isinstance(text_encoder_precisions, str) or not text_encoder_precisions
+        ):
+            raise ValueError(f"text_encoder_precisions must be a non-empty list, got {text_encoder_precisions!r}")
         return cls(
             device=device,
             dit_dtype=dtypes["dit_precision"],
             vae_dtype=dtypes["vae_precision"],
             attention_backend=resolve_attention_backend(
-                config.get("attention_backend"), device=device, dtype=dtypes["dit_precision"]
+                config.get("attention_backend"),
+                device=device,
+                dtype=dtypes["dit_precision"],
             ),
             enable_torch_compile=compile_blocks,
             warmup=compile_blocks if warmup is None else bool(warmup),
@@ -86,4 +116,7 @@ class RuntimeOptions:
             num_profiled_timesteps=steps or 2,
             profile_all_stages=bool(config.get("profile_all_stages") or False),
             profile_dir=Path(config.get("profile_dir") or "profiles"),
+            text_encoder_dtypes=None
+            if text_encoder_precisions is None
+            else tuple(parse_precision("text_encoder_precisions", name) for name in text_encoder_precisions),
         )
