@@ -36,11 +36,13 @@ def main() -> None:
     if args.device.type == "cuda":
         transformer.unfuse_projections()
     diffusers = perf.diffusers_pipeline("flux", folder, pipeline, args.device, dtype)
-    _, reference = perf.run_diffusers_e2e(diffusers, "flux", fields, 1, args.device)
+    kwargs = perf.diffusers_kwargs("flux", fields)
+    with torch.inference_mode():
+        reference = perf.diffusers_generate(diffusers, "flux", kwargs)
     outputs = {}
 
     def variant(name: str) -> None:
-        _, out = perf.run_ours_e2e(pipeline, request, 1, args.device)
+        out = perf.ours_generate(pipeline, request)["images"][0]
         outputs[name] = out
         print(f"{name}: PSNR vs diffusers {perf.psnr(out, reference):.1f} dB, "
               f"vs torch ops {perf.psnr(out, outputs['torch ops']):.1f} dB", flush=True)  # fmt: skip
@@ -54,7 +56,8 @@ def main() -> None:
         variant("fused kernels + packed QKV")
         compile_repeated_blocks(transformer)
         variant("+ torch.compile")
-    _, again = perf.run_diffusers_e2e(diffusers, "flux", fields, 1, args.device)
+    with torch.inference_mode():
+        again = perf.diffusers_generate(diffusers, "flux", kwargs)
     print(f"diffusers run twice: PSNR {perf.psnr(again, reference):.1f} dB", flush=True)
 
 

@@ -1,50 +1,118 @@
 #!/usr/bin/env bash
-# benches/perf.py workloads on the lent GPU machine, from carried wheels.
+# The CUDA-only tests and benches/perf.py's workloads on the lent GPU machine, from carried wheels.
 #
-# Here (repo root): build our wheel and gather the pure-Python wheels the GPU machine lacks:
-#   echo /.whl/ >> .git/info/exclude; rm -f .whl/sgl_diffusion-*.whl; maturin build --release --out .whl
+# Here (repo root), once per session: build our wheel and gather the wheels the GPU machine lacks, at the
+# versions of the lock (requirements/test.txt; torch, transformers, accelerate, numpy, safetensors,
+# huggingface-hub, packaging and triton are the machine's own):
+#   echo /.whl/ >> .git/info/exclude; rm -rf .whl; maturin build --release --out .whl
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform any -d .whl diffusers==0.42.1 importlib_metadata==8.7.0 \
-#       zipp==3.23.0 ftfy==6.3.1 wcwidth==0.7.0 sageattention==1.0.6 pytest==9.2.0 pluggy iniconfig \
-#       pytest-timeout pygments
-# There (device tool, carry [".whl"]), any of the workloads in order, plus `kernels` / `graph-tests` (the
-# CUDA-only tests of the fused kernels / of CUDA graphs):
-#   BENCH_COMMIT=<sha> bash benches/gpu_perf.sh kernels flux-forward wan-forward
-# Results land in $OUT (<workload>.json / .md and a log). Extra perf.py flags per workload go in
-# PERF_ARGS_<WORKLOAD> with - replaced by _, e.g. PERF_ARGS_flux_forward="--cfg-shapes 16 32".
+#       --platform manylinux_2_28_x86_64 --platform any -d .whl diffusers==0.42.1 importlib-metadata==10.2.0 \
+#       lazy-importer==0.1.0 zipp==4.1.2 ftfy==6.3.1 wcwidth==0.9.4 pytest==9.2.0 pluggy==1.7.0 \
+#       iniconfig==2.3.1 pytest-timeout==2.4.0 pygments==2.21.0
+#   # imageio-ffmpeg (imported by the engine's video module): its platform wheel (68 MB, with an ffmpeg
+#   # binary) is over what a call carries; the wheel built from its sdist has no binary, which is all that
+#   # importing needs (nothing here encodes MP4):
+#   python3 -m pip wheel --no-deps --no-binary imageio-ffmpeg -w .whl imageio-ffmpeg==0.8.1
+#   # only for perf.py --lossy-attention sage_attn (not in the lock): ... -d .whl sageattention==1.0.6
+# About 10 MB in all, under the 64 MiB a call carries.
+#
+# There (device tool: carry [".whl"], timeout_s 600), the jobs below in the order given; each fits one
+# 10-minute command alone, and one command may run several if their times add up to less:
+#   BENCH_COMMIT=<sha> bash benches/gpu_perf.sh JOB [JOB ...]
+# Results land in $OUT: gpu_perf.log (everything), cuda_tests.log, and <name>.json / .md per perf.py job:
+# at most 8 files come back from one command, so at most 3 perf.py jobs per command.
+#
+# The next GPU session (30 minutes of device time, starting the machine included; `status` first), in
+# this order, each as its own command (times estimated from the H100 logs of 2026-11-26):
+#   1. BENCH_COMMIT=<sha> bash benches/gpu_perf.sh cuda-tests flux-forward    # ~4 + ~3 min
+#   2. BENCH_COMMIT=<sha> bash benches/gpu_perf.sh wan-forward flux-e2e       # ~3 + ~5 min
+#   3. BENCH_COMMIT=<sha> bash benches/gpu_perf.sh wan-e2e                    # ~7 min
+# Later sessions: flux-graphs-small, flux-graphs-large, wan-graphs (each ~6-9 min: diffusers' whole
+# transformer compiles once per shape for its CUDA graphs), wan-vae (~3 min).
+#
+# Jobs:
+#   cuda-tests          every test file of tests/python that has CUDA-only tests (found by grep: skipif on
+#                       torch.cuda.is_available, needs_cuda, CUDA-parametrized devices), run on the GPU;
+#                       log in $OUT/cuda_tests.log, skipped tests listed with their reason at its end
+#   flux-forward        ours vs diffusers, eager and compiled, + CUDA graphs on both sides (4096 tokens: ours'
+#                       `auto` captures), 5 alternating repetitions x 3 calls after 3 warm-up calls each
+#   wan-forward         the same at 32 760 tokens (no graphs: ours' `auto` does not capture that shape)
+#   flux-e2e            FLUX.1-dev 1024² 28 steps: ours (graphs auto) vs diffusers eager and compiled
+#                       (reduce-overhead when ours captured), 5 alternating repetitions after 1 warm-up each
+#   wan-e2e             Wan2.1-1.3B 480p 81 frames CFG, 20 steps (50 do not fit 5 alternating repetitions of
+#                       both sides in 10 minutes), ours vs diffusers + torch.compile
+#   flux-graphs-small   CUDA-graph sweep, FLUX 256² and 512², batch 1 and 2
+#   flux-graphs-large   CUDA-graph sweep, FLUX 768² and 1024², batch 1 and 2
+#   wan-graphs          CUDA-graph sweep, Wan 480p with 1, 5 and 9 frames, batch 1 and 2
+#   wan-vae             Wan2.1 VAE decode (wan_vae_decode.py's own timing)
+# Extra perf.py flags per job go in PERF_ARGS_<JOB> with - replaced by _, e.g.
+#   PERF_ARGS_flux_forward="--cfg-shapes 16 32" PERF_ARGS_wan_e2e="--steps 10"
+#
+# CPU smoke test of the perf jobs (no wheels, the checkout's virtualenv, tiny models):
+#   SMOKE=1 OUT=/tmp/smoke bash benches/gpu_perf.sh flux-forward flux-e2e
 set -euo pipefail
 
 OUT=${OUT:-/tmp/bench_out}
+SMOKE=${SMOKE:-0}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_perf.log") 2>&1
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-# The fused kernels are a separate pure-Python package; the checkout's copy is the one under test.
-export PYTHONPATH=/tmp/site:$PWD/kernels PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 export BENCH_COMMIT=${BENCH_COMMIT:-unknown}
+if [[ "$SMOKE" == 1 ]]; then
+    PYTHON=${PYTHON:-.venv/bin/python}
+    SMOKE_ARGS=(--tiny --device cpu --work-dir /tmp/sgl-bench-smoke)
+else
+    PYTHON=python3
+    SMOKE_ARGS=()
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    # The fused kernels are a separate pure-Python package; the checkout's copy is the one under test.
+    export PYTHONPATH=/tmp/site:$PWD/kernels
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
 
 date -u
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+"$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
-for workload in "$@"; do
-    echo "== $workload ($(date -u +%H:%M:%S))"
-    # The CUDA-only tests, on the GPU. pythonpath= : test the installed wheel (the checkout has no built
-    # extension there), kernels from PYTHONPATH.
-    if [[ "$workload" == kernels ]]; then
-        # Kernels against their references at full size, GEMM epilogues.
-        python3 -m pytest -q -s -p no:cacheprovider -o pythonpath= tests/python/test_kernels.py \
-            tests/python/test_linear_fusions.py || echo "kernel tests FAILED"
-        continue
-    fi
-    if [[ "$workload" == graph-tests ]]; then
-        # CUDA-graph replay against the plain forward, per model and through the engine.
-        python3 -m pytest -q -p no:cacheprovider -o pythonpath= tests/python/test_cuda_graphs.py \
-            || echo "graph tests FAILED"
-        continue
-    fi
-    extra_var="PERF_ARGS_${workload//-/_}"
+# perf.py with the job's flags, the job's PERF_ARGS_ and the smoke flags; a failure is logged, the next
+# job still runs.
+perf() {
+    local job=$1
+    shift
+    local extra_var="PERF_ARGS_${job//-/_}"
     # shellcheck disable=SC2086  # word splitting of the extra flags is intended
-    python3 benches/perf.py --workload "$workload" --out-dir "$OUT" ${!extra_var:-} || echo "$workload FAILED"
+    "$PYTHON" benches/perf.py --out-dir "$OUT" "$@" ${!extra_var:-} "${SMOKE_ARGS[@]}" || echo "$job FAILED"
+}
+
+for job in "$@"; do
+    echo "== $job ($(date -u +%H:%M:%S))"
+    case "$job" in
+        cuda-tests)
+            # pythonpath= : test the installed wheel (the checkout has no built extension there), kernels
+            # from PYTHONPATH. Whole files: their CPU cases run as well, cheaply.
+            mapfile -t files < <(grep -l -E 'cuda\.is_available|needs_cuda' tests/python/test_*.py)
+            echo "files: ${files[*]}"
+            "$PYTHON" -m pytest -v -rs -p no:cacheprovider -o pythonpath= "${files[@]}" 2>&1 \
+                | tee "$OUT/cuda_tests.log" || echo "cuda-tests FAILED"
+            ;;
+        flux-forward | wan-forward | flux-e2e)
+            perf "$job" --workload "$job"
+            ;;
+        wan-e2e)
+            perf "$job" --workload wan-e2e --steps 20 --diffusers compiled
+            ;;
+        flux-graphs-small)
+            perf "$job" --workload flux-graphs --name "$job" --graph-shapes 16 32
+            ;;
+        flux-graphs-large)
+            perf "$job" --workload flux-graphs --name "$job" --graph-shapes 48 64
+            ;;
+        wan-graphs | wan-vae)
+            perf "$job" --workload "$job"
+            ;;
+        *)
+            echo "unknown job $job"
+            ;;
+    esac
 done
 echo "== done $(date -u +%H:%M:%S)"

@@ -1,24 +1,42 @@
 """The speed benchmark: ours against diffusers (eager and torch.compile) in one process, on one GPU.
 
-    python benches/perf.py --workload WORKLOAD --out-dir DIR [--commit SHA] [options]
+    python benches/perf.py --workload WORKLOAD --out-dir DIR [--reps 5] [--commit SHA] [options]
 
-Workloads (each fits one 10-minute GPU command):
+Workloads (each fits one 10-minute GPU command; `benches/gpu_perf.sh` lists the commands):
   flux-forward  one FLUX.1-dev transformer forward, 1024² (4096 + 512 tokens), batch 1
   wan-forward   one Wan2.1-1.3B transformer forward, 832×480×81 (32 760 + 512 tokens), batch 1
   flux-e2e      FLUX.1-dev 1024², 28 steps: text encoding + denoising + VAE decode
-  wan-e2e       Wan2.1-1.3B 832×480, 81 frames, 50 steps, CFG 5: text encoding + denoising + decode
-  wan-vae       Wan2.1 VAE decode of 81 frames at 832×480 (diffusers' decoder against ours)
+  wan-e2e       Wan2.1-1.3B 832×480, 81 frames, CFG 5 (50 steps; `--steps 20` fits 5 repetitions in 10 minutes)
+  wan-vae       Wan2.1 VAE decode of 81 frames at 832×480 (`wan_vae_decode.py`, its own timing: see there)
   flux-graphs   FLUX.1-dev forwards at small shapes (batch 1 and 2): ours eager / compiled, each plain and
-                replayed as a CUDA graph, against diffusers + torch.compile (`--graph-shapes`: latent sides)
+                replayed as a CUDA graph, against diffusers + torch.compile with and without CUDA graphs
+                (`--graph-shapes`: latent sides)
   wan-graphs    the same for Wan2.1-1.3B at 480p (`--graph-shapes`: latent frame counts)
+
+How it measures, so that a skeptic can trust the comparison:
+* Diffusers gets every advantage ours takes. Compiled variants have static shapes (`dynamic=False`) on both
+  sides. Where ours replays CUDA graphs (`--cuda-graphs`: in e2e workloads the engine's own rule, elsewhere
+  `auto` = at most `AUTO_MAX_TOKENS` tokens, as the engine decides), diffusers gets CUDA graphs too, through
+  `torch.compile(mode="reduce-overhead")` of its whole transformer (`compile_with_cuda_graphs`).
+* Every variant gets the same warm-up, all before the first timed call: `--warmup` untimed calls (forward
+  workloads) or untimed generations of the full request (e2e workloads). Ours' engine warm-up is off.
+* The variants of one group are timed in alternation: `--reps` repetitions, each timing every variant of
+  the group once in a fixed order (ours, diffusers, ours, diffusers, ...), so drift (clocks, heat, the
+  machine's other tenants) hits all alike. One repetition times `--runs` consecutive calls and counts their
+  mean (CUDA events for forwards; for a generation, the wall clock between two device synchronizations).
+  `alternate` is the one timing loop of every workload here.
+* Each row gives the median over repetitions, min-max, the relative spread (max - min) / median, and the
+  peak device memory (`torch.cuda.max_memory_allocated`, reset before every repetition; n/a on the CPU),
+  and, against its rival in the same group, the ratio of medians and a verdict: "within noise" when the
+  two min-max ranges overlap, else faster / slower (`bench_stats.py` holds the rule).
 
 Models are full size with random bf16 weights created on the GPU (forward workloads: the diffusers
 model's weights are copied into ours, so outputs are comparable; end-to-end workloads: a diffusers
 folder is written by `build_random_flux.py` / `build_random_wan.py` and loaded by our real loader,
 and the diffusers pipeline is assembled around *our loaded components' tensors*, with no second
-copy). Times are CUDA-event medians after warm-up. Results go to DIR/<workload>.json and .md with
-the card, commit, command and date. `--tiny --device cpu` runs the same code on tiny configs (smoke
-test, no timing meaning).
+copy). Results go to DIR/<name>.json and .md (name: `--name`, default the workload) with the card,
+commit, command and date. `--tiny --device cpu` runs the same code on tiny configs (smoke test, no
+timing meaning); add `--compile-backend eager` to take the compiled code paths there too.
 """
 
 from __future__ import annotations
@@ -35,14 +53,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
+
+import bench_stats  # a sibling module, found through the path entry above
 
 #: FLOPs per forward (FlopCounterMode counts of ../shared/reference/gpu.md) and the measured H100
 #: ceilings they are compared with (dense bf16 GEMM, cuDNN attention).
@@ -65,36 +86,236 @@ TINY_FLUX = {**FLUX_CONFIG, "num_layers": 1, "num_single_layers": 2, "attention_
 TINY_WAN = {**WAN_CONFIG, "num_attention_heads": 2, "attention_head_dim": 12, "text_dim": 32, "ffn_dim": 32,
             "num_layers": 2, "freq_dim": 16}  # fmt: skip
 
+#: Distinct static shapes one compiled function keeps (dynamo's default of 8 is below a graph sweep's).
+RECOMPILE_LIMIT = 64
+
+DIFFUSERS_COMPILED = "diffusers + torch.compile"
+DIFFUSERS_GRAPHS = "diffusers + torch.compile, CUDA graphs (reduce-overhead)"
+
+MIB = 2**20
+
 
 def log(message: str) -> None:
     print(f"[perf {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing and reporting
+# The timing loop
 # --------------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any], warmup: int, runs: int, device: torch.device) -> tuple[dict[str, Any], Any]:
-    """Median of `runs` timed calls after `warmup` untimed ones (CUDA events on the GPU)."""
-    out = None
+def keep_output(out: Any) -> tuple[Any, dict[str, Any]]:
+    """The default `Variant.keep`: a private copy of a tensor output, because the next replay of a CUDA
+    graph (ours or torch.compile's) overwrites the buffer the output lives in."""
+    return (out.detach().clone() if isinstance(out, torch.Tensor) else out), {}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One thing to time. Only `run` is timed; `prepare` and `keep` run outside the timed region."""
+
+    name: str
+    run: Callable[[], Any]
+    #: Variants of one group are timed in alternation (see `alternate`).
+    group: str
+    #: The variant of the same group this one is judged against (ratio of medians, verdict).
+    rival: str | None = None
+    #: Before every call of this variant: switches state the group's variants share (fused kernels on or
+    #: off, packed projections, graphs installed or not) to this variant's.
+    prepare: Callable[[], None] | None = None
+    #: After each timed repetition: (the output kept for quality comparisons, details of the repetition)
+    #: from what `run` returned. Only the last repetition's output is kept.
+    keep: Callable[[Any], tuple[Any, dict[str, Any]]] = keep_output
+
+
+@dataclasses.dataclass
+class Measured:
+    variant: Variant
+    warmup_s: float
+    #: One value per repetition, in the order they ran: the mean ms of that repetition's calls.
+    times_ms: list[float] = dataclasses.field(default_factory=list)
+    peaks_mib: list[float] = dataclasses.field(default_factory=list)
+    above_start_mib: list[float] = dataclasses.field(default_factory=list)
+    details: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    output: Any = None
+
+    @property
+    def spread(self) -> bench_stats.Spread:
+        return bench_stats.spread(self.times_ms)
+
+    @property
+    def peak_mib(self) -> float | None:
+        return max(self.peaks_mib) if self.peaks_mib else None
+
+    @property
+    def peak_above_start_mib(self) -> float | None:
+        return max(self.above_start_mib) if self.above_start_mib else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(variants: Sequence[Variant], calls: int, device: torch.device) -> dict[str, Measured]:
+    """`calls` untimed calls of every variant, in order: compilation, CUDA-graph capture, cuDNN plans and
+    the allocator settle before anything is timed."""
+    measured: dict[str, Measured] = {}
     with torch.inference_mode():
-        for _ in range(warmup):
-            out = fn()
-        times = []
-        for _ in range(runs):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                began = time.perf_counter()
-                out = fn()
-                times.append((time.perf_counter() - began) * 1000)
-    return {"median_ms": statistics.median(times), "times_ms": [round(t, 3) for t in times]}, out
+        for variant in variants:
+            began = time.perf_counter()
+            for _ in range(calls):
+                if variant.prepare is not None:
+                    variant.prepare()
+                variant.run()
+            sync(device)
+            measured[variant.name] = Measured(variant, time.perf_counter() - began)
+            log(f"{variant.name}: {calls} warm-up call(s) in {measured[variant.name].warmup_s:.1f} s")
+    return measured
+
+
+def time_alternating(
+    measured: dict[str, Measured],
+    reps: int,
+    runs: int,
+    device: torch.device,
+    wall_clock: bool = False,
+    after_repetition: Callable[[], None] | None = None,
+) -> None:
+    """`reps` repetitions; each times every variant once, in `measured`'s order, as the mean of `runs`
+    consecutive calls. CUDA events bracket a forward's calls; `wall_clock` (whole generations, whose host
+    work is part of the cost) reads the host clock between two device synchronizations instead."""
+    events = device.type == "cuda" and not wall_clock
+    with torch.inference_mode():
+        for rep in range(reps):
+            for m in measured.values():
+                variant, out = m.variant, None
+                if variant.prepare is not None:
+                    variant.prepare()
+                sync(device)
+                start_bytes = None
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    start_bytes = torch.cuda.memory_allocated(device)
+                if events:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(runs):
+                        out = variant.run()
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end) / runs
+                else:
+                    began = time.perf_counter()
+                    for _ in range(runs):
+                        out = variant.run()
+                    sync(device)
+                    ms = (time.perf_counter() - began) * 1000 / runs
+                if start_bytes is not None:
+                    peak = torch.cuda.max_memory_allocated(device)
+                    m.peaks_mib.append(peak / MIB)
+                    m.above_start_mib.append((peak - start_bytes) / MIB)
+                m.times_ms.append(ms)
+                m.output, details = variant.keep(out)
+                m.details.append(details)
+            times = ", ".join(f"{name} {m.times_ms[-1]:.2f}" for name, m in measured.items())
+            log(f"repetition {rep + 1}/{reps} (ms): {times}")
+            if after_repetition is not None:
+                after_repetition()
+
+
+def check_group(variants: Sequence[Variant]) -> None:
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names repeat: {names}")
+    for v in variants:
+        if v.rival is not None and v.rival not in names:
+            raise ValueError(f"{v.name}: its rival {v.rival!r} is not timed in the same alternation")
+
+
+def alternate(variants: Sequence[Variant], args: argparse.Namespace, wall_clock: bool = False) -> dict[str, Measured]:
+    """Warms every variant up, then times them in alternation (`--warmup`, `--reps`, `--runs`)."""
+    check_group(variants)
+    measured = warm_up(variants, args.warmup, args.device)
+    time_alternating(measured, args.reps, args.runs, args.device, wall_clock)
+    return measured
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------
+
+
+def measured_rows(measured: dict[str, Measured], unit: str, device: torch.device) -> list[dict[str, Any]]:
+    """One display row per variant: median, min-max, spread, peak memory, and the verdict against its rival."""
+    scale = 1000.0 if unit == "s" else 1.0
+    rows = []
+    for name, m in measured.items():
+        s = m.spread
+        row: dict[str, Any] = {
+            "group": m.variant.group,
+            "variant": name,
+            f"median {unit}": s.median / scale,
+            f"min–max {unit}": f"{_fmt(s.low / scale)}–{_fmt(s.high / scale)}",
+            "spread": f"{100 * s.rel_spread:.1f} %",
+            "peak MiB": _peak(m.peak_mib, device),
+            "peak above start MiB": _peak(m.peak_above_start_mib, device),
+        }
+        rival = measured.get(m.variant.rival) if m.variant.rival else None
+        row["vs"] = None if rival is None else rival.variant.name
+        row["ratio"] = None if rival is None else f"{s.median / rival.spread.median:.3f}×"
+        row["verdict"] = None if rival is None else bench_stats.verdict(m.times_ms, rival.times_ms)
+        row["warm-up s"] = m.warmup_s
+        rows.append(row)
+    return rows
+
+
+def _peak(value: float | None, device: torch.device) -> Any:
+    # Never 0 on the CPU: torch only tracks the GPU's allocator, so there is nothing to report.
+    return "n/a" if device.type != "cuda" or value is None else value
+
+
+def measured_json(measured: dict[str, Measured]) -> dict[str, Any]:
+    out = {}
+    for name, m in measured.items():
+        s = m.spread
+        rival = measured.get(m.variant.rival) if m.variant.rival else None
+        out[name] = {
+            "group": m.variant.group,
+            "rival": m.variant.rival,
+            "times_ms": [round(t, 4) for t in m.times_ms],
+            "median_ms": s.median,
+            "min_ms": s.low,
+            "max_ms": s.high,
+            "q1_ms": s.q1,
+            "q3_ms": s.q3,
+            "rel_spread": s.rel_spread,
+            "peak_mib": m.peak_mib,
+            "peak_above_start_mib": m.peak_above_start_mib,
+            "warmup_s": m.warmup_s,
+            "ratio_to_rival": None if rival is None else s.median / rival.spread.median,
+            "verdict": None if rival is None else bench_stats.verdict(m.times_ms, rival.times_ms),
+            "details": m.details,
+        }
+    return out
+
+
+def scheme_note(args: argparse.Namespace, what: str) -> str:
+    return (
+        f"Each variant: {args.warmup} untimed warm-up {what}(s), then {args.reps} repetitions alternating with the "
+        f"other variants of its group, each the mean of {args.runs} {what}(s); median, min–max and spread "
+        f"(max - min) / median over the repetitions. {bench_stats.RULE}."
+    )
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "Peak memory: n/a on the CPU (torch.cuda.max_memory_allocated counts GPU memory only)."
+    return (
+        "Peak MiB: torch.cuda.max_memory_allocated, reset before each repetition, highest over the repetitions; "
+        "it counts everything this process holds (both sides' weights, CUDA-graph pools captured so far). "
+        "Peak above start: the same minus what was allocated when the repetition began (activations, workspaces)."
+    )
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -128,16 +349,6 @@ def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-
-
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -150,10 +361,11 @@ def write_results(
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record["rows"] = rows
     record["notes"] = notes
-    (args.out_dir / f"{args.workload}.json").write_text(json.dumps(record, indent=1, default=str))
-    columns = list(dict.fromkeys(key for row in rows for key in row if key != "variant"))
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=1, default=str))
+    first = [key for key in ("group", "variant") if any(key in row for row in rows)]
+    columns = first + list(dict.fromkeys(key for row in rows for key in row if key not in first))
     lines = [
-        f"# {args.workload}",
+        f"# {args.name}",
         "",
         f"* **Card:** {record['card']}",
         f"* **Date:** {record['date']}",
@@ -161,14 +373,13 @@ def write_results(
         f"* **Command:** `{record['command']}`",
         f"* **Software:** torch {record['torch']}, diffusers {record.get('diffusers', '-')}",
         "",
-        "| variant | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in rows:
-        cells = [_fmt(row.get(c)) for c in columns]
-        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c)).replace("|", "\\|") for c in columns) + " |")
     lines += [""] + [f"* {note}" for note in notes]
-    (args.out_dir / f"{args.workload}.md").write_text("\n".join(lines) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines), flush=True)
 
@@ -181,6 +392,87 @@ def _fmt(value: Any) -> str:
             return "inf"
         return f"{value:.4g}" if abs(value) < 0.01 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
     return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Giving diffusers the same advantages
+# --------------------------------------------------------------------------------------------------
+
+
+def shared_twin(module: nn.Module) -> nn.Module:
+    """A second diffusers model of `module`'s class and config holding the very same tensors (no copy),
+    so one side can be compiled differently (whole, with CUDA graphs) while the other stays as it was
+    and both can be timed in alternation."""
+    with torch.device("meta"):
+        twin = type(module).from_config(module.config)
+    twin.load_state_dict(module.state_dict(), assign=True)
+    # Non-persistent buffers (Wan's RoPE tables) are not in the state dict: share them as well.
+    source = dict(module.named_buffers())
+    for name, buffer in list(twin.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            twin.get_submodule(owner)._buffers[leaf] = source[name]
+    meta = [name for name, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"{type(module).__name__} twin: tensors left on the meta device: {meta[:5]}")
+    return twin.eval().requires_grad_(False)
+
+
+def raise_recompile_limit() -> None:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+
+def compile_with_cuda_graphs(model: nn.Module, backend: str) -> nn.Module:
+    """diffusers' transformer compiled whole with `mode="reduce-overhead"` (inductor's CUDA graphs, static
+    shapes): the peer's counterpart of our graph of the whole forward.
+
+    Whole, not per block: a chain of reduce-overhead regions fails in torch 2.11 (each call starts a new
+    CUDA-graph generation, which frees the previous block's output while the next block still reads it:
+    pytorch/pytorch#160281). Outputs are copied out, as our `CudaGraphRunner` does, because the next replay
+    overwrites the graph's output buffer (Wan's CFG keeps the conditional prediction while the
+    unconditional forward runs). With another `backend` than inductor the mode is ignored: CPU smoke tests.
+    """
+    raise_recompile_limit()
+    compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False, backend=backend)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, compiled(*args, **kwargs))
+
+    model.forward = forward  # an instance attribute: the pipeline keeps calling `model(...)` as before
+    return model
+
+
+def reduce_overhead_note(device: torch.device) -> str:
+    """Whether inductor really gave diffusers CUDA graphs: it falls back to the compiled code without them,
+    with only a log line ("skipping cudagraphs due to ..."), e.g. for an input on the CPU."""
+    from torch._dynamo.utils import counters
+
+    if device.type != "cuda":
+        return "CPU: nothing is captured; the CUDA-graph rows only smoke-test this script."
+    skips = int(counters["inductor"]["cudagraph_skips"])
+    if skips == 0:
+        return f"{DIFFUSERS_GRAPHS}: inductor reported no skipped CUDA graph (counters['inductor']['cudagraph_skips'] = 0)."
+    return (
+        f"**{DIFFUSERS_GRAPHS}: inductor skipped CUDA graphs {skips} time(s)**, so those rows ran (partly) without "
+        "them: see the log's 'skipping cudagraphs' lines."
+    )
+
+
+def compile_blocks_static(model: nn.Module, backend: str) -> None:
+    """diffusers' own regional compilation, with static shapes as ours uses."""
+    raise_recompile_limit()
+    model.compile_repeated_blocks(fullgraph=True, dynamic=False, backend=backend)
+
+
+def wants_graphs(mode: str, device: torch.device, tokens: int) -> bool:
+    """Whether ours replays CUDA graphs at this shape under `--cuda-graphs mode` (the engine's rule: `auto`
+    up to `AUTO_MAX_TOKENS` tokens, on a GPU). `on` on the CPU keeps the graph variants as a smoke test
+    of this script: nothing is captured there."""
+    from sgl_diffusion.runtime.cuda_graphs import AUTO_MAX_TOKENS
+
+    if mode == "on":
+        return True
+    return mode == "auto" and device.type == "cuda" and tokens <= AUTO_MAX_TOKENS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,9 +537,28 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
     return reference, ours.to(dtype).eval().requires_grad_(False)
 
 
+class OursSwitches:
+    """Puts our model in one variant's configuration before its call: the eager variants share one model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.packed = False
+
+    def set(self, fused_kernels: bool, packed: bool) -> None:
+        from sgl_diffusion.layers import fused
+
+        fused.set_fused_kernels(fused_kernels)
+        if packed != self.packed:
+            if packed:
+                self.model.fuse_projections()
+            else:
+                self.model.unfuse_projections()
+            self.packed = packed
+
+
 def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    from sgl_diffusion.layers import fused
     from sgl_diffusion.runtime.compile import compile_repeated_blocks
+    from sgl_diffusion.runtime.cuda_graphs import CudaGraphRunner, batch_tokens
 
     device, dtype = args.device, torch.bfloat16 if args.device.type == "cuda" else torch.float32
     reference, ours = build_forward_pair(args.workload, args.tiny, device, dtype)
@@ -256,83 +567,122 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     tflop = linear_tflop + attention_tflop
     floor_ms = (linear_tflop / GEMM_TFLOPS + attention_tflop / ATTENTION_TFLOPS) * 1000
     record.update(tflop_per_forward=tflop, floor_ms=floor_ms)
-    rows: list[dict[str, Any]] = []
+    switches = OursSwitches(ours)
 
-    def add(variant: str, fn: Callable[[], torch.Tensor], expected: torch.Tensor | None) -> torch.Tensor:
-        reset_peak(device)
-        began = time.perf_counter()
-        stats, out = timed(fn, args.warmup, args.runs, device)
-        first_s = time.perf_counter() - began  # includes compile for compiled variants
-        ms = stats["median_ms"]
-        rows.append(
+    def call_reference(model: nn.Module = reference) -> torch.Tensor:
+        return model(**inputs, return_dict=False)[0]
+
+    def call_ours() -> torch.Tensor:
+        return ours(**inputs)
+
+    def ours_as(fused_kernels: bool, packed: bool) -> Callable[[], None]:
+        return lambda: switches.set(fused_kernels, packed)
+
+    eager = "diffusers eager"
+    measured = alternate(
+        [
+            Variant(eager, call_reference, "eager"),
+            Variant("ours eager, torch ops", call_ours, "eager", eager, ours_as(False, False)),
+            Variant("ours eager, fused kernels", call_ours, "eager", eager, ours_as(True, False)),
+            Variant("ours eager, fused kernels, packed QKV", call_ours, "eager", "ours eager, fused kernels",
+                    ours_as(True, True)),
+        ],
+        args,
+    )  # fmt: skip
+    switches.set(True, False)  # the engine's default: packing measured no faster (see --compile-ablations)
+    graphs = False
+    if args.compile:
+        graphs = wants_graphs(args.cuda_graphs, device, batch_tokens(ours)(inputs))
+        twin = shared_twin(reference) if graphs else None
+        compile_blocks_static(reference, args.compile_backend)
+        compile_repeated_blocks(ours, backend=args.compile_backend)
+        compiled = [
+            Variant(DIFFUSERS_COMPILED, call_reference, "compiled"),
+            Variant("ours + torch.compile", call_ours, "compiled", DIFFUSERS_COMPILED),
+        ]
+        if twin is not None:
+            compile_with_cuda_graphs(twin, args.compile_backend)
+            runner = CudaGraphRunner(ours, ours.forward, capture_all=True, tokens=batch_tokens(ours))
+            compiled += [
+                Variant(DIFFUSERS_GRAPHS, lambda: call_reference(twin), "compiled"),
+                Variant("ours + torch.compile + CUDA graph", lambda: runner(**inputs), "compiled", DIFFUSERS_GRAPHS),
+            ]
+        measured |= alternate(compiled, args)
+        if args.compile_ablations:
+            # Each needs a fresh compile of ours, so they run one at a time after the groups above.
+            for name, fused_kernels, packed in (
+                ("ours + torch.compile, packed q/k/v GEMMs", True, True),
+                ("ours + torch.compile, no GEMM epilogues", False, False),
+            ):
+                switches.set(fused_kernels, packed)
+                torch._dynamo.reset()
+                measured |= alternate([Variant(name, call_ours, "ablation, timed alone")], args)
+            switches.set(True, False)
+    expected = measured[eager].output
+    rows = measured_rows(measured, "ms", device)
+    for row, m in zip(rows, measured.values(), strict=True):
+        ms = m.spread.median
+        row.update(
             {
-                "variant": variant,
-                "median ms": ms,
                 "TFLOP/s": tflop / ms * 1000 if not args.tiny else None,
                 "x floor": ms / floor_ms if not args.tiny else None,
-                "rel L2 vs diffusers": None if expected is None else rel_l2(out, expected),
-                "peak MB": peak_mb(device),
-                "warm-up+runs s": first_s,
+                "rel L2 vs diffusers eager": None if m.variant.name == eager else rel_l2(m.output, expected),
             }
         )
-        record.setdefault("times_ms", {})[variant] = stats["times_ms"]
-        log(f"{variant}: {ms:.2f} ms")
-        return out
-
-    expected = add("diffusers eager", lambda: reference(**inputs, return_dict=False)[0], None)
-    fused.set_fused_kernels(False)
-    add("ours eager, torch ops", lambda: ours(**inputs), expected)
-    fused.set_fused_kernels(True)
-    add("ours eager, fused kernels", lambda: ours(**inputs), expected)
-    ours.fuse_projections()
-    add("ours eager, fused kernels, packed QKV", lambda: ours(**inputs), expected)
-    ours.unfuse_projections()  # the engine's default: packing measured no faster (see --compile-ablations)
-    if args.compile:
-        reference.compile_repeated_blocks(fullgraph=True)
-        add("diffusers + torch.compile", lambda: reference(**inputs, return_dict=False)[0], expected)
-        compile_repeated_blocks(ours)
-        add("ours + torch.compile", lambda: ours(**inputs), expected)
-        if args.compile_ablations:
-            ours.fuse_projections()
-            torch._dynamo.reset()
-            add("ours + torch.compile, packed q/k/v GEMMs", lambda: ours(**inputs), expected)
-            ours.unfuse_projections()
-            fused.set_fused_kernels(False)
-            torch._dynamo.reset()
-            add("ours + torch.compile, no GEMM epilogues", lambda: ours(**inputs), expected)
-            fused.set_fused_kernels(True)
+    record["variants"] = measured_json(measured)
     notes = [
         (
             f"{tflop:.1f} TFLOP per forward ({linear_tflop} linear + {attention_tflop} attention); floor "
             f"{floor_ms:.1f} ms = linear / {GEMM_TFLOPS:.0f} + attention / {ATTENTION_TFLOPS:.0f} TFLOP/s "
             "(gpu.md's measured H100 ceilings)."
         ),
+        "Both models hold the same random N(0, 0.02) weights (bf16 on the GPU); batch 1.",
+        scheme_note(args, "call"),
+        memory_note(device),
         (
-            "Both models hold the same random N(0, 0.02) bf16 weights; batch 1; "
-            f"median of {args.runs} after {args.warmup} warm-ups."
+            "Compiled: both sides compile their repeated blocks with dynamic=False. "
+            + (
+                "Ours replays CUDA graphs at this shape (--cuda-graphs "
+                f"{args.cuda_graphs}), so diffusers' whole transformer is also compiled with "
+                "mode='reduce-overhead' (CUDA graphs); both copy their output out of the graph."
+                if graphs
+                else f"No CUDA-graph rows: ours would not capture this shape (--cuda-graphs {args.cuda_graphs})."
+            )
+            if args.compile
+            else "No compiled rows (--no-compile, or the CPU without --compile-backend)."
         ),
     ]
+    if graphs:
+        notes.append(reduce_overhead_note(device))
     if args.cfg_shapes:
-        rows += cfg_batching_rows(args, ours, device, dtype)
+        cfg = cfg_batching(args, ours, device, dtype)
+        rows += measured_rows(cfg, "ms", device)
+        record["variants"] |= measured_json(cfg)
         notes.append("cfg rows: ours (as last configured) with both CFG branches as one batch-2 forward against "
                      "two batch-1 forwards, at several token counts.")  # fmt: skip
     return rows, notes
 
 
-def cfg_batching_rows(args: argparse.Namespace, ours: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+def cfg_batching(
+    args: argparse.Namespace, ours: nn.Module, device: torch.device, dtype: torch.dtype
+) -> dict[str, Measured]:
     """Batch-2 forward against two batch-1 forwards at smaller shapes (picks CFG_BATCH_MAX_TOKENS)."""
-    rows = []
+    measured: dict[str, Measured] = {}
     for size in args.cfg_shapes:
         one = forward_inputs(args.workload, args.tiny, device, dtype, batch=1, size=size)
         two = forward_inputs(args.workload, args.tiny, device, dtype, batch=2, size=size)
         hidden = one["hidden_states"]
         tokens = hidden.shape[1] if args.workload == "flux-forward" else hidden[0, 0].numel() // 4
-        single, _ = timed(lambda one=one: (ours(**one), ours(**one)), args.warmup, args.runs, device)
-        batched, _ = timed(lambda two=two: ours(**two), args.warmup, args.runs, device)
-        rows.append({"variant": f"cfg {tokens} tokens: 2 x batch 1", "median ms": single["median_ms"]})
-        rows.append({"variant": f"cfg {tokens} tokens: batch 2", "median ms": batched["median_ms"]})
-        log(f"cfg at {tokens} tokens: 2x1 {single['median_ms']:.2f} ms, batch 2 {batched['median_ms']:.2f} ms")
-    return rows
+        group = f"cfg, {tokens} tokens"
+        single = f"{group}: 2 x batch 1"
+        measured |= alternate(
+            [
+                Variant(single, lambda one=one: [ours(**one), ours(**one)][1], group),
+                Variant(f"{group}: batch 2", lambda two=two: ours(**two), group, single),
+            ],
+            args,
+        )
+    return measured
 
 
 #: `--graph-shapes` defaults: FLUX 256², 512², 768², 1024²; Wan 480p with 1, 5 and 9 frames.
@@ -340,7 +690,8 @@ GRAPH_SHAPES = {"flux-forward": [16, 32, 48, 64], "wan-forward": [1, 2, 3]}
 
 
 def run_graph_sweep(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Where CUDA graphs pay (picks `cuda_graphs.AUTO_MAX_TOKENS`): one row per shape and batch size."""
+    """Where CUDA graphs pay (picks `cuda_graphs.AUTO_MAX_TOKENS`): per shape and batch size, ours eager and
+    compiled, each plain and replayed as a graph, against diffusers compiled with and without graphs."""
     from sgl_diffusion.runtime.compile import compile_repeated_blocks
     from sgl_diffusion.runtime.cuda_graphs import CudaGraphRunner, batch_tokens
 
@@ -351,46 +702,72 @@ def run_graph_sweep(args: argparse.Namespace, record: dict[str, Any]) -> tuple[l
     inputs = {case: forward_inputs(workload, args.tiny, device, dtype, batch=case[1], size=case[0]) for case in cases}
     plain = ours.forward
     tokens = batch_tokens(ours)
-    rows = {case: {"variant": f"{tokens(inputs[case])} tokens (batch {case[1]})"} for case in cases}
-
-    def measure(column: str, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
-        for case in cases:
-            stats, out = timed(lambda case=case: fn(inputs[case]), args.warmup, args.runs, device)
-            rows[case][column] = stats["median_ms"]
-            if column.startswith("ours"):
-                expected = rows[case].setdefault("_expected", out.float())
-                rows[case]["max rel L2 vs ours eager"] = max(rows[case].get("max rel L2 vs ours eager", 0.0),
-                                                             rel_l2(out, expected))  # fmt: skip
-            log(f"{rows[case]['variant']} {column}: {stats['median_ms']:.2f} ms")
+    labels = {case: f"{tokens(inputs[case])} tokens (batch {case[1]})" for case in cases}
+    # The graph rows need a GPU; `--cuda-graphs on` keeps them on the CPU as a smoke test (nothing captured).
+    graphs = device.type == "cuda" or args.cuda_graphs == "on"
+    measured: dict[str, Measured] = {}
 
     def graphed() -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        # One runner per mode, over all shapes, as the engine has one per model (one memory pool).
         runner = CudaGraphRunner(ours, plain, capture_all=True, tokens=tokens)
         return lambda x: runner(**x)
 
-    measure("ours eager ms", lambda x: plain(**x))
-    if device.type == "cuda":
-        measure("ours eager + graph ms", graphed())
+    eager_graph = graphed()
+    for case in cases:
+        x, label = inputs[case], labels[case]
+        group = [Variant(f"{label}: ours eager", lambda x=x: plain(**x), f"{label}, eager")]
+        if graphs:
+            group.append(Variant(f"{label}: ours eager + graph", lambda x=x: eager_graph(x), f"{label}, eager",
+                                 f"{label}: ours eager"))  # fmt: skip
+        measured |= alternate(group, args)
     if args.compile:
-        compile_repeated_blocks(ours)
-        measure("ours compiled ms", lambda x: plain(**x))
-        measure("ours compiled + graph ms", graphed())
+        twin = shared_twin(reference) if graphs and args.diffusers != "none" else None
+        compile_repeated_blocks(ours, backend=args.compile_backend)
         if args.diffusers != "none":
-            reference.compile_repeated_blocks(fullgraph=True)
-            measure("diffusers + compile ms", lambda x: reference(**x, return_dict=False)[0])
-    for row in rows.values():
-        row.pop("_expected", None)
-        for mode in ("eager", "compiled"):
-            if f"ours {mode} + graph ms" in row:
-                row[f"{mode} graph speed-up"] = row[f"ours {mode} ms"] / row[f"ours {mode} + graph ms"]
+            compile_blocks_static(reference, args.compile_backend)
+        if twin is not None:
+            compile_with_cuda_graphs(twin, args.compile_backend)
+        compiled_graph = graphed()
+        for case in cases:
+            x, label, group_name = inputs[case], labels[case], f"{labels[case]}, compiled"
+            rival = f"{label}: {DIFFUSERS_COMPILED}" if args.diffusers != "none" else None
+            group = [Variant(f"{label}: ours compiled", lambda x=x: plain(**x), group_name, rival)]
+            if args.diffusers != "none":
+                group.append(Variant(f"{label}: {DIFFUSERS_COMPILED}",
+                                     lambda x=x: reference(**x, return_dict=False)[0], group_name))  # fmt: skip
+            if graphs:
+                graph_rival = f"{label}: {DIFFUSERS_GRAPHS}" if twin is not None else f"{label}: ours compiled"
+                group.append(Variant(f"{label}: ours compiled + graph", lambda x=x: compiled_graph(x), group_name,
+                                     graph_rival))  # fmt: skip
+            if twin is not None:
+                group.append(Variant(f"{label}: {DIFFUSERS_GRAPHS}", lambda x=x: twin(**x, return_dict=False)[0],
+                                     group_name))  # fmt: skip
+            measured |= alternate(group, args)
+    rows = measured_rows(measured, "ms", device)
+    for row, m in zip(rows, measured.values(), strict=True):
+        label = m.variant.name.split(": ")[0]
+        expected = measured[f"{label}: ours eager"].output
+        row["rel L2 vs ours eager"] = rel_l2(m.output, expected)
+    record["variants"] = measured_json(measured)
     notes = [
         (
             f"{'Tiny' if args.tiny else 'Full-size'} {workload.split('-')[0].upper()} with random weights; "
-            f"{16 if args.tiny else 512} text tokens; median of {args.runs} after {args.warmup} warm-ups. "
-            "A graph replay includes copying the inputs into the graph's buffers and the output out of it."
+            f"{16 if args.tiny else 512} text tokens. A graph replay includes copying the inputs into the "
+            "graph's buffers and the output out of it (ours and diffusers' reduce-overhead alike)."
         ),
         "Tokens: image/video tokens of the whole batch (what `--cuda-graphs auto` compares with AUTO_MAX_TOKENS).",
+        scheme_note(args, "call"),
+        memory_note(device),
+        (
+            f"Compiled rows: dynamic=False on both sides; {DIFFUSERS_GRAPHS} = diffusers' whole transformer "
+            "compiled with mode='reduce-overhead'."
+        ),
     ]
-    return list(rows.values()), notes
+    if graphs and args.compile and args.diffusers != "none":
+        notes.append(reduce_overhead_note(device))
+    elif graphs and device.type != "cuda":
+        notes.append("CPU: nothing is captured; the graph rows only smoke-test this script.")
+    return rows, notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,26 +828,6 @@ def ours_executor(args: argparse.Namespace, folder: Path, **options: Any):
     return executor
 
 
-def run_ours_e2e(pipeline, request, runs: int, device: torch.device) -> tuple[list[dict[str, Any]], Any]:
-    """Runs the real staged pipeline (what the engine's executor calls) `runs` times after a 2-step
-    warm-up (compiles a new shape, settles cuDNN and the allocator)."""
-    pipeline.run([dataclasses.replace(request, num_inference_steps=2)], lambda step, total: [])
-    results = []
-    out = None
-    for _ in range(runs):
-        reset_peak(device)
-        began = time.perf_counter()
-        state = pipeline.run([request], lambda step, total: [])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = (time.perf_counter() - began) * 1000
-        perf = state.perf.as_dict()
-        out = state["videos" if pipeline.output == "video" else "images"][0]
-        results.append({"wall_ms": wall, "perf": perf, "peak_mb": peak_mb(device)})
-        log(f"ours run: {wall:.0f} ms")
-    return results, out
-
-
 def diffusers_pipeline(family: str, folder: Path, ours_pipeline, device: torch.device, dtype: torch.dtype):
     """diffusers' pipeline over our loaded components' tensors (no second copy of the weights)."""
     c = ours_pipeline.c
@@ -500,7 +857,17 @@ def diffusers_pipeline(family: str, folder: Path, ours_pipeline, device: torch.d
     return pipe
 
 
-def run_diffusers_e2e(pipe, family: str, fields: dict[str, Any], runs: int, device: torch.device):
+def with_transformer(pipe: Any, transformer: nn.Module, folder: Path) -> Any:
+    """A second diffusers pipeline of `pipe`'s class and components around another transformer (a
+    differently compiled twin), with a scheduler of its own."""
+    components = {**pipe.components, "transformer": transformer}
+    components["scheduler"] = type(pipe.scheduler).from_pretrained(folder / "scheduler")
+    other = type(pipe)(**components)
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+def diffusers_kwargs(family: str, fields: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "prompt": fields["prompt"],
         "height": fields["height"],
@@ -512,108 +879,180 @@ def run_diffusers_e2e(pipe, family: str, fields: dict[str, Any], runs: int, devi
     }
     if family == "wan":
         kwargs.update(negative_prompt=fields["negative_prompt"], num_frames=fields["num_frames"])
-    with torch.inference_mode():  # 2-step warm-up (compiles, when compiled)
-        pipe(generator=torch.Generator("cpu").manual_seed(0), **{**kwargs, "num_inference_steps": 2})
-    results, out = [], None
-    for _ in range(runs):
-        reset_peak(device)
-        began = time.perf_counter()
-        with torch.inference_mode():
-            result = pipe(generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = (time.perf_counter() - began) * 1000
-        out = result.frames[0] if family == "wan" else result.images[0]
-        results.append({"wall_ms": wall, "peak_mb": peak_mb(device)})
-        log(f"diffusers run: {wall:.0f} ms")
-    return results, out
+    return kwargs
+
+
+def diffusers_generate(pipe: Any, family: str, kwargs: dict[str, Any]) -> Any:
+    """One generation of diffusers' pipeline (seed 0): the image or the video as float pixels."""
+    result = pipe(generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    return result.frames[0] if family == "wan" else result.images[0]
+
+
+def ours_generate(pipeline: Any, request: Any) -> Any:
+    """One generation of the engine's staged pipeline, as its executor runs it; returns the batch state."""
+    return pipeline.run([request], lambda step, total: [])
+
+
+def ours_keep(pipeline: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
+    key = "videos" if pipeline.output == "video" else "images"
+
+    def keep(state: Any) -> tuple[Any, dict[str, Any]]:
+        perf = state.perf.as_dict()
+        return state[key][0], {
+            "stages_ms": {stage["name"]: stage["duration_ms"] for stage in perf["steps"]},
+            "steps_ms": [step["duration_ms"] for step in perf["denoise_steps_ms"]],
+        }
+
+    return keep
 
 
 def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks, repeated_blocks
     from sgl_diffusion.runtime.cuda_graphs import cuda_graph_runner
 
     family = "flux" if args.workload == "flux-e2e" else "wan"
+    device = args.device
     folder = build_folder(args, family)
     fields = e2e_request(args, family)
     request = make_request(fields, seed=0)
     record["request"] = fields
-    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
-    rows: list[dict[str, Any]] = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     notes: list[str] = []
 
-    def e2e_row(variant: str, runs: list[dict[str, Any]], ours: bool) -> dict[str, Any]:
-        warm = runs[-1]
-        row = {"variant": variant, "end to end s": warm["wall_ms"] / 1000, "peak MB": warm["peak_mb"]}
-        if ours:
-            perf = warm["perf"]
-            stages = {s["name"]: s["duration_ms"] for s in perf["steps"]}
-            steps = [s["duration_ms"] for s in perf["denoise_steps_ms"]]
-            row.update(
-                {
-                    "text s": stages.get("text_encoding", 0) / 1000,
-                    "denoise s": stages.get("denoising", 0) / 1000,
-                    "decode s": stages.get("decoding", 0) / 1000,
-                    "median step ms": statistics.median(steps) if steps else None,
-                }
-            )
-        record.setdefault("runs", {})[variant] = runs
-        return row
-
-    options = {"enable_torch_compile": args.compile, "cfg_batching": "auto", "cuda_graphs": args.cuda_graphs}
-    if args.vae_slicing:
-        options["vae_slicing"] = True
+    # The engine's own compile when it is inductor's; another backend (CPU smoke tests) is applied here.
+    engine_compile = args.compile and args.compile_backend == "inductor"
+    # The engine refuses `--cuda-graphs on` without a GPU; on the CPU `on` only keeps diffusers' graph variant.
+    cuda_graphs = args.cuda_graphs if device.type == "cuda" else "auto"
+    options = {"enable_torch_compile": engine_compile, "cfg_batching": "auto", "cuda_graphs": cuda_graphs,
+               "warmup": False, "vae_slicing": args.vae_slicing}  # fmt: skip
     executor = ours_executor(args, folder, **options)
-    ours_runs, ours_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
+    pipeline = executor.pipeline
+    if args.compile and not engine_compile:
+        for denoiser in pipeline.denoisers():
+            if repeated_blocks(denoiser):  # a tiny smoke-test config may have one block of a kind only
+                compile_repeated_blocks(denoiser, backend=args.compile_backend)
+    runners = [cuda_graph_runner(d) for d in pipeline.denoisers()]
+    ablation = args.graph_ablation and any(runners)
+
+    def graphs(on: bool) -> Callable[[], None]:
+        def switch() -> None:
+            for denoiser, runner in zip(pipeline.denoisers(), runners, strict=True):
+                if runner is None:
+                    continue
+                if on:
+                    denoiser.forward = runner
+                else:
+                    vars(denoiser).pop("forward", None)  # back to the class's forward: no graphs
+
+        return switch
+
     ours_name = f"ours{' + torch.compile' if args.compile else ''}, CUDA graphs {args.cuda_graphs}"
     ours_name += ", --vae-slicing" if args.vae_slicing else ""
-    rows.append(e2e_row(ours_name, ours_runs, ours=True))
-    write_results(args, record, rows, notes, quiet=True)  # partial results survive a time-out
-    runners = [cuda_graph_runner(d) for d in executor.pipeline.denoisers()]
-    if args.graph_ablation and any(runners):
-        for denoiser in executor.pipeline.denoisers():
-            vars(denoiser).pop("forward", None)  # back to the class's forward: no graphs
-        plain_runs, plain_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
-        row = e2e_row(ours_name.replace(f"CUDA graphs {args.cuda_graphs}", "no CUDA graphs"), plain_runs, ours=True)
-        row["PSNR dB vs with graphs"] = psnr(plain_out, ours_out)
-        rows.append(row)
-        for denoiser, runner in zip(executor.pipeline.denoisers(), runners, strict=True):
-            if runner is not None:
-                denoiser.forward = runner
-        write_results(args, record, rows, notes, quiet=True)
-    for backend in args.lossy_attention:
-        executor.pipeline.c.transformer.attention_backend = backend
-        lossy_runs, lossy_out = run_ours_e2e(executor.pipeline, request, args.runs, args.device)
-        row = e2e_row(f"ours, attention {backend} (lossy)", lossy_runs, ours=True)
-        row.update({"PSNR dB vs lossless": psnr(lossy_out, ours_out), "SSIM vs lossless": ssim(lossy_out, ours_out)})
-        rows.append(row)
-        write_results(args, record, rows, notes, quiet=True)
-        executor.pipeline.c.transformer.attention_backend = "torch_sdpa"
+    keep = ours_keep(pipeline)
+    ours = Variant(ours_name, lambda: ours_generate(pipeline, request), "e2e", None, graphs(True) if ablation else None,
+                   keep)  # fmt: skip
+    # Ours warms up first: whether it captured graphs decides how diffusers is compiled.
+    measured = warm_up([ours], args.warmup, device)
+    captured = any(runner is not None and runner.stats.captures for runner in runners)
+    uses_graphs = captured or (args.cuda_graphs == "on" and device.type != "cuda")
+    others: list[Variant] = []
+    if ablation:
+        plain_name = ours_name.replace(f"CUDA graphs {args.cuda_graphs}", "no CUDA graphs")
+        others.append(Variant(plain_name, ours.run, "e2e", ours_name, graphs(False), keep))
     if args.diffusers != "none":
-        pipe = diffusers_pipeline(family, folder, executor.pipeline, args.device, dtype)
-        ref_runs, ref_out = run_diffusers_e2e(pipe, family, fields, args.runs, args.device)
-        row = e2e_row("diffusers eager", ref_runs, ours=False)
-        row["PSNR dB ours vs this"] = psnr(ours_out, ref_out)
-        rows.append(row)
-        write_results(args, record, rows, notes, quiet=True)
-        if args.diffusers == "eager+compiled":
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
-            ref_runs, ref_out = run_diffusers_e2e(pipe, family, fields, args.runs, args.device)
-            row = e2e_row("diffusers + torch.compile", ref_runs, ours=False)
-            row["PSNR dB ours vs this"] = psnr(ours_out, ref_out)
+        pipe = diffusers_pipeline(family, folder, pipeline, device, dtype)
+        kwargs = diffusers_kwargs(family, fields)
+        if args.diffusers in ("eager", "eager+compiled"):
+            others.append(Variant("diffusers eager", lambda: diffusers_generate(pipe, family, kwargs), "e2e"))
+        if args.diffusers in ("compiled", "eager+compiled") and args.compile:
+            flavours = [DIFFUSERS_GRAPHS] if uses_graphs else [DIFFUSERS_COMPILED]
+            if uses_graphs and ablation:
+                flavours.append(DIFFUSERS_COMPILED)  # the rival of ours without graphs
+            for flavour in flavours:
+                twin = shared_twin(pipe.transformer)
+                if flavour == DIFFUSERS_GRAPHS:
+                    compile_with_cuda_graphs(twin, args.compile_backend)
+                else:
+                    compile_blocks_static(twin, args.compile_backend)
+                other = with_transformer(pipe, twin, folder)
+                others.append(Variant(flavour, lambda other=other: diffusers_generate(other, family, kwargs), "e2e"))
+    names = [v.name for v in others]
+    ours.rival = next((n for n in (DIFFUSERS_GRAPHS, DIFFUSERS_COMPILED, "diffusers eager") if n in names), None)
+    if ablation:
+        others[0].rival = DIFFUSERS_COMPILED if DIFFUSERS_COMPILED in names else ours_name
+    check_group([ours, *others])
+    measured |= warm_up(others, args.warmup, device)
+
+    def rows_now() -> list[dict[str, Any]]:
+        rows = measured_rows(measured, "s", device)
+        reference = measured[ours_name].output
+        for row, m in zip(rows, measured.values(), strict=True):
+            if m.details and "stages_ms" in m.details[0]:
+                stage = [d["stages_ms"] for d in m.details]
+                steps = [ms for d in m.details for ms in d["steps_ms"]]
+                row.update(
+                    {
+                        "text s": statistics.median(s.get("text_encoding", 0.0) for s in stage) / 1000,
+                        "denoise s": statistics.median(s.get("denoising", 0.0) for s in stage) / 1000,
+                        "decode s": statistics.median(s.get("decoding", 0.0) for s in stage) / 1000,
+                        "median step ms": statistics.median(steps) if steps else None,
+                    }
+                )
+            if m.variant.name != ours_name:
+                row["PSNR dB vs ours"] = psnr(m.output, reference)
+        return rows
+
+    def save_partial() -> None:  # a time-out still leaves every repetition finished so far
+        record["variants"] = measured_json(measured)
+        write_results(args, record, rows_now(), notes, quiet=True)
+
+    time_alternating(measured, args.reps, args.runs, device, wall_clock=True, after_repetition=save_partial)
+    rows = rows_now()
+    record["variants"] = measured_json(measured)
+    if args.lossy_attention:
+        transformer = pipeline.c.transformer
+        lossless = transformer.attention_backend
+        for backend in args.lossy_attention:
+            transformer.attention_backend = backend
+            for runner in runners:
+                if runner is not None:
+                    runner.reset()  # a graph captured with another backend would replay that backend
+            name = f"ours, attention {backend} (lossy)"
+            lossy = alternate([Variant(name, ours.run, f"lossy {backend}, timed alone", keep=keep)], args, True)
+            row = measured_rows(lossy, "s", device)[0]
+            out = lossy[name].output
+            reference = measured[ours_name].output
+            row.update({"PSNR dB vs ours": psnr(out, reference), "SSIM vs ours": ssim(out, reference)})
             rows.append(row)
-        write_results(args, record, rows, notes, quiet=True)
+            record["variants"] |= measured_json(lossy)
+        transformer.attention_backend = lossless
     notes += [
-        f"Request: {json.dumps(fields)}; seed 0; a 2-step warm-up, then {args.runs} runs, the last reported.",
+        f"Request: {json.dumps(fields)}; seed 0.",
+        scheme_note(args, "generation"),
+        memory_note(device),
         (
             "ours = the engine's staged pipeline as the executor runs it (text encoding, denoising, VAE decode to "
-            "float pixels; PNG/MP4 encoding excluded); diffusers = its pipeline class over the same loaded "
-            "text encoders, VAE and transformer weights, output_type='np'."
+            "float pixels; PNG/MP4 encoding excluded; its load-time warm-up off, so both sides warm up alike); "
+            "diffusers = its pipeline class over the same loaded text encoders, VAE and transformer weights, "
+            "output_type='np'. Stage columns: medians over ours' repetitions."
         ),
+        f"Ours {'captured' if captured else 'did not capture'} CUDA graphs for this request (--cuda-graphs "
+        f"{args.cuda_graphs})"
+        + (
+            "."
+            if not {DIFFUSERS_GRAPHS, DIFFUSERS_COMPILED} & set(names)
+            else ", so diffusers' transformer is compiled whole with mode='reduce-overhead' (CUDA graphs)."
+            if uses_graphs
+            else ", so diffusers compiles its repeated blocks without CUDA graphs."
+        )
+        + (" Both sides compile with dynamic=False." if args.compile else " Nothing is compiled."),
         (
             "PSNR between ours and diffusers only shows both compute the same thing on random weights (bf16 "
             "rounding differences grow over the steps)."
         ),
     ]
+    if DIFFUSERS_GRAPHS in names:
+        notes.append(reduce_overhead_note(device))
     return rows, notes
 
 
@@ -645,7 +1084,9 @@ def run_wan_vae(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     notes = [
         (
             "Wan2.1 VAE (z16) decode of latents (1, 16, 21, 60, 104) -> 832x480x81; random weights; CUDA-event "
-            "median after a warm-up. PSNR on random weights only guards regressions."
+            "median of --runs after a warm-up, each variant in turn (wan_vae_decode.py's own timing, with its "
+            "out-of-memory fallbacks; not the alternating scheme of the other workloads). PSNR on random weights "
+            "only guards regressions."
         ),
     ]
     return rows, notes
@@ -676,36 +1117,60 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--name", help="file name of the results, DIR/NAME.json and .md (default: the workload)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/sgl-bench"), help="random model folders")
     parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test of this script)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=5, help="timed runs (forward) or runs, last reported (e2e)")
+    parser.add_argument("--reps", type=int, default=5, help="alternating repetitions of every variant")
+    parser.add_argument("--runs", type=int, help="calls timed per repetition, their mean counted (default: forward "
+                        "workloads 3, e2e 1 generation; wan-vae: its runs, default 3)")  # fmt: skip
+    parser.add_argument("--warmup", type=int, help="untimed calls per variant first (default: forward workloads 3, "
+                        "e2e 1 full generation)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="denoising steps for e2e (default: FLUX 28, Wan 50)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile variants")
-    parser.add_argument("--diffusers", choices=["none", "eager", "eager+compiled"], default="eager",
-                        help="diffusers pipelines to run in e2e workloads")  # fmt: skip
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of both sides; on the CPU compiled variants run only with "
+                             "another than inductor (e.g. eager: a smoke test of the compiled code paths)")  # fmt: skip
+    parser.add_argument("--diffusers", choices=["none", "eager", "compiled", "eager+compiled"],
+                        default="eager+compiled", help="e2e / graph sweeps: diffusers variants to run")  # fmt: skip
     parser.add_argument("--lossy-attention", nargs="*", default=[], help="e2e: also run these attention backends")
     parser.add_argument("--compile-ablations", action="store_true",
                         help="forward: also compiled with packed q/k/v, and without GEMM epilogues")  # fmt: skip
     parser.add_argument("--cfg-shapes", type=int, nargs="*", default=[],
                         help="forward: compare batch-2 CFG at these sizes (FLUX: latent side in tokens, "
                              "Wan: latent frames)")  # fmt: skip
-    parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="e2e: ours' --cuda-graphs")
+    parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                        help="ours' --cuda-graphs (e2e); forward: add graph variants on both sides when ours "
+                             "would capture (auto: at most AUTO_MAX_TOKENS tokens)")  # fmt: skip
     parser.add_argument("--vae-slicing", action="store_true", help="e2e: ours with --vae-slicing")
-    parser.add_argument("--graph-ablation", action="store_true", help="e2e: ours again with the graphs removed")
+    parser.add_argument("--graph-ablation", action="store_true", help="e2e: ours also with the graphs removed")
     parser.add_argument("--graph-shapes", type=int, nargs="*", default=[],
                         help="flux-graphs / wan-graphs: sizes (FLUX: latent side in tokens, Wan: latent frames)")  # fmt: skip
     parser.add_argument("--vae-args", nargs="*", default=[], help="wan-vae: extra flags for wan_vae_decode.py")
     parser.add_argument("--commit", default=None, help="default: $BENCH_COMMIT or git rev-parse")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
-    if args.device.type == "cpu":
+    args.name = args.name or args.workload
+    e2e = args.workload.endswith("-e2e")
+    args.warmup = (1 if e2e else 3) if args.warmup is None else args.warmup
+    args.runs = (1 if e2e else 3) if args.runs is None else args.runs
+    if args.device.type == "cpu" and args.compile_backend == "inductor":
         args.compile = False  # inductor's CPU compile of full models is not what this measures
+    if args.reps < 1 or args.runs < 1 or args.warmup < 0:
+        parser.error("--reps and --runs must be at least 1, --warmup at least 0")
+    if not e2e and args.compile and args.cuda_graphs != "off" and args.warmup < 3:
+        # torch.compile's CUDA graphs run the first call plainly and record the second: fewer warm-up calls
+        # would time diffusers' recording against our replays.
+        parser.error("CUDA-graph variants need --warmup 3 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         import diffusers
 
@@ -715,11 +1180,12 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "workload": args.workload,
         "card": card_name(args.device),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": args.commit or git_commit(),
         "command": "python benches/perf.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
         "diffusers": diffusers_version,
+        "scheme": {"warmup": args.warmup, "reps": args.reps, "runs": args.runs, "rule": bench_stats.RULE},
     }
     log(f"{args.workload} on {record['card']}")
     rows, notes = WORKLOADS[args.workload](args, record)

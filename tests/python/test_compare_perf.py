@@ -1,4 +1,5 @@
-"""`benches/compare_perf.py`: two perf dumps (one written by the CLI on the built-in model) as Markdown."""
+"""`benches/compare_perf.py`: a baseline perf dump (written by the CLI on the built-in model) against one or more
+new dumps, as Markdown."""
 
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ def cli_perf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def table(markdown: str) -> dict[str, list[str]]:
-    """Metric -> [A, B, B − A, B / A] cells of the Markdown table."""
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+def table(markdown: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header cells, metric -> value cells) of the Markdown table."""
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("| ")
+    ]
     header, *body = rows
-    assert [cell.strip() for cell in header][3:] == ["B − A", "B / A"]
-    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in body}
+    return header, {cells[0]: cells[1:] for cells in body}
 
 
 def slower(record: dict[str, Any]) -> dict[str, Any]:
@@ -68,10 +70,21 @@ def slower(record: dict[str, Any]) -> dict[str, Any]:
     return other
 
 
+def faster(record: dict[str, Any]) -> dict[str, Any]:
+    """C: end to end and every stage at half the time, a new `prompt_check` stage first, memory unchanged."""
+    other = copy.deepcopy(record)
+    other["steps"] = [{"name": "prompt_check", "duration_ms": 1.0}] + [
+        {"name": stage["name"], "duration_ms": stage["duration_ms"] / 2} for stage in record["steps"]
+    ]
+    other["total_duration_ms"] = record["total_duration_ms"] / 2
+    return other
+
+
 def test_table_rows_and_numbers(cli_perf: Path) -> None:
     a = compare_perf.load(cli_perf)
     b = slower(a)
-    cells = table(compare_perf.markdown(a, b, "base", "new"))
+    header, cells = table(compare_perf.markdown([a, b], ["base", "new"]))
+    assert header == ["metric", "base", "new", "B − A", "B / A"]
     stages = [stage["name"] for stage in a["steps"]]
     assert {"text_encoding", "latent_preparation", "denoising", "decoding"} <= set(stages)
     expected_metrics = (
@@ -104,35 +117,89 @@ def test_table_rows_and_numbers(cli_perf: Path) -> None:
     assert cells["peak memory (MiB)"] == [f"{peak:.1f}", f"{1.5 * peak:.1f}", f"{0.5 * peak:+.1f}", "1.500×"]
 
 
+def test_one_baseline_against_several_new_dumps(cli_perf: Path) -> None:
+    a = compare_perf.load(cli_perf)
+    b, c = slower(a), faster(a)
+    text = compare_perf.markdown([a, b, c], ["main", "slow", "fast"])
+    header, cells = table(text)
+    assert header == ["metric", "main", "slow", "B − A", "B / A", "fast", "C − A", "C / A"]
+    total = a["total_duration_ms"]
+    assert cells["end to end (ms)"] == [
+        f"{total:.2f}", f"{2 * total:.2f}", f"{total:+.2f}", "2.000×", f"{total / 2:.2f}", f"{-total / 2:+.2f}", "0.500×",
+    ]  # fmt: skip
+    # Stages of all three files, each where it ran: C's first stage first, B's last stage after decoding.
+    stage_rows = [metric for metric in cells if metric.startswith("stage ")]
+    names = [stage["name"] for stage in a["steps"]]
+    assert stage_rows == [f"stage {name} (ms)" for name in ["prompt_check", *names, "safety_check"]]
+    assert cells["stage prompt_check (ms)"] == ["–", "–", "–", "–", "1.00", "–", "–"]
+    assert cells["stage safety_check (ms)"] == ["–", "5.00", "–", "–", "–", "–", "–"]
+    decoding = next(stage["duration_ms"] for stage in a["steps"] if stage["name"] == "decoding")
+    assert cells["stage decoding (ms)"][4:] == [f"{decoding / 2:.2f}", f"{-decoding / 2:+.2f}", "0.500×"]
+    peak = a["peak_memory_mb"]
+    assert cells["peak memory (MiB)"][4:] == [f"{peak:.1f}", "+0.0", "1.000×"]
+    assert "A = main (baseline), B = slow, C = fast;" in text
+
+    # The request check is per new dump, against the baseline.
+    c["request"]["width"] = 64
+    text = compare_perf.markdown([a, b, c], ["main", "slow", "fast"])
+    assert "the requests of A and C differ in width" in text and "A and B differ" not in text
+
+
 def test_identical_runs_and_request_notes(cli_perf: Path) -> None:
     a = compare_perf.load(cli_perf)
-    text = compare_perf.markdown(a, a)
-    assert all(cells[2].lstrip("+") in ("0.00", "0.0", "0") and cells[3] == "1.000×" for cells in table(text).values())
+    text = compare_perf.markdown([a, a])
+    _, cells = table(text)
+    assert all(row[2].lstrip("+") in ("0.00", "0.0", "0") and row[3] == "1.000×" for row in cells.values())
     assert "32×32, 3 steps" in text and "differ" not in text
     b = copy.deepcopy(a)
     b["request"]["num_inference_steps"] = 4
-    assert "requests differ in num_inference_steps" in compare_perf.markdown(a, b)
+    assert "the requests of A and B differ in num_inference_steps" in compare_perf.markdown([a, b])
+    with pytest.raises(ValueError, match="at least one new dump"):
+        compare_perf.markdown([a])
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], check=False, capture_output=True, text=True, timeout=60)
 
 
 def test_script_as_a_command(cli_perf: Path, tmp_path: Path) -> None:
-    b_path = tmp_path / "b.json"
-    b_path.write_text(json.dumps(slower(json.loads(cli_perf.read_text()))))
+    base = json.loads(cli_perf.read_text())
+    b_path, c_path = tmp_path / "b.json", tmp_path / "c.json"
+    b_path.write_text(json.dumps(slower(base)))
+    c_path.write_text(json.dumps(faster(base)))
+    files = [str(cli_perf), str(b_path), str(c_path)]
+    records = [compare_perf.load(path) for path in files]
+
+    # As the SGLang docs call it: a baseline and any number of new dumps, the table on the console.
+    proc = run_script(*files)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == compare_perf.markdown(records, ["perf.json", "b.json", "c.json"])
+    assert proc.stdout.startswith("| metric | perf.json | b.json | B − A | B / A | c.json | C − A | C / A |")
+    _, cells = table(proc.stdout)
+    assert cells["end to end (ms)"][3] == "2.000×" and cells["end to end (ms)"][6] == "0.500×"
+
+    # --label once per file, in order, and --out (a new folder) instead of stdout.
     out = tmp_path / "report" / "compare.md"
-    run = [sys.executable, str(SCRIPT), str(cli_perf), str(b_path)]
-    labelled = [*run, "--label-a", "main", "--label-b", "patched", "--out", str(out)]
-    proc = subprocess.run(labelled, check=False, capture_output=True, text=True, timeout=60)
+    proc = run_script(*files, "--label", "main", "--label", "slow", "--label", "fast", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
-    a, b = compare_perf.load(cli_perf), compare_perf.load(b_path)
-    assert out.read_text() == compare_perf.markdown(a, b, "main", "patched")
-    assert out.read_text().startswith("| metric | main | patched | B − A | B / A |")
-
-    # Without --out: stdout, labels default to the file names.
-    proc = subprocess.run(run, check=False, capture_output=True, text=True, timeout=60)
+    assert out.read_text() == compare_perf.markdown(records, ["main", "slow", "fast"])
+    # Fewer labels than files: the rest keep their file names; options may come before the files.
+    proc = run_script("--label", "main", *files)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("| metric | perf.json | b.json |")
+    assert proc.stdout.startswith("| metric | main | b.json | B − A | B / A | c.json |")
+    # The two-file options of before still work.
+    proc = run_script(*files[:2], "--label-a", "main", "--label-b", "patched")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == compare_perf.markdown(records[:2], ["main", "patched"])
 
-    b_path.write_text(json.dumps({"runs": []}))
-    proc = subprocess.run(run, check=False, capture_output=True, text=True, timeout=60)
+    proc = run_script(*files[:2], "--label", "x", "--label", "y", "--label", "z")
     assert proc.returncode == 2
-    assert f"{b_path}: not a --perf-dump-path file (no total_duration_ms, steps, peak_memory_mb)" in proc.stderr
+    assert "3 --label for 2 files" in proc.stderr
+    proc = run_script(str(cli_perf))
+    assert proc.returncode == 2  # a baseline alone: nothing to compare
+
+    c_path.write_text(json.dumps({"runs": []}))
+    proc = run_script(*files)
+    assert proc.returncode == 2
+    assert f"{c_path}: not a --perf-dump-path file (no total_duration_ms, steps, peak_memory_mb)" in proc.stderr
