@@ -89,7 +89,9 @@ class BatchProfiler:
             self._start()
 
     def _start(self) -> None:
-        self._profiler = profile(activities=self.activities, record_shapes=True)
+        # One profiler per traced span, so accumulating events across cycles changes nothing; asking for
+        # it keeps torch 2.11 from warning on every first start that events of earlier cycles are dropped.
+        self._profiler = profile(activities=self.activities, record_shapes=True, acc_events=True)
         self._profiler.start()
         self._running = True
 
