@@ -13,6 +13,12 @@ from sgl_diffusion import InvalidRequestError, RequestCancelledError
 from sgl_diffusion.api import collect
 from sgl_diffusion.pipelines import flux
 
+#: A request's image alone and inside a batch, fp32 CPU (pixels in [0, 1]): each request draws its noise
+#: from its own generator, so batching changes nothing but the rounding of batch-4 instead of batch-1
+#: products. That is not bit-exact even single-threaded (BLAS blocks other shapes differently):
+#: measured 9.5e-7 to 1.1e-6. The bound sits just above.
+ALONE_VS_BATCHED_ATOL = 1e-5
+
 REQUESTS = [
     {"prompt": "a photo of a cat", "seed": 1, "guidance_scale": 3.5},
     {"prompt": "a red fox in the snow", "seed": 2, "guidance_scale": 1.0},
@@ -31,7 +37,7 @@ def test_compatible_requests_share_a_batch_and_match_running_alone(batching_gene
     for fields, result in zip(REQUESTS, batched, strict=True):
         alone = generator.generate(**SMALL, output_type="np", **fields)
         assert result.batch_size == 4
-        np.testing.assert_allclose(result.images[0], alone.images[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(result.images[0], alone.images[0], rtol=0, atol=ALONE_VS_BATCHED_ATOL)
         assert result.seed == fields["seed"]
 
 
@@ -94,7 +100,7 @@ def test_a_cancelled_request_inside_a_batch_spares_the_others(batching_generator
         victim.wait(cancel_at_step_3)
     result = collect(survivor)
     alone = generator.generate("a dog", seed=2, output_type="np", **{**SMALL, **slow})
-    np.testing.assert_allclose(result.images[0], alone.images[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.images[0], alone.images[0], rtol=0, atol=ALONE_VS_BATCHED_ATOL)
 
 
 def test_a_queued_request_can_be_cancelled(generator) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,23 +147,41 @@ def test_the_builtin_default_model_needs_no_model_path(tmp_path: Path) -> None:
     assert (tmp_path / "cache" / "sgl-diffusion" / "tiny-flux1-random-v1" / "model_index.json").is_file()
 
 
+#: A tqdm progress line of the CLI's denoising bar after at least one finished step, e.g.
+#: "denoising:   0%|          | 3/1000 [00:00<01:35, 10.4step/s]"; group 1 is the step count.
+DENOISING_PROGRESS = re.compile(r"denoising:\s*\d+%\|[^|\r\n]*\|\s*([1-9]\d*)/1000\b")
+
+
 def test_ctrl_c_cancels_the_running_request(flux_dir: Path, tmp_path: Path) -> None:
+    # Synchronised on an event, not on timing: SIGINT goes out once the CLI has printed a finished
+    # denoising step, so the request is known to be running. 1000 steps at 256x256 take ~95 s on 2 CPU
+    # cores (~95 ms a step): that is the margin this process has to send the signal, not a guess at
+    # how fast the run goes. Once cancelled, the CLI stops at the next step boundary.
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--prompt", "a", "--height", "32",
-             "--width", "32", "--num-inference-steps", "1000", "--device", "cpu", "--output-path", str(tmp_path)],
+            [SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--prompt", "a", "--height", "256",
+             "--width", "256", "--num-inference-steps", "1000", "--device", "cpu", "--output-path", str(tmp_path)],
             stdout=subprocess.PIPE, stderr=stderr, text=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while "denoising:" not in log.read_text() or "/1000" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "generation never started"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, log.read_text()
-    assert "cancelled" in log.read_text()
+        try:
+            deadline = time.monotonic() + 180
+            while not DENOISING_PROGRESS.search(log.read_text()):
+                assert proc.poll() is None, f"the CLI exited with {proc.returncode} before a step:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no denoising step finished:\n{log.read_text()}"
+                time.sleep(0.1)
+            assert proc.poll() is None, "the 1000-step run finished before the signal; make it longer"
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:  # never leave a 1000-step run behind on a failure
+                proc.kill()
+                proc.communicate()
+    text = log.read_text()
+    assert proc.returncode == 130, text
+    assert "cancelled" in text
+    steps_done = [int(n) for n in DENOISING_PROGRESS.findall(text)]
+    assert max(steps_done) < 1000, "the run went on to the end instead of stopping"
     assert out == "" and not list(tmp_path.glob("*.png"))
 
 

@@ -533,20 +533,76 @@ def test_references_work_without_triton(monkeypatch: pytest.MonkeyPatch) -> None
 # --------------------------------------------------------------------------------------------------
 
 
+def _cases(function: Callable[..., object]) -> int:
+    """How many test cases a test function expands to (the product of its parametrizations)."""
+    count = 1
+    for mark in getattr(function, "pytestmark", []):
+        if mark.name == "parametrize":
+            count *= len(mark.args[1])
+    return count
+
+
+def _kernel_cases() -> dict[str, int]:
+    """The tests that need the kernels to run (marked `needs_kernels`), with their case counts."""
+    return {
+        name: _cases(value)
+        for name, value in globals().items()
+        if name.startswith("test_") and callable(value) and needs_kernels.mark in getattr(value, "pytestmark", [])
+    }
+
+
+#: What the interpreter run may skip: the GPU-only tests, and the fresh-process test itself.
+CPU_INTERPRETER_SKIPS = {
+    "test_cuda_full_size",
+    "test_cuda_vae_rows_full_size",
+    "test_cuda_wan_vae_decoder_uses_the_row_kernel",
+    "test_interpreter_in_fresh_process",
+}
+
+
+def _junit_outcomes(report: Path) -> dict[str, str]:
+    """Test case id -> passed / failed / skipped, from a pytest junit XML report."""
+    from xml.etree import ElementTree
+
+    outcomes = {}
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome = "failed"
+        elif case.find("skipped") is not None:
+            outcome = "skipped"
+        else:
+            outcome = "passed"
+        outcomes[case.get("name", "")] = outcome
+    return outcomes
+
+
 @pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the kernel tests ran in this process")
-def test_interpreter_in_fresh_process() -> None:
+def test_interpreter_in_fresh_process(tmp_path: Path) -> None:
+    # The kernel cases skipped in this process; this test exists to run them, so it passes only if
+    # the fresh process really ran every one of them (a run that skipped them would exit 0 too).
+    report = tmp_path / "kernels.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}",
+         str(Path(__file__))],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    assert "passed" in proc.stdout.splitlines()[-1]
+    )  # fmt: skip
+    log = proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, log
+    outcomes = _junit_outcomes(report)
+    assert not [case for case, outcome in outcomes.items() if outcome == "failed"], log
+    skipped = {case.split("[")[0] for case, outcome in outcomes.items() if outcome == "skipped"}
+    assert skipped <= CPU_INTERPRETER_SKIPS, f"unexpected skips {sorted(skipped - CPU_INTERPRETER_SKIPS)}:\n{log}"
+    expected = _kernel_cases()
+    assert sum(expected.values()) >= 30, expected  # the marks were found (34 kernel cases today)
+    for name, count in expected.items():
+        ran = sum(1 for case, outcome in outcomes.items() if case.split("[")[0] == name and outcome == "passed")
+        assert ran == count, f"{name}: {ran} of {count} cases passed in the fresh process:\n{log}"
 
 
 @pytest.mark.skipif(not CUDA or not KERNELS_RUN or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA")

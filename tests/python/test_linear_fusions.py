@@ -91,12 +91,56 @@ def test_switch_is_the_fused_kernels_switch() -> None:
         fused.set_fused_kernels(was)
 
 
-def test_gradients_take_the_reference() -> None:
-    x, w, b = _gelu_inputs()
-    w.requires_grad_(True)
-    out = linear_gelu_tanh(x, w, b)
-    out.sum().backward()
-    assert w.grad is not None
+def _grads(
+    fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad_out: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """d(sum(fn(*inputs) * grad_out)) / d(inputs), every input a fresh leaf that requires grad."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float32),
+        pytest.param("cuda", torch.float32, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+    ],
+)
+def test_gradients_are_the_references(device: str, dtype: torch.dtype) -> None:
+    # When an input requires grad the dispatch runs the unfused expression itself (the cuBLAS epilogue
+    # and split-accumulate paths have no backward), so its gradients are the reference's: the same
+    # autograd graph on the same kernels, hence compared bit for bit, on CUDA too, where the fused
+    # path would otherwise be taken. A non-uniform upstream gradient makes every element count.
+    x, w, b = (t.to(device=device, dtype=dtype) for t in _gelu_inputs())
+    grad_out = torch.randn(2, 7, 40, generator=_gen(5)).to(device=device, dtype=dtype)
+    got = _grads(linear_gelu_tanh, [x, w, b], grad_out)
+    want = _grads(_gelu_ref, [x, w, b], grad_out)
+    for name, mine, theirs in zip(("x", "weight", "bias"), got, want, strict=True):
+        assert torch.equal(mine, theirs), name
+        assert mine.abs().max() > 0.1, name  # a real gradient, not zeros
+    parts, w2, b2 = _split_inputs()
+    parts = [p.to(device=device, dtype=dtype) for p in parts]
+    w2, b2 = w2.to(device=device, dtype=dtype), b2.to(device=device, dtype=dtype)
+    grad_out = torch.randn(2, 7, 16, generator=_gen(6)).to(device=device, dtype=dtype)
+    got = _grads(lambda p0, p1, w, b: linear_split_accumulate([p0, p1], w, b), [*parts, w2, b2], grad_out)
+    want = _grads(lambda p0, p1, w, b: _split_ref([p0, p1], w, b), [*parts, w2, b2], grad_out)
+    for name, mine, theirs in zip(("part 0", "part 1", "weight", "bias"), got, want, strict=True):
+        assert torch.equal(mine, theirs), name
+        assert mine.abs().max() > 0.1, name
+
+
+def test_gradients_are_the_derivatives() -> None:
+    # And those gradients are the true derivatives: float64 autograd against central finite
+    # differences (torch.autograd.gradcheck: eps 1e-6, atol 1e-5, rtol 1e-3), which would catch a
+    # dispatch that cut the graph (zero gradients) or a backward of the wrong expression.
+    x, w, b = (t.double().requires_grad_(True) for t in _gelu_inputs())
+    assert torch.autograd.gradcheck(linear_gelu_tanh, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-3)
+    parts, w2, b2 = _split_inputs()
+    leaves = [t.double().requires_grad_(True) for t in (*parts, w2, b2)]
+    assert torch.autograd.gradcheck(
+        lambda p0, p1, w, b: linear_split_accumulate([p0, p1], w, b), tuple(leaves), eps=1e-6, atol=1e-5, rtol=1e-3
+    )
 
 
 def test_split_shape_errors() -> None:

@@ -24,6 +24,10 @@ SETTINGS: dict[str, object] = {
     "max_sequence_length": 16,
 }
 PROMPT = "a cat dancing in the rain"
+#: Frames in [0, 1], fp32 CPU: our DiT and sampler are not op-for-op diffusers' order, and CFG runs as
+#: one batch-2 forward, so the last bits differ (measured 7.5e-7); the bound sits just above that,
+#: 500x under the fp32 parity contract (5e-3 on pixels).
+PIXEL_ATOL = 1e-5
 
 
 def use_euler(folder: Path, shift: float) -> None:
@@ -118,6 +122,8 @@ def test_pipeline_matches_diffusers(euler_dir: Path, flow_shift: float | None) -
         gen.shutdown()
     expected = diffusers_frames(euler_dir, 5, shift=flow_shift)
     assert ours.frames[0].shape == expected.shape == (9, 32, 32, 3)
-    assert np.abs(ours.frames[0] - expected).max() <= 1e-3
-    if flow_shift is not None:  # the override must act: the folder's own shift (7) gives another video
-        assert np.abs(expected - diffusers_frames(euler_dir, 5)).max() > 1e-3
+    assert np.abs(ours.frames[0] - expected).max() <= PIXEL_ATOL
+    if flow_shift is not None:
+        # The override must act: the folder's own shift (7) gives another video (measured 0.046 apart,
+        # thousands of times the bound above, so a dropped override could not pass as matching).
+        assert np.abs(expected - diffusers_frames(euler_dir, 5)).max() > 1000 * PIXEL_ATOL

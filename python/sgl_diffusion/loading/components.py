@@ -4,6 +4,13 @@ Models are built on the meta device and then take their tensors from the safeten
 time, read directly onto the target device and cast to the target dtype there. No full-precision
 copy of a model ever sits in host memory. Which files make up a component (sharded checkpoints
 follow their `*.index.json`) is the Rust core's bookkeeping (`_native.component_weight_files`).
+
+On the CPU every weight is copied out of the checkpoint into memory of its own. safetensors hands
+out views of the memory-mapped file there, aligned only to the tensor's byte offset in the file
+(8 or even 4 bytes), which differs between a sharded and an unsharded save of the same weights; BLAS
+libraries only promise reproducible results for aligned operands (oneMKL's reproducibility conditions
+ask for 64-byte alignment), so the output could depend on how the checkpoint was split. The CPU
+allocator aligns to 64 bytes. (On a GPU the tensors are device copies already.)
 """
 
 from __future__ import annotations
@@ -42,8 +49,24 @@ def _stream_state_dict(
                 if skip(name):
                     continue
                 tensor = weights.get_tensor(name)
-                state[name] = tensor.to(dtype_of(name)) if tensor.is_floating_point() else tensor
+                # copy on the CPU: our own 64-byte-aligned memory, not a view of the mapped file.
+                dtype = dtype_of(name) if tensor.is_floating_point() else tensor.dtype
+                state[name] = tensor.to(dtype, copy=device.type == "cpu")
     return state
+
+
+def _own_cpu_memory(model: M) -> M:
+    """Replaces CPU parameters and buffers that view a memory-mapped checkpoint with aligned copies
+    (see the module docstring); tied parameters stay tied (the Parameter objects are kept)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.device.type == "cpu":
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device.type == "cpu":
+                    module._buffers[name] = buffer.clone()
+    return model
 
 
 def _assign_weights(model: M, component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
@@ -103,4 +126,4 @@ def load_transformers_model(cls: type[M], component_dir: Path, device: torch.dev
     finally:
         if bars_were_on:
             transformers_logging.enable_progress_bar()
-    return model.eval().requires_grad_(False)
+    return _own_cpu_memory(model).eval().requires_grad_(False)
