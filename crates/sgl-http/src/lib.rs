@@ -7,6 +7,7 @@
 
 mod auth;
 mod config;
+mod connections;
 mod error;
 mod extract;
 mod generation;
@@ -38,6 +39,8 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("invalid server setting: {0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot listen on {address}: {source}")]
     Bind { address: String, source: std::io::Error },
     #[error("cannot create the output folder {dir}: {source}")]
@@ -61,6 +64,7 @@ pub fn run(config: ServerConfig, load: EngineLoader) -> Result<(), ServeError> {
 }
 
 pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), ServeError> {
+    config.validate()?;
     let address = format!("{}:{}", config.host, config.port);
     let listener =
         TcpListener::bind(&address).await.map_err(|source| ServeError::Bind { address: address.clone(), source })?;
@@ -128,7 +132,11 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
             let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         }
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    let limits = connections::ConnectionLimits {
+        max_connections: state.config.max_connections,
+        header_read_timeout: state.config.header_read_timeout(),
+    };
+    connections::serve_connections(listener, app, limits, shutdown).await;
     purger.abort();
     let failed = load_error.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {

@@ -1,9 +1,12 @@
 //! The OpenAPI spec, generated from the route annotations and wire types. A copy is checked in at
 //! `crates/sgl-http/openapi.json`; a test fails when the two drift apart.
 
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::content::ContentBuilder;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
+use crate::auth::PUBLIC_PATHS;
 use crate::routes::*;
 use crate::wire::*;
 
@@ -23,6 +26,9 @@ use crate::wire::*;
 )]
 struct ApiDoc;
 
+/// `--api-key` as the spec must say it: every route the key check guards (all but
+/// `auth::PUBLIC_PATHS`) needs the bearer key and can answer 401. Derived from the check itself, so
+/// a new route cannot be documented without it.
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -32,6 +38,34 @@ impl Modify for BearerAuth {
                 "bearer",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
             );
+        }
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if PUBLIC_PATHS.contains(&path.as_str()) {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for operation in operations.into_iter().flatten() {
+                operation.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+                operation.responses.responses.entry("401".to_string()).or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description("Missing or invalid API key (`Authorization: Bearer <key>`, with --api-key)")
+                        .content(
+                            "application/json",
+                            ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                        )
+                        .build()
+                        .into()
+                });
+            }
         }
     }
 }
@@ -46,6 +80,38 @@ pub fn openapi_json() -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
+    fn spec() -> Value {
+        serde_json::from_str(&super::openapi_json()).unwrap()
+    }
+
+    #[test]
+    fn every_route_but_health_documents_the_key_and_its_401() {
+        let spec = spec();
+        for (path, item) in spec["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let guarded = path != "/health";
+                assert_eq!(operation["responses"].get("401").is_some(), guarded, "{method} {path}");
+                assert_eq!(operation.get("security").is_some(), guarded, "{method} {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn request_bounds_are_the_validators_bounds() {
+        let spec = spec();
+        let images = &spec["components"]["schemas"]["ImageGenerationRequest"]["properties"];
+        assert_eq!(images["n"]["minimum"], 1);
+        assert_eq!(images["n"]["maximum"], sgl_core::MAX_OUTPUTS_PER_REQUEST);
+        assert_eq!(spec["components"]["schemas"]["VideoCreateRequest"]["properties"]["n"]["maximum"], 1);
+        // Seeds are u64: the full range is accepted, which int64 does not describe.
+        for schema in ["ImageGenerationRequest", "VideoCreateRequest"] {
+            let seed = &spec["components"]["schemas"][schema]["properties"]["seed"];
+            assert_eq!((seed["format"].as_str(), seed["minimum"].as_u64()), (Some("uint64"), Some(0)), "{schema}");
+        }
+    }
+
     #[test]
     fn checked_in_spec_matches_the_code() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");

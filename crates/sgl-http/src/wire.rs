@@ -15,6 +15,7 @@ pub struct ImageGenerationRequest {
     pub model: Option<String>,
     /// Number of images, 1-10.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10)]
     pub n: Option<u32>,
     /// `WIDTHxHEIGHT`, e.g. `1024x1024`; default: the model's. `auto` means the default.
     #[serde(default)]
@@ -56,6 +57,7 @@ pub struct ImageGenerationRequest {
     pub true_cfg_scale: Option<f64>,
     /// Seed of the request's noise generator (0 to 2^64-1); random when absent.
     #[serde(default)]
+    #[schema(format = "uint64")]
     pub seed: Option<u64>,
     #[serde(default)]
     pub max_sequence_length: Option<u32>,
@@ -82,6 +84,7 @@ pub struct ImageGenerationResponse {
     pub inference_time_s: f64,
     pub peak_memory_mb: f64,
     /// The seed used (the request's, or the one drawn for it).
+    #[schema(format = "uint64")]
     pub seed: u64,
 }
 
@@ -176,7 +179,9 @@ pub struct VideoCreateRequest {
     /// Rounded down to what the model supports (4k+1 for Wan).
     #[serde(default)]
     pub num_frames: Option<u32>,
+    /// Seed of the job's noise generator (0 to 2^64-1); random when absent.
     #[serde(default)]
+    #[schema(format = "uint64")]
     pub seed: Option<u64>,
     #[serde(default)]
     pub negative_prompt: Option<String>,
@@ -190,6 +195,7 @@ pub struct VideoCreateRequest {
     pub flow_shift: Option<f64>,
     /// Videos are generated one per job: only 1 is accepted.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
     /// Image for image-to-video: a `data:image/...;base64,` URL in JSON, or a file in multipart.
     #[serde(default)]
@@ -232,6 +238,7 @@ pub struct VideoJob {
     pub num_frames: u32,
     pub fps: u32,
     pub prompt: String,
+    #[schema(format = "uint64")]
     pub seed: u64,
     pub error: Option<VideoError>,
 }

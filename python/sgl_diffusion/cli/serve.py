@@ -22,7 +22,10 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--api-key", {"help": "require Authorization: Bearer <key> on every route but /health"}),
     ("--max-queue-size", {"type": int, "help": "requests waiting before 429 (default 256)"}),
     ("--max-body-mb", {"type": int, "help": "largest request body in MiB (default 16)"}),
-    ("--cors-origin", {"action": "append", "help": "allow this origin (repeatable; default: CORS off)"}),
+    (
+        "--cors-origin",
+        {"action": "append", "help": "allow this browser origin, or * for any (repeatable; default: CORS off)"},
+    ),
     ("--public-url", {"help": "base of absolute url outputs (default: the request's Host)"}),
     ("--output-ttl", {"type": int, "help": "seconds url outputs stay downloadable (default 3600)"}),
     ("--output-dir", {"help": "where url outputs are stored (default: a temp folder)"}),
@@ -31,6 +34,34 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
         {"action": "append", "help": "extra name the model answers to, e.g. dall-e-3 (repeatable)"},
     ),
     ("--health-generate-ttl", {"type": int, "help": "seconds a /health_generate result is reused"}),
+    (
+        "--max-connections",
+        {"type": int, "help": "connections served at once; more wait until one closes (default 512)"},
+    ),
+    (
+        "--header-read-timeout",
+        {
+            "type": int,
+            "help": "seconds a client has to send request headers; idle connections close after it (default 10)",
+        },
+    ),
+    ("--body-read-timeout", {"type": int, "help": "seconds a client has to send a request body (default 60)"}),
+    (
+        "--max-input-pixels",
+        {
+            "type": int,
+            "help": "largest input image (input_reference) in pixels, checked before decoding (default 50000000)",
+        },
+    ),
+)
+
+#: Server flags that must be at least 1, by their config key.
+POSITIVE_SERVER_OPTIONS = (
+    "max_body_mb",
+    "max_connections",
+    "header_read_timeout",
+    "body_read_timeout",
+    "max_input_pixels",
 )
 
 
@@ -67,6 +98,10 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         "served_model_names": options.get("served_model_name"),
         "model_path": options.get("model_path"),
         "health_generate_ttl_secs": options.get("health_generate_ttl"),
+        "max_connections": options.get("max_connections"),
+        "header_read_timeout_secs": options.get("header_read_timeout"),
+        "body_read_timeout_secs": options.get("body_read_timeout"),
+        "max_input_pixels": options.get("max_input_pixels"),
     }
     engine = {
         "model": model_config(options),
@@ -78,6 +113,10 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         value = engine[name]
         if value is not None and value < (0 if name == "batch_delay_ms" else 1):
             raise CommandError(f"--{name.replace('_', '-')} must be at least {0 if name == 'batch_delay_ms' else 1}")
+    for name in POSITIVE_SERVER_OPTIONS:
+        value = options.get(name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
     if options.get("port") is not None and not 0 <= options["port"] <= 65535:
         raise CommandError("--port must be between 0 and 65535")
     return {

@@ -17,6 +17,7 @@ import html
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -299,11 +300,23 @@ class EncodeText(WanStage):
 
 
 def load_image(path: str) -> Image.Image:
+    """The input image in RGB. PIL reads the size from the header first: an image over its
+    decompression-bomb bound (about 89 megapixels) is an invalid request, never decoded (a 17 KB PNG
+    can declare 12 000 x 12 000 pixels, 1.9 GB once decoded). Messages reach HTTP clients, so they
+    name the file, never the server's folder it is in."""
+    name = Path(path).name
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise invalid_request("image", f"the input image cannot be read: {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise invalid_request("image", f"the input image has too many pixels to decode: {err}") from err
+    except UnidentifiedImageError as err:
+        raise invalid_request("image", f"the input image {name} is not an image that can be read") from err
+    except OSError as err:
+        # An OSError's text quotes the full path (`[Errno 2] No such file: '/srv/...'`); strerror does not.
+        raise invalid_request("image", f"the input image {name} cannot be read: {err.strerror or err}") from err
 
 
 class EncodeImage(WanStage):

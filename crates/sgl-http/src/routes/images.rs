@@ -3,7 +3,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, HOST};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
 use base64::Engine as _;
@@ -17,20 +17,47 @@ use crate::outputs::content_type;
 use crate::state::{unix_now, SharedState};
 use crate::wire::{ErrorBody, ImageData, ImageGenerationRequest, ImageGenerationResponse};
 
-/// Reads a JSON body within the size limit, answering 415 / 413 / 400 in the OpenAI format.
+/// Whether the request's Content-Type is `expected` (its media type, parameters such as
+/// `charset` aside): `application/jsonp` or `application/json-seq` is not JSON.
+pub(crate) fn has_media_type(headers: &HeaderMap, expected: &str) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.split(';').next().unwrap_or_default().trim())
+        .is_some_and(|essence| essence.eq_ignore_ascii_case(expected))
+}
+
+/// Why a body could not be read: over the limit (413), a client that went away or sent broken
+/// chunks (400). The limit shows up as `LengthLimitError` somewhere in the error's sources.
+pub(crate) fn body_error(err: &(dyn std::error::Error + 'static), limit: usize) -> ApiError {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return ApiError::payload_too_large(limit);
+        }
+        cause = current.source();
+    }
+    ApiError::bad_request(format!("the request body could not be read: {err}"))
+}
+
+/// Reads a JSON body within the size limit and `--body-read-timeout`, answering 415 / 413 / 408 /
+/// 400 in the OpenAI format. The whole body must be one JSON value (trailing bytes are a 400).
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     state: &SharedState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<T, ApiError> {
-    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.trim_start().to_ascii_lowercase().starts_with("application/json") {
+    if !has_media_type(headers, "application/json") {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
     let limit = state.config.max_body_bytes();
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::payload_too_large(limit))?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|err| {
+    let timeout = state.config.body_read_timeout();
+    let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::body_timeout(timeout))?
+        .map_err(|err| body_error(&err, limit))?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -41,7 +68,9 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
         } else {
             ApiError::invalid(path, inner.to_string())
         }
-    })
+    })?;
+    de.end().map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))?;
+    Ok(value)
 }
 
 /// serde reports a missing field at the body's root: name it as the field at fault.
@@ -165,30 +194,38 @@ pub(crate) fn new_id(prefix: &str) -> String {
     responses(
         (status = 200, body = ImageGenerationResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 408, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 429, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_image(
     State(state): State<SharedState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ImageGenerationResponse>, ApiError> {
     let started = Instant::now();
-    let body: ImageGenerationRequest = read_json(&state, &headers, body).await?;
+    // What needs no body first: a server that cannot take the request does not read it.
     let engine = state.engine()?;
-    if let Some(model) = body.model.as_deref() {
-        let names = state.model_names(&engine);
-        if !names.iter().any(|n| n == model) {
-            return Err(ApiError::model_not_found(model, &names));
-        }
-    }
     if engine.info().output != sgl_core::OutputKind::Image {
         return Err(ApiError::invalid(
             "model",
             format!("the served model ({}) makes videos; use /v1/videos", engine.info().pipeline_class),
         ));
     }
+    let body: ImageGenerationRequest = read_json(&state, &headers, body).await?;
+    if let Some(model) = body.model.as_deref() {
+        let names = state.model_names(&engine);
+        if !names.iter().any(|n| n == model) {
+            return Err(ApiError::model_not_found(model, &names));
+        }
+    }
     let (request, response_format) = to_generation_request(&body)?;
+    // Before the generation, so that a request whose url could not be built costs nothing.
+    let base = match response_format {
+        ResponseFormat::Url => Some(public_base(&state, &headers, &uri)?),
+        ResponseFormat::B64Json => None,
+    };
     let handle = engine.submit(&request).map_err(|err| rename_param(ApiError::from_submit(&err), &body))?;
     let output = await_result(&handle).await?;
     state.metrics.observe_perf(&output.metadata.perf);
@@ -210,7 +247,7 @@ pub(crate) async fn create_image(
                 .put(&id, &files)
                 .await
                 .map_err(|e| ApiError::internal(format!("cannot store the output: {e}")))?;
-            let base = public_base(&state, &headers);
+            let base = base.unwrap_or_default();
             (0..files.len())
                 .map(|variant| ImageData {
                     b64_json: None,
@@ -244,13 +281,34 @@ fn rename_param(mut err: ApiError, body: &ImageGenerationRequest) -> ApiError {
     err
 }
 
-/// `--public-url`, else the scheme-less Host the client used.
-fn public_base(state: &SharedState, headers: &HeaderMap) -> String {
+/// `--public-url`, else the host the client addressed (its `Host` header, or the request target's
+/// authority), else the address the server listens on. A host that is not a plain `host[:port]`
+/// (a path, a user, spaces) is refused rather than written into the url.
+fn public_base(state: &SharedState, headers: &HeaderMap, uri: &Uri) -> Result<String, ApiError> {
     if let Some(url) = &state.config.public_url {
-        return url.trim_end_matches('/').to_string();
+        return Ok(url.trim_end_matches('/').to_string());
     }
-    let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    format!("http://{host}")
+    let host = match headers.get(HOST) {
+        Some(value) => value.to_str().ok().and_then(valid_host).ok_or_else(|| {
+            ApiError::bad_request(
+                "the Host header is not a valid host[:port], so no url can be built; \
+                 send a valid Host or start the server with --public-url",
+            )
+        })?,
+        None => match uri.authority() {
+            Some(authority) => authority.as_str().to_string(),
+            None => format!("{}:{}", state.config.host, state.config.port),
+        },
+    };
+    Ok(format!("http://{host}"))
+}
+
+/// `host[:port]` as a url may contain it: an authority without user info, with a numeric port if any.
+fn valid_host(host: &str) -> Option<String> {
+    let authority: axum::http::uri::Authority = host.parse().ok()?;
+    let has_port = authority.as_str().len() > authority.host().len();
+    let valid = !host.contains('@') && !authority.host().is_empty() && (!has_port || authority.port_u16().is_some());
+    valid.then(|| host.to_string())
 }
 
 #[derive(Deserialize)]
@@ -277,7 +335,8 @@ pub(crate) async fn image_content(
 
 /// Image editing. The served text-to-image models cannot edit; this answers a clear 400.
 #[utoipa::path(post, path = "/v1/images/edits", tag = "images",
-    responses((status = 400, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub(crate) async fn edit_image(State(state): State<SharedState>) -> ApiError {
     match state.engine() {
         Ok(engine) => {

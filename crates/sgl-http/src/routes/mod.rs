@@ -4,16 +4,21 @@ mod health;
 mod images;
 mod models;
 mod observability;
+#[cfg(test)]
+mod tests;
 mod videos;
 
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
 
 pub(crate) use health::__path_health;
 pub(crate) use health::__path_health_generate;
@@ -30,11 +35,13 @@ pub(crate) use videos::{
     __path_video_content,
 };
 
-use crate::auth::require_api_key;
+use crate::auth::{guard_options, require_api_key};
+use crate::config::{cors_origin, CorsOrigin};
 use crate::error::ApiError;
 use crate::state::SharedState;
 
 pub fn router(state: SharedState) -> Router {
+    let limit = state.config.max_body_bytes();
     let mut app = Router::new()
         .route("/health", get(health::health))
         .route("/health_generate", get(health::health_generate))
@@ -52,21 +59,53 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", get(observability::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Bodies are read (and limited to --max-body-mb) by the handlers, which answer 413 in the
-        // OpenAI error format.
-        .layer(DefaultBodyLimit::disable())
+        // The body limit (--max-body-mb) for every route: a declared Content-Length over it is
+        // refused before any of the body is read, and a body without one stops being read at the
+        // limit. Axum's own extractors (multipart) get the same limit instead of their 2 MiB.
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(RequestBodyLimitLayer::new(limit))
+        .layer(middleware::map_response(move |response: Response| async move { openai_413(response, limit) }))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics));
-    if !state.config.cors_origins.is_empty() {
-        let origins = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect::<Vec<_>>();
-        app = app.layer(
-            CorsLayer::new()
-                .allow_origin(AllowOrigin::list(origins))
-                .allow_methods(tower_http::cors::Any)
-                .allow_headers(tower_http::cors::Any),
-        );
+    // Outside the key check, so that browsers' preflights (which carry no credentials) are
+    // answered and 401s carry CORS headers a page can read; the guard outside it keeps OPTIONS
+    // requests that are no such preflight behind the key.
+    if let Some(cors) = cors_layer(&state.config.cors_origins) {
+        app = app.layer(cors).layer(middleware::from_fn_with_state(state.clone(), guard_options));
     }
     app.with_state(state)
+}
+
+/// `--cors-origin`: `*` allows any origin; otherwise the listed ones. Origins were validated at
+/// start (`ServerConfig::validate`); one that is not is left out rather than panicking here.
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let parsed: Vec<CorsOrigin> = origins.iter().filter_map(|origin| cors_origin(origin).ok()).collect();
+    let allow = if parsed.contains(&CorsOrigin::Any) {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(parsed.into_iter().filter_map(|origin| match origin {
+            CorsOrigin::Exact(value) => Some(value),
+            CorsOrigin::Any => None,
+        }))
+    };
+    Some(CorsLayer::new().allow_origin(allow).allow_methods(tower_http::cors::Any).allow_headers(tower_http::cors::Any))
+}
+
+/// tower-http answers an over-limit body with a plain-text 413; clients get the OpenAI error body.
+fn openai_413(response: Response, limit: usize) -> Response {
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        ApiError::payload_too_large(limit).into_response()
+    } else {
+        response
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -9,13 +9,13 @@ use axum::response::IntoResponse;
 use axum::Json;
 use base64::Engine as _;
 use serde::Deserialize;
-use sgl_core::{GenerationRequest, OutputFormat, OutputKind, ResolvedRequest};
+use sgl_core::{GenerationRequest, ImageInput, OutputFormat, OutputKind, PipelineInfo, ResolvedRequest};
 use sgl_scheduler::{Engine, Event, GenerationError};
 
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::jobs::{JobRecord, JobStore};
-use crate::routes::images::{missing_field, new_id, parse_size, read_json};
+use crate::routes::images::{body_error, has_media_type, missing_field, new_id, parse_size, read_json};
 use crate::state::{unix_now, SharedState};
 use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoError, VideoJob, VideoJobList, VideoStatus};
 
@@ -38,43 +38,60 @@ fn form_value(name: &str, text: String) -> serde_json::Value {
     serde_json::Value::String(text)
 }
 
-/// Parses JSON or multipart; returns the request and the input image bytes, if any.
+/// Parses JSON or multipart within `--body-read-timeout`; returns the request and the input image
+/// bytes, if any.
 async fn read_create_request(
     state: &SharedState,
+    info: &PipelineInfo,
     request: Request,
 ) -> Result<(VideoCreateRequest, Option<Vec<u8>>), ApiError> {
-    let content_type =
-        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
-    if content_type.starts_with("application/json") {
+    if has_media_type(request.headers(), "application/json") {
         let (parts, body) = request.into_parts();
         let mut body: VideoCreateRequest = read_json(state, &parts.headers, body).await?;
         let image = body.input_reference.take().map(|reference| decode_data_url(&reference)).transpose()?;
         return Ok((body, image));
     }
-    if !content_type.starts_with("multipart/form-data") {
+    if !has_media_type(request.headers(), "multipart/form-data") {
         return Err(ApiError::unsupported_media_type("application/json or multipart/form-data"));
     }
+    let timeout = state.config.body_read_timeout();
+    tokio::time::timeout(timeout, read_form(state, info, request)).await.map_err(|_| ApiError::body_timeout(timeout))?
+}
+
+/// A multipart form, field by field and each field chunk by chunk, the size limit checked as the
+/// bytes arrive: a huge field costs at most `--max-body-mb` before the 413. An image for a model
+/// that takes none is refused before its bytes are read.
+async fn read_form(
+    state: &SharedState,
+    info: &PipelineInfo,
+    request: Request,
+) -> Result<(VideoCreateRequest, Option<Vec<u8>>), ApiError> {
     let limit = state.config.max_body_bytes();
     let mut multipart =
         Multipart::from_request(request, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let mut fields = serde_json::Map::new();
     let mut image = None;
     let mut total = 0usize;
-    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(&e, limit))? {
+    while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(&e, limit))? {
         let name = field.name().unwrap_or_default().to_string();
         let is_file = field.file_name().is_some();
-        let bytes = field.bytes().await.map_err(|e| multipart_error(&e, limit))?;
-        total += bytes.len();
-        if total > limit {
-            return Err(ApiError::payload_too_large(limit));
+        if name == "input_reference" && info.image_input == ImageInput::None {
+            return Err(takes_no_image(info));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(&e, limit))? {
+            total += chunk.len();
+            if total > limit {
+                return Err(ApiError::payload_too_large(limit));
+            }
+            bytes.extend_from_slice(&chunk);
         }
         if name == "input_reference" && is_file {
-            image = Some(bytes.to_vec());
+            image = Some(bytes);
         } else if name == "input_reference" {
             image = Some(decode_data_url(&String::from_utf8_lossy(&bytes))?);
         } else {
-            let text =
-                String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::invalid(name.clone(), "not UTF-8 text"))?;
+            let text = String::from_utf8(bytes).map_err(|_| ApiError::invalid(name.clone(), "not UTF-8 text"))?;
             fields.insert(name.clone(), form_value(&name, text));
         }
     }
@@ -89,8 +106,14 @@ async fn read_create_request(
     Ok((body, image))
 }
 
+fn takes_no_image(info: &PipelineInfo) -> ApiError {
+    ApiError::invalid("input_reference", format!("{} takes no input image", info.pipeline_class))
+}
+
 fn multipart_error(err: &axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    if err.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+    use axum::http::StatusCode;
+    // axum recognises the limit of its own extractor, not always the limit layer's in the sources.
+    if err.status() == StatusCode::PAYLOAD_TOO_LARGE || body_error(err, limit).status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::payload_too_large(limit)
     } else {
         ApiError::bad_request(format!("malformed multipart body: {}", err.body_text()))
@@ -114,21 +137,52 @@ fn decode_data_url(reference: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|_| invalid("the data URL is not valid base64"))
 }
 
-/// File extension for an image, from its magic bytes; `None` if it is no image we can read.
-fn image_extension(bytes: &[u8]) -> Option<&'static str> {
-    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        Some("png")
-    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
-        Some("jpg")
-    } else if bytes.len() > 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
-        Some("webp")
-    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
-        Some("gif")
-    } else if bytes.starts_with(b"BM") {
-        Some("bmp")
-    } else {
-        None
+/// The file extension of an input image, from its header, once its size is known to be within
+/// `--max-input-pixels`: the pipeline decodes the whole image, so its pixel count bounds the memory
+/// that costs (a 17 KB PNG can declare 12 000 x 12 000 pixels).
+fn input_image_extension(bytes: &[u8], max_pixels: u64) -> Result<&'static str, ApiError> {
+    let unreadable = || ApiError::invalid("input_reference", "not a readable image (png, jpeg, webp, gif or bmp)");
+    let extension = match imagesize::image_type(bytes).map_err(|_| unreadable())? {
+        imagesize::ImageType::Png => "png",
+        imagesize::ImageType::Jpeg => "jpg",
+        imagesize::ImageType::Webp => "webp",
+        imagesize::ImageType::Gif => "gif",
+        imagesize::ImageType::Bmp => "bmp",
+        _ => return Err(unreadable()),
+    };
+    let size = imagesize::blob_size(bytes).map_err(|_| unreadable())?;
+    let pixels = (size.width as u64).saturating_mul(size.height as u64);
+    if pixels == 0 {
+        return Err(unreadable());
     }
+    if pixels > max_pixels {
+        return Err(ApiError::invalid(
+            "input_reference",
+            format!(
+                "the input image is {}x{} = {pixels} pixels; at most {max_pixels} are accepted (--max-input-pixels)",
+                size.width, size.height
+            ),
+        ));
+    }
+    Ok(extension)
+}
+
+/// `seconds * fps + 1` frames, computed in floating point and checked against the model's longest
+/// video before it becomes an integer (a cast would saturate or wrap: 1e10 s became 0 frames).
+fn frames_for(seconds: f64, fps: u32, max_frames: u32) -> Result<u32, ApiError> {
+    let frames = (seconds * f64::from(fps)).round() + 1.0;
+    if frames > f64::from(max_frames) {
+        let longest = f64::from(max_frames.saturating_sub(1)) / f64::from(fps.max(1));
+        return Err(ApiError::invalid(
+            "seconds",
+            format!(
+                "{seconds} seconds at {fps} fps is more than the {max_frames} frames this model makes; \
+                 at most {longest:.2} seconds"
+            ),
+        ));
+    }
+    // In range: at most `max_frames` and at least 1 (seconds and fps are positive).
+    Ok(frames as u32)
 }
 
 fn parse_seconds(value: &serde_json::Value) -> Result<f64, ApiError> {
@@ -145,28 +199,29 @@ fn parse_seconds(value: &serde_json::Value) -> Result<f64, ApiError> {
 /// Creates a video job and queues it at once; poll `GET /v1/videos/{id}` for its progress.
 #[utoipa::path(post, path = "/v1/videos", tag = "videos", request_body = VideoCreateRequest,
     responses((status = 200, body = VideoJob), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 429, body = ErrorBody),
-        (status = 503, body = ErrorBody)),
+        (status = 408, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn create_video(
     State(state): State<SharedState>,
     request: Request,
 ) -> Result<Json<VideoJob>, ApiError> {
-    let (body, image) = read_create_request(&state, request).await?;
+    // What needs no body first: a server that cannot take the request does not read it.
     let engine = state.engine()?;
     let store = jobs(&state)?;
-    let names = state.model_names(&engine);
-    if let Some(model) = body.model.as_deref() {
-        if !names.iter().any(|n| n == model) {
-            return Err(ApiError::model_not_found(model, &names));
-        }
-    }
     let info = engine.info();
     if info.output != OutputKind::Video {
         return Err(ApiError::invalid(
             "model",
             format!("the served model ({}) makes images; use /v1/images/generations", info.pipeline_class),
         ));
+    }
+    let (body, image) = read_create_request(&state, info, request).await?;
+    let names = state.model_names(&engine);
+    if let Some(model) = body.model.as_deref() {
+        if !names.iter().any(|n| n == model) {
+            return Err(ApiError::model_not_found(model, &names));
+        }
     }
     if body.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "each video job makes one video: n must be 1"));
@@ -193,8 +248,8 @@ pub(crate) async fn create_video(
         }
     }
     if let Some(seconds) = body.seconds.as_ref().map(parse_seconds).transpose()? {
-        let fps = f64::from(body.fps.or(info.defaults.fps).unwrap_or(16));
-        let frames = (seconds * fps).round() as u32 + 1;
+        let fps = body.fps.or(info.defaults.fps).unwrap_or(16);
+        let frames = frames_for(seconds, fps, info.limits.max_frames)?;
         if body.num_frames.is_some_and(|n| n != frames) {
             return Err(ApiError::invalid(
                 "seconds",
@@ -208,16 +263,12 @@ pub(crate) async fn create_video(
     }
     // The image must be a file before the request can be resolved (the core checks it exists).
     match (image, info.image_input) {
-        (Some(_), sgl_core::ImageInput::None) => {
-            return Err(ApiError::invalid("input_reference", format!("{} takes no input image", info.pipeline_class)))
-        }
-        (None, sgl_core::ImageInput::Required) => {
+        (Some(_), ImageInput::None) => return Err(takes_no_image(info)),
+        (None, ImageInput::Required) => {
             return Err(ApiError::invalid("input_reference", format!("{} needs an input image", info.pipeline_class)))
         }
         (Some(bytes), _) => {
-            let extension = image_extension(&bytes).ok_or_else(|| {
-                ApiError::invalid("input_reference", "not a readable image (png, jpeg, webp, gif or bmp)")
-            })?;
+            let extension = input_image_extension(&bytes, state.config.max_input_pixels)?;
             let dir = store.job_dir(&id);
             let path = dir.join(format!("input.{extension}"));
             tokio::fs::create_dir_all(&dir)
@@ -390,10 +441,18 @@ fn drive(state: SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
                 });
             }
             Err(err) => {
-                let api = ApiError::from_generation(&err);
-                let code = api.code.unwrap_or("generation_failed");
+                let api = video_param(ApiError::from_generation(&err));
+                // A request the pipeline found invalid (an unreadable input image) is the
+                // client's to fix, not a failed generation: say so, and name the field.
+                let (code, message) = match (api.status, api.param.as_deref()) {
+                    (axum::http::StatusCode::BAD_REQUEST, Some(param)) => {
+                        ("invalid_request", format!("{param}: {}", api.message))
+                    }
+                    (axum::http::StatusCode::BAD_REQUEST, None) => ("invalid_request", api.message.clone()),
+                    _ => (api.code.unwrap_or("generation_failed"), api.message.clone()),
+                };
                 store.update(&id, true, |job| {
-                    fail(job, code, &api.message);
+                    fail(job, code, &message);
                     job.expires_at = Some(unix_now() + ttl);
                 });
             }
@@ -410,7 +469,7 @@ pub(crate) struct ListQuery {
 
 /// Video jobs, newest first by default.
 #[utoipa::path(get, path = "/v1/videos", tag = "videos",
-    params(("after" = Option<String>, Query), ("limit" = Option<usize>, Query, description = "1-100, default 20"),
+    params(("after" = Option<String>, Query, description = "Id of a listed job to page on from; an unknown id is a 400"), ("limit" = Option<usize>, Query, description = "1-100, default 20"),
         ("order" = Option<String>, Query, description = "asc or desc (default)")),
     responses((status = 200, body = VideoJobList), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn list_videos(
@@ -426,7 +485,18 @@ pub(crate) async fn list_videos(
         "asc" => false,
         other => return Err(ApiError::invalid("order", format!("order must be asc or desc, got {other:?}"))),
     };
-    let (data, has_more) = jobs(&state)?.list(query.after.as_deref(), limit, newest_first);
+    let store = jobs(&state)?;
+    // An unknown cursor is an error, not the first page again: a client paging through jobs would
+    // otherwise loop, or silently see jobs twice, when the job it paged from expired or was deleted.
+    if let Some(after) = query.after.as_deref() {
+        if store.get(after).is_none() {
+            return Err(ApiError::invalid(
+                "after",
+                format!("no video job {after}: it may have expired or been deleted; list again without `after`"),
+            ));
+        }
+    }
+    let (data, has_more) = store.list(query.after.as_deref(), limit, newest_first);
     let first_id = data.first().map(|job| job.id.clone());
     let last_id = data.last().map(|job| job.id.clone());
     Ok(Json(VideoJobList { object: "list", data, first_id, last_id, has_more }))
@@ -520,10 +590,7 @@ mod tests {
     }
 
     #[test]
-    fn images_are_recognised_by_their_bytes() {
-        assert_eq!(image_extension(b"\x89PNG\r\n\x1a\nrest"), Some("png"));
-        assert_eq!(image_extension(&[0xff, 0xd8, 0xff, 0xe0]), Some("jpg"));
-        assert_eq!(image_extension(b"not an image"), None);
+    fn data_urls_decode_and_remote_urls_are_refused() {
         assert!(decode_data_url("https://example.com/a.png").is_err());
         assert_eq!(decode_data_url("data:image/png;base64,aGk=").ok(), Some(b"hi".to_vec()));
     }
