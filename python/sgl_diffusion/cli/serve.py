@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _native
-from .options import CommandError, add_model_options, add_sglang_options, model_config, parse_options
+from .options import CommandError, add_model_options, add_sglang_options, engine_config, parse_options
 
 #: The HTTP server's own options. `generate` knows them too, to say that they do not apply there.
 SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -31,6 +31,17 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
         {"action": "append", "help": "extra name the model answers to, e.g. dall-e-3 (repeatable)"},
     ),
     ("--health-generate-ttl", {"type": int, "help": "seconds a /health_generate result is reused"}),
+    (
+        "--stall-timeout",
+        {"type": int, "help": "/health answers 503 once a running batch shows no progress for this long (default 600)"},
+    ),
+    (
+        "--log-format",
+        {
+            "choices": ["text", "json"],
+            "help": "log lines as text (default) or JSON; the filter is SGL_DIFFUSION_LOG or RUST_LOG (default info)",
+        },
+    ),
 )
 
 
@@ -67,17 +78,14 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         "served_model_names": options.get("served_model_name"),
         "model_path": options.get("model_path"),
         "health_generate_ttl_secs": options.get("health_generate_ttl"),
+        "stall_timeout_secs": options.get("stall_timeout"),
+        "log_format": options.get("log_format"),
     }
-    engine = {
-        "model": model_config(options),
-        "max_batch_size": options.get("max_batch_size"),
-        "batch_delay_ms": options.get("batch_delay_ms"),
-        "max_queue_size": options.get("max_queue_size"),
-    }
-    for name in ("max_batch_size", "max_queue_size", "batch_delay_ms"):
-        value = engine[name]
-        if value is not None and value < (0 if name == "batch_delay_ms" else 1):
-            raise CommandError(f"--{name.replace('_', '-')} must be at least {0 if name == 'batch_delay_ms' else 1}")
+    engine = {**engine_config(options), "max_queue_size": options.get("max_queue_size")}
+    if options.get("max_queue_size") is not None and options["max_queue_size"] < 1:
+        raise CommandError("--max-queue-size must be at least 1")
+    if options.get("stall_timeout") is not None and options["stall_timeout"] < 1:
+        raise CommandError("--stall-timeout must be at least 1")
     if options.get("port") is not None and not 0 <= options["port"] <= 65535:
         raise CommandError("--port must be between 0 and 65535")
     return {
