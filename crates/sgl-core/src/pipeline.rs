@@ -70,7 +70,7 @@ pub struct PipelineLimits {
     pub max_frames: u32,
     pub frame_rule: FrameRule,
     pub max_sequence_length: u32,
-    /// Most denoising steps (the scheduler's training timesteps; 3 for a DMD-distilled FastWan).
+    /// Most denoising steps (the scheduler's training timesteps).
     pub max_steps: u32,
     /// Side in pixels of the square one latent token covers (VAE compression × patch size).
     pub token_size: u32,

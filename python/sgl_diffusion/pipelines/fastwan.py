@@ -34,7 +34,6 @@ FastWan2.2-TI2V-5B-FullAttn was trained with full attention and runs exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -114,8 +113,6 @@ class FastWanPipeline(WanPipeline):
         self.supports_guidance_scale_2 = False
         self.dmd_timesteps = DMD_TIMESTEPS
         self.dmd_sigmas = dmd_sigmas(DMD_TIMESTEPS)
-        # The student samples at exactly its DMD timesteps.
-        self.limits = dataclasses.replace(self.limits, max_steps=len(DMD_TIMESTEPS))
 
     @classmethod
     def load(
