@@ -304,3 +304,14 @@ def test_an_executor_without_progress_fails_liveness_and_recovers(stalling_serve
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
     # The error was logged to stderr.
     assert "made no progress" in server.log() and "ERROR" in server.log(), server.log()[-3000:]
+
+
+def test_only_sticky_cuda_errors_count_as_device_failures() -> None:
+    import torch
+
+    from sgl_diffusion.runtime.executor import is_unrecoverable_device_error
+
+    assert is_unrecoverable_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_unrecoverable_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_unrecoverable_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_unrecoverable_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
