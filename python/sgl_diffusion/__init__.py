@@ -11,6 +11,8 @@ from __future__ import annotations
 from ._native import __version__
 from .api import DiffGenerator, GenerationResult
 from .errors import (
+    DeadlineExceededError,
+    DeviceFailedError,
     DeviceOutOfMemoryError,
     EngineShutdownError,
     GenerationFailedError,
@@ -21,6 +23,8 @@ from .errors import (
 )
 
 __all__ = [
+    "DeadlineExceededError",
+    "DeviceFailedError",
     "DeviceOutOfMemoryError",
     "DiffGenerator",
     "EngineShutdownError",

@@ -89,6 +89,8 @@ class DiffGenerator:
         max_batch_size: int = 1,
         batch_delay_ms: int = 0,
         max_queue_size: int = 256,
+        max_request_cost: int | None = None,
+        request_timeout: float | None = None,
         **speed_options: Any,
     ) -> DiffGenerator:
         """Loads a diffusers-format folder or a Hugging Face id from the local cache.
@@ -100,8 +102,13 @@ class DiffGenerator:
         `profile_dir`, `text_encoder_precisions` (a list, one per text encoder); an unknown name is an error.
         SGLang Diffusion's environment variables that ask for a feature not built yet
         (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError` naming them.
+
+        `max_request_cost` is the most token-steps (outputs × latent tokens × steps × guidance branches) one
+        request may cost (default: 10 requests at the model's defaults); a costlier request raises
+        `InvalidRequestError`. `request_timeout` (seconds) stops every request that runs longer, between two
+        denoising steps, with `DeadlineExceededError`.
         """
-        config = {
+        config: dict[str, Any] = {
             "model": {
                 "model_path": None if model_path is None else str(model_path),
                 "device": device,
@@ -113,8 +120,16 @@ class DiffGenerator:
             "max_batch_size": max_batch_size,
             "batch_delay_ms": batch_delay_ms,
             "max_queue_size": max_queue_size,
+            "max_request_cost": max_request_cost,
+            "request_timeout_secs": request_timeout,
         }
-        return cls(_native.Engine(json.dumps(config)))
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DiffGenerator:
+        """Loads from an engine config as the CLI builds it (`sgl_bridge::EngineConfig`: `model` plus the
+        scheduler's options; unset ones left out or None)."""
+        return cls(_native.Engine(json.dumps(_drop_none(config))))
 
     def submit(self, **request: Any) -> _native.RequestHandle:
         """Queues a request and returns at once; `handle.wait()` gives `(outputs, metadata_json)`.
@@ -141,8 +156,11 @@ class DiffGenerator:
         num_outputs_per_prompt: int = 1,
         output_type: OutputType = "pil",
         on_progress: ProgressCallback | None = None,
+        timeout_seconds: float | None = None,
     ) -> GenerationResult:
-        """Generates `num_outputs_per_prompt` images; unset fields take the model's defaults."""
+        """Generates `num_outputs_per_prompt` images; unset fields take the model's defaults. A request still
+        queued or running `timeout_seconds` after submission (at most the engine's `request_timeout`) is stopped
+        and raises `DeadlineExceededError`."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
@@ -163,6 +181,7 @@ class DiffGenerator:
             seed=seed,
             max_sequence_length=max_sequence_length,
             num_outputs_per_prompt=num_outputs_per_prompt,
+            timeout_seconds=timeout_seconds,
             # Videos come back as exact arrays; `save` encodes MP4 on demand.
             output_format="npy" if output_type == "np" or self.info["output"] == "video" else "png",
         )

@@ -8,6 +8,8 @@ the offending request field.
 from __future__ import annotations
 
 from ._native import (
+    DeadlineExceededError,
+    DeviceFailedError,
     DeviceOutOfMemoryError,
     EngineShutdownError,
     GenerationFailedError,
@@ -18,6 +20,8 @@ from ._native import (
 )
 
 __all__ = [
+    "DeadlineExceededError",
+    "DeviceFailedError",
     "DeviceOutOfMemoryError",
     "EngineShutdownError",
     "GenerationFailedError",

@@ -117,7 +117,7 @@ def test_serves_a_generation_and_stops_on_sigterm(server_binary: Path, flux_dir:
             proc.wait(timeout=30)
     log_text = log_path.read_text()
     assert f"listening on http://127.0.0.1:{port}" in log_text and "model ready" in log_text, log_text
-    assert log_text.rstrip().endswith("sgl-diffusion: stopped"), log_text
+    assert log_text.rstrip().endswith("stopped"), log_text
 
 
 def test_a_missing_interpreter_is_a_clear_error(server_binary: Path) -> None:

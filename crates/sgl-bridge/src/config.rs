@@ -76,6 +76,14 @@ pub struct EngineConfig {
     pub batch_delay_ms: u64,
     #[serde(default = "default_max_queue_size")]
     pub max_queue_size: usize,
+    /// Most token-steps (outputs × latent tokens × steps × guidance branches) one request may
+    /// cost; default: 10 requests at the model's own defaults.
+    #[serde(default)]
+    pub max_request_cost: Option<u64>,
+    /// Seconds after submission at which every request is stopped; a request's `timeout_seconds`
+    /// may ask for less. Default: no deadline.
+    #[serde(default)]
+    pub request_timeout_secs: Option<f64>,
 }
 
 fn default_max_batch_size() -> u32 {
@@ -86,12 +94,47 @@ fn default_max_queue_size() -> usize {
     256
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("invalid engine config: {0}")]
+pub struct ConfigError(String);
+
 impl EngineConfig {
-    pub fn batching(&self) -> BatchingConfig {
-        BatchingConfig {
+    pub fn batching(&self) -> Result<BatchingConfig, ConfigError> {
+        let request_timeout =
+            self.request_timeout_secs
+                .map(|secs| {
+                    Duration::try_from_secs_f64(secs).ok().filter(|timeout| !timeout.is_zero()).ok_or_else(|| {
+                        ConfigError(format!("request_timeout must be a number of seconds > 0, got {secs}"))
+                    })
+                })
+                .transpose()?;
+        if self.max_request_cost == Some(0) {
+            return Err(ConfigError("max_request_cost must be at least 1".into()));
+        }
+        Ok(BatchingConfig {
             max_queue_size: self.max_queue_size,
             max_batch_size: self.max_batch_size,
             batch_delay: Duration::from_millis(self.batch_delay_ms),
+            max_request_cost: self.max_request_cost,
+            request_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_options_reach_the_scheduler() {
+        let config: EngineConfig =
+            serde_json::from_str(r#"{"model": {}, "max_request_cost": 5000, "request_timeout_secs": 1.5}"#).unwrap();
+        let batching = config.batching().unwrap();
+        assert_eq!(batching.max_request_cost, Some(5000));
+        assert_eq!(batching.request_timeout, Some(Duration::from_millis(1500)));
+        for bad in [r#""request_timeout_secs": 0"#, r#""request_timeout_secs": -1"#, r#""max_request_cost": 0"#] {
+            let config: EngineConfig = serde_json::from_str(&format!(r#"{{"model": {{}}, {bad}}}"#)).unwrap();
+            assert!(config.batching().is_err(), "{bad}");
         }
     }
 }

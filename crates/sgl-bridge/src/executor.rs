@@ -139,6 +139,10 @@ fn to_exec_error(py: Python<'_>, err: &PyErr, fallback: ExecErrorKind) -> ExecEr
     if type_name == "OutOfMemoryError" {
         return ExecError::new(ExecErrorKind::OutOfMemory, message);
     }
+    if type_name == "DeviceFailedError" {
+        err.display(py);
+        return ExecError::new(ExecErrorKind::DeviceFailed, message);
+    }
     err.display(py);
     ExecError::new(fallback, format!("{type_name}: {message}"))
 }

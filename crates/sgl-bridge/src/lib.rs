@@ -9,5 +9,5 @@ mod config;
 mod executor;
 mod progress;
 
-pub use config::{EngineConfig, ModelConfig};
+pub use config::{ConfigError, EngineConfig, ModelConfig};
 pub use executor::PythonExecutor;

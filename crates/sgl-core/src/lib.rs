@@ -16,5 +16,7 @@ pub use output::{
     EncodedOutput, GenerationOutput, MemoryCheckpoint, OutputMetadata, PerfMetrics, StageTiming, StepTiming,
 };
 pub use pipeline::{FrameRule, GuidanceMode, ImageInput, OutputKind, PipelineInfo, PipelineLimits, SamplingDefaults};
-pub use request::{GenerationRequest, OutputFormat, MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_STEPS};
-pub use resolve::{BatchKey, ResolvedRequest};
+pub use request::{
+    GenerationRequest, OutputFormat, MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_TIMEOUT_SECONDS,
+};
+pub use resolve::{BatchKey, RequestCost, ResolvedRequest};

@@ -54,16 +54,28 @@ pub enum ImageInput {
 }
 
 /// Shape limits of a pipeline; requests beyond them are rejected before they run.
+///
+/// Each is what the loaded checkpoint can run (its RoPE table, its tokenizer, its scheduler's
+/// training timesteps), at most the family's memory bound; the product of the fields is bounded
+/// separately, by the cost budget (see [`crate::ResolvedRequest::cost`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineLimits {
     /// Width and height must be multiples of this (16 for FLUX.1, 32 for Wan2.2 TI2V-5B).
     pub size_multiple: u32,
     pub min_size: u32,
+    /// Largest width or height (Wan: the RoPE table's positions per axis times the pixels per position).
+    pub max_side: u32,
     pub max_pixels: u64,
     pub max_frames: u32,
     pub frame_rule: FrameRule,
     pub max_sequence_length: u32,
+    /// Most denoising steps (the scheduler's training timesteps).
+    pub max_steps: u32,
+    /// Side in pixels of the square one latent token covers (VAE compression × patch size).
+    pub token_size: u32,
+    /// Frames one latent frame covers (the VAE's temporal compression; 1 for image models).
+    pub frames_per_latent: u32,
 }
 
 /// How many frames a pipeline can produce.

@@ -7,8 +7,8 @@ use crate::ValidationError;
 pub const MAX_PROMPT_CHARS: usize = 10_000;
 /// Most outputs one request may ask for (OpenAI's `n` allows 1-10).
 pub const MAX_OUTPUTS_PER_REQUEST: u32 = 10;
-/// Most denoising steps one request may ask for.
-pub const MAX_STEPS: u32 = 1000;
+/// Longest `timeout_seconds` a request may ask for (a week); longer means "no deadline" in practice.
+pub const MAX_TIMEOUT_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 /// Highest frame rate a video output may have.
 pub const MAX_FPS: u32 = 120;
 
@@ -54,6 +54,10 @@ pub struct GenerationRequest {
     /// Encoder quality for lossy formats, 1-100.
     #[serde(default)]
     pub output_quality: Option<u8>,
+    /// Seconds from submission after which the request is cancelled (between two denoising steps
+    /// if it runs) and fails with a deadline error; at most the engine's `--request-timeout`.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
 }
 
 /// How outputs are encoded before they leave Python.

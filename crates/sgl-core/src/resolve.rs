@@ -3,8 +3,8 @@ use std::hash::{BuildHasher, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo, ValidationError,
-    MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_STEPS,
+    FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo, PipelineLimits,
+    ValidationError, MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_TIMEOUT_SECONDS,
 };
 
 /// A request with every default filled in from the pipeline and every value checked against it.
@@ -54,6 +54,79 @@ pub struct BatchKey {
     pub has_image: bool,
 }
 
+/// What a request will cost the denoiser: latent tokens processed over all its steps, outputs and
+/// guidance branches. Text encoding and decoding are left out: per output they are bounded by the
+/// pipeline's size limits, while denoising grows with the product that only this bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestCost {
+    pub outputs: u32,
+    /// Latent tokens of one output (all its latent frames).
+    pub tokens: u64,
+    pub steps: u32,
+    /// 2 with classifier-free guidance (a second forward per step), else 1.
+    pub branches: u32,
+}
+
+impl RequestCost {
+    /// The cost of `outputs` outputs of `width`×`height`×`frames` over `steps` steps, on a pipeline
+    /// with these limits (which say how many pixels and frames one latent token covers).
+    pub fn new(limits: &PipelineLimits, outputs: u32, size: (u32, u32), frames: u32, steps: u32, cfg: bool) -> Self {
+        let token = u64::from(limits.token_size.max(1));
+        let latent_frames = u64::from(frames.saturating_sub(1) / limits.frames_per_latent.max(1) + 1);
+        let (width, height) = size;
+        let tokens = u64::from(width).div_ceil(token) * u64::from(height).div_ceil(token) * latent_frames;
+        Self { outputs, tokens, steps, branches: if cfg { 2 } else { 1 } }
+    }
+
+    /// Token-steps: outputs × tokens × steps × branches.
+    pub fn total(&self) -> u64 {
+        u64::from(self.outputs)
+            .saturating_mul(self.tokens)
+            .saturating_mul(u64::from(self.steps))
+            .saturating_mul(u64::from(self.branches))
+    }
+}
+
+impl std::fmt::Display for RequestCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} token-steps ({} outputs × {} latent tokens × {} steps × {} guidance branches)",
+            self.total(),
+            self.outputs,
+            self.tokens,
+            self.steps,
+            self.branches
+        )
+    }
+}
+
+impl ResolvedRequest {
+    /// The denoising work this request asks for, measured in the pipeline's latent tokens.
+    pub fn cost(&self, limits: &PipelineLimits) -> RequestCost {
+        RequestCost::new(
+            limits,
+            self.num_outputs,
+            (self.width, self.height),
+            self.num_frames,
+            self.num_inference_steps,
+            self.cfg_enabled,
+        )
+    }
+}
+
+impl PipelineInfo {
+    /// The cost of one output at the model's own defaults (the unit of the default budget).
+    pub fn default_request_cost(&self) -> RequestCost {
+        let d = &self.defaults;
+        let cfg = match self.guidance {
+            GuidanceMode::ClassifierFree => d.guidance_scale > 1.0,
+            GuidanceMode::EmbeddedWithTrueCfg => d.negative_prompt.is_some() && d.true_cfg_scale > 1.0,
+        };
+        RequestCost::new(&self.limits, 1, (d.width, d.height), d.num_frames, d.num_inference_steps, cfg)
+    }
+}
+
 impl ResolvedRequest {
     pub fn batch_key(&self) -> BatchKey {
         BatchKey {
@@ -85,7 +158,15 @@ impl ResolvedRequest {
         let num_outputs = request.num_outputs_per_prompt.unwrap_or(1);
         in_range("num_outputs_per_prompt", num_outputs, 1, MAX_OUTPUTS_PER_REQUEST)?;
         let num_inference_steps = request.num_inference_steps.unwrap_or(defaults.num_inference_steps);
-        in_range("num_inference_steps", num_inference_steps, 1, MAX_STEPS)?;
+        in_range("num_inference_steps", num_inference_steps, 1, limits.max_steps)?;
+        if let Some(timeout) = request.timeout_seconds {
+            if !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_TIMEOUT_SECONDS) {
+                return Err(ValidationError::new(
+                    "timeout_seconds",
+                    format!("must be a number of seconds > 0 and at most {MAX_TIMEOUT_SECONDS}, got {timeout}"),
+                ));
+            }
+        }
         let guidance_scale = request.guidance_scale.unwrap_or(defaults.guidance_scale);
         non_negative("guidance_scale", guidance_scale)?;
         let true_cfg_scale = request.true_cfg_scale.unwrap_or(defaults.true_cfg_scale);
@@ -236,12 +317,12 @@ fn non_negative(field: &str, value: f64) -> Result<(), ValidationError> {
 
 fn check_size(field: &str, value: u32, info: &PipelineInfo) -> Result<(), ValidationError> {
     let limits = &info.limits;
-    if value < limits.min_size || !value.is_multiple_of(limits.size_multiple) {
+    if value < limits.min_size || value > limits.max_side || !value.is_multiple_of(limits.size_multiple) {
         return Err(ValidationError::new(
             field,
             format!(
-                "must be a multiple of {} and at least {} for {}, got {value}",
-                limits.size_multiple, limits.min_size, info.pipeline_class
+                "must be a multiple of {} between {} and {} for {}, got {value}",
+                limits.size_multiple, limits.min_size, limits.max_side, info.pipeline_class
             ),
         ));
     }
@@ -328,10 +409,14 @@ mod tests {
             limits: PipelineLimits {
                 size_multiple: 16,
                 min_size: 16,
+                max_side: 4096,
                 max_pixels: 2048 * 2048,
                 max_frames: 1,
                 frame_rule: FrameRule::Single,
                 max_sequence_length: 512,
+                max_steps: 1000,
+                token_size: 16,
+                frames_per_latent: 1,
             },
             defaults: SamplingDefaults {
                 width: 1024,
@@ -359,6 +444,7 @@ mod tests {
         info.pipeline_class = "WanPipeline".into();
         info.limits.frame_rule = FrameRule::FourKPlusOne;
         info.limits.max_frames = 129;
+        info.limits.frames_per_latent = 4;
         info.guidance = GuidanceMode::ClassifierFree;
         info.supports_flow_shift = true;
         info.output = OutputKind::Video;
@@ -418,6 +504,73 @@ mod tests {
             "max_sequence_length"
         );
         assert_eq!(field_of(GenerationRequest { output_quality: Some(0), ..req("a") }, &info), "output_quality");
+    }
+
+    #[test]
+    fn steps_and_sides_follow_the_checkpoint_limits() {
+        let mut info = flux_info();
+        info.limits.max_steps = 3;
+        assert!(
+            ResolvedRequest::resolve(&GenerationRequest { num_inference_steps: Some(3), ..req("a") }, &info).is_ok()
+        );
+        let err = ResolvedRequest::resolve(&GenerationRequest { num_inference_steps: Some(4), ..req("a") }, &info)
+            .unwrap_err();
+        assert_eq!(err.field, "num_inference_steps");
+        assert!(err.message.contains("between 1 and 3"), "{}", err.message);
+        info.limits.max_side = 512;
+        let wide = GenerationRequest { width: Some(528), height: Some(64), num_inference_steps: Some(1), ..req("a") };
+        let err = ResolvedRequest::resolve(&wide, &info).unwrap_err();
+        assert_eq!(err.field, "width");
+        assert!(err.message.contains("between 16 and 512"), "{}", err.message);
+    }
+
+    #[test]
+    fn cost_is_outputs_tokens_steps_and_branches() {
+        let flux = flux_info();
+        let r = ResolvedRequest::resolve(
+            &GenerationRequest {
+                num_outputs_per_prompt: Some(10),
+                width: Some(2048),
+                height: Some(2048),
+                num_inference_steps: Some(1000),
+                ..req("a")
+            },
+            &flux,
+        )
+        .unwrap();
+        let cost = r.cost(&flux.limits);
+        assert_eq!((cost.outputs, cost.tokens, cost.steps, cost.branches), (10, 128 * 128, 1000, 1));
+        assert_eq!(cost.total(), 163_840_000);
+        assert!(cost.to_string().starts_with("163840000 token-steps"), "{cost}");
+        // Wan: 81 frames are 21 latent frames; guidance on doubles the forwards.
+        let wan = video_info();
+        let r = ResolvedRequest::resolve(
+            &GenerationRequest {
+                width: Some(832),
+                height: Some(480),
+                num_frames: Some(81),
+                num_inference_steps: Some(50),
+                guidance_scale: Some(5.0),
+                ..req("a")
+            },
+            &wan,
+        )
+        .unwrap();
+        assert_eq!(r.cost(&wan.limits).total(), 52 * 30 * 21 * 50 * 2);
+        // FLUX.1-dev's defaults: 1024², 28 steps, no CFG.
+        assert_eq!(flux.default_request_cost().total(), 64 * 64 * 28);
+    }
+
+    #[test]
+    fn timeouts_must_be_positive_and_bounded() {
+        let info = flux_info();
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, MAX_TIMEOUT_SECONDS * 2.0] {
+            assert_eq!(
+                field_of(GenerationRequest { timeout_seconds: Some(bad), ..req("a") }, &info),
+                "timeout_seconds"
+            );
+        }
+        assert!(ResolvedRequest::resolve(&GenerationRequest { timeout_seconds: Some(0.5), ..req("a") }, &info).is_ok());
     }
 
     #[test]

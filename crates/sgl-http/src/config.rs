@@ -36,7 +36,8 @@ pub struct ServerConfig {
     /// The model path as the user gave it (a folder or a Hugging Face id), also a served name.
     #[serde(default)]
     pub model_path: Option<String>,
-    /// How long a `/health_generate` result is reused, in seconds.
+    /// How long a `/health_generate` result is reused, in seconds; also how recent a completed
+    /// request must be for `/health_generate` to answer from it without a probe.
     #[serde(default = "default_health_generate_ttl")]
     pub health_generate_ttl_secs: u64,
     /// Open connections served at once; further ones wait in the listen backlog until one closes.
@@ -52,6 +53,22 @@ pub struct ServerConfig {
     /// Largest input image (`input_reference`), in pixels, read from its header before it is decoded.
     #[serde(default = "default_max_input_pixels")]
     pub max_input_pixels: u64,
+    /// `/health` answers 503 once a running batch has shown no progress (no denoising step, no
+    /// start or end) for this many seconds.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: u64,
+    /// Log lines as text (default) or one JSON object per line.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Longest header or body read timeout accepted (a day).
@@ -94,6 +111,13 @@ fn default_max_input_pixels() -> u64 {
     50_000_000
 }
 
+/// Ten minutes: longer than any single denoising step, VAE decode or first-shape torch.compile
+/// measured (a Wan2.1-14B 720p step with CFG takes well under a minute on an H100), so only a hang
+/// trips it.
+fn default_stall_timeout() -> u64 {
+    600
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -112,6 +136,8 @@ impl Default for ServerConfig {
             header_read_timeout_secs: default_header_read_timeout(),
             body_read_timeout_secs: default_body_read_timeout(),
             max_input_pixels: default_max_input_pixels(),
+            stall_timeout_secs: default_stall_timeout(),
+            log_format: LogFormat::default(),
         }
     }
 }

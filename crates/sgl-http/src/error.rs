@@ -121,6 +121,10 @@ impl ApiError {
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", err.to_string())
             },
             SubmitError::ShuttingDown => Self::not_ready(err.to_string()),
+            // Not one field but their product is at fault, so no `param`.
+            SubmitError::OverBudget { .. } => {
+                Self { code: Some("request_over_budget"), ..Self::bad_request(err.to_string()) }
+            }
         }
     }
 
@@ -140,6 +144,10 @@ impl ApiError {
                     format!("the request does not fit in device memory: {}", redact_paths(&err.message)),
                 )
             },
+            ExecErrorKind::DeviceFailed => Self {
+                code: Some("device_failed"),
+                ..Self::internal(format!("the device failed and the server must be restarted: {}", err.message))
+            },
             ExecErrorKind::Load | ExecErrorKind::Internal => Self {
                 code: Some("generation_failed"),
                 ..Self::internal(format!("generation failed: {}", redact_paths(&err.message)))
@@ -152,6 +160,10 @@ impl ApiError {
             GenerationError::Cancelled => Self::not_ready("the request was cancelled"),
             GenerationError::Execution(exec) => Self::from_exec(exec),
             GenerationError::EngineStopped => Self::not_ready("the engine stopped"),
+            GenerationError::DeadlineExceeded { .. } => Self {
+                code: Some("deadline_exceeded"),
+                ..Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", err.to_string())
+            },
         }
     }
 }
@@ -235,6 +247,12 @@ fn redact_paths(message: &str) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // Inside the request's span, so the line carries its request id.
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), code = self.code, "{}", self.message);
+        } else {
+            tracing::debug!(status = self.status.as_u16(), code = self.code, "{}", self.message);
+        }
         let body = ErrorBody {
             error: ErrorDetail {
                 message: self.message,

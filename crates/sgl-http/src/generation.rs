@@ -1,8 +1,8 @@
 //! Submitting a request and awaiting its result from async code. Tokio tasks never call Python:
 //! they only queue plain requests and await the scheduler's events.
 
-use sgl_core::{GenerationOutput, GenerationRequest};
-use sgl_scheduler::{Engine, Event, GenerationError, RequestHandle};
+use sgl_core::GenerationOutput;
+use sgl_scheduler::{Event, GenerationError, RequestHandle};
 
 use crate::error::ApiError;
 
@@ -34,9 +34,4 @@ pub async fn await_result(handle: &RequestHandle) -> Result<GenerationOutput, Ap
     };
     guard.armed = false;
     result.map_err(|err| ApiError::from_generation(&err))
-}
-
-pub async fn run_to_completion(engine: &Engine, request: &GenerationRequest) -> Result<GenerationOutput, ApiError> {
-    let handle = engine.submit(request).map_err(|err| ApiError::from_submit(&err))?;
-    await_result(&handle).await
 }

@@ -12,6 +12,7 @@ mod error;
 mod extract;
 mod generation;
 mod jobs;
+mod logging;
 mod metrics;
 mod openapi;
 mod outputs;
@@ -25,8 +26,9 @@ use std::time::Duration;
 use sgl_scheduler::Engine;
 use tokio::net::TcpListener;
 
-pub use config::ServerConfig;
+pub use config::{LogFormat, ServerConfig};
 pub use error::ApiError;
+pub use logging::{init_logging, LOG_ENV_VARS};
 pub use openapi::openapi_json;
 pub use wire::*;
 
@@ -74,20 +76,20 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
     let (jobs, queued) = match JobStore::open(output_dir.join("videos"), Duration::from_secs(config.output_ttl_secs)) {
         Ok((store, queued)) => (Some(Arc::new(store)), queued),
         Err(err) => {
-            eprintln!("sgl-diffusion: the video job store is unavailable: {err}");
+            tracing::error!("the video job store is unavailable: {err}");
             (None, Vec::new())
         }
     };
     let state = Arc::new(AppState::new(config, outputs, jobs, metrics::Metrics::new()?));
     let app = routes::router(Arc::clone(&state));
-    eprintln!("sgl-diffusion: listening on http://{address} (model loading)");
+    tracing::info!("listening on http://{address} (model loading)");
 
     let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<String>();
     let loader_state = Arc::clone(&state);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || match load() {
         Ok(engine) => {
-            eprintln!("sgl-diffusion: model ready ({})", engine.info().pipeline_class);
+            tracing::info!("model ready ({})", engine.info().pipeline_class);
             let engine = Arc::new(engine);
             loader_state.set_engine(EngineState::Ready(Arc::clone(&engine)));
             // Jobs that were queued when the server last stopped run now, in their order.
@@ -97,7 +99,7 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
             }
         }
         Err(reason) => {
-            eprintln!("sgl-diffusion: the model failed to load: {reason}");
+            tracing::error!("the model failed to load: {reason}");
             loader_state.set_engine(EngineState::Failed(reason.clone()));
             let _ = load_failed_tx.send(reason);
         }
@@ -121,7 +123,7 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
     let shutdown_error = Arc::clone(&load_error);
     let shutdown = async move {
         tokio::select! {
-            () = termination_signal() => eprintln!("sgl-diffusion: shutting down; finishing running requests"),
+            () = termination_signal() => tracing::info!("shutting down; finishing running requests"),
             Ok(reason) = load_failed_rx => {
                 *shutdown_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
             }
@@ -142,7 +144,7 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
     match failed {
         Some(reason) => Err(ServeError::Load(reason)),
         None => {
-            eprintln!("sgl-diffusion: stopped");
+            tracing::info!("stopped");
             Ok(())
         }
     }

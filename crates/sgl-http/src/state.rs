@@ -62,8 +62,14 @@ impl AppState {
             return Err(ApiError::not_ready("the server is shutting down"));
         }
         match &*self.engine.read().unwrap_or_else(|p| p.into_inner()) {
-            EngineState::Ready(engine) if engine.is_alive() => Ok(Arc::clone(engine)),
-            EngineState::Ready(_) => Err(ApiError::not_ready("the model worker has stopped")),
+            EngineState::Ready(engine) if !engine.is_alive() => {
+                Err(ApiError::not_ready("the model worker has stopped"))
+            }
+            // Every later request would fail the same way: say so at once, as /health does.
+            EngineState::Ready(engine) => match engine.stats().device_failure() {
+                Some(reason) => Err(ApiError::not_ready(format!("the device failed; restart the server: {reason}"))),
+                None => Ok(Arc::clone(engine)),
+            },
             EngineState::Loading => Err(ApiError::not_ready("the model is still loading")),
             EngineState::Failed(reason) => Err(ApiError::not_ready(format!("the model failed to load: {reason}"))),
         }

@@ -63,6 +63,10 @@ pub struct ImageGenerationRequest {
     pub max_sequence_length: Option<u32>,
     #[serde(default)]
     pub flow_shift: Option<f64>,
+    /// Seconds after which the request is stopped (between two denoising steps if it runs) and
+    /// fails with 504 `deadline_exceeded`; at most the server's `--request-timeout`.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
 }
 
 /// One generated image: inline base64, or a URL to fetch it from.
@@ -197,6 +201,10 @@ pub struct VideoCreateRequest {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
+    /// Seconds after which the request is stopped (between two denoising steps if it runs) and
+    /// the job fails with `deadline_exceeded`; at most the server's `--request-timeout`.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
     /// Image for image-to-video: a `data:image/...;base64,` URL in JSON, or a file in multipart.
     #[serde(default)]
     pub input_reference: Option<String>,

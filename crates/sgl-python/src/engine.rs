@@ -26,8 +26,9 @@ impl PyEngine {
         let config: EngineConfig = serde_json::from_str(config_json)
             .map_err(|e| errors::invalid(py, None, &format!("invalid engine config: {e}")))?;
         let model = config.model.clone();
+        let batching = config.batching().map_err(|e| errors::invalid(py, None, &e.to_string()))?;
         let engine = py
-            .detach(move || Engine::start(config.batching(), move || PythonExecutor::load(&model)))
+            .detach(move || Engine::start(batching, move || PythonExecutor::load(&model)))
             .map_err(|e| errors::from_exec(py, &e))?;
         let info_json = serde_json::to_string(engine.info())
             .map_err(|e| errors::GenerationFailedError::new_err(format!("cannot encode pipeline info: {e}")))?;

@@ -1,5 +1,5 @@
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use sgl_core::ValidationError;
 use sgl_scheduler::{ExecError, ExecErrorKind, GenerationError, SubmitError};
@@ -10,6 +10,18 @@ create_exception!(_native, EngineShutdownError, PyException, "The engine is shut
 create_exception!(_native, RequestCancelledError, PyException, "The request was cancelled.");
 create_exception!(_native, GenerationFailedError, PyRuntimeError, "The pipeline failed to produce output.");
 create_exception!(_native, DeviceOutOfMemoryError, GenerationFailedError, "The request did not fit in device memory.");
+create_exception!(
+    _native,
+    DeviceFailedError,
+    GenerationFailedError,
+    "The device failed beyond recovery (e.g. an illegal memory access); restart the process."
+);
+create_exception!(
+    _native,
+    DeadlineExceededError,
+    PyTimeoutError,
+    "The request passed its deadline (timeout_seconds / request_timeout) and was stopped."
+);
 create_exception!(_native, ModelLoadError, PyRuntimeError, "The model could not be loaded.");
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -20,6 +32,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RequestCancelledError", py.get_type::<RequestCancelledError>())?;
     m.add("GenerationFailedError", py.get_type::<GenerationFailedError>())?;
     m.add("DeviceOutOfMemoryError", py.get_type::<DeviceOutOfMemoryError>())?;
+    m.add("DeviceFailedError", py.get_type::<DeviceFailedError>())?;
+    m.add("DeadlineExceededError", py.get_type::<DeadlineExceededError>())?;
     m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
     Ok(())
 }
@@ -41,6 +55,8 @@ pub(crate) fn from_submit(py: Python<'_>, err: &SubmitError) -> PyErr {
         SubmitError::Invalid(v) => from_validation(py, v),
         SubmitError::QueueFull { .. } => QueueFullError::new_err(err.to_string()),
         SubmitError::ShuttingDown => EngineShutdownError::new_err(err.to_string()),
+        // No one field is at fault: the product of several is over the budget.
+        SubmitError::OverBudget { .. } => invalid(py, None, &err.to_string()),
     }
 }
 
@@ -48,6 +64,7 @@ pub(crate) fn from_exec(py: Python<'_>, err: &ExecError) -> PyErr {
     match &err.kind {
         ExecErrorKind::InvalidInput { field } => invalid(py, field.as_deref(), &err.message),
         ExecErrorKind::OutOfMemory => DeviceOutOfMemoryError::new_err(err.message.clone()),
+        ExecErrorKind::DeviceFailed => DeviceFailedError::new_err(err.message.clone()),
         ExecErrorKind::Load => ModelLoadError::new_err(err.message.clone()),
         ExecErrorKind::Internal => GenerationFailedError::new_err(err.message.clone()),
     }
@@ -58,5 +75,6 @@ pub(crate) fn from_generation(py: Python<'_>, err: &GenerationError) -> PyErr {
         GenerationError::Cancelled => RequestCancelledError::new_err(err.to_string()),
         GenerationError::Execution(exec) => from_exec(py, exec),
         GenerationError::EngineStopped => EngineShutdownError::new_err(err.to_string()),
+        GenerationError::DeadlineExceeded { .. } => DeadlineExceededError::new_err(err.to_string()),
     }
 }

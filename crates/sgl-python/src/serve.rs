@@ -14,13 +14,14 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// Runs the server until SIGINT/SIGTERM. Used by the Python command and the native binary.
+    /// Runs the server until SIGINT/SIGTERM. Used by the Python command and the native binary,
+    /// so both log through the same subscriber (`--log-format`, `SGL_DIFFUSION_LOG` / `RUST_LOG`).
     pub fn run(self) -> Result<(), ServeError> {
-        let engine_config = self.engine;
-        let load = Box::new(move || {
-            let model = engine_config.model.clone();
-            Engine::start(engine_config.batching(), move || PythonExecutor::load(&model)).map_err(|e| e.message)
-        });
+        sgl_http::init_logging(self.server.log_format);
+        let batching = self.engine.batching().map_err(|e| ServeError::Load(e.to_string()))?;
+        let model = self.engine.model;
+        let load =
+            Box::new(move || Engine::start(batching, move || PythonExecutor::load(&model)).map_err(|e| e.message));
         sgl_http::run(self.server, load)
     }
 }

@@ -2,15 +2,22 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sgl_core::{GenerationOutput, GenerationRequest, PipelineInfo, ResolvedRequest};
 
 use crate::executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
 use crate::queue::{Pending, RequestQueue};
-use crate::{CancelToken, ExecError, GenerationError, SchedulerStats, SubmitError};
+use crate::{CancelToken, ExecError, ExecErrorKind, GenerationError, SchedulerStats, SubmitError};
 
-/// Queue and batching limits (`--max-queue-size`, `--max-batch-size`, `--batch-delay-ms`).
+/// Without `--max-request-cost`, a request may cost as much as this many requests at the model's
+/// own defaults: OpenAI's largest `n` at the default size and steps always passes, and so does any
+/// mix of size, steps and frames of the same total; a request for 10 images at 2048² and 1000
+/// steps of FLUX.1 (~21 h on a CPU) does not.
+pub const DEFAULT_BUDGET_IN_DEFAULT_REQUESTS: u64 = 10;
+
+/// Queue, batching and admission limits (`--max-queue-size`, `--max-batch-size`,
+/// `--batch-delay-ms`, `--max-request-cost`, `--request-timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchingConfig {
     pub max_queue_size: usize,
@@ -18,12 +25,32 @@ pub struct BatchingConfig {
     pub max_batch_size: u32,
     /// How long the oldest request waits for compatible company before its batch starts.
     pub batch_delay: Duration,
+    /// Most token-steps one request may cost; `None`: [`DEFAULT_BUDGET_IN_DEFAULT_REQUESTS`]
+    /// requests at the model's defaults.
+    pub max_request_cost: Option<u64>,
+    /// Deadline of every request (and the most a request's `timeout_seconds` may ask for).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        Self { max_queue_size: 256, max_batch_size: 1, batch_delay: Duration::ZERO }
+        Self {
+            max_queue_size: 256,
+            max_batch_size: 1,
+            batch_delay: Duration::ZERO,
+            max_request_cost: None,
+            request_timeout: None,
+        }
     }
+}
+
+/// How a request is submitted, beside the request itself.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOptions {
+    /// Names the request in log lines (the HTTP `x-request-id`); default: the engine's own id.
+    pub request_id: Option<String>,
+    /// Runs next, ahead of queued work and beyond the queue's capacity: for health probes only.
+    pub priority: bool,
 }
 
 /// What a submitted request hears, in order: `Started`, any number of `Progress`, one `Finished`.
@@ -43,6 +70,9 @@ pub struct Engine {
     next_id: AtomicU64,
     worker: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<SchedulerStats>,
+    /// Most token-steps one request may cost.
+    budget: u64,
+    request_timeout: Option<Duration>,
 }
 
 impl Engine {
@@ -59,6 +89,7 @@ impl Engine {
                 "max_batch_size and max_queue_size must be at least 1",
             ));
         }
+        let (max_request_cost, request_timeout) = (config.max_request_cost, config.request_timeout);
         let queue = Arc::new(RequestQueue::new(config.max_queue_size));
         let stats = Arc::new(SchedulerStats::new(config.max_batch_size));
         let (ready_tx, ready_rx) = flume::bounded(1);
@@ -84,7 +115,34 @@ impl Engine {
         let info = ready_rx
             .recv()
             .map_err(|_| ExecError::internal("the executor thread ended before the model was loaded"))??;
-        Ok(Self { queue, info, next_id: AtomicU64::new(1), worker: Mutex::new(Some(worker)), stats })
+        let reaper_queue = Arc::clone(&queue);
+        std::thread::Builder::new().name("sgl-deadlines".into()).spawn(move || reaper_queue.reap_expired()).map_err(
+            |err| {
+                queue.close();
+                ExecError::internal(format!("cannot start the deadline thread: {err}"))
+            },
+        )?;
+        let budget = max_request_cost
+            .unwrap_or_else(|| info.default_request_cost().total().saturating_mul(DEFAULT_BUDGET_IN_DEFAULT_REQUESTS));
+        tracing::info!(
+            budget,
+            request_timeout_s = request_timeout.map(|t| t.as_secs_f64()),
+            "admission: at most {budget} token-steps per request"
+        );
+        Ok(Self {
+            queue,
+            info,
+            next_id: AtomicU64::new(1),
+            worker: Mutex::new(Some(worker)),
+            stats,
+            budget,
+            request_timeout,
+        })
+    }
+
+    /// Most token-steps one request may cost (`--max-request-cost`).
+    pub fn budget(&self) -> u64 {
+        self.budget
     }
 
     pub fn info(&self) -> &PipelineInfo {
@@ -108,20 +166,48 @@ impl Engine {
             .is_some_and(|worker| !worker.is_finished())
     }
 
-    /// Validates `request` against the loaded pipeline and queues it.
+    /// Validates `request` against the loaded pipeline and its cost against the budget, and queues it.
     pub fn submit(&self, request: &GenerationRequest) -> Result<RequestHandle, SubmitError> {
-        let resolved = ResolvedRequest::resolve(request, &self.info)?;
-        self.submit_resolved(resolved)
+        self.submit_with(request, SubmitOptions::default())
     }
 
-    pub fn submit_resolved(&self, request: ResolvedRequest) -> Result<RequestHandle, SubmitError> {
+    /// [`Engine::submit`] with a request id for the logs, or as a priority probe. Every entry point
+    /// (HTTP images and videos, the Python API and CLI) queues through here, so the budget and the
+    /// deadline hold for all of them.
+    pub fn submit_with(
+        &self,
+        request: &GenerationRequest,
+        options: SubmitOptions,
+    ) -> Result<RequestHandle, SubmitError> {
+        let resolved = ResolvedRequest::resolve(request, &self.info)?;
+        let cost = resolved.cost(&self.info.limits);
+        if cost.total() > self.budget {
+            return Err(SubmitError::OverBudget { cost, budget: self.budget });
+        }
+        // `resolve` checked the value; `try_` keeps a bad one from panicking all the same.
+        let asked = request.timeout_seconds.and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+        let timeout = match (asked, self.request_timeout) {
+            (Some(asked), Some(most)) => Some(asked.min(most)),
+            (asked, most) => asked.or(most),
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let token = CancelToken::default();
         let (events_tx, events_rx) = flume::unbounded();
-        let pending =
-            Pending { id, key: request.batch_key(), request: request.clone(), token: token.clone(), events: events_tx };
-        self.queue.push(pending)?;
-        Ok(RequestHandle { id, request, events: events_rx, token, queue: Arc::clone(&self.queue) })
+        let pending = Pending {
+            id,
+            label: options.request_id.unwrap_or_else(|| format!("engine-{id}")),
+            key: resolved.batch_key(),
+            request: resolved.clone(),
+            token: token.clone(),
+            events: events_tx,
+            deadline: timeout.map(|timeout| (Instant::now() + timeout, timeout)),
+        };
+        if options.priority {
+            self.queue.push_front(pending)?;
+        } else {
+            self.queue.push(pending)?;
+        }
+        Ok(RequestHandle { id, request: resolved, events: events_rx, token, queue: Arc::clone(&self.queue) })
     }
 
     /// Stops accepting requests, lets queued and running ones finish, and joins the worker.
@@ -186,53 +272,82 @@ fn run_worker<E: BatchExecutor>(
     mut executor: E,
     queue: &RequestQueue,
     config: &BatchingConfig,
-    stats: &SchedulerStats,
+    stats: &Arc<SchedulerStats>,
 ) {
     while let Some(batch) = queue.next_batch(config.max_batch_size, config.batch_delay) {
+        let now = Instant::now();
         let live: Vec<Pending> = batch
             .into_iter()
             .filter(|pending| {
-                let cancelled = pending.token.is_cancelled();
-                if cancelled {
-                    pending.finish(Err(GenerationError::Cancelled));
+                let stopped = pending.expire_if_overdue(now) || pending.token.is_cancelled();
+                if stopped {
+                    pending.finish_stopped();
                 }
-                !cancelled
+                !stopped
             })
             .collect();
         if live.is_empty() {
             continue;
         }
         stats.record_batch(live.len());
-        match run_batch(&mut executor, &live) {
-            Ok(outcomes) => deliver(&live, outcomes),
-            Err(err) if live.len() == 1 => live[0].finish(Err(err.into())),
+        stats.begin_batch();
+        match run_batch(&mut executor, &live, stats) {
+            Ok(outcomes) => deliver(&live, outcomes, stats),
+            Err(err) if live.len() == 1 => fail(&live[0], err, stats),
             Err(err) => {
                 stats.record_failed_batch();
-                tracing::warn!(batch_size = live.len(), error = %err, "batch failed; retrying its requests one by one");
+                let ids: Vec<&str> = live.iter().map(|p| p.label.as_str()).collect();
+                tracing::warn!(request_ids = ?ids, error = %err, "batch failed; retrying its requests one by one");
                 for pending in &live {
                     if pending.token.is_cancelled() {
-                        pending.finish(Err(GenerationError::Cancelled));
+                        pending.finish_stopped();
                         continue;
                     }
                     let single = std::slice::from_ref(pending);
-                    match run_batch(&mut executor, single) {
-                        Ok(outcomes) => deliver(single, outcomes),
-                        Err(err) => pending.finish(Err(err.into())),
+                    match run_batch(&mut executor, single, stats) {
+                        Ok(outcomes) => deliver(single, outcomes, stats),
+                        Err(err) => fail(pending, err, stats),
                     }
                 }
             }
         }
+        stats.end_batch();
     }
 }
 
-fn run_batch<E: BatchExecutor>(executor: &mut E, batch: &[Pending]) -> Result<Vec<ItemOutcome>, ExecError> {
+/// Answers a request whose batch failed, and keeps a device failure for `/health`.
+fn fail(pending: &Pending, err: ExecError, stats: &SchedulerStats) {
+    match err.kind {
+        ExecErrorKind::InvalidInput { .. } => {
+            tracing::info!(request_id = %pending.label, error = %err, "the pipeline refused the request")
+        }
+        ExecErrorKind::DeviceFailed => {
+            stats.record_device_failure(&err.message);
+            tracing::error!(request_id = %pending.label, error = %err, "the device failed; restart the process");
+        }
+        ExecErrorKind::OutOfMemory | ExecErrorKind::Load | ExecErrorKind::Internal => {
+            tracing::error!(request_id = %pending.label, error = %err, "request failed")
+        }
+    }
+    pending.finish(Err(err.into()));
+}
+
+fn run_batch<E: BatchExecutor>(
+    executor: &mut E,
+    batch: &[Pending],
+    stats: &Arc<SchedulerStats>,
+) -> Result<Vec<ItemOutcome>, ExecError> {
     for pending in batch {
         let _ = pending.events.send(Event::Started { batch_size: batch.len() });
     }
+    let ids: Vec<&str> = batch.iter().map(|p| p.label.as_str()).collect();
+    tracing::debug!(request_ids = ?ids, "batch started");
     let items: Vec<BatchItem> = batch.iter().map(|p| BatchItem { id: p.id, request: p.request.clone() }).collect();
     let progress = BatchProgress {
         senders: batch.iter().map(|p| p.events.clone()).collect(),
         tokens: batch.iter().map(|p| p.token.clone()).collect(),
+        deadlines: batch.iter().map(|p| p.deadline.map(|(deadline, _)| deadline)).collect(),
+        stats: Arc::clone(stats),
     };
     let outcomes = catch_unwind(AssertUnwindSafe(|| executor.execute(&items, &progress)))
         .unwrap_or_else(|_| Err(ExecError::internal("the executor panicked")))?;
@@ -246,11 +361,14 @@ fn run_batch<E: BatchExecutor>(executor: &mut E, batch: &[Pending]) -> Result<Ve
     Ok(outcomes)
 }
 
-fn deliver(batch: &[Pending], outcomes: Vec<ItemOutcome>) {
+fn deliver(batch: &[Pending], outcomes: Vec<ItemOutcome>, stats: &SchedulerStats) {
     for (pending, outcome) in batch.iter().zip(outcomes) {
         match outcome {
-            ItemOutcome::Completed(output) => pending.finish(Ok(output)),
-            ItemOutcome::Cancelled => pending.finish(Err(GenerationError::Cancelled)),
+            ItemOutcome::Completed(output) => {
+                stats.record_success();
+                pending.finish(Ok(output));
+            }
+            ItemOutcome::Cancelled => pending.finish_stopped(),
         }
     }
 }

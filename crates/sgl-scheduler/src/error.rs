@@ -1,4 +1,6 @@
-use sgl_core::ValidationError;
+use std::time::Duration;
+
+use sgl_core::{RequestCost, ValidationError};
 
 /// Why a request was not accepted into the queue.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -9,6 +11,11 @@ pub enum SubmitError {
     QueueFull { capacity: usize },
     #[error("the engine is shutting down and accepts no new requests")]
     ShuttingDown,
+    #[error(
+        "this request costs {cost}, over the budget of {budget} token-steps per request \
+         (--max-request-cost); ask for fewer outputs, steps, frames or pixels"
+    )]
+    OverBudget { cost: RequestCost, budget: u64 },
 }
 
 /// Why an accepted request produced no output.
@@ -20,6 +27,11 @@ pub enum GenerationError {
     Execution(#[from] ExecError),
     #[error("the engine stopped before the request finished")]
     EngineStopped,
+    #[error(
+        "the request passed its deadline of {:.3} s (timeout_seconds / --request-timeout) and was stopped",
+        timeout.as_secs_f64()
+    )]
+    DeadlineExceeded { timeout: Duration },
 }
 
 /// A failure reported by the executor.
@@ -40,6 +52,9 @@ pub enum ExecErrorKind {
     OutOfMemory,
     /// Loading the model failed.
     Load,
+    /// The device is in a state no later request can recover from (a CUDA error that poisons the
+    /// context): the process must be restarted.
+    DeviceFailed,
     Internal,
 }
 

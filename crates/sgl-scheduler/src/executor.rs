@@ -1,6 +1,9 @@
+use std::sync::Arc;
+use std::time::Instant;
+
 use sgl_core::{GenerationOutput, ResolvedRequest};
 
-use crate::{engine::Event, CancelToken, ExecError};
+use crate::{engine::Event, CancelToken, ExecError, SchedulerStats};
 
 /// The one thing that runs batches: in production the Python pipeline behind the PyO3 bridge.
 ///
@@ -28,18 +31,33 @@ pub enum ItemOutcome {
 }
 
 /// Sends per-step progress to the batch's requests and tells the executor which of them were
-/// cancelled, so it can drop them from the running batch. Cheap to clone and `'static`, so it can
-/// be handed to Python as a callback object.
+/// cancelled or passed their deadline, so it can drop them from the running batch. Each report is
+/// also the executor's sign of life for `/health`. Cheap to clone and `'static`, so it can be
+/// handed to Python as a callback object.
 #[derive(Debug, Clone)]
 pub struct BatchProgress {
     pub(crate) senders: Vec<flume::Sender<Event>>,
     pub(crate) tokens: Vec<CancelToken>,
+    pub(crate) deadlines: Vec<Option<Instant>>,
+    pub(crate) stats: Arc<SchedulerStats>,
 }
 
 impl BatchProgress {
+    /// Marks the requests whose deadline has passed.
+    fn expire_overdue(&self) {
+        let now = Instant::now();
+        for (token, deadline) in self.tokens.iter().zip(&self.deadlines) {
+            if deadline.is_some_and(|deadline| deadline <= now) {
+                token.expire();
+            }
+        }
+    }
+
     /// Reports that `step` of `total` denoising steps finished; returns the indices (into the
-    /// batch) of items cancelled so far.
+    /// batch) of items cancelled (or past their deadline) so far.
     pub fn report(&self, step: u32, total: u32) -> Vec<usize> {
+        self.stats.record_progress();
+        self.expire_overdue();
         let mut cancelled = Vec::new();
         for (index, (sender, token)) in self.senders.iter().zip(&self.tokens).enumerate() {
             if token.is_cancelled() {
@@ -52,8 +70,9 @@ impl BatchProgress {
         cancelled
     }
 
-    /// Indices of items cancelled so far, without reporting progress.
+    /// Indices of items cancelled (or past their deadline) so far, without reporting progress.
     pub fn cancelled(&self) -> Vec<usize> {
+        self.expire_overdue();
         self.tokens.iter().enumerate().filter(|(_, t)| t.is_cancelled()).map(|(i, _)| i).collect()
     }
 

@@ -12,8 +12,8 @@ mod executor;
 mod queue;
 mod stats;
 
-pub use cancel::CancelToken;
-pub use engine::{BatchingConfig, Engine, Event, RequestHandle};
+pub use cancel::{CancelToken, StopReason};
+pub use engine::{BatchingConfig, Engine, Event, RequestHandle, SubmitOptions, DEFAULT_BUDGET_IN_DEFAULT_REQUESTS};
 pub use error::{ExecError, ExecErrorKind, GenerationError, SubmitError};
 pub use executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
 pub use queue::RequestQueue;

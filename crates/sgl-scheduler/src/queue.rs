@@ -4,16 +4,20 @@ use std::time::{Duration, Instant};
 
 use sgl_core::{BatchKey, ResolvedRequest};
 
-use crate::{engine::Event, CancelToken, GenerationError, SubmitError};
+use crate::{engine::Event, CancelToken, GenerationError, StopReason, SubmitError};
 
 /// A request waiting in the queue, with the means to answer its caller.
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub id: u64,
+    /// Names the request in log lines: the caller's id (HTTP `x-request-id`), else the engine's.
+    pub label: String,
     pub request: ResolvedRequest,
     pub key: BatchKey,
     pub token: CancelToken,
     pub events: flume::Sender<Event>,
+    /// When the request is stopped, and the timeout that set it (for the error message).
+    pub deadline: Option<(Instant, Duration)>,
 }
 
 impl Pending {
@@ -24,6 +28,26 @@ impl Pending {
     pub fn finish(&self, result: Result<sgl_core::GenerationOutput, GenerationError>) {
         // The caller may have gone away; its result then has nowhere to go.
         let _ = self.events.send(Event::Finished(Box::new(result)));
+    }
+
+    /// Marks the request expired if its deadline is at or before `now`; returns whether it is.
+    pub fn expire_if_overdue(&self, now: Instant) -> bool {
+        if self.deadline.is_some_and(|(deadline, _)| deadline <= now) {
+            self.token.expire();
+        }
+        self.token.reason() == Some(StopReason::DeadlineExceeded)
+    }
+
+    /// Answers a request that was stopped early, with the reason its token holds.
+    pub fn finish_stopped(&self) {
+        let error = match (self.token.reason(), self.deadline) {
+            (Some(StopReason::DeadlineExceeded), Some((_, timeout))) => {
+                tracing::warn!(request_id = %self.label, timeout_s = timeout.as_secs_f64(), "request passed its deadline; stopped");
+                GenerationError::DeadlineExceeded { timeout }
+            }
+            _ => GenerationError::Cancelled,
+        };
+        self.finish(Err(error));
     }
 }
 
@@ -67,6 +91,53 @@ impl RequestQueue {
         Ok(())
     }
 
+    /// Queues `pending` ahead of everything waiting and beyond the capacity: for the tiny health
+    /// probe, which must not be refused, or wait, because users filled the queue.
+    pub(crate) fn push_front(&self, pending: Pending) -> Result<(), SubmitError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
+        state.waiting.push_front(pending);
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Answers every queued request whose deadline passed, then sleeps until the next deadline or
+    /// a change of the queue; returns once the queue is closed (the worker then drains what is
+    /// left, checking deadlines as it forms batches). Runs on a thread of its own, so a request
+    /// behind a long batch hears of its deadline on time.
+    pub(crate) fn reap_expired(&self) {
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return;
+            }
+            let now = Instant::now();
+            if state.waiting.iter().any(|p| p.deadline.is_some_and(|(deadline, _)| deadline <= now)) {
+                let (expired, kept): (VecDeque<Pending>, VecDeque<Pending>) =
+                    std::mem::take(&mut state.waiting).into_iter().partition(|p| p.expire_if_overdue(now));
+                state.waiting = kept;
+                drop(state);
+                for pending in expired {
+                    pending.finish_stopped();
+                }
+                state = self.lock();
+                continue;
+            }
+            let next = state.waiting.iter().filter_map(|p| p.deadline.map(|(deadline, _)| deadline)).min();
+            state = match next {
+                Some(deadline) => self
+                    .changed
+                    .wait_timeout(state, deadline.saturating_duration_since(now))
+                    .map(|(guard, _)| guard)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner().0),
+                None => self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner()),
+            };
+        }
+    }
+
     /// Removes a queued request and answers it `Cancelled`. Returns false when the request is not
     /// queued (already running or finished).
     pub(crate) fn cancel(&self, id: u64) -> bool {
@@ -77,7 +148,7 @@ impl RequestQueue {
         if let Some(pending) = state.waiting.remove(position) {
             drop(state);
             pending.token.cancel();
-            pending.finish(Err(GenerationError::Cancelled));
+            pending.finish_stopped();
         }
         true
     }

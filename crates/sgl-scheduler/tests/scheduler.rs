@@ -12,8 +12,8 @@ use sgl_core::{
     PipelineInfo, PipelineLimits, SamplingDefaults,
 };
 use sgl_scheduler::{
-    BatchExecutor, BatchItem, BatchProgress, BatchingConfig, Engine, Event, ExecError, GenerationError, ItemOutcome,
-    SubmitError,
+    BatchExecutor, BatchItem, BatchProgress, BatchingConfig, Engine, Event, ExecError, ExecErrorKind, GenerationError,
+    ItemOutcome, SubmitError, SubmitOptions,
 };
 
 fn info() -> PipelineInfo {
@@ -30,10 +30,14 @@ fn info() -> PipelineInfo {
         limits: PipelineLimits {
             size_multiple: 16,
             min_size: 16,
+            max_side: 4096,
             max_pixels: 1 << 22,
             max_frames: 1,
             frame_rule: FrameRule::Single,
             max_sequence_length: 512,
+            max_steps: 1000,
+            token_size: 16,
+            frames_per_latent: 1,
         },
         defaults: SamplingDefaults {
             width: 32,
@@ -68,6 +72,13 @@ impl BatchExecutor for Recorder {
         self.batches.lock().unwrap().push(batch.iter().map(|i| i.request.prompt.clone()).collect());
         if batch.iter().any(|i| i.request.prompt.contains("fail")) {
             return Err(ExecError::internal("boom"));
+        }
+        if batch.iter().any(|i| i.request.prompt.contains("device")) {
+            return Err(ExecError::new(ExecErrorKind::DeviceFailed, "CUDA error: an illegal memory access"));
+        }
+        if batch.iter().any(|i| i.request.prompt.contains("hang")) {
+            // No progress for a while, as a stuck kernel or a long decode looks from outside.
+            std::thread::sleep(Duration::from_millis(800));
         }
         let steps = batch[0].request.num_inference_steps;
         let slow = batch.iter().any(|i| i.request.prompt.contains("slow"));
@@ -122,7 +133,12 @@ fn req(prompt: &str) -> GenerationRequest {
 }
 
 fn batching(max_batch_size: u32, delay_ms: u64) -> BatchingConfig {
-    BatchingConfig { max_queue_size: 64, max_batch_size, batch_delay: Duration::from_millis(delay_ms) }
+    BatchingConfig {
+        max_queue_size: 64,
+        max_batch_size,
+        batch_delay: Duration::from_millis(delay_ms),
+        ..BatchingConfig::default()
+    }
 }
 
 #[test]
@@ -188,7 +204,7 @@ fn invalid_requests_are_rejected_at_submit() {
 
 #[test]
 fn a_full_queue_refuses_new_requests() {
-    let config = BatchingConfig { max_queue_size: 2, max_batch_size: 1, batch_delay: Duration::ZERO };
+    let config = BatchingConfig { max_queue_size: 2, ..BatchingConfig::default() };
     let (engine, _) = engine(config);
     // The first slow request occupies the worker; two more fill the queue.
     let running = engine.submit(&GenerationRequest { num_inference_steps: Some(20), ..req("slow") }).unwrap();
@@ -282,4 +298,152 @@ fn a_failed_load_is_reported_by_start() {
     })
     .unwrap_err();
     assert_eq!(err.message, "no such model");
+}
+
+// --- admission by cost ---------------------------------------------------------------------------
+
+#[test]
+fn the_default_budget_is_ten_requests_at_the_model_defaults() {
+    let (engine, recorder) = engine(batching(1, 0));
+    // Defaults: 32x32 (2x2 tokens of 16 px), 4 steps, no CFG: 16 token-steps; the budget is 160.
+    assert_eq!(engine.budget(), 160);
+    let ten = GenerationRequest { num_outputs_per_prompt: Some(10), ..req("ten") };
+    engine.submit(&ten).unwrap().wait().unwrap();
+    let costly = GenerationRequest { num_outputs_per_prompt: Some(10), num_inference_steps: Some(5), ..req("costly") };
+    let err = engine.submit(&costly).unwrap_err();
+    match &err {
+        SubmitError::OverBudget { cost, budget } => assert_eq!((cost.total(), *budget), (200, 160)),
+        other => panic!("expected OverBudget, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains("200 token-steps") && message.contains("160") && message.contains("--max-request-cost"));
+    assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["ten"]]);
+}
+
+#[test]
+fn an_explicit_budget_replaces_the_default() {
+    let (engine, _) = engine(BatchingConfig { max_request_cost: Some(16_000), ..batching(1, 0) });
+    assert_eq!(engine.budget(), 16_000);
+    // 10 outputs of 1024x1024 (4096 tokens) for 1 step: 40 960 token-steps.
+    let big = GenerationRequest {
+        num_outputs_per_prompt: Some(10),
+        width: Some(1024),
+        height: Some(1024),
+        num_inference_steps: Some(1),
+        ..req("big")
+    };
+    assert!(matches!(engine.submit(&big), Err(SubmitError::OverBudget { .. })));
+    assert!(engine.submit(&GenerationRequest { num_outputs_per_prompt: Some(3), ..big }).is_ok());
+}
+
+// --- deadlines ------------------------------------------------------------------------------------
+
+fn deadline_error(result: Result<GenerationOutput, GenerationError>) -> Duration {
+    match result {
+        Err(GenerationError::DeadlineExceeded { timeout }) => timeout,
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_running_request_past_its_deadline_stops_between_steps() {
+    let (engine, _) = engine(batching(1, 0));
+    let start = Instant::now();
+    // 40 slow steps of 50 ms would take 2 s; the deadline stops it after ~0.3 s.
+    let slow = GenerationRequest { num_inference_steps: Some(40), timeout_seconds: Some(0.3), ..req("slow") };
+    let handle = engine.submit(&slow).unwrap();
+    assert_eq!(deadline_error(handle.wait()), Duration::from_millis(300));
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    // The engine is free again.
+    engine.submit(&req("after")).unwrap().wait().unwrap();
+}
+
+#[test]
+fn a_queued_request_past_its_deadline_is_answered_while_the_worker_is_busy() {
+    let (engine, recorder) = engine(batching(1, 0));
+    let running = engine.submit(&GenerationRequest { num_inference_steps: Some(40), ..req("slow") }).unwrap();
+    while !matches!(running.events().recv().unwrap(), Event::Started { .. }) {}
+    let start = Instant::now();
+    let queued = engine.submit(&GenerationRequest { timeout_seconds: Some(0.2), ..req("never") }).unwrap();
+    deadline_error(queued.wait());
+    // Answered at its deadline, long before the 2 s running request ends.
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert_eq!(engine.queue().depth(), 0);
+    running.wait().unwrap();
+    assert!(recorder.batches.lock().unwrap().iter().all(|b| !b.contains(&"never".to_string())));
+}
+
+#[test]
+fn the_engine_timeout_is_the_default_and_the_most_a_request_gets() {
+    let config = BatchingConfig { request_timeout: Some(Duration::from_millis(200)), ..batching(1, 0) };
+    let (engine, _) = engine(config);
+    let slow = GenerationRequest { num_inference_steps: Some(40), ..req("slow") };
+    assert_eq!(deadline_error(engine.submit(&slow).unwrap().wait()), Duration::from_millis(200));
+    let longer = GenerationRequest { timeout_seconds: Some(60.0), ..slow.clone() };
+    assert_eq!(deadline_error(engine.submit(&longer).unwrap().wait()), Duration::from_millis(200));
+    let shorter = GenerationRequest { timeout_seconds: Some(0.1), ..slow };
+    assert_eq!(deadline_error(engine.submit(&shorter).unwrap().wait()), Duration::from_millis(100));
+}
+
+#[test]
+fn a_cancel_after_the_deadline_still_reports_the_deadline() {
+    let (engine, _) = engine(batching(1, 0));
+    let handle = engine
+        .submit(&GenerationRequest { num_inference_steps: Some(40), timeout_seconds: Some(0.1), ..req("slow") })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    handle.cancel();
+    deadline_error(handle.wait());
+}
+
+// --- health signals -------------------------------------------------------------------------------
+
+#[test]
+fn a_batch_without_progress_reads_as_stalled_and_recovers() {
+    let (engine, _) = engine(batching(1, 0));
+    assert_eq!(engine.stats().stalled_for(), None);
+    assert_eq!(engine.stats().since_last_success(), None);
+    let handle = engine.submit(&GenerationRequest { num_inference_steps: Some(2), ..req("hang") }).unwrap();
+    while !matches!(handle.events().recv().unwrap(), Event::Started { .. }) {}
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(engine.stats().is_busy());
+    assert!(engine.stats().stalled_for().unwrap() >= Duration::from_millis(300));
+    handle.wait().unwrap();
+    assert_eq!(engine.stats().stalled_for(), None);
+    assert!(engine.stats().since_last_success().unwrap() < Duration::from_secs(5));
+}
+
+#[test]
+fn steps_count_as_progress() {
+    let (engine, _) = engine(batching(1, 0));
+    let handle = engine.submit(&GenerationRequest { num_inference_steps: Some(30), ..req("slow") }).unwrap();
+    for _ in 0..10 {
+        while !matches!(handle.events().recv().unwrap(), Event::Progress { .. }) {}
+        assert!(engine.stats().stalled_for().unwrap() < Duration::from_millis(200));
+    }
+    handle.cancel();
+}
+
+#[test]
+fn a_device_failure_is_kept_for_health() {
+    let (engine, _) = engine(batching(1, 0));
+    assert_eq!(engine.stats().device_failure(), None);
+    let err = engine.submit(&req("device")).unwrap().wait().unwrap_err();
+    assert!(matches!(err, GenerationError::Execution(ref e) if e.kind == ExecErrorKind::DeviceFailed));
+    assert!(engine.stats().device_failure().unwrap().contains("illegal memory access"));
+}
+
+#[test]
+fn a_priority_probe_runs_next_even_with_a_full_queue() {
+    let config = BatchingConfig { max_queue_size: 1, ..BatchingConfig::default() };
+    let (engine, recorder) = engine(config);
+    let running = engine.submit(&GenerationRequest { num_inference_steps: Some(10), ..req("slow") }).unwrap();
+    while !matches!(running.events().recv().unwrap(), Event::Started { .. }) {}
+    let queued = engine.submit(&req("queued")).unwrap();
+    assert!(matches!(engine.submit(&req("refused")), Err(SubmitError::QueueFull { .. })));
+    let probe = engine.submit_with(&req("probe"), SubmitOptions { priority: true, ..Default::default() }).unwrap();
+    probe.wait().unwrap();
+    queued.wait().unwrap();
+    running.wait().unwrap();
+    assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["slow"], vec!["probe"], vec!["queued"]]);
 }

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import _native
 from ..api import DiffGenerator, GenerationResult, collect
-from .options import CommandError, add_model_options, add_sglang_options, model_config, parse_options
+from .options import CommandError, add_model_options, add_sglang_options, engine_config, parse_options
 from .serve import SERVER_OPTIONS, server_option_name
 
 #: The server's options, given to `generate` (SGLang's docs pass them to both commands): each is an error.
@@ -63,6 +63,7 @@ def checked_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     options = parse_options(parser, args, NOT_HERE)
     if not options.get("prompt"):
         raise CommandError("--prompt is required (on the command line or in --config)")
+    engine_config(options)  # checks the scheduler options' values
     return options
 
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except _native.InvalidRequestError as err:
         print(f"sgl-diffusion generate: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, _native.ModelLoadError) as err:
+    except (ValueError, FileNotFoundError, _native.ModelLoadError, _native.DeadlineExceededError) as err:
         print(f"sgl-diffusion generate: error: {err}", file=sys.stderr)
         return 1
 
@@ -84,11 +85,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def generate(options: dict[str, Any]) -> int:
     from tqdm import tqdm
 
-    generator = DiffGenerator.from_pretrained(
-        **model_config(options),
-        max_batch_size=options.get("max_batch_size") or 1,
-        batch_delay_ms=options.get("batch_delay_ms") or 0,
-    )
+    generator = DiffGenerator.from_config(engine_config(options))
     fields = (
         "prompt",
         "negative_prompt",

@@ -43,9 +43,29 @@ MODEL_OPTIONS = (
 )
 
 
+#: Options of the scheduler in every command, by their key in `sgl_bridge::EngineConfig`.
+ENGINE_OPTIONS = {
+    "max_batch_size": "max_batch_size",
+    "batch_delay_ms": "batch_delay_ms",
+    "max_request_cost": "max_request_cost",
+    "request_timeout": "request_timeout_secs",
+}
+
+
 def model_config(options: dict[str, Any]) -> dict[str, Any]:
     """The `model` part of the engine config, from parsed options (unset ones left out)."""
     return {name: options[name] for name in MODEL_OPTIONS if options.get(name) is not None}
+
+
+def engine_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The engine config (`sgl_bridge::EngineConfig`) from parsed options (unset ones left out)."""
+    for name, least in (("max_batch_size", 1), ("batch_delay_ms", 0), ("max_request_cost", 1)):
+        if options.get(name) is not None and options[name] < least:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least {least}")
+    if options.get("request_timeout") is not None and not options["request_timeout"] > 0:
+        raise CommandError("--request-timeout must be a number of seconds > 0")
+    scheduler = {key: options[name] for name, key in ENGINE_OPTIONS.items() if options.get(name) is not None}
+    return {"model": model_config(options), **scheduler}
 
 
 class CommandError(Exception):
@@ -112,6 +132,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--profile-dir", help="folder for profiler traces (default ./profiles)")
     group.add_argument("--max-batch-size", type=int, help="most images per batched forward (default 1)")
     group.add_argument("--batch-delay-ms", type=int, help="how long a request waits for batch company (default 0)")
+    group.add_argument(
+        "--max-request-cost",
+        type=int,
+        help="most token-steps (outputs x latent tokens x steps x guidance branches) one request may cost; "
+        "default: 10 requests at the model's defaults",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds after which a request is stopped between two steps (default: none); "
+        "a request's timeout_seconds may ask for less",
+    )
     group.add_argument("--config", help="JSON or YAML file with any of these options; the command line wins")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _native
-from .options import CommandError, add_model_options, add_sglang_options, model_config, parse_options
+from .options import CommandError, add_model_options, add_sglang_options, engine_config, parse_options
 
 #: The HTTP server's own options. `generate` knows them too, to say that they do not apply there.
 SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -53,6 +53,17 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
             "help": "largest input image (input_reference) in pixels, checked before decoding (default 50000000)",
         },
     ),
+    (
+        "--stall-timeout",
+        {"type": int, "help": "/health answers 503 once a running batch shows no progress for this long (default 600)"},
+    ),
+    (
+        "--log-format",
+        {
+            "choices": ["text", "json"],
+            "help": "log lines as text (default) or JSON; the filter is SGL_DIFFUSION_LOG or RUST_LOG (default info)",
+        },
+    ),
 )
 
 #: Server flags that must be at least 1, by their config key.
@@ -62,6 +73,7 @@ POSITIVE_SERVER_OPTIONS = (
     "header_read_timeout",
     "body_read_timeout",
     "max_input_pixels",
+    "stall_timeout",
 )
 
 
@@ -102,17 +114,12 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         "header_read_timeout_secs": options.get("header_read_timeout"),
         "body_read_timeout_secs": options.get("body_read_timeout"),
         "max_input_pixels": options.get("max_input_pixels"),
+        "stall_timeout_secs": options.get("stall_timeout"),
+        "log_format": options.get("log_format"),
     }
-    engine = {
-        "model": model_config(options),
-        "max_batch_size": options.get("max_batch_size"),
-        "batch_delay_ms": options.get("batch_delay_ms"),
-        "max_queue_size": options.get("max_queue_size"),
-    }
-    for name in ("max_batch_size", "max_queue_size", "batch_delay_ms"):
-        value = engine[name]
-        if value is not None and value < (0 if name == "batch_delay_ms" else 1):
-            raise CommandError(f"--{name.replace('_', '-')} must be at least {0 if name == 'batch_delay_ms' else 1}")
+    engine = {**engine_config(options), "max_queue_size": options.get("max_queue_size")}
+    if options.get("max_queue_size") is not None and options["max_queue_size"] < 1:
+        raise CommandError("--max-queue-size must be at least 1")
     for name in POSITIVE_SERVER_OPTIONS:
         value = options.get(name)
         if value is not None and value < 1:

@@ -24,14 +24,27 @@ from ..runtime.request import Request
 
 @dataclasses.dataclass(frozen=True)
 class PipelineLimits:
-    """Mirrors `sgl_core::PipelineLimits`: shapes this pipeline can run."""
+    """Mirrors `sgl_core::PipelineLimits`: shapes this pipeline can run, read from the checkpoint where it
+    says (RoPE table, tokenizer, scheduler), and how many pixels and frames one latent token covers (the unit
+    of the request cost budget)."""
 
     size_multiple: int
     min_size: int
+    max_side: int
     max_pixels: int
     max_frames: int
     frame_rule: str  # "single" | "four_k_plus_one"
     max_sequence_length: int
+    max_steps: int
+    token_size: int
+    frames_per_latent: int = 1
+
+
+def tokenizer_limit(tokenizer: Any, reference_limit: int) -> int:
+    """The longest prompt a tokenizer's config allows, at most the reference pipeline's own bound. Tokenizers
+    saved without `model_max_length` report a huge sentinel (transformers' VERY_LARGE_INTEGER)."""
+    declared = getattr(tokenizer, "model_max_length", None)
+    return min(reference_limit, int(declared)) if isinstance(declared, int) and declared > 0 else reference_limit
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..loading import load_diffusers_model, load_native_model, load_transformers
 from ..models.flux import FluxTransformer2DModel
 from ..runtime.options import RuntimeOptions
 from ..schedulers import FlowMatchEulerScheduler, euler_step
-from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
+from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline, tokenizer_limit
 from .common import draw_noise, guided_forward, per_row, shared_value, use_batched_cfg
 
 #: FLUX.1's CLIP tokenizer length; T5 takes `max_sequence_length` (at most 512).
@@ -48,13 +48,18 @@ class FluxPipeline(StagedPipeline):
     guidance_mode = "embedded_with_true_cfg"
 
     def __init__(self, components: FluxComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
+        token = components.vae_scale_factor * 2  # 8x VAE, then 2x2 latent packing
         limits = PipelineLimits(
-            size_multiple=components.vae_scale_factor * 2,  # 8x VAE, then 2x2 latent packing
-            min_size=components.vae_scale_factor * 2,
+            size_multiple=token,
+            min_size=token,
+            # FLUX computes RoPE from position ids (no table), so only the pixel bound limits a side.
+            max_side=MAX_PIXELS // token,
             max_pixels=MAX_PIXELS,
             max_frames=1,
             frame_rule="single",
-            max_sequence_length=T5_MAX_LENGTH,
+            max_sequence_length=tokenizer_limit(components.t5_tokenizer, T5_MAX_LENGTH),
+            max_steps=components.scheduler.config.num_train_timesteps,
+            token_size=token,
         )
         super().__init__(options, limits, defaults)
         self.c = components

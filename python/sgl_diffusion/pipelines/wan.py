@@ -35,14 +35,14 @@ from ..runtime.options import RuntimeOptions
 from ..schedulers import UniPCFlowScheduler
 from ..schedulers.flow_match_euler import FlowMatchEulerScheduler, FlowMatchEulerState
 from ..schedulers.unipc_flow import UniPCFlowState
-from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline
+from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline, tokenizer_limit
 from .common import draw_noise, guided_forward, per_row, shared_value, use_batched_cfg
 
 #: UMT5 context length the Wan DiTs were trained with.
 TEXT_MAX_LENGTH = 512
-#: Longest video we accept (4k+1 frames); Wan2.2 TI2V-5B defaults to 121.
+#: Longest video we accept (4k+1 frames; Wan2.2 TI2V-5B defaults to 121) and largest frame (1080p-class), whatever
+#: the RoPE table would allow: one clip's activations and its whole-clip VAE decode must fit in memory.
 MAX_FRAMES = 241
-#: Largest frame (1080p-class).
 MAX_PIXELS = 1920 * 1088
 #: Scheduler classes a Wan folder may name, with the sampler that reproduces each.
 SCHEDULERS: dict[str, type[UniPCFlowScheduler | FlowMatchEulerScheduler]] = {
@@ -119,15 +119,24 @@ class WanPipeline(StagedPipeline):
     output = "video"
 
     def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
-        patch = components.transformer.config.patch_size
+        config = components.transformer.config
+        patch = config.patch_size
         multiple = components.scale_spatial * patch[1]  # 16 for Wan2.1, 32 for TI2V-5B
+        # The DiT's RoPE table has rope_max_seq_len positions per axis of the latent grid (the reference
+        # fails beyond it): the longest side and clip this checkpoint can run at all.
+        max_side = config.rope_max_seq_len * components.scale_spatial * min(patch[1], patch[2])
+        rope_frames = (config.rope_max_seq_len * patch[0] - 1) * components.scale_temporal + 1
         limits = PipelineLimits(
             size_multiple=multiple,
             min_size=multiple,
-            max_pixels=MAX_PIXELS,
-            max_frames=MAX_FRAMES,
+            max_side=max_side,
+            max_pixels=min(MAX_PIXELS, max_side * max_side),
+            max_frames=min(MAX_FRAMES, rope_frames),
             frame_rule="four_k_plus_one",
-            max_sequence_length=TEXT_MAX_LENGTH,
+            max_sequence_length=tokenizer_limit(components.tokenizer, TEXT_MAX_LENGTH),
+            max_steps=components.scheduler.config.num_train_timesteps,
+            token_size=multiple,
+            frames_per_latent=components.scale_temporal * patch[0],
         )
         super().__init__(options, limits, defaults)
         self.c = components

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import _native
 from ..pipelines import load_pipeline
 from .compile import compile_repeated_blocks
 from .cuda_graphs import enable_cuda_graphs
@@ -72,6 +73,11 @@ class PipelineExecutor:
             # Give the cached blocks back so the next (maybe smaller) batch can run.
             torch.cuda.empty_cache()
             raise
+        except RuntimeError as err:
+            if is_unrecoverable_device_error(err):
+                # The engine keeps it for /health (503) and refuses new work: only a restart helps.
+                raise _native.DeviceFailedError(f"{type(err).__name__}: {err}") from err
+            raise
         perf = state.perf.as_dict()
         owners = state.row_owner.tolist()
         results: list[tuple[list[bytes], str] | None] = []
@@ -92,3 +98,26 @@ class PipelineExecutor:
                 return encode_image(frames, "npy")
             return encode_mp4(frames, fps=request.fps or 16)
         return encode_image(state["images"][row], request.output_format, request.output_quality)
+
+
+#: CUDA errors that leave the CUDA context unusable ("sticky" errors): every later kernel launch in the
+#: process fails the same way, so the server must be restarted. Recoverable launch errors (a bad launch
+#: configuration, out of memory) are not listed.
+STICKY_DEVICE_ERRORS = (
+    "an illegal memory access was encountered",
+    "misaligned address",
+    "device-side assert triggered",
+    "unspecified launch failure",
+    "an illegal instruction was encountered",
+    "uncorrectable ECC error",
+    "hardware stack error",
+    "CUDA-capable device(s) is/are busy or unavailable",
+)
+
+
+def is_unrecoverable_device_error(err: BaseException) -> bool:
+    """Whether `err` is a CUDA error after which no later request can run in this process."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    text = str(err)
+    return any(marker in text for marker in STICKY_DEVICE_ERRORS)

@@ -9,11 +9,13 @@ use axum::Json;
 use base64::Engine as _;
 use serde::Deserialize;
 use sgl_core::{GenerationRequest, OutputFormat};
+use sgl_scheduler::SubmitOptions;
 
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::generation::await_result;
 use crate::outputs::content_type;
+use crate::routes::request_id;
 use crate::state::{unix_now, SharedState};
 use crate::wire::{ErrorBody, ImageData, ImageGenerationRequest, ImageGenerationResponse};
 
@@ -172,6 +174,7 @@ fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationReq
         image_path: None,
         output_format: Some(parse_output_format(body.output_format.as_deref())?),
         output_quality: body.output_quality.or(body.output_compression),
+        timeout_seconds: body.timeout_seconds,
     };
     Ok((request, response_format))
 }
@@ -226,7 +229,9 @@ pub(crate) async fn create_image(
         ResponseFormat::Url => Some(public_base(&state, &headers, &uri)?),
         ResponseFormat::B64Json => None,
     };
-    let handle = engine.submit(&request).map_err(|err| rename_param(ApiError::from_submit(&err), &body))?;
+    let options = SubmitOptions { request_id: request_id(&headers), ..Default::default() };
+    let handle =
+        engine.submit_with(&request, options).map_err(|err| rename_param(ApiError::from_submit(&err), &body))?;
     let output = await_result(&handle).await?;
     state.metrics.observe_perf(&output.metadata.perf);
     let id = new_id("img_");

@@ -13,12 +13,16 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 pub(crate) use health::__path_health;
 pub(crate) use health::__path_health_generate;
@@ -73,6 +77,20 @@ pub fn router(state: SharedState) -> Router {
     if let Some(cors) = cors_layer(&state.config.cors_origins) {
         app = app.layer(cors).layer(middleware::from_fn_with_state(state.clone(), guard_options));
     }
+    // Request ids, outermost, so every response carries one (401s and CORS answers too): drop an
+    // unusable client id, set one (a UUID) where none is, log the request's line (and every event
+    // inside it) under it, echo it in the response.
+    app = app
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                .on_failure(DefaultOnFailure::new().level(Level::ERROR)),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unusable_request_id));
     app.with_state(state)
 }
 
@@ -91,7 +109,13 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
             CorsOrigin::Any => None,
         }))
     };
-    Some(CorsLayer::new().allow_origin(allow).allow_methods(tower_http::cors::Any).allow_headers(tower_http::cors::Any))
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(tower_http::cors::Any)
+            .allow_headers(tower_http::cors::Any)
+            .expose_headers([REQUEST_ID.clone()]),
+    )
 }
 
 /// tower-http answers an over-limit body with a plain-text 413; clients get the OpenAI error body.
@@ -106,6 +130,34 @@ fn openai_413(response: Response, limit: usize) -> Response {
     } else {
         response
     }
+}
+
+/// The header that carries a request's id, in and out.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Longest client-given id kept; a longer one is replaced, so ids stay fit for log lines.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The request's id (set for every request by the layers above).
+pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers.get(&REQUEST_ID).and_then(|value| value.to_str().ok()).map(str::to_string)
+}
+
+/// A client's `x-request-id` is echoed and logged only if it is short visible ASCII; otherwise it
+/// is removed here and the next layer generates one.
+async fn drop_unusable_request_id(mut request: Request, next: Next) -> Response {
+    let usable = request.headers().get(&REQUEST_ID).is_none_or(|value| {
+        let bytes = value.as_bytes();
+        !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID_LEN && bytes.iter().all(|b| b.is_ascii_graphic())
+    });
+    if !usable {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(request).await
+}
+
+fn request_span(request: &Request) -> tracing::Span {
+    let id = request_id(request.headers()).unwrap_or_default();
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
 }
 
 async fn not_found(request: Request) -> ApiError {

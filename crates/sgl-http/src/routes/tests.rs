@@ -73,10 +73,14 @@ fn image_model() -> PipelineInfo {
         limits: PipelineLimits {
             size_multiple: 16,
             min_size: 16,
+            max_side: 2048,
             max_pixels: 1 << 22,
             max_frames: 1,
             frame_rule: FrameRule::Single,
             max_sequence_length: 512,
+            max_steps: 1000,
+            token_size: 16,
+            frames_per_latent: 1,
         },
         defaults: SamplingDefaults {
             width: 32,

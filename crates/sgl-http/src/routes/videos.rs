@@ -10,12 +10,13 @@ use axum::Json;
 use base64::Engine as _;
 use serde::Deserialize;
 use sgl_core::{GenerationRequest, ImageInput, OutputFormat, OutputKind, PipelineInfo, ResolvedRequest};
-use sgl_scheduler::{Engine, Event, GenerationError};
+use sgl_scheduler::{Engine, Event, GenerationError, SubmitOptions};
 
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::jobs::{JobRecord, JobStore};
 use crate::routes::images::{body_error, has_media_type, missing_field, new_id, parse_size, read_json};
+use crate::routes::request_id;
 use crate::state::{unix_now, SharedState};
 use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoError, VideoJob, VideoJobList, VideoStatus};
 
@@ -28,8 +29,17 @@ fn jobs(state: &SharedState) -> Result<&JobStore, ApiError> {
 
 /// A form field as the official client sends it: every value is a string.
 fn form_value(name: &str, text: String) -> serde_json::Value {
-    const NUMERIC: &[&str] =
-        &["fps", "num_frames", "seed", "num_inference_steps", "guidance_scale", "guidance_scale_2", "flow_shift", "n"];
+    const NUMERIC: &[&str] = &[
+        "fps",
+        "num_frames",
+        "seed",
+        "num_inference_steps",
+        "guidance_scale",
+        "guidance_scale_2",
+        "flow_shift",
+        "n",
+        "timeout_seconds",
+    ];
     if NUMERIC.contains(&name) {
         if let Ok(number) = text.trim().parse::<serde_json::Number>() {
             return serde_json::Value::Number(number);
@@ -206,6 +216,7 @@ pub(crate) async fn create_video(
     State(state): State<SharedState>,
     request: Request,
 ) -> Result<Json<VideoJob>, ApiError> {
+    let request_id = request_id(request.headers());
     // What needs no body first: a server that cannot take the request does not read it.
     let engine = state.engine()?;
     let store = jobs(&state)?;
@@ -240,6 +251,7 @@ pub(crate) async fn create_video(
         flow_shift: body.flow_shift,
         seed: body.seed,
         output_format: Some(OutputFormat::Mp4),
+        timeout_seconds: body.timeout_seconds,
         ..Default::default()
     };
     if let Some(size) = body.size.as_deref() {
@@ -309,7 +321,7 @@ pub(crate) async fn create_video(
         seed: resolved.seed,
         error: None,
     };
-    let handle = match engine.submit(&request) {
+    let handle = match engine.submit_with(&request, SubmitOptions { request_id, ..Default::default() }) {
         Ok(handle) => handle,
         Err(err) => {
             discard_job_dir(store, &id).await;

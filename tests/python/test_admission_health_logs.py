@@ -1,0 +1,317 @@
+"""Admission by cost, deadlines, logs with request ids, and honest health, against real server processes
+(CPU, the tiny FLUX.1 fixture) and through the Python API and CLI that share the same scheduler.
+
+The tiny fixture's defaults are 1024x1024 in 28 steps (4 096 latent tokens of 16x16 pixels), so the
+default budget is 10 x 4 096 x 28 = 1 146 880 token-steps."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from server_util import SGL_DIFFUSION, Server, metric_value, running_servers, wait_for
+
+#: A valid request that runs well under a second on CPU.
+GOOD = {"prompt": "a red fox", "size": "32x32", "num_inference_steps": 2, "max_sequence_length": 16}
+#: 1000 steps at 32x32: tens of seconds on CPU (15-40 ms a step), with progress after every step.
+SLOW = {**GOOD, "num_inference_steps": 1000}
+#: The audit's request: 10 images of 2048x2048 in 1000 steps (~21 h on a CPU).
+HUGE = {**GOOD, "n": 10, "size": "2048x2048", "num_inference_steps": 1000}
+HUGE_COST = 10 * (2048 // 16) ** 2 * 1000
+DEFAULT_BUDGET = 10 * (1024 // 16) ** 2 * 28
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+READY_TIMEOUT = 300
+
+
+def generate(server: Server, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 120):
+    return httpx.post(f"{server.base_url}/v1/images/generations", json=body, headers=headers or {}, timeout=timeout)
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    return response.json()["error"]
+
+
+def batches_started(server: Server) -> int:
+    return sum(server.batches_run().values())
+
+
+def queue_depth(server: Server) -> float:
+    return metric_value(server.metrics(), "sgl_diffusion_queue_depth")
+
+
+class Background:
+    """One call on a thread, its result or exception kept for `join`."""
+
+    def __init__(self, call: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Any) -> None:
+        try:
+            self.result = call()
+        except BaseException as err:  # noqa: BLE001 - re-raised by join()
+            self.error = err
+
+    def join(self, timeout: float = 120) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the background call did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@contextmanager
+def engine_busy(server: Server) -> Iterator[None]:
+    """A SLOW request on a raw socket, running inside the block; closing the socket cancels it."""
+    started = batches_started(server)
+    payload = json.dumps({**SLOW, "prompt": "keeps the engine busy"}).encode()
+    head = f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + payload)
+        wait_for(lambda: batches_started(server) > started, timeout=30, what="the busy request to run")
+        yield
+
+
+def json_lines(log: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+# --- servers ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers(request: pytest.FixtureRequest, flux_dir: Path) -> Iterator[dict[str, Server]]:
+    flags = {
+        # Defaults, but one request running and one waiting.
+        "server": ["--max-queue-size", "1"],
+        # JSON logs, warnings only; a small budget and a 2 s deadline for every request.
+        "json_server": ["--log-format", "json", "--max-request-cost", "1000", "--request-timeout", "2"],
+        # /health fails after 1 s without progress.
+        "stalling_server": ["--stall-timeout", "1"],
+    }
+    selected = [item for item in request.session.items if getattr(item, "module", None) is request.module]
+    wanted = {name for item in selected for name in getattr(item, "fixturenames", ())}
+    launched_flags = {name: extra for name, extra in flags.items() if name in wanted}
+    with running_servers(flux_dir, launched_flags, env={"SGL_DIFFUSION_LOG": "info"}) as launched:
+        yield launched
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, Server]) -> Server:
+    return servers["server"].wait_ready(READY_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def json_server(servers: dict[str, Server]) -> Server:
+    return servers["json_server"].wait_ready(READY_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def stalling_server(servers: dict[str, Server]) -> Server:
+    return servers["stalling_server"].wait_ready(READY_TIMEOUT)
+
+
+# --- admission by cost ------------------------------------------------------------------------------------
+
+
+def test_a_request_over_the_default_budget_is_a_400_naming_the_budget_and_its_cost(server: Server) -> None:
+    # Before admission by cost this request was queued and held the server for hours.
+    started = time.monotonic()
+    error = error_of(generate(server, HUGE, timeout=30), 400)
+    assert time.monotonic() - started < 10
+    assert error["code"] == "request_over_budget" and error["param"] is None, error
+    assert f"{HUGE_COST} token-steps" in error["message"], error
+    assert str(DEFAULT_BUDGET) in error["message"] and "--max-request-cost" in error["message"], error
+    # The model's own defaults, ten times over, fit: n=10 of 1024x1024 in 2 steps (not run here: slow on CPU),
+    # and small requests run.
+    assert generate(server, GOOD).status_code == 200
+
+
+def test_max_request_cost_sets_the_budget(json_server: Server) -> None:
+    # 32x32 is 4 tokens: 4 images in 2 steps are 32 token-steps, under 1000; 10 in 30 steps are 1200.
+    assert generate(json_server, {**GOOD, "n": 4}).status_code == 200
+    error = error_of(generate(json_server, {**GOOD, "n": 10, "num_inference_steps": 30}), 400)
+    assert "1200 token-steps" in error["message"] and "budget of 1000" in error["message"], error
+
+
+def test_the_python_api_and_the_cli_apply_the_same_budget(generator: Any, flux_dir: Path, tmp_path: Path) -> None:
+    from sgl_diffusion import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=f"{HUGE_COST} token-steps.*budget of {DEFAULT_BUDGET}"):
+        generator.generate("a fox", height=2048, width=2048, num_inference_steps=1000, num_outputs_per_prompt=10)
+    assert SGL_DIFFUSION is not None
+    command = [
+        SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--device", "cpu", "--prompt", "a fox",
+        "--height", "32", "--width", "32", "--num-inference-steps", "30", "--num-outputs-per-prompt", "4",
+        "--max-request-cost", "100", "--output-path", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "480 token-steps" in done.stderr and "budget of 100" in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+# --- deadlines --------------------------------------------------------------------------------------------
+
+
+def test_a_running_request_past_its_timeout_is_stopped_with_504(server: Server) -> None:
+    started = time.monotonic()
+    response = generate(server, {**SLOW, "timeout_seconds": 1}, headers={"x-request-id": "slow-one"})
+    error = error_of(response, 504)
+    assert error["code"] == "deadline_exceeded" and "1.000 s" in error["message"], error
+    assert time.monotonic() - started < 15
+    assert response.headers["x-request-id"] == "slow-one"
+    # The warning reached the server's stderr, naming the request.
+    wait_for(lambda: "slow-one" in server.log(), timeout=5, what="the deadline warning in the log")
+    line = next(line for line in server.log().splitlines() if "passed its deadline" in line and "slow-one" in line)
+    assert "WARN" in line, line
+    assert generate(server, GOOD).status_code == 200
+
+
+def test_a_queued_request_is_answered_at_its_deadline_while_the_engine_is_busy(server: Server) -> None:
+    with engine_busy(server):
+        started = time.monotonic()
+        error = error_of(generate(server, {**GOOD, "timeout_seconds": 1}, timeout=30), 504)
+        assert time.monotonic() - started < 5, "answered only when the busy request ended"
+        assert error["code"] == "deadline_exceeded"
+        assert queue_depth(server) == 0
+
+
+def test_request_timeout_is_the_server_wide_deadline(json_server: Server) -> None:
+    # 200 steps: 3-8 s on CPU, past the server's 2 s; 200 x 4 tokens = 800 token-steps, under its budget.
+    error = error_of(generate(json_server, {**GOOD, "num_inference_steps": 200}), 504)
+    assert "2.000 s" in error["message"], error
+    # A request may ask for less than the server's deadline, not more.
+    error = error_of(generate(json_server, {**GOOD, "num_inference_steps": 200, "timeout_seconds": 60}), 504)
+    assert "2.000 s" in error["message"], error
+    assert error_of(generate(json_server, {**GOOD, "timeout_seconds": 0}), 400)["param"] == "timeout_seconds"
+
+
+def test_the_python_api_raises_deadline_exceeded(generator: Any) -> None:
+    from sgl_diffusion import DeadlineExceededError
+
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="deadline of 0.500 s"):
+        generator.generate("a fox", height=32, width=32, num_inference_steps=1000, timeout_seconds=0.5)
+    assert time.monotonic() - started < 10
+
+
+# --- request ids and logs ---------------------------------------------------------------------------------
+
+
+def test_responses_carry_the_request_id_given_or_a_generated_one(server: Server) -> None:
+    given = generate(server, GOOD, headers={"x-request-id": "client-42"})
+    assert given.status_code == 200 and given.headers["x-request-id"] == "client-42"
+    generated = generate(server, GOOD)
+    assert UUID.match(generated.headers["x-request-id"]), generated.headers
+    # Errors and unknown routes too; an unusable id (too long) is replaced, not echoed.
+    bad = generate(server, {**GOOD, "size": "7x7"}, headers={"x-request-id": "bad-request"})
+    assert bad.status_code == 400 and bad.headers["x-request-id"] == "bad-request"
+    missing = httpx.get(f"{server.base_url}/no/such/route", headers={"x-request-id": "x" * 500}, timeout=10)
+    assert missing.status_code == 404 and UUID.match(missing.headers["x-request-id"]), missing.headers
+    # The access log line names the request.
+    wait_for(lambda: "client-42" in server.log(), timeout=5, what="the access log line")
+    access = [line for line in server.log().splitlines() if "client-42" in line and "finished processing" in line]
+    assert access and "status=200" in access[0], server.log()[-3000:]
+
+
+def test_json_logs_carry_the_request_id_and_follow_the_env_filter(json_server: Server) -> None:
+    error_of(generate(json_server, {**GOOD, "num_inference_steps": 200}, headers={"x-request-id": "json-7"}), 504)
+
+    def deadline_line() -> dict[str, Any] | None:
+        for line in json_lines(json_server.log()):
+            if line["fields"].get("request_id") == "json-7" and line["level"] == "WARN":
+                return line
+        return None
+
+    wait_for(deadline_line, timeout=5, what="the JSON deadline warning")
+    line = deadline_line()
+    assert line is not None and "deadline" in line["fields"]["message"], line
+    access = [
+        entry
+        for entry in json_lines(json_server.log())
+        if entry.get("span", {}).get("request_id") == "json-7" and "finished processing" in entry["fields"]["message"]
+    ]
+    assert access and access[0]["fields"]["status"] == 504, access
+    assert any(
+        entry["target"].startswith("sgl_http") and "listening on" in entry["fields"]["message"]
+        for entry in json_lines(json_server.log())
+    ), json_server.log()[-3000:]
+
+
+def test_the_log_filter_comes_from_the_environment(flux_dir: Path) -> None:
+    with running_servers(flux_dir, {"quiet": []}, env={"SGL_DIFFUSION_LOG": "warn"}) as launched:
+        quiet = launched["quiet"].wait_ready(READY_TIMEOUT)
+        error_of(generate(quiet, {**GOOD, "num_inference_steps": 1000, "timeout_seconds": 0.5}), 504)
+        wait_for(lambda: "passed its deadline" in quiet.log(), timeout=5, what="the warning")
+        assert "listening on" not in quiet.log() and "finished processing" not in quiet.log(), quiet.log()
+
+
+# --- health -----------------------------------------------------------------------------------------------
+
+
+def test_a_full_queue_is_a_busy_server_not_an_unhealthy_one(server: Server) -> None:
+    with engine_busy(server):
+        queued = Background(lambda: generate(server, {**GOOD, "prompt": "queued"}))
+        wait_for(lambda: queue_depth(server) == 1, timeout=10, what="the queue to fill")
+        error_of(generate(server, GOOD), 429)
+        # Before, the readiness probe queued behind user work: a full queue read as 503 unhealthy.
+        ready = httpx.get(f"{server.base_url}/health_generate", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["status"] in ("busy", "ok"), ready.json()
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    assert queued.join().status_code == 200
+    ready = httpx.get(f"{server.base_url}/health_generate", timeout=60)
+    assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
+
+
+def test_an_executor_without_progress_fails_liveness_and_recovers(stalling_server: Server) -> None:
+    server = stalling_server
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    # One 1024x1024 step and its decode take several seconds on CPU with no step finishing: to /health
+    # this is what a hung kernel looks like, with --stall-timeout 1.
+    stuck = Background(lambda: generate(server, {**GOOD, "size": "1024x1024", "num_inference_steps": 2}))
+
+    def unhealthy() -> bool:
+        return httpx.get(f"{server.base_url}/health", timeout=10).status_code == 503
+
+    wait_for(unhealthy, timeout=30, interval=0.2, what="/health to answer 503")
+    body = httpx.get(f"{server.base_url}/health", timeout=10).json()
+    if body["status"] == "stalled":  # the request may have finished between the two calls
+        assert "--stall-timeout 1 s" in body["detail"], body
+    ready = httpx.get(f"{server.base_url}/health_generate", timeout=10)
+    assert ready.status_code in (200, 503)
+    assert stuck.join().status_code == 200
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+    # The error was logged to stderr.
+    assert "made no progress" in server.log() and "ERROR" in server.log(), server.log()[-3000:]
+
+
+def test_only_sticky_cuda_errors_count_as_device_failures() -> None:
+    import torch
+
+    from sgl_diffusion.runtime.executor import is_unrecoverable_device_error
+
+    assert is_unrecoverable_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_unrecoverable_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_unrecoverable_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_unrecoverable_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
