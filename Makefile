@@ -12,7 +12,7 @@ VENV ?= .venv
 LOCK ?= requirements/test.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo venv install-test test test-latest test-lowest test-rust test-python lint format lock wheel clean
+.PHONY: help install demo venv install-test test test-latest test-lowest test-rust test-python soak-fuzz-long lint format lock wheel clean
 
 help: ## List the developer commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,7 +38,7 @@ define install_checkout
 	$(1)/bin/maturin build --release --out dist
 endef
 
-venv: ## A brand-new $(VENV) holding exactly the locked test set plus this checkout (editable)
+venv: ## A brand-new .venv holding exactly the locked test set plus this checkout (editable)
 	$(call new_venv,$(VENV))
 	$(VENV)/bin/uv pip sync -q --python $(VENV)/bin/python $(LOCK)
 	$(call install_checkout,$(VENV))
@@ -72,6 +72,15 @@ test-rust: ## cargo test for the whole workspace
 
 test-python: ## pytest in the virtualenv (CPU; builds tiny fixtures offline; one test installs the wheel from dist/)
 	$(IN_VENV) SGL_DIFFUSION_WHEEL_DIR=$(abspath dist) SGL_DIFFUSION_LOCK=$(abspath $(LOCK)) python -m pytest -q
+
+SOAK_RESULTS := benches/results/soak_fuzz_cpu.md
+
+soak-fuzz-long: ## 30 min of schemathesis (>= 10 000 cases) and a 3 000-request soak; result in benches/results/
+	printf '# Soak and fuzz, long run\n\n* Machine: %s, %s cores, CPU only\n* Commit: `%s`\n* Command: `make soak-fuzz-long`\n' \
+		"$$(uname -m)" "$$(nproc)" "$$(git rev-parse --short HEAD)" > $(SOAK_RESULTS)
+	$(IN_VENV) SGL_SOAK_REQUESTS=3000 SGL_FUZZ_EXAMPLES=5000 SGL_FUZZ_MAX_TIME=900 \
+		SGL_SOAK_FUZZ_RESULTS=$(abspath $(SOAK_RESULTS)) python -m pytest -q -p no:cacheprovider -o timeout=4000 \
+		tests/python/test_soak_fuzz.py
 
 lint: ## rustfmt, clippy (warnings are errors) and ruff (the locked version, from the virtualenv)
 	cargo fmt --all --check

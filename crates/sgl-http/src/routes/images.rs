@@ -325,7 +325,9 @@ pub(crate) struct VariantQuery {
 /// Downloads output `variant` of a `url` response until it expires (`--output-ttl`).
 #[utoipa::path(get, path = "/v1/images/{id}/content", tag = "images",
     params(("id" = String, Path), ("variant" = Option<usize>, Query, description = "Index of the image in the response")),
-    responses((status = 200, description = "The image file", content_type = "image/png"), (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "The image file", content_type = "image/png"),
+        (status = 400, body = ErrorBody, description = "variant is not a non-negative integer"),
+        (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn image_content(
     State(state): State<SharedState>,
