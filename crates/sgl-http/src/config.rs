@@ -38,6 +38,10 @@ pub struct ServerConfig {
     /// How long a `/health_generate` result is reused, in seconds.
     #[serde(default = "default_health_generate_ttl")]
     pub health_generate_ttl_secs: u64,
+    /// Most finished video jobs kept (with their files); beyond it those closest to expiring are
+    /// deleted first, so that records and disk stay bounded however fast jobs are made.
+    #[serde(default = "default_max_finished_jobs")]
+    pub max_finished_jobs: usize,
 }
 
 fn default_host() -> String {
@@ -60,6 +64,10 @@ fn default_health_generate_ttl() -> u64 {
     10
 }
 
+fn default_max_finished_jobs() -> usize {
+    crate::jobs::DEFAULT_MAX_FINISHED
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -74,6 +82,7 @@ impl Default for ServerConfig {
             served_model_names: Vec::new(),
             model_path: None,
             health_generate_ttl_secs: default_health_generate_ttl(),
+            max_finished_jobs: default_max_finished_jobs(),
         }
     }
 }
