@@ -63,6 +63,8 @@ pub(crate) fn recover(dir: &Path, ttl: Duration) -> io::Result<Recovered> {
 
     let mut jobs = BTreeMap::new();
     let mut dirty = Vec::new();
+    // Jobs known only by their folder: their files are kept as found until they expire.
+    let mut adopted_ids = std::collections::BTreeSet::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -82,11 +84,13 @@ pub(crate) fn recover(dir: &Path, ttl: Duration) -> io::Result<Recovered> {
                 Ok(record) => {
                     unreadable(&record_path, &format!("it names another job ({})", record.job.id))?;
                     dirty.push(name.clone());
+                    adopted_ids.insert(name.clone());
                     Some(adopted(&name, "record_unreadable", now, ttl))
                 }
                 Err(err) => {
                     unreadable(&record_path, &err.to_string())?;
                     dirty.push(name.clone());
+                    adopted_ids.insert(name.clone());
                     Some(adopted(&name, "record_unreadable", now, ttl))
                 }
             },
@@ -97,6 +101,7 @@ pub(crate) fn recover(dir: &Path, ttl: Duration) -> io::Result<Recovered> {
                 } else if adopt_lost {
                     tracing::error!(job = %name, "a video job folder has no record and the old index was unreadable: listed as failed (record_lost) until it expires");
                     dirty.push(name.clone());
+                    adopted_ids.insert(name.clone());
                     Some(adopted(&name, "record_lost", now, ttl))
                 } else {
                     tracing::warn!(job = %name, dir = %path.display(), "deleting a video job folder without a record (the job was never acknowledged)");
@@ -128,6 +133,7 @@ pub(crate) fn recover(dir: &Path, ttl: Duration) -> io::Result<Recovered> {
         match record.job.status {
             VideoStatus::Queued => queued.push(id.clone()),
             VideoStatus::Completed => {}
+            _ if adopted_ids.contains(id) => {}
             _ => disk::remove_file(&video)?,
         }
     }

@@ -301,6 +301,8 @@ fn an_unreadable_index_is_moved_aside_and_the_jobs_are_rebuilt_from_their_folder
     assert_eq!(aside.len(), 1, "the unreadable index was not kept aside");
     assert_eq!(std::fs::read(tmp.path().join(&aside[0])).unwrap(), &index[..index.len() / 2]);
     assert!(!tmp.path().join("index.json").exists());
+    // The videos stay until the jobs expire (a person may still want them).
+    assert!(records.iter().all(|r| tmp.path().join(&r.job.id).join(VIDEO_FILE).is_file()));
 }
 
 #[test]
