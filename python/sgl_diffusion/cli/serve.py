@@ -31,6 +31,14 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
         {"action": "append", "help": "extra name the model answers to, e.g. dall-e-3 (repeatable)"},
     ),
     ("--health-generate-ttl", {"type": int, "help": "seconds a /health_generate result is reused"}),
+    (
+        "--max-finished-jobs",
+        {
+            "type": int,
+            "help": "finished video jobs kept with their files; beyond it, those closest to expiring go first "
+            "(default 10000)",
+        },
+    ),
 )
 
 
@@ -67,6 +75,7 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         "served_model_names": options.get("served_model_name"),
         "model_path": options.get("model_path"),
         "health_generate_ttl_secs": options.get("health_generate_ttl"),
+        "max_finished_jobs": options.get("max_finished_jobs"),
     }
     engine = {
         "model": model_config(options),
@@ -78,6 +87,8 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         value = engine[name]
         if value is not None and value < (0 if name == "batch_delay_ms" else 1):
             raise CommandError(f"--{name.replace('_', '-')} must be at least {0 if name == 'batch_delay_ms' else 1}")
+    if options.get("max_finished_jobs") is not None and options["max_finished_jobs"] < 1:
+        raise CommandError("--max-finished-jobs must be at least 1")
     if options.get("port") is not None and not 0 <= options["port"] <= 65535:
         raise CommandError("--port must be between 0 and 65535")
     return {
