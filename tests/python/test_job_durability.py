@@ -164,11 +164,15 @@ def capped_server(wan_dir: Path, capped_dir: Path) -> Iterator[Server]:
 
 def test_sigterm_lets_running_and_queued_jobs_finish_and_store_them(wan_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
-    first = launch_server(wan_dir, "--output-dir", str(output_dir), log_dir=tmp_path).wait_ready(READY_TIMEOUT)
+    # A running job, and five queued behind it (other steps, so another batch) that run as one batch
+    # and end at the same moment, during the drain, just before the process exits.
+    flags = ["--output-dir", str(output_dir), "--max-batch-size", "5", "--batch-delay-ms", "500"]
+    first = launch_server(wan_dir, *flags, log_dir=tmp_path).wait_ready(READY_TIMEOUT)
     try:
-        running = create(first, **MEDIUM, seed=1)
-        queued = create(first, **FAST, seed=2)
+        running = create(first, **{**MEDIUM, "num_inference_steps": 30}, seed=0)
         wait_progress(first, running["id"], above=0)
+        queued = [create(first, **FAST, seed=seed) for seed in range(1, 6)]
+        assert get_job(first, queued[-1]["id"])["status"] == "queued"
         first.terminate()
         # New work is refused while the running and queued jobs finish.
         wait_for(
@@ -184,11 +188,12 @@ def test_sigterm_lets_running_and_queued_jobs_finish_and_store_them(wan_dir: Pat
 
     second = launch_server(wan_dir, "--output-dir", str(output_dir), log_dir=tmp_path).wait_ready(READY_TIMEOUT)
     try:
-        for job in (running, queued):
+        jobs = [running, *queued]
+        for job in jobs:
             kept = get_job(second, job["id"])
             assert kept["status"] == "completed", (kept, first.log())
             assert content_status(second, job["id"]) == 200
-        assert [job["id"] for job in list_jobs(second)] == [running["id"], queued["id"]]
+        assert [job["id"] for job in list_jobs(second)] == [job["id"] for job in jobs]
     finally:
         second.stop()
 
