@@ -29,18 +29,20 @@ pub(crate) fn decode(bytes: &[u8]) -> serde_json::Result<JobRecord> {
     Ok(record)
 }
 
-/// Writes a job's record into its folder (created if needed); returns whether the folder was
-/// created, in which case the caller must fsync the parent folder.
+/// Writes a job's record into its folder (created if needed); returns whether this was the job's
+/// first record, in which case the caller must fsync the parent folder (the folder may be new, or
+/// made without an fsync to hold an input image).
 pub(crate) fn write_record(dir: &Path, id: &str, bytes: &[u8]) -> io::Result<bool> {
     let job_dir = dir.join(id);
-    let created = match fs::create_dir(&job_dir) {
+    let record = job_dir.join(RECORD_FILE);
+    let first = match fs::create_dir(&job_dir) {
         Ok(()) => true,
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => !record.exists(),
         Err(err) => return Err(err),
     };
-    write_atomic(&job_dir.join(RECORD_FILE), bytes)?;
+    write_atomic(&record, bytes)?;
     sync_dir(&job_dir)?;
-    Ok(created)
+    Ok(first)
 }
 
 /// Deletes a job's folder; returns whether there was one (the parent folder then needs an fsync).

@@ -220,12 +220,17 @@ pub(crate) async fn create_video(
             })?;
             let dir = store.job_dir(&id);
             let path = dir.join(format!("input.{extension}"));
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
-            tokio::fs::write(&path, bytes)
-                .await
-                .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
+            // Fsynced: a queued job must still find its image after a crash (the folder entry is
+            // made durable with the job's record).
+            let image_path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                crate::durable::write_atomic(&image_path, &bytes)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|written| written)
+            .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
             request.image_path = Some(path.to_string_lossy().into_owned());
         }
         (None, _) => {}
