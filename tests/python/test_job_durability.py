@@ -409,3 +409,13 @@ def test_url_image_outputs_are_served_after_a_restart_until_they_expire(flux_dir
         assert not old_file.exists(), "an expired output was left on disk"
     finally:
         second.stop()
+
+
+def test_the_finished_jobs_cap_is_a_server_option() -> None:
+    from sgl_diffusion.cli.options import CommandError
+    from sgl_diffusion.cli.serve import build_config
+
+    assert build_config({"max_finished_jobs": 5})["server"]["max_finished_jobs"] == 5
+    assert "max_finished_jobs" not in build_config({})["server"]  # the server's default (10 000)
+    with pytest.raises(CommandError, match="--max-finished-jobs must be at least 1"):
+        build_config({"max_finished_jobs": 0})

@@ -69,7 +69,7 @@ pub(crate) fn recover(dir: &Path, ttl: Duration) -> io::Result<Recovered> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if name.ends_with(TMP_SUFFIX) {
+        if name.ends_with(TMP_SUFFIX) && entry.file_type()?.is_file() {
             disk::remove_file(&path)?;
             continue;
         }
@@ -196,7 +196,7 @@ fn unreadable(path: &Path, reason: &str) -> io::Result<()> {
 fn remove_temporaries(job_dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(job_dir)? {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
+        if entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) && entry.file_type()?.is_file() {
             disk::remove_file(&entry.path())?;
         }
     }
