@@ -203,6 +203,21 @@ async fn every_way_a_job_ends_sets_its_expiry() {
 }
 
 #[tokio::test]
+async fn a_video_that_cannot_be_stored_fails_the_job_which_then_expires() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    store.insert(record(&id(1), VideoStatus::Queued)).await.unwrap();
+    store.mark_started(&id(1));
+    // Where the video would go is taken by a folder: the write fails.
+    std::fs::create_dir(store.video_path(&id(1))).unwrap();
+    std::fs::create_dir(super::disk::tmp_path(&store.video_path(&id(1)))).unwrap();
+    assert!(matches!(store.complete(&id(1), b"mp4".to_vec()).await, Completion::StorageFailed));
+    let job = store.get(&id(1)).unwrap();
+    assert_eq!((job.status, job.error.unwrap().code.as_str()), (VideoStatus::Failed, "storage_error"));
+    assert!(job.expires_at.is_some() && job.completed_at.is_some());
+}
+
+#[tokio::test]
 async fn finished_jobs_beyond_the_cap_are_deleted_oldest_first() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, _) = open_capped(tmp.path(), 2);
