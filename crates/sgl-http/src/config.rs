@@ -60,6 +60,10 @@ pub struct ServerConfig {
     /// Log lines as text (default) or one JSON object per line.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Most finished video jobs kept (with their files); beyond it those closest to expiring are
+    /// deleted first, so that records and disk stay bounded however fast jobs are made.
+    #[serde(default = "default_max_finished_jobs")]
+    pub max_finished_jobs: usize,
 }
 
 /// How log lines are written to stderr.
@@ -118,6 +122,10 @@ fn default_stall_timeout() -> u64 {
     600
 }
 
+fn default_max_finished_jobs() -> usize {
+    crate::jobs::DEFAULT_MAX_FINISHED
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -138,6 +146,7 @@ impl Default for ServerConfig {
             max_input_pixels: default_max_input_pixels(),
             stall_timeout_secs: default_stall_timeout(),
             log_format: LogFormat::default(),
+            max_finished_jobs: default_max_finished_jobs(),
         }
     }
 }

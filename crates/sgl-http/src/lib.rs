@@ -3,11 +3,12 @@
 //! The server binds its port first and answers `/health` with 503 while the model loads on the
 //! engine's own thread. Handlers validate requests, submit them to the scheduler and await its
 //! events; they never call Python. On SIGINT/SIGTERM it stops taking work (503), lets queued and
-//! running requests finish, and returns.
+//! running requests finish, waits for every video job to store its outcome, and returns.
 
 mod auth;
 mod config;
 mod connections;
+mod durable;
 mod error;
 mod extract;
 mod generation;
@@ -71,9 +72,19 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
     let listener =
         TcpListener::bind(&address).await.map_err(|source| ServeError::Bind { address: address.clone(), source })?;
     let output_dir = config.output_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sgl-diffusion-outputs"));
-    let outputs = OutputStore::new(output_dir.clone(), Duration::from_secs(config.output_ttl_secs))
-        .map_err(|source| ServeError::OutputDir { dir: output_dir.display().to_string(), source })?;
-    let (jobs, queued) = match JobStore::open(output_dir.join("videos"), Duration::from_secs(config.output_ttl_secs)) {
+    let ttl = Duration::from_secs(config.output_ttl_secs);
+    let max_finished = config.max_finished_jobs;
+    // Both stores read (and repair) what an earlier run left: blocking I/O, off the async workers.
+    let opened = tokio::task::spawn_blocking(move || {
+        let outputs = OutputStore::open(output_dir.clone(), ttl)
+            .map_err(|source| ServeError::OutputDir { dir: output_dir.display().to_string(), source })?;
+        let jobs = JobStore::open(output_dir.join("videos"), ttl, max_finished);
+        Ok::<_, ServeError>((outputs, jobs))
+    })
+    .await
+    .map_err(|err| ServeError::Io(std::io::Error::other(err)))?;
+    let (outputs, jobs) = opened?;
+    let (jobs, queued) = match jobs {
         Ok((store, queued)) => (Some(Arc::new(store)), queued),
         Err(err) => {
             tracing::error!("the video job store is unavailable: {err}");
@@ -92,10 +103,13 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
             tracing::info!("model ready ({})", engine.info().pipeline_class);
             let engine = Arc::new(engine);
             loader_state.set_engine(EngineState::Ready(Arc::clone(&engine)));
-            // Jobs that were queued when the server last stopped run now, in their order.
+            // Jobs that were queued when the server last stopped run now, in their order (or at
+            // the next start, if this one is already stopping).
             let _guard = runtime.enter();
-            for id in &queued {
-                routes::resubmit(&loader_state, &engine, id);
+            if !loader_state.is_shutting_down() {
+                for id in &queued {
+                    routes::resubmit(&loader_state, &engine, id);
+                }
             }
         }
         Err(reason) => {
@@ -139,7 +153,14 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
         header_read_timeout: state.config.header_read_timeout(),
     };
     connections::serve_connections(listener, app, limits, shutdown).await;
+    // The engine has drained: every job task has heard its request's end. Wait for them to store
+    // their videos and records, then for the job store to write what is pending.
+    state.tasks.close();
+    state.tasks.wait().await;
     purger.abort();
+    if let Some(jobs) = &state.jobs {
+        jobs.close().await;
+    }
     let failed = load_error.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {
         Some(reason) => Err(ServeError::Load(reason)),

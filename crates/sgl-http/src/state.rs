@@ -28,6 +28,9 @@ pub struct AppState {
     /// The last `/health_generate` outcome and when it was measured.
     pub health_probe: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
     pub started_at: u64,
+    /// Background tasks that must finish before the process exits (one per video job): a graceful
+    /// shutdown waits for them.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -41,6 +44,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             health_probe: tokio::sync::Mutex::new(None),
             started_at: unix_now(),
+            tasks: tokio_util::task::TaskTracker::new(),
         }
     }
 

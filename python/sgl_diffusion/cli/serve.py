@@ -64,6 +64,14 @@ SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
             "help": "log lines as text (default) or JSON; the filter is SGL_DIFFUSION_LOG or RUST_LOG (default info)",
         },
     ),
+    (
+        "--max-finished-jobs",
+        {
+            "type": int,
+            "help": "finished video jobs kept with their files; beyond it, those closest to expiring go first "
+            "(default 10000)",
+        },
+    ),
 )
 
 #: Server flags that must be at least 1, by their config key.
@@ -74,6 +82,7 @@ POSITIVE_SERVER_OPTIONS = (
     "body_read_timeout",
     "max_input_pixels",
     "stall_timeout",
+    "max_finished_jobs",
 )
 
 
@@ -116,6 +125,7 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
         "max_input_pixels": options.get("max_input_pixels"),
         "stall_timeout_secs": options.get("stall_timeout"),
         "log_format": options.get("log_format"),
+        "max_finished_jobs": options.get("max_finished_jobs"),
     }
     engine = {**engine_config(options), "max_queue_size": options.get("max_queue_size")}
     if options.get("max_queue_size") is not None and options["max_queue_size"] < 1:

@@ -247,13 +247,14 @@ pub(crate) async fn create_image(
             .collect(),
         ResponseFormat::Url => {
             let files: Vec<_> = output.outputs.iter().map(|o| (o.bytes.clone(), o.format)).collect();
+            let count = files.len();
             state
                 .outputs
-                .put(&id, &files)
+                .put(&id, files)
                 .await
                 .map_err(|e| ApiError::internal(format!("cannot store the output: {e}")))?;
             let base = base.unwrap_or_default();
-            (0..files.len())
+            (0..count)
                 .map(|variant| ImageData {
                     b64_json: None,
                     url: Some(format!("{base}/v1/images/{id}/content?variant={variant}")),

@@ -126,8 +126,8 @@ struct Harness {
 /// The router on a server with `config`, serving `model` (`None`: still loading).
 fn harness(config: ServerConfig, model: Option<PipelineInfo>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let outputs = OutputStore::new(dir.path().join("outputs"), Duration::from_secs(60)).unwrap();
-    let (jobs, _) = JobStore::open(dir.path().join("videos"), Duration::from_secs(60)).unwrap();
+    let outputs = OutputStore::open(dir.path().join("outputs"), Duration::from_secs(60)).unwrap();
+    let (jobs, _) = JobStore::open(dir.path().join("videos"), Duration::from_secs(60), 100).unwrap();
     let state = Arc::new(AppState::new(config, outputs, Some(Arc::new(jobs)), Metrics::new().unwrap()));
     if let Some(info) = model {
         let engine = Engine::start(BatchingConfig::default(), move || Ok((Quick, info))).unwrap();

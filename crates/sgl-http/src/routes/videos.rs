@@ -14,11 +14,11 @@ use sgl_scheduler::{Engine, Event, GenerationError, SubmitOptions};
 
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
-use crate::jobs::{JobRecord, JobStore};
+use crate::jobs::{is_finished, JobRecord, JobStore, NotFinished, Outcome};
 use crate::routes::images::{body_error, has_media_type, missing_field, new_id, parse_size, read_json};
 use crate::routes::request_id;
 use crate::state::{unix_now, SharedState};
-use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoError, VideoJob, VideoJobList, VideoStatus};
+use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoJob, VideoJobList, VideoStatus};
 
 /// Largest id page a list request may ask for.
 const MAX_LIST_LIMIT: usize = 100;
@@ -283,12 +283,17 @@ pub(crate) async fn create_video(
             let extension = input_image_extension(&bytes, state.config.max_input_pixels)?;
             let dir = store.job_dir(&id);
             let path = dir.join(format!("input.{extension}"));
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
-            tokio::fs::write(&path, bytes)
-                .await
-                .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
+            // Fsynced: a queued job must still find its image after a crash (the folder entry is
+            // made durable with the job's record).
+            let image_path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                crate::durable::write_atomic(&image_path, &bytes)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|written| written)
+            .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
             request.image_path = Some(path.to_string_lossy().into_owned());
         }
         (None, _) => {}
@@ -321,6 +326,7 @@ pub(crate) async fn create_video(
         seed: resolved.seed,
         error: None,
     };
+    // Submitted first: a full queue (429) then costs no disk write.
     let handle = match engine.submit_with(&request, SubmitOptions { request_id, ..Default::default() }) {
         Ok(handle) => handle,
         Err(err) => {
@@ -328,8 +334,13 @@ pub(crate) async fn create_video(
             return Err(video_param(ApiError::from_submit(&err)));
         }
     };
-    store.insert(JobRecord { job: job.clone(), request });
-    drive(Arc::clone(&state), id, handle);
+    // The client hears of the job only once its record is durable: a job it was told about
+    // survives a crash.
+    if let Err(err) = store.insert(JobRecord { job: job.clone(), request }).await {
+        handle.cancel();
+        return Err(ApiError::internal(format!("cannot store the job: {err}")));
+    }
+    drive(&state, id, handle);
     Ok(Json(job))
 }
 
@@ -366,91 +377,61 @@ fn video_param(mut err: ApiError) -> ApiError {
 
 /// Submits a stored job again (after a restart).
 pub(crate) fn resubmit(state: &SharedState, engine: &Engine, id: &str) {
-    let Some(store) = state.jobs.as_deref() else { return };
-    let Some(record) = store.get(id) else { return };
-    match engine.submit(&record.request) {
-        Ok(handle) => drive(Arc::clone(state), id.to_string(), handle),
+    let Some(store) = state.jobs.clone() else { return };
+    let Some(request) = store.request(id) else { return };
+    match engine.submit(&request) {
+        Ok(handle) => drive(state, id.to_string(), handle),
         Err(err) => {
-            let message = err.to_string();
-            store.update(id, true, |job| fail(job, "resubmit_failed", &message));
+            let outcome = Outcome::Failed { code: "resubmit_failed".into(), message: err.to_string() };
+            let id = id.to_string();
+            state.tasks.spawn(async move {
+                let _ = store.finish(&id, outcome).await;
+            });
         }
     }
 }
 
-fn fail(job: &mut VideoJob, code: &str, message: &str) {
-    job.status = VideoStatus::Failed;
-    job.completed_at = Some(unix_now());
-    job.error = Some(VideoError { code: code.into(), message: message.into() });
-}
-
-/// Follows a job's events: progress from real denoising steps, the MP4 written on completion.
-fn drive(state: SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
+/// Follows a job's events: progress from real denoising steps, the MP4 stored on completion. The
+/// task is tracked: a graceful shutdown waits for it, so a job the engine finished while draining
+/// has its video and record on disk before the process exits.
+fn drive(state: &SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
     let handle = Arc::new(handle);
     let Some(store) = state.jobs.clone() else { return };
     store.set_live(&id, Arc::clone(&handle));
-    tokio::spawn(async move {
+    let tasks = state.tasks.clone();
+    let state = Arc::clone(state);
+    tasks.spawn(async move {
         let outcome = loop {
             match handle.events().recv_async().await {
-                Ok(Event::Started { .. }) => {
-                    store.update(&id, true, |job| {
-                        if job.status == VideoStatus::Queued {
-                            job.status = VideoStatus::InProgress;
-                        }
-                    });
-                }
-                Ok(Event::Progress { step, total }) => {
-                    store.update(&id, false, |job| job.progress = (step * 100 / total.max(1)).min(99));
-                }
+                Ok(Event::Started { .. }) => store.mark_started(&id),
+                Ok(Event::Progress { step, total }) => store.set_progress(&id, (step * 100 / total.max(1)).min(99)),
                 Ok(Event::Finished(result)) => break *result,
                 Err(_) => break Err(GenerationError::EngineStopped),
             }
         };
         store.take_live(&id);
-        let ttl = store.ttl().as_secs();
         match outcome {
             Ok(output) => {
                 state.metrics.observe_perf(&output.metadata.perf);
-                // A cancel or delete may have arrived after the last denoising step, while the
-                // video was being decoded: it wins, and no file is written for a deleted job.
-                let still_wanted = store.get(&id).is_some_and(|r| r.job.status != VideoStatus::Cancelled);
-                if !still_wanted {
+                // Cancelled or deleted while it was decoded: nothing to store (the store's
+                // compare-and-set also settles a cancel that arrives while the video is written).
+                if store.get(&id).is_none_or(|job| is_finished(job.status)) {
                     return;
                 }
-                let path = store.video_path(&id);
-                let written = match output.outputs.first() {
-                    Some(video) => async {
-                        tokio::fs::create_dir_all(store.job_dir(&id)).await?;
-                        tokio::fs::write(&path, &video.bytes).await
+                match output.outputs.into_iter().next() {
+                    // A video that cannot be stored fails the job (and is logged by the store).
+                    Some(video) => {
+                        store.complete(&id, video.bytes).await;
                     }
-                    .await
-                    .map_err(|e| e.to_string()),
-                    None => Err("the pipeline returned no video".to_string()),
-                };
-                let updated = store.update(&id, true, |job| {
-                    if job.status == VideoStatus::Cancelled {
-                        return;
+                    None => {
+                        let message = "the pipeline returned no video".to_string();
+                        let _ = store.finish(&id, Outcome::Failed { code: "generation_failed".into(), message }).await;
                     }
-                    match written {
-                        Ok(()) => {
-                            job.status = VideoStatus::Completed;
-                            job.progress = 100;
-                            job.completed_at = Some(unix_now());
-                            job.expires_at = Some(unix_now() + ttl);
-                        }
-                        Err(message) => fail(job, "storage_error", &message),
-                    }
-                });
-                if updated.is_none() {
-                    // Deleted while the file was being written.
-                    discard_job_dir(&store, &id).await;
                 }
             }
+            // Only a cancel (or a delete) stops a request: the store already says so.
             Err(GenerationError::Cancelled) => {
-                store.update(&id, true, |job| {
-                    job.status = VideoStatus::Cancelled;
-                    job.completed_at = Some(unix_now());
-                    job.expires_at = Some(unix_now() + ttl);
-                });
+                let _ = store.finish(&id, Outcome::Cancelled).await;
             }
             Err(err) => {
                 let api = video_param(ApiError::from_generation(&err));
@@ -463,10 +444,7 @@ fn drive(state: SharedState, id: String, handle: sgl_scheduler::RequestHandle) {
                     (axum::http::StatusCode::BAD_REQUEST, None) => ("invalid_request", api.message.clone()),
                     _ => (api.code.unwrap_or("generation_failed"), api.message.clone()),
                 };
-                store.update(&id, true, |job| {
-                    fail(job, code, &message);
-                    job.expires_at = Some(unix_now() + ttl);
-                });
+                let _ = store.finish(&id, Outcome::Failed { code: code.to_string(), message }).await;
             }
         }
     });
@@ -524,7 +502,7 @@ pub(crate) async fn get_video(
     State(state): State<SharedState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VideoJob>, ApiError> {
-    jobs(&state)?.get(&id).map(|r| Json(r.job)).ok_or_else(|| job_not_found(&id))
+    jobs(&state)?.get(&id).map(Json).ok_or_else(|| job_not_found(&id))
 }
 
 /// The MP4 of a completed job.
@@ -536,12 +514,9 @@ pub(crate) async fn video_content(
     ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = jobs(&state)?;
-    let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
-    if record.job.status != VideoStatus::Completed {
-        return Err(ApiError::not_found(format!(
-            "video job {id} is {}, not completed",
-            status_name(record.job.status)
-        )));
+    let job = store.get(&id).ok_or_else(|| job_not_found(&id))?;
+    if job.status != VideoStatus::Completed {
+        return Err(ApiError::not_found(format!("video job {id} is {}, not completed", status_name(job.status))));
     }
     let bytes = tokio::fs::read(store.video_path(&id)).await.map_err(|_| job_not_found(&id))?;
     Ok(([(CONTENT_TYPE, "video/mp4")], Body::from(bytes)))
@@ -555,25 +530,15 @@ pub(crate) async fn cancel_video(
     State(state): State<SharedState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VideoJob>, ApiError> {
-    let store = jobs(&state)?;
-    let record = store.get(&id).ok_or_else(|| job_not_found(&id))?;
-    match record.job.status {
-        VideoStatus::Queued | VideoStatus::InProgress => {
-            if let Some(handle) = store.live(&id) {
-                handle.cancel();
-            }
-            let ttl = store.ttl().as_secs();
-            let job = store.update(&id, true, |job| {
-                job.status = VideoStatus::Cancelled;
-                job.completed_at = Some(unix_now());
-                job.expires_at = Some(unix_now() + ttl);
-            });
-            job.map(Json).ok_or_else(|| job_not_found(&id))
-        }
-        VideoStatus::Cancelled => Ok(Json(record.job)),
-        status => Err(ApiError::conflict(format!(
+    // One compare-and-set: a job that completes at the same moment is either cancelled (and its
+    // video not kept) or stays completed (409), never both.
+    match jobs(&state)?.cancel(&id).await {
+        Ok(job) => Ok(Json(job)),
+        Err(NotFinished::NotFound) => Err(job_not_found(&id)),
+        Err(NotFinished::AlreadyFinished(job)) if job.status == VideoStatus::Cancelled => Ok(Json(*job)),
+        Err(NotFinished::AlreadyFinished(job)) => Err(ApiError::conflict(format!(
             "video job {id} is already {} and cannot be cancelled",
-            status_name(status)
+            status_name(job.status)
         ))),
     }
 }
