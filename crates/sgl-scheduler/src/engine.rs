@@ -290,8 +290,7 @@ fn run_worker<E: BatchExecutor>(
             continue;
         }
         stats.record_batch(live.len());
-        stats.begin_batch();
-        match run_batch(&mut executor, &live, stats) {
+        match run_counted(&mut executor, &live, stats) {
             Ok(outcomes) => deliver(&live, outcomes, stats),
             Err(err) if live.len() == 1 => fail(&live[0], err, stats),
             Err(err) => {
@@ -304,15 +303,27 @@ fn run_worker<E: BatchExecutor>(
                         continue;
                     }
                     let single = std::slice::from_ref(pending);
-                    match run_batch(&mut executor, single, stats) {
+                    match run_counted(&mut executor, single, stats) {
                         Ok(outcomes) => deliver(single, outcomes, stats),
                         Err(err) => fail(pending, err, stats),
                     }
                 }
             }
         }
-        stats.end_batch();
     }
+}
+
+/// Runs a batch between `begin_batch` and `end_batch`. The batch is marked over before any of its
+/// requests is answered, so a client holding its answer never sees the engine still busy with it.
+fn run_counted<E: BatchExecutor>(
+    executor: &mut E,
+    batch: &[Pending],
+    stats: &Arc<SchedulerStats>,
+) -> Result<Vec<ItemOutcome>, ExecError> {
+    stats.begin_batch();
+    let result = run_batch(executor, batch, stats);
+    stats.end_batch();
+    result
 }
 
 /// Answers a request whose batch failed, and keeps a device failure for `/health`.
