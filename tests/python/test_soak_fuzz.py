@@ -237,7 +237,8 @@ def schemathesis(server: Server, report: Path) -> subprocess.CompletedProcess[st
     ]  # fmt: skip
     if FUZZ_MAX_TIME:
         command += ["--max-time", FUZZ_MAX_TIME]
-    return subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+    # In the test's own folder: schemathesis keeps a crash cache (.schemathesis/) in its working directory.
+    return subprocess.run(command, cwd=report.parent, capture_output=True, text=True, timeout=3600, check=False)
 
 
 def fuzz_counts(report: Path) -> dict[str, int]:
