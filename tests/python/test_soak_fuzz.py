@@ -26,6 +26,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -205,19 +206,23 @@ def test_soak_mixed_requests_bounded_memory_and_every_job_terminal(wan_dir: Path
 # --------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def fuzz_target(model_dir: Path, out: Path) -> Iterator[Server]:
+    """A server whose generations are capped at tiny ones (FUZZ_COST_BUDGET), behind the API key."""
+    flags = ["--api-key", API_KEY, "--output-dir", str(out), "--max-request-cost", FUZZ_COST_BUDGET]
+    with running_server(model_dir, *flags, timeout=300) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def flux_server(flux_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    out = tmp_path_factory.mktemp("fuzz-images")
-    flags = ["--api-key", API_KEY, "--output-dir", str(out), "--max-request-cost", FUZZ_COST_BUDGET]
-    with running_server(flux_dir, *flags, timeout=300) as server:
+    with fuzz_target(flux_dir, tmp_path_factory.mktemp("fuzz-images")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def wan_server(wan_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    out = tmp_path_factory.mktemp("fuzz-videos")
-    flags = ["--api-key", API_KEY, "--output-dir", str(out), "--max-request-cost", FUZZ_COST_BUDGET]
-    with running_server(wan_dir, *flags, timeout=300) as server:
+    with fuzz_target(wan_dir, tmp_path_factory.mktemp("fuzz-videos")) as server:
         yield server
 
 
