@@ -22,13 +22,10 @@
 # Results land in $OUT: gpu_perf.log (everything), cuda_tests.log, and <name>.json / .md per perf.py job:
 # at most 8 files come back from one command, so at most 3 perf.py jobs per command.
 #
-# The next GPU session (30 minutes of device time, starting the machine included; `status` first), in
-# this order, each as its own command (times estimated from the H100 logs of 2026-11-26):
-#   1. BENCH_COMMIT=<sha> bash benches/gpu_perf.sh cuda-tests flux-forward    # ~4 + ~3 min
-#   2. BENCH_COMMIT=<sha> bash benches/gpu_perf.sh wan-forward flux-e2e       # ~3 + ~5 min
-#   3. BENCH_COMMIT=<sha> bash benches/gpu_perf.sh wan-e2e                    # ~7 min
-# Later sessions: flux-graphs-small, flux-graphs-large, wan-graphs (each ~6-9 min: diffusers' whole
-# transformer compiles once per shape for its CUDA graphs), wan-vae (~3 min).
+# Run on the H200 on 2026-12-05 (benches/results/perf_h200.md): cuda-tests, flux-forward, wan-forward, flux-e2e,
+# wan-e2e, wan-vae, each fitting one command as estimated (cuda-tests 2.5 min, wan-e2e 6 min, wan-vae 3 min).
+# Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
+# shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
 #
 # Jobs:
 #   cuda-tests          every test file of tests/python that has CUDA-only tests (found by grep: skipif on
