@@ -2,7 +2,7 @@
 (CPU, the tiny FLUX.1 fixture) and through the Python API and CLI that share the same scheduler.
 
 The tiny fixture's defaults are 1024x1024 in 28 steps (4 096 latent tokens of 16x16 pixels), so the
-default budget is 10 x 4 096 x 28 = 1 146 880 token-steps.
+default budgets are 10 x 4 096 x 28 = 1 146 880 token-steps and 10 x 1024 x 1024 = 10 485 760 output pixels.
 
 Requests meant to outlast a deadline or a stall timeout are sized from step times measured on the
 fixture (Python API, fp32, an idle 2-core x86 CPU): a step takes 2 ms at 32x32, 3 ms at 256x256, 10 ms
@@ -41,7 +41,13 @@ SLOW_COST = (SLOW_SIDE // 16) ** 2 * SLOW_STEPS
 HUGE = {**GOOD, "n": 10, "size": "2048x2048", "num_inference_steps": 1000}
 HUGE_COST = 10 * (2048 // 16) ** 2 * 1000
 DEFAULT_BUDGET = 10 * (1024 // 16) ** 2 * 28
+#: The audit's other request: 10 images of 2048x2048 in 1 step. Little denoising (163 840 token-steps), but 42
+#: megapixels to decode, encode and send (190 s on a CPU, 2.6 GB of memory and a 64 MB answer).
+WIDE = {**GOOD, "n": 10, "size": "2048x2048", "num_inference_steps": 1}
+WIDE_PIXELS = 10 * 2048 * 2048
+DEFAULT_PIXEL_BUDGET = 10 * 1024 * 1024
 JSON_BUDGET = 2_000_000
+JSON_PIXEL_BUDGET = 5_000_000
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 READY_TIMEOUT = 300
 
@@ -115,9 +121,13 @@ def servers(request: pytest.FixtureRequest, flux_dir: Path) -> Iterator[dict[str
     flags = {
         # Defaults, but one request running and one waiting.
         "server": ["--max-queue-size", "1"],
-        # JSON logs, warnings only; a budget of 2 000 000 token-steps (SLOW fits, twice SLOW does not)
-        # and a 2 s deadline for every request.
-        "json_server": ["--log-format", "json", "--max-request-cost", str(JSON_BUDGET), "--request-timeout", "2"],
+        # JSON logs, warnings only; budgets of 2 000 000 token-steps (SLOW fits, twice SLOW does not) and
+        # 5 000 000 output pixels (twice SLOW fits, two 2048x2048 images do not), and a 2 s deadline for
+        # every request.
+        "json_server": [
+            *("--log-format", "json", "--request-timeout", "2"),
+            *("--max-request-cost", str(JSON_BUDGET), "--max-request-pixels", str(JSON_PIXEL_BUDGET)),
+        ],
         # /health fails after 1 s without progress.
         "stalling_server": ["--stall-timeout", "1"],
     }
@@ -159,6 +169,17 @@ def test_a_request_over_the_default_budget_is_a_400_naming_the_budget_and_its_co
     assert generate(server, GOOD).status_code == 200
 
 
+def test_a_request_over_the_default_pixel_budget_is_a_400_naming_its_pixels(server: Server) -> None:
+    # Before the pixel budget this request was admitted: its denoising is cheap, its decode is not.
+    started = time.monotonic()
+    error = error_of(generate(server, WIDE, timeout=30), 400)
+    assert time.monotonic() - started < 10
+    assert error["code"] == "request_over_budget" and error["param"] is None, error
+    assert f"{WIDE_PIXELS} output pixels (10 outputs × 2048×2048 pixels × 1 frames)" in error["message"], error
+    assert f"budget of {DEFAULT_PIXEL_BUDGET} output pixels" in error["message"], error
+    assert "--max-request-pixels" in error["message"] and "--max-request-cost" not in error["message"], error
+
+
 def test_max_request_cost_sets_the_budget(json_server: Server) -> None:
     # 32x32 is 4 tokens: 4 images in 2 steps are 32 token-steps; 2 SLOW ones are 2 285 568, over 2 000 000
     # (one SLOW request, within it, runs in the deadline tests below).
@@ -166,23 +187,67 @@ def test_max_request_cost_sets_the_budget(json_server: Server) -> None:
     error = error_of(generate(json_server, {**SLOW, "n": 2}), 400)
     assert f"{2 * SLOW_COST} token-steps" in error["message"], error
     assert f"budget of {JSON_BUDGET} token-steps" in error["message"], error
+    assert "--max-request-pixels" not in error["message"], error
+
+
+def test_max_request_pixels_sets_the_pixel_budget(json_server: Server) -> None:
+    # Two 2048x2048 images in 1 step: 8 388 608 pixels, within the default budget but over this server's.
+    error = error_of(generate(json_server, {**GOOD, "n": 2, "size": "2048x2048", "num_inference_steps": 1}), 400)
+    assert error["code"] == "request_over_budget", error
+    assert "8388608 output pixels (2 outputs × 2048×2048 pixels × 1 frames)" in error["message"], error
+    assert f"budget of {JSON_PIXEL_BUDGET} output pixels per request (--max-request-pixels)" in error["message"]
+    # The start-up line states both limits.
+    admission = f"at most {JSON_BUDGET} token-steps and {JSON_PIXEL_BUDGET} output pixels per request"
+    assert any(admission in line["fields"]["message"] for line in json_lines(json_server.log())), json_server.log()
+
+
+def test_the_budget_options_reach_the_engine_and_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    # `serve` and the native binary parse their flags here (`generate` shares the option group).
+    from sgl_diffusion.cli import serve
+
+    engine = json.loads(serve.parse_serve_config(["--max-request-cost", "7", "--max-request-pixels", "5000"]))["engine"]
+    assert (engine["max_request_cost"], engine["max_request_pixels"]) == (7, 5000)
+    for flag in ("--max-request-cost", "--max-request-pixels"):
+        with pytest.raises(SystemExit):
+            serve.parse_serve_config([flag, "0"])
+        assert f"{flag} must be at least 1" in capsys.readouterr().err
 
 
 def test_the_python_api_and_the_cli_apply_the_same_budget(generator: Any, flux_dir: Path, tmp_path: Path) -> None:
-    from sgl_diffusion import InvalidRequestError
+    from sgl_diffusion import DiffGenerator, InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match=f"{HUGE_COST} token-steps.*budget of {DEFAULT_BUDGET}"):
         generator.generate("a fox", height=2048, width=2048, num_inference_steps=1000, num_outputs_per_prompt=10)
+    pixels = f"{WIDE_PIXELS} output pixels.*budget of {DEFAULT_PIXEL_BUDGET} output pixels.*--max-request-pixels"
+    with pytest.raises(InvalidRequestError, match=pixels):
+        generator.generate("a fox", height=2048, width=2048, num_inference_steps=1, num_outputs_per_prompt=10)
+    # 4 images of 32x32 are 4096 pixels.
+    small = DiffGenerator.from_pretrained(flux_dir, device="cpu", max_request_pixels=3000)
+    try:
+        with pytest.raises(InvalidRequestError, match="4096 output pixels.*budget of 3000 output pixels"):
+            small.generate("a fox", height=32, width=32, num_inference_steps=1, num_outputs_per_prompt=4)
+    finally:
+        small.shutdown()
     assert SGL_DIFFUSION is not None
+    out = tmp_path / "out"
     command = [
         SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--device", "cpu", "--prompt", "a fox",
         "--height", "32", "--width", "32", "--num-inference-steps", "30", "--num-outputs-per-prompt", "4",
-        "--max-request-cost", "100", "--output-path", str(tmp_path),
+        "--output-path", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, "--max-request-cost", "100"], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "480 token-steps" in done.stderr and "budget of 100" in done.stderr, done.stderr[-2000:]
-    assert not list(tmp_path.iterdir())
+    assert not out.exists() or not any(out.iterdir())
+    # The pixel budget from a --config file (every option's config key works there too): 4 images of 32x32.
+    config = tmp_path / "limits.yaml"
+    config.write_text("max_request_pixels: 3000\n")
+    done = subprocess.run([*command, "--config", str(config)], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "4096 output pixels" in done.stderr and "budget of 3000 output pixels" in done.stderr, done.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())
 
 
 # --- deadlines --------------------------------------------------------------------------------------------
