@@ -90,6 +90,7 @@ class DiffGenerator:
         batch_delay_ms: int = 0,
         max_queue_size: int = 256,
         max_request_cost: int | None = None,
+        max_request_pixels: int | None = None,
         request_timeout: float | None = None,
         **speed_options: Any,
     ) -> DiffGenerator:
@@ -104,7 +105,8 @@ class DiffGenerator:
         (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError` naming them.
 
         `max_request_cost` is the most token-steps (outputs × latent tokens × steps × guidance branches) one
-        request may cost (default: 10 requests at the model's defaults); a costlier request raises
+        request may cost, and `max_request_pixels` the most output pixels (outputs × width × height × frames)
+        it may ask for (each by default 10 requests at the model's defaults); a request over either raises
         `InvalidRequestError`. `request_timeout` (seconds) stops every request that runs longer, between two
         denoising steps, with `DeadlineExceededError`.
         """
@@ -121,6 +123,7 @@ class DiffGenerator:
             "batch_delay_ms": batch_delay_ms,
             "max_queue_size": max_queue_size,
             "max_request_cost": max_request_cost,
+            "max_request_pixels": max_request_pixels,
             "request_timeout_secs": request_timeout,
         }
         return cls.from_config(config)

@@ -2,7 +2,14 @@
 (CPU, the tiny FLUX.1 fixture) and through the Python API and CLI that share the same scheduler.
 
 The tiny fixture's defaults are 1024x1024 in 28 steps (4 096 latent tokens of 16x16 pixels), so the
-default budget is 10 x 4 096 x 28 = 1 146 880 token-steps."""
+default budgets are 10 x 4 096 x 28 = 1 146 880 token-steps and 10 x 1024 x 1024 = 10 485 760 output pixels.
+
+Requests meant to outlast a deadline or a stall timeout are sized from step times measured on the
+fixture (Python API, fp32, an idle 2-core x86 CPU): a step takes 2 ms at 32x32, 3 ms at 256x256, 10 ms
+at 512x512, 61 ms at 1024x1024, 330 ms at 1536x1536 and ~1 s at 2048x2048; a 1-step 2048x2048 request
+spends ~4 s decoding and encoding after its step, a 2-output one ~9 s. Steps are capped at 1000, so
+only a bigger size makes such a request long enough on a fast machine; a deadline stops it between two
+steps, so it costs the test only its deadline plus one step."""
 
 from __future__ import annotations
 
@@ -24,12 +31,23 @@ from server_util import SGL_DIFFUSION, Server, metric_value, running_servers, wa
 
 #: A valid request that runs well under a second on CPU.
 GOOD = {"prompt": "a red fox", "size": "32x32", "num_inference_steps": 2, "max_sequence_length": 16}
-#: 1000 steps at 32x32: tens of seconds on CPU (15-40 ms a step), with progress after every step.
-SLOW = {**GOOD, "num_inference_steps": 1000}
+#: ~41 s on an idle CPU (124 steps of ~330 ms), with progress after every step: 20x and more the deadlines
+#: below, and a step short enough for a deadline to stop it promptly on a loaded machine. 9 216 tokens x
+#: 124 steps = 1 142 784 token-steps, within the default budget.
+SLOW_SIDE, SLOW_STEPS = 1536, 124
+SLOW = {**GOOD, "size": f"{SLOW_SIDE}x{SLOW_SIDE}", "num_inference_steps": SLOW_STEPS}
+SLOW_COST = (SLOW_SIDE // 16) ** 2 * SLOW_STEPS
 #: The audit's request: 10 images of 2048x2048 in 1000 steps (~21 h on a CPU).
 HUGE = {**GOOD, "n": 10, "size": "2048x2048", "num_inference_steps": 1000}
 HUGE_COST = 10 * (2048 // 16) ** 2 * 1000
 DEFAULT_BUDGET = 10 * (1024 // 16) ** 2 * 28
+#: The audit's other request: 10 images of 2048x2048 in 1 step. Little denoising (163 840 token-steps), but 42
+#: megapixels to decode, encode and send (190 s on a CPU, 2.6 GB of memory and a 64 MB answer).
+WIDE = {**GOOD, "n": 10, "size": "2048x2048", "num_inference_steps": 1}
+WIDE_PIXELS = 10 * 2048 * 2048
+DEFAULT_PIXEL_BUDGET = 10 * 1024 * 1024
+JSON_BUDGET = 2_000_000
+JSON_PIXEL_BUDGET = 5_000_000
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 READY_TIMEOUT = 300
 
@@ -103,8 +121,13 @@ def servers(request: pytest.FixtureRequest, flux_dir: Path) -> Iterator[dict[str
     flags = {
         # Defaults, but one request running and one waiting.
         "server": ["--max-queue-size", "1"],
-        # JSON logs, warnings only; a small budget and a 2 s deadline for every request.
-        "json_server": ["--log-format", "json", "--max-request-cost", "1000", "--request-timeout", "2"],
+        # JSON logs, warnings only; budgets of 2 000 000 token-steps (SLOW fits, twice SLOW does not) and
+        # 5 000 000 output pixels (twice SLOW fits, two 2048x2048 images do not), and a 2 s deadline for
+        # every request.
+        "json_server": [
+            *("--log-format", "json", "--request-timeout", "2"),
+            *("--max-request-cost", str(JSON_BUDGET), "--max-request-pixels", str(JSON_PIXEL_BUDGET)),
+        ],
         # /health fails after 1 s without progress.
         "stalling_server": ["--stall-timeout", "1"],
     }
@@ -146,28 +169,85 @@ def test_a_request_over_the_default_budget_is_a_400_naming_the_budget_and_its_co
     assert generate(server, GOOD).status_code == 200
 
 
+def test_a_request_over_the_default_pixel_budget_is_a_400_naming_its_pixels(server: Server) -> None:
+    # Before the pixel budget this request was admitted: its denoising is cheap, its decode is not.
+    started = time.monotonic()
+    error = error_of(generate(server, WIDE, timeout=30), 400)
+    assert time.monotonic() - started < 10
+    assert error["code"] == "request_over_budget" and error["param"] is None, error
+    assert f"{WIDE_PIXELS} output pixels (10 outputs × 2048×2048 pixels × 1 frames)" in error["message"], error
+    assert f"budget of {DEFAULT_PIXEL_BUDGET} output pixels" in error["message"], error
+    assert "--max-request-pixels" in error["message"] and "--max-request-cost" not in error["message"], error
+
+
 def test_max_request_cost_sets_the_budget(json_server: Server) -> None:
-    # 32x32 is 4 tokens: 4 images in 2 steps are 32 token-steps, under 1000; 10 in 30 steps are 1200.
+    # 32x32 is 4 tokens: 4 images in 2 steps are 32 token-steps; 2 SLOW ones are 2 285 568, over 2 000 000
+    # (one SLOW request, within it, runs in the deadline tests below).
     assert generate(json_server, {**GOOD, "n": 4}).status_code == 200
-    error = error_of(generate(json_server, {**GOOD, "n": 10, "num_inference_steps": 30}), 400)
-    assert "1200 token-steps" in error["message"] and "budget of 1000" in error["message"], error
+    error = error_of(generate(json_server, {**SLOW, "n": 2}), 400)
+    assert f"{2 * SLOW_COST} token-steps" in error["message"], error
+    assert f"budget of {JSON_BUDGET} token-steps" in error["message"], error
+    assert "--max-request-pixels" not in error["message"], error
+
+
+def test_max_request_pixels_sets_the_pixel_budget(json_server: Server) -> None:
+    # Two 2048x2048 images in 1 step: 8 388 608 pixels, within the default budget but over this server's.
+    error = error_of(generate(json_server, {**GOOD, "n": 2, "size": "2048x2048", "num_inference_steps": 1}), 400)
+    assert error["code"] == "request_over_budget", error
+    assert "8388608 output pixels (2 outputs × 2048×2048 pixels × 1 frames)" in error["message"], error
+    assert f"budget of {JSON_PIXEL_BUDGET} output pixels per request (--max-request-pixels)" in error["message"]
+    # The start-up line states both limits.
+    admission = f"at most {JSON_BUDGET} token-steps and {JSON_PIXEL_BUDGET} output pixels per request"
+    assert any(admission in line["fields"]["message"] for line in json_lines(json_server.log())), json_server.log()
+
+
+def test_the_budget_options_reach_the_engine_and_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    # `serve` and the native binary parse their flags here (`generate` shares the option group).
+    from sgl_diffusion.cli import serve
+
+    engine = json.loads(serve.parse_serve_config(["--max-request-cost", "7", "--max-request-pixels", "5000"]))["engine"]
+    assert (engine["max_request_cost"], engine["max_request_pixels"]) == (7, 5000)
+    for flag in ("--max-request-cost", "--max-request-pixels"):
+        with pytest.raises(SystemExit):
+            serve.parse_serve_config([flag, "0"])
+        assert f"{flag} must be at least 1" in capsys.readouterr().err
 
 
 def test_the_python_api_and_the_cli_apply_the_same_budget(generator: Any, flux_dir: Path, tmp_path: Path) -> None:
-    from sgl_diffusion import InvalidRequestError
+    from sgl_diffusion import DiffGenerator, InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match=f"{HUGE_COST} token-steps.*budget of {DEFAULT_BUDGET}"):
         generator.generate("a fox", height=2048, width=2048, num_inference_steps=1000, num_outputs_per_prompt=10)
+    pixels = f"{WIDE_PIXELS} output pixels.*budget of {DEFAULT_PIXEL_BUDGET} output pixels.*--max-request-pixels"
+    with pytest.raises(InvalidRequestError, match=pixels):
+        generator.generate("a fox", height=2048, width=2048, num_inference_steps=1, num_outputs_per_prompt=10)
+    # 4 images of 32x32 are 4096 pixels.
+    small = DiffGenerator.from_pretrained(flux_dir, device="cpu", max_request_pixels=3000)
+    try:
+        with pytest.raises(InvalidRequestError, match="4096 output pixels.*budget of 3000 output pixels"):
+            small.generate("a fox", height=32, width=32, num_inference_steps=1, num_outputs_per_prompt=4)
+    finally:
+        small.shutdown()
     assert SGL_DIFFUSION is not None
+    out = tmp_path / "out"
     command = [
         SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--device", "cpu", "--prompt", "a fox",
         "--height", "32", "--width", "32", "--num-inference-steps", "30", "--num-outputs-per-prompt", "4",
-        "--max-request-cost", "100", "--output-path", str(tmp_path),
+        "--output-path", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, "--max-request-cost", "100"], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "480 token-steps" in done.stderr and "budget of 100" in done.stderr, done.stderr[-2000:]
-    assert not list(tmp_path.iterdir())
+    assert not out.exists() or not any(out.iterdir())
+    # The pixel budget from a --config file (every option's config key works there too): 4 images of 32x32.
+    config = tmp_path / "limits.yaml"
+    config.write_text("max_request_pixels: 3000\n")
+    done = subprocess.run([*command, "--config", str(config)], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "4096 output pixels" in done.stderr and "budget of 3000 output pixels" in done.stderr, done.stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())
 
 
 # --- deadlines --------------------------------------------------------------------------------------------
@@ -197,12 +277,14 @@ def test_a_queued_request_is_answered_at_its_deadline_while_the_engine_is_busy(s
 
 
 def test_request_timeout_is_the_server_wide_deadline(json_server: Server) -> None:
-    # 200 steps: 3-8 s on CPU, past the server's 2 s; 200 x 4 tokens = 800 token-steps, under its budget.
-    error = error_of(generate(json_server, {**GOOD, "num_inference_steps": 200}), 504)
+    # SLOW runs ~20x the server's 2 s; it is answered at the deadline, not when it would have ended.
+    started = time.monotonic()
+    error = error_of(generate(json_server, SLOW), 504)
     assert "2.000 s" in error["message"], error
     # A request may ask for less than the server's deadline, not more.
-    error = error_of(generate(json_server, {**GOOD, "num_inference_steps": 200, "timeout_seconds": 60}), 504)
+    error = error_of(generate(json_server, {**SLOW, "timeout_seconds": 60}), 504)
     assert "2.000 s" in error["message"], error
+    assert time.monotonic() - started < 30
     assert error_of(generate(json_server, {**GOOD, "timeout_seconds": 0}), 400)["param"] == "timeout_seconds"
 
 
@@ -211,7 +293,9 @@ def test_the_python_api_raises_deadline_exceeded(generator: Any) -> None:
 
     started = time.monotonic()
     with pytest.raises(DeadlineExceededError, match="deadline of 0.500 s"):
-        generator.generate("a fox", height=32, width=32, num_inference_steps=1000, timeout_seconds=0.5)
+        generator.generate(
+            "a fox", height=SLOW_SIDE, width=SLOW_SIDE, num_inference_steps=SLOW_STEPS, timeout_seconds=0.5
+        )
     assert time.monotonic() - started < 10
 
 
@@ -235,7 +319,7 @@ def test_responses_carry_the_request_id_given_or_a_generated_one(server: Server)
 
 
 def test_json_logs_carry_the_request_id_and_follow_the_env_filter(json_server: Server) -> None:
-    error_of(generate(json_server, {**GOOD, "num_inference_steps": 200}, headers={"x-request-id": "json-7"}), 504)
+    error_of(generate(json_server, SLOW, headers={"x-request-id": "json-7"}), 504)
 
     def deadline_line() -> dict[str, Any] | None:
         for line in json_lines(json_server.log()):
@@ -261,7 +345,7 @@ def test_json_logs_carry_the_request_id_and_follow_the_env_filter(json_server: S
 def test_the_log_filter_comes_from_the_environment(flux_dir: Path) -> None:
     with running_servers(flux_dir, {"quiet": []}, env={"SGL_DIFFUSION_LOG": "warn"}) as launched:
         quiet = launched["quiet"].wait_ready(READY_TIMEOUT)
-        error_of(generate(quiet, {**GOOD, "num_inference_steps": 1000, "timeout_seconds": 0.5}), 504)
+        error_of(generate(quiet, {**SLOW, "timeout_seconds": 0.5}), 504)
         wait_for(lambda: "passed its deadline" in quiet.log(), timeout=5, what="the warning")
         assert "listening on" not in quiet.log() and "finished processing" not in quiet.log(), quiet.log()
 
@@ -287,9 +371,10 @@ def test_a_full_queue_is_a_busy_server_not_an_unhealthy_one(server: Server) -> N
 def test_an_executor_without_progress_fails_liveness_and_recovers(stalling_server: Server) -> None:
     server = stalling_server
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
-    # One 1024x1024 step and its decode take several seconds on CPU with no step finishing: to /health
-    # this is what a hung kernel looks like, with --stall-timeout 1.
-    stuck = Background(lambda: generate(server, {**GOOD, "size": "1024x1024", "num_inference_steps": 2}))
+    # Progress is a batch starting or ending, or a denoising step finishing. Two 2048x2048 outputs in one
+    # step: ~2 s to the step, then ~9 s decoding and encoding with no step to finish (on an idle CPU). To
+    # /health, with --stall-timeout 1, that is what a hung kernel looks like. Within the default budgets.
+    stuck = Background(lambda: generate(server, {**GOOD, "n": 2, "size": "2048x2048", "num_inference_steps": 1}))
 
     def unhealthy() -> bool:
         return httpx.get(f"{server.base_url}/health", timeout=10).status_code == 503

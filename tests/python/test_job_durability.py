@@ -22,12 +22,16 @@ import pytest
 from server_util import Server, launch_server, running_servers, wait_for
 
 SIZE = "32x32"
-#: A job that finishes in about a second on CPU.
+# Step times of the fixture with guidance (two forwards a step), measured on an idle 2-core x86 CPU: 1.7 ms
+# at 32x32x9 (so even 1000 steps end within 2 s), 27 ms at 256x256x33, whose video then takes ~1.6 s to
+# decode and encode. Only a bigger size makes a job long on a fast machine (steps are capped at 1000).
+#: A job that finishes in well under a second on CPU.
 FAST: dict[str, Any] = {"num_frames": 9, "fps": 8, "num_inference_steps": 2}
-#: A job that runs for several seconds (10-100 ms a step on 2 busy cores).
-MEDIUM: dict[str, Any] = {"num_frames": 9, "fps": 8, "num_inference_steps": 60}
-#: A job that runs far longer than any test waits.
-SLOW: dict[str, Any] = {"num_frames": 9, "fps": 8, "num_inference_steps": 500}
+#: A job that runs ~10 s on an idle CPU (300 steps of ~27 ms, then its decode), a minute at most on a busy one.
+MEDIUM: dict[str, Any] = {"size": "256x256", "num_frames": 33, "fps": 8, "num_inference_steps": 300}
+#: A job that runs far longer than any test waits (~27 s of steps on an idle CPU), cancelled between two
+#: steps within a few tens of milliseconds.
+SLOW: dict[str, Any] = {"size": "256x256", "num_frames": 33, "fps": 8, "num_inference_steps": 1000}
 READY_TIMEOUT = 300
 FINISH_TIMEOUT = 120
 UNFINISHED = {"queued", "in_progress"}
@@ -169,10 +173,12 @@ def test_sigterm_lets_running_and_queued_jobs_finish_and_store_them(wan_dir: Pat
     flags = ["--output-dir", str(output_dir), "--max-batch-size", "5", "--batch-delay-ms", "500"]
     first = launch_server(wan_dir, *flags, log_dir=tmp_path).wait_ready(READY_TIMEOUT)
     try:
-        running = create(first, **{**MEDIUM, "num_inference_steps": 30}, seed=0)
+        # Still running (its steps ~20x the time the next lines take) when the server is told to stop.
+        running = create(first, **MEDIUM, seed=0)
         wait_progress(first, running["id"], above=0)
         queued = [create(first, **FAST, seed=seed) for seed in range(1, 6)]
         assert get_job(first, queued[-1]["id"])["status"] == "queued"
+        assert get_job(first, running["id"])["status"] == "in_progress"
         first.terminate()
         # New work is refused while the running and queued jobs finish.
         wait_for(

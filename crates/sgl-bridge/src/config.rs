@@ -80,6 +80,10 @@ pub struct EngineConfig {
     /// cost; default: 10 requests at the model's own defaults.
     #[serde(default)]
     pub max_request_cost: Option<u64>,
+    /// Most output pixels (outputs × width × height × frames) one request may ask for; default: 10
+    /// requests at the model's own defaults.
+    #[serde(default)]
+    pub max_request_pixels: Option<u64>,
     /// Seconds after submission at which every request is stopped; a request's `timeout_seconds`
     /// may ask for less. Default: no deadline.
     #[serde(default)]
@@ -108,14 +112,19 @@ impl EngineConfig {
                     })
                 })
                 .transpose()?;
-        if self.max_request_cost == Some(0) {
-            return Err(ConfigError("max_request_cost must be at least 1".into()));
+        for (name, limit) in
+            [("max_request_cost", self.max_request_cost), ("max_request_pixels", self.max_request_pixels)]
+        {
+            if limit == Some(0) {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
         }
         Ok(BatchingConfig {
             max_queue_size: self.max_queue_size,
             max_batch_size: self.max_batch_size,
             batch_delay: Duration::from_millis(self.batch_delay_ms),
             max_request_cost: self.max_request_cost,
+            max_request_pixels: self.max_request_pixels,
             request_timeout,
         })
     }
@@ -127,12 +136,20 @@ mod tests {
 
     #[test]
     fn admission_options_reach_the_scheduler() {
-        let config: EngineConfig =
-            serde_json::from_str(r#"{"model": {}, "max_request_cost": 5000, "request_timeout_secs": 1.5}"#).unwrap();
+        let config: EngineConfig = serde_json::from_str(
+            r#"{"model": {}, "max_request_cost": 5000, "max_request_pixels": 70000, "request_timeout_secs": 1.5}"#,
+        )
+        .unwrap();
         let batching = config.batching().unwrap();
         assert_eq!(batching.max_request_cost, Some(5000));
+        assert_eq!(batching.max_request_pixels, Some(70000));
         assert_eq!(batching.request_timeout, Some(Duration::from_millis(1500)));
-        for bad in [r#""request_timeout_secs": 0"#, r#""request_timeout_secs": -1"#, r#""max_request_cost": 0"#] {
+        for bad in [
+            r#""request_timeout_secs": 0"#,
+            r#""request_timeout_secs": -1"#,
+            r#""max_request_cost": 0"#,
+            r#""max_request_pixels": 0"#,
+        ] {
             let config: EngineConfig = serde_json::from_str(&format!(r#"{{"model": {{}}, {bad}}}"#)).unwrap();
             assert!(config.batching().is_err(), "{bad}");
         }

@@ -54,9 +54,9 @@ pub struct BatchKey {
     pub has_image: bool,
 }
 
-/// What a request will cost the denoiser: latent tokens processed over all its steps, outputs and
-/// guidance branches. Text encoding and decoding are left out: per output they are bounded by the
-/// pipeline's size limits, while denoising grows with the product that only this bounds.
+/// What a request will cost: the denoiser's work in latent tokens over all its steps, outputs and
+/// guidance branches, and the output pixels that decoding, encoding and the answer grow with. Text
+/// encoding is left out: per output it is bounded by the pipeline's prompt limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestCost {
     pub outputs: u32,
@@ -65,6 +65,10 @@ pub struct RequestCost {
     pub steps: u32,
     /// 2 with classifier-free guidance (a second forward per step), else 1.
     pub branches: u32,
+    /// Width and height of one output, in pixels.
+    pub size: (u32, u32),
+    /// Frames of one output (1 for images).
+    pub frames: u32,
 }
 
 impl RequestCost {
@@ -75,34 +79,52 @@ impl RequestCost {
         let latent_frames = u64::from(frames.saturating_sub(1) / limits.frames_per_latent.max(1) + 1);
         let (width, height) = size;
         let tokens = u64::from(width).div_ceil(token) * u64::from(height).div_ceil(token) * latent_frames;
-        Self { outputs, tokens, steps, branches: if cfg { 2 } else { 1 } }
+        Self { outputs, tokens, steps, branches: if cfg { 2 } else { 1 }, size, frames }
     }
 
     /// Token-steps: outputs × tokens × steps × branches.
-    pub fn total(&self) -> u64 {
+    pub fn token_steps(&self) -> u64 {
         u64::from(self.outputs)
             .saturating_mul(self.tokens)
             .saturating_mul(u64::from(self.steps))
             .saturating_mul(u64::from(self.branches))
     }
-}
 
-impl std::fmt::Display for RequestCost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
+    /// Output pixels: outputs × width × height × frames.
+    pub fn pixels(&self) -> u64 {
+        let (width, height) = self.size;
+        u64::from(self.outputs)
+            .saturating_mul(u64::from(width))
+            .saturating_mul(u64::from(height))
+            .saturating_mul(u64::from(self.frames))
+    }
+
+    /// The token-steps with their formula, for error messages.
+    pub fn describe_token_steps(&self) -> String {
+        format!(
             "{} token-steps ({} outputs × {} latent tokens × {} steps × {} guidance branches)",
-            self.total(),
+            self.token_steps(),
             self.outputs,
             self.tokens,
             self.steps,
             self.branches
         )
     }
+
+    /// The output pixels with their formula, for error messages.
+    pub fn describe_pixels(&self) -> String {
+        let (width, height) = self.size;
+        format!(
+            "{} output pixels ({} outputs × {width}×{height} pixels × {} frames)",
+            self.pixels(),
+            self.outputs,
+            self.frames
+        )
+    }
 }
 
 impl ResolvedRequest {
-    /// The denoising work this request asks for, measured in the pipeline's latent tokens.
+    /// The work this request asks for: denoising in the pipeline's latent tokens, and output pixels.
     pub fn cost(&self, limits: &PipelineLimits) -> RequestCost {
         RequestCost::new(
             limits,
@@ -116,7 +138,7 @@ impl ResolvedRequest {
 }
 
 impl PipelineInfo {
-    /// The cost of one output at the model's own defaults (the unit of the default budget).
+    /// The cost of one output at the model's own defaults (the unit of the default budgets).
     pub fn default_request_cost(&self) -> RequestCost {
         let d = &self.defaults;
         let cfg = match self.guidance {
@@ -540,8 +562,8 @@ mod tests {
         .unwrap();
         let cost = r.cost(&flux.limits);
         assert_eq!((cost.outputs, cost.tokens, cost.steps, cost.branches), (10, 128 * 128, 1000, 1));
-        assert_eq!(cost.total(), 163_840_000);
-        assert!(cost.to_string().starts_with("163840000 token-steps"), "{cost}");
+        assert_eq!(cost.token_steps(), 163_840_000);
+        assert!(cost.describe_token_steps().starts_with("163840000 token-steps (10 outputs × 16384 latent tokens"));
         // Wan: 81 frames are 21 latent frames; guidance on doubles the forwards.
         let wan = video_info();
         let r = ResolvedRequest::resolve(
@@ -556,9 +578,35 @@ mod tests {
             &wan,
         )
         .unwrap();
-        assert_eq!(r.cost(&wan.limits).total(), 52 * 30 * 21 * 50 * 2);
+        assert_eq!(r.cost(&wan.limits).token_steps(), 52 * 30 * 21 * 50 * 2);
         // FLUX.1-dev's defaults: 1024², 28 steps, no CFG.
-        assert_eq!(flux.default_request_cost().total(), 64 * 64 * 28);
+        assert_eq!(flux.default_request_cost().token_steps(), 64 * 64 * 28);
+    }
+
+    #[test]
+    fn pixels_are_outputs_width_height_and_frames() {
+        // The audit's request: 10 images of 2048² in 1 step is little denoising but 42 megapixels
+        // to decode, encode and send.
+        let flux = flux_info();
+        let audit = GenerationRequest {
+            num_outputs_per_prompt: Some(10),
+            width: Some(2048),
+            height: Some(2048),
+            num_inference_steps: Some(1),
+            ..req("a")
+        };
+        let cost = ResolvedRequest::resolve(&audit, &flux).unwrap().cost(&flux.limits);
+        assert_eq!((cost.size, cost.frames), ((2048, 2048), 1));
+        assert_eq!(cost.pixels(), 41_943_040);
+        assert_eq!(cost.describe_pixels(), "41943040 output pixels (10 outputs × 2048×2048 pixels × 1 frames)");
+        assert_eq!(flux.default_request_cost().pixels(), 1024 * 1024);
+        // Video: every frame counts, not the latent frames.
+        let wan = video_info();
+        let clip = GenerationRequest { width: Some(832), height: Some(480), num_frames: Some(81), ..req("a") };
+        assert_eq!(ResolvedRequest::resolve(&clip, &wan).unwrap().cost(&wan.limits).pixels(), 832 * 480 * 81);
+        // Saturates instead of overflowing.
+        let huge = RequestCost { outputs: u32::MAX, size: (u32::MAX, u32::MAX), frames: u32::MAX, ..cost };
+        assert_eq!(huge.pixels(), u64::MAX);
     }
 
     #[test]

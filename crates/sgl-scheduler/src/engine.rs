@@ -8,16 +8,10 @@ use sgl_core::{GenerationOutput, GenerationRequest, PipelineInfo, ResolvedReques
 
 use crate::executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
 use crate::queue::{Pending, RequestQueue};
-use crate::{CancelToken, ExecError, ExecErrorKind, GenerationError, SchedulerStats, SubmitError};
-
-/// Without `--max-request-cost`, a request may cost as much as this many requests at the model's
-/// own defaults: OpenAI's largest `n` at the default size and steps always passes, and so does any
-/// mix of size, steps and frames of the same total; a request for 10 images at 2048² and 1000
-/// steps of FLUX.1 (~21 h on a CPU) does not.
-pub const DEFAULT_BUDGET_IN_DEFAULT_REQUESTS: u64 = 10;
+use crate::{CancelToken, ExecError, ExecErrorKind, GenerationError, RequestBudget, SchedulerStats, SubmitError};
 
 /// Queue, batching and admission limits (`--max-queue-size`, `--max-batch-size`,
-/// `--batch-delay-ms`, `--max-request-cost`, `--request-timeout`).
+/// `--batch-delay-ms`, `--max-request-cost`, `--max-request-pixels`, `--request-timeout`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchingConfig {
     pub max_queue_size: usize,
@@ -25,9 +19,12 @@ pub struct BatchingConfig {
     pub max_batch_size: u32,
     /// How long the oldest request waits for compatible company before its batch starts.
     pub batch_delay: Duration,
-    /// Most token-steps one request may cost; `None`: [`DEFAULT_BUDGET_IN_DEFAULT_REQUESTS`]
+    /// Most token-steps one request may cost; `None`: [`crate::DEFAULT_BUDGET_IN_DEFAULT_REQUESTS`]
     /// requests at the model's defaults.
     pub max_request_cost: Option<u64>,
+    /// Most output pixels (outputs × width × height × frames) one request may ask for; `None`:
+    /// [`crate::DEFAULT_BUDGET_IN_DEFAULT_REQUESTS`] requests at the model's defaults.
+    pub max_request_pixels: Option<u64>,
     /// Deadline of every request (and the most a request's `timeout_seconds` may ask for).
     pub request_timeout: Option<Duration>,
 }
@@ -39,6 +36,7 @@ impl Default for BatchingConfig {
             max_batch_size: 1,
             batch_delay: Duration::ZERO,
             max_request_cost: None,
+            max_request_pixels: None,
             request_timeout: None,
         }
     }
@@ -70,8 +68,8 @@ pub struct Engine {
     next_id: AtomicU64,
     worker: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<SchedulerStats>,
-    /// Most token-steps one request may cost.
-    budget: u64,
+    /// Most one request may cost.
+    budget: RequestBudget,
     request_timeout: Option<Duration>,
 }
 
@@ -89,7 +87,9 @@ impl Engine {
                 "max_batch_size and max_queue_size must be at least 1",
             ));
         }
-        let (max_request_cost, request_timeout) = (config.max_request_cost, config.request_timeout);
+        let request_timeout = config.request_timeout;
+        // `config` moves to the worker thread; the budget needs the model's defaults, known once it loaded.
+        let budget_config = config.clone();
         let queue = Arc::new(RequestQueue::new(config.max_queue_size));
         let stats = Arc::new(SchedulerStats::new(config.max_batch_size));
         let (ready_tx, ready_rx) = flume::bounded(1);
@@ -122,12 +122,14 @@ impl Engine {
                 ExecError::internal(format!("cannot start the deadline thread: {err}"))
             },
         )?;
-        let budget = max_request_cost
-            .unwrap_or_else(|| info.default_request_cost().total().saturating_mul(DEFAULT_BUDGET_IN_DEFAULT_REQUESTS));
+        let budget = RequestBudget::new(&budget_config, &info);
         tracing::info!(
-            budget,
+            max_request_cost = budget.token_steps,
+            max_request_pixels = budget.pixels,
             request_timeout_s = request_timeout.map(|t| t.as_secs_f64()),
-            "admission: at most {budget} token-steps per request"
+            "admission: at most {} token-steps and {} output pixels per request",
+            budget.token_steps,
+            budget.pixels
         );
         Ok(Self {
             queue,
@@ -140,8 +142,8 @@ impl Engine {
         })
     }
 
-    /// Most token-steps one request may cost (`--max-request-cost`).
-    pub fn budget(&self) -> u64 {
+    /// Most one request may cost (`--max-request-cost`, `--max-request-pixels`).
+    pub fn budget(&self) -> RequestBudget {
         self.budget
     }
 
@@ -180,10 +182,7 @@ impl Engine {
         options: SubmitOptions,
     ) -> Result<RequestHandle, SubmitError> {
         let resolved = ResolvedRequest::resolve(request, &self.info)?;
-        let cost = resolved.cost(&self.info.limits);
-        if cost.total() > self.budget {
-            return Err(SubmitError::OverBudget { cost, budget: self.budget });
-        }
+        self.budget.admit(resolved.cost(&self.info.limits))?;
         // `resolve` checked the value; `try_` keeps a bad one from panicking all the same.
         let asked = request.timeout_seconds.and_then(|secs| Duration::try_from_secs_f64(secs).ok());
         let timeout = match (asked, self.request_timeout) {

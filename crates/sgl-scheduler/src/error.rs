@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use sgl_core::{RequestCost, ValidationError};
 
+use crate::RequestBudget;
+
 /// Why a request was not accepted into the queue.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
@@ -11,11 +13,8 @@ pub enum SubmitError {
     QueueFull { capacity: usize },
     #[error("the engine is shutting down and accepts no new requests")]
     ShuttingDown,
-    #[error(
-        "this request costs {cost}, over the budget of {budget} token-steps per request \
-         (--max-request-cost); ask for fewer outputs, steps, frames or pixels"
-    )]
-    OverBudget { cost: RequestCost, budget: u64 },
+    #[error("{}; ask for fewer outputs, steps, frames or pixels", budget.overruns(cost))]
+    OverBudget { cost: RequestCost, budget: RequestBudget },
 }
 
 /// Why an accepted request produced no output.

@@ -5,6 +5,7 @@
 //! runs it, and reports progress and results through each request's event channel. Nothing here
 //! polls: the worker sleeps on a condition variable while the queue is empty.
 
+mod budget;
 mod cancel;
 mod engine;
 mod error;
@@ -12,8 +13,9 @@ mod executor;
 mod queue;
 mod stats;
 
+pub use budget::{RequestBudget, DEFAULT_BUDGET_IN_DEFAULT_REQUESTS};
 pub use cancel::{CancelToken, StopReason};
-pub use engine::{BatchingConfig, Engine, Event, RequestHandle, SubmitOptions, DEFAULT_BUDGET_IN_DEFAULT_REQUESTS};
+pub use engine::{BatchingConfig, Engine, Event, RequestHandle, SubmitOptions};
 pub use error::{ExecError, ExecErrorKind, GenerationError, SubmitError};
 pub use executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
 pub use queue::RequestQueue;

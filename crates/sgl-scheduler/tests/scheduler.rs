@@ -13,7 +13,7 @@ use sgl_core::{
 };
 use sgl_scheduler::{
     BatchExecutor, BatchItem, BatchProgress, BatchingConfig, Engine, Event, ExecError, ExecErrorKind, GenerationError,
-    ItemOutcome, SubmitError, SubmitOptions,
+    ItemOutcome, RequestBudget, SubmitError, SubmitOptions,
 };
 
 fn info() -> PipelineInfo {
@@ -305,26 +305,59 @@ fn a_failed_load_is_reported_by_start() {
 #[test]
 fn the_default_budget_is_ten_requests_at_the_model_defaults() {
     let (engine, recorder) = engine(batching(1, 0));
-    // Defaults: 32x32 (2x2 tokens of 16 px), 4 steps, no CFG: 16 token-steps; the budget is 160.
-    assert_eq!(engine.budget(), 160);
+    // Defaults: 32x32 (2x2 tokens of 16 px), 4 steps, no CFG: 16 token-steps and 1024 pixels; the
+    // budget is ten times both.
+    assert_eq!(engine.budget(), RequestBudget { token_steps: 160, pixels: 10_240 });
     let ten = GenerationRequest { num_outputs_per_prompt: Some(10), ..req("ten") };
     engine.submit(&ten).unwrap().wait().unwrap();
     let costly = GenerationRequest { num_outputs_per_prompt: Some(10), num_inference_steps: Some(5), ..req("costly") };
     let err = engine.submit(&costly).unwrap_err();
     match &err {
-        SubmitError::OverBudget { cost, budget } => assert_eq!((cost.total(), *budget), (200, 160)),
+        SubmitError::OverBudget { cost, budget } => assert_eq!((cost.token_steps(), budget.token_steps), (200, 160)),
         other => panic!("expected OverBudget, got {other:?}"),
     }
     let message = err.to_string();
     assert!(message.contains("200 token-steps") && message.contains("160") && message.contains("--max-request-cost"));
+    assert!(!message.contains("--max-request-pixels"), "{message}");
     assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["ten"]]);
 }
 
 #[test]
+fn the_default_pixel_budget_refuses_many_large_outputs_in_few_steps() {
+    let (engine, recorder) = engine(batching(1, 0));
+    // 10 outputs of 64x64 in 1 step: 160 token-steps (within budget) but 40 960 pixels, 4 times
+    // the default outputs' 10 240.
+    let wide = GenerationRequest {
+        num_outputs_per_prompt: Some(10),
+        width: Some(64),
+        height: Some(64),
+        num_inference_steps: Some(1),
+        ..req("wide")
+    };
+    let err = engine.submit(&wide).unwrap_err();
+    assert!(matches!(&err, SubmitError::OverBudget { cost, .. } if cost.pixels() == 40_960), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "this request asks for 40960 output pixels (10 outputs × 64×64 pixels × 1 frames), over the budget of 10240 \
+         output pixels per request (--max-request-pixels); ask for fewer outputs, steps, frames or pixels"
+    );
+    // Over both: the message names both limits.
+    let both = GenerationRequest { num_inference_steps: Some(2), ..wide.clone() };
+    let message = engine.submit(&both).unwrap_err().to_string();
+    assert!(message.contains("320 token-steps") && message.contains("(--max-request-cost) and asks for"), "{message}");
+    assert!(message.contains("40960 output pixels") && message.contains("--max-request-pixels"), "{message}");
+    // At the budget exactly: admitted.
+    let at_budget = GenerationRequest { num_outputs_per_prompt: Some(2), ..wide };
+    engine.submit(&at_budget).unwrap().wait().unwrap();
+    assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["wide"]]);
+}
+
+#[test]
 fn an_explicit_budget_replaces_the_default() {
-    let (engine, _) = engine(BatchingConfig { max_request_cost: Some(16_000), ..batching(1, 0) });
-    assert_eq!(engine.budget(), 16_000);
-    // 10 outputs of 1024x1024 (4096 tokens) for 1 step: 40 960 token-steps.
+    let config = BatchingConfig { max_request_cost: Some(16_000), max_request_pixels: Some(4 << 20), ..batching(1, 0) };
+    let (engine, _) = engine(config);
+    assert_eq!(engine.budget(), RequestBudget { token_steps: 16_000, pixels: 4 << 20 });
+    // 10 outputs of 1024x1024 (4096 tokens) for 1 step: 40 960 token-steps and 10 Mi pixels.
     let big = GenerationRequest {
         num_outputs_per_prompt: Some(10),
         width: Some(1024),
@@ -333,7 +366,25 @@ fn an_explicit_budget_replaces_the_default() {
         ..req("big")
     };
     assert!(matches!(engine.submit(&big), Err(SubmitError::OverBudget { .. })));
-    assert!(engine.submit(&GenerationRequest { num_outputs_per_prompt: Some(3), ..big }).is_ok());
+    // 3 are 12 288 token-steps and 3 Mi pixels: admitted; 4 are 16 384 token-steps (over) and 4 Mi
+    // pixels (at the budget): refused for their cost only; 10 of 512x512 are 10 240 token-steps and
+    // 2.5 Mi pixels: admitted.
+    assert!(engine.submit(&GenerationRequest { num_outputs_per_prompt: Some(3), ..big.clone() }).is_ok());
+    let err = engine.submit(&GenerationRequest { num_outputs_per_prompt: Some(4), ..big.clone() }).unwrap_err();
+    assert!(err.to_string().contains("--max-request-cost") && !err.to_string().contains("--max-request-pixels"));
+    let small = GenerationRequest { width: Some(512), height: Some(512), ..big };
+    assert!(engine.submit(&small).is_ok());
+}
+
+#[test]
+fn an_explicit_pixel_budget_replaces_the_default() {
+    let (engine, _) = engine(BatchingConfig { max_request_pixels: Some(5_000), ..batching(1, 0) });
+    assert_eq!(engine.budget(), RequestBudget { token_steps: 160, pixels: 5_000 });
+    let one = GenerationRequest { width: Some(64), height: Some(64), num_inference_steps: Some(1), ..req("one") };
+    assert!(engine.submit(&one).is_ok());
+    let err = engine.submit(&GenerationRequest { num_outputs_per_prompt: Some(2), ..one }).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("8192 output pixels") && message.contains("budget of 5000 output pixels"), "{message}");
 }
 
 // --- deadlines ------------------------------------------------------------------------------------

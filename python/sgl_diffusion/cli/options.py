@@ -48,6 +48,7 @@ ENGINE_OPTIONS = {
     "max_batch_size": "max_batch_size",
     "batch_delay_ms": "batch_delay_ms",
     "max_request_cost": "max_request_cost",
+    "max_request_pixels": "max_request_pixels",
     "request_timeout": "request_timeout_secs",
 }
 
@@ -59,7 +60,12 @@ def model_config(options: dict[str, Any]) -> dict[str, Any]:
 
 def engine_config(options: dict[str, Any]) -> dict[str, Any]:
     """The engine config (`sgl_bridge::EngineConfig`) from parsed options (unset ones left out)."""
-    for name, least in (("max_batch_size", 1), ("batch_delay_ms", 0), ("max_request_cost", 1)):
+    for name, least in (
+        ("max_batch_size", 1),
+        ("batch_delay_ms", 0),
+        ("max_request_cost", 1),
+        ("max_request_pixels", 1),
+    ):
         if options.get(name) is not None and options[name] < least:
             raise CommandError(f"--{name.replace('_', '-')} must be at least {least}")
     if options.get("request_timeout") is not None and not options["request_timeout"] > 0:
@@ -136,6 +142,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--max-request-cost",
         type=int,
         help="most token-steps (outputs x latent tokens x steps x guidance branches) one request may cost; "
+        "default: 10 requests at the model's defaults",
+    )
+    group.add_argument(
+        "--max-request-pixels",
+        type=int,
+        help="most output pixels (outputs x width x height x frames) one request may ask for; "
         "default: 10 requests at the model's defaults",
     )
     group.add_argument(

@@ -385,6 +385,26 @@ async fn errors_echo_at_most_a_short_piece_of_a_value() {
 }
 
 #[tokio::test]
+async fn a_request_over_the_pixel_budget_is_a_400_request_over_budget() {
+    // The stand-ins' defaults are 32x32 (9 frames for video): 10 240 pixels per image request and
+    // 92 160 per video request by default.
+    let h = harness(ServerConfig::default(), Some(image_model()));
+    let many = json!({"prompt": "a", "n": 10, "size": "64x64", "num_inference_steps": 1});
+    let (status, error) = send(&h.app, json_post("/v1/images/generations", &many)).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, None), "{error}");
+    assert_eq!(error["error"]["code"], "request_over_budget", "{error}");
+    assert!(message(&error).contains("40960 output pixels (10 outputs × 64×64 pixels × 1 frames)"), "{error}");
+    assert!(
+        message(&error).contains("budget of 10240 output pixels") && message(&error).contains("--max-request-pixels")
+    );
+    let h = harness(ServerConfig::default(), Some(video_model(ImageInput::None)));
+    let long = json!({"prompt": "a", "size": "64x64", "seconds": 5, "fps": 16});
+    let (status, error) = send(&h.app, json_post("/v1/videos", &long)).await;
+    assert_eq!((status, &error["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("request_over_budget")), "{error}");
+    assert!(message(&error).contains("331776 output pixels (1 outputs × 64×64 pixels × 81 frames)"), "{error}");
+}
+
+#[tokio::test]
 async fn seconds_too_long_for_the_model_name_seconds() {
     let h = harness(ServerConfig::default(), Some(video_model(ImageInput::None)));
     for seconds in [json!(1e10), json!("1e10"), json!(1e300), json!(6)] {
