@@ -51,9 +51,11 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 #: A video job that finishes in about a second on the CPU.
 TINY_JOB: dict[str, Any] = {"size": "32x32", "num_frames": 5, "fps": 8, "num_inference_steps": 1}
 TERMINAL = {"completed", "failed", "cancelled"}
-#: The fuzzed servers admit only tiny generations (--max-request-cost, in pixel·frame·steps), so that
-#: schemathesis' valid examples run in well under a second each on the CPU; bigger ones get a 400.
+#: The fuzzed servers admit only tiny generations (--max-request-cost in token-steps, --max-request-pixels
+#: in output pixels), so that schemathesis' valid examples run in well under a second each on the CPU;
+#: bigger ones get a 400.
 FUZZ_COST_BUDGET = "4000"
+FUZZ_PIXEL_BUDGET = str(256 * 256)
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +210,9 @@ def test_soak_mixed_requests_bounded_memory_and_every_job_terminal(wan_dir: Path
 
 @contextmanager
 def fuzz_target(model_dir: Path, out: Path) -> Iterator[Server]:
-    """A server whose generations are capped at tiny ones (FUZZ_COST_BUDGET), behind the API key."""
+    """A server whose generations are capped at tiny ones (FUZZ_COST_BUDGET, FUZZ_PIXEL_BUDGET), behind the API key."""
     flags = ["--api-key", API_KEY, "--output-dir", str(out), "--max-request-cost", FUZZ_COST_BUDGET]
+    flags += ["--max-request-pixels", FUZZ_PIXEL_BUDGET]
     with running_server(model_dir, *flags, timeout=300) as server:
         yield server
 

@@ -93,10 +93,13 @@ async fn run_probe(engine: &Engine, limit: Duration) -> Result<(), String> {
         return Ok(());
     }
     let limits = &engine.info().limits;
+    // The smallest request the model takes: its least size, one frame (a video model's default
+    // clip would decode 81 frames), one step.
     let request = GenerationRequest {
         prompt: "health check".into(),
         width: Some(limits.min_size),
         height: Some(limits.min_size),
+        num_frames: Some(1),
         num_inference_steps: Some(1),
         seed: Some(0),
         max_sequence_length: Some(limits.max_sequence_length.min(16)),

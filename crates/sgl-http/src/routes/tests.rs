@@ -125,12 +125,17 @@ struct Harness {
 
 /// The router on a server with `config`, serving `model` (`None`: still loading).
 fn harness(config: ServerConfig, model: Option<PipelineInfo>) -> Harness {
+    harness_with(config, BatchingConfig::default(), model)
+}
+
+/// [`harness`] with the engine's queue and admission limits.
+fn harness_with(config: ServerConfig, batching: BatchingConfig, model: Option<PipelineInfo>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let outputs = OutputStore::open(dir.path().join("outputs"), Duration::from_secs(60)).unwrap();
     let (jobs, _) = JobStore::open(dir.path().join("videos"), Duration::from_secs(60), 100).unwrap();
     let state = Arc::new(AppState::new(config, outputs, Some(Arc::new(jobs)), Metrics::new().unwrap()));
     if let Some(info) = model {
-        let engine = Engine::start(BatchingConfig::default(), move || Ok((Quick, info))).unwrap();
+        let engine = Engine::start(batching, move || Ok((Quick, info))).unwrap();
         state.set_engine(EngineState::Ready(Arc::new(engine)));
     }
     Harness { app: super::router(Arc::clone(&state)), state, _dir: dir }
@@ -402,6 +407,16 @@ async fn a_request_over_the_pixel_budget_is_a_400_request_over_budget() {
     let (status, error) = send(&h.app, json_post("/v1/videos", &long)).await;
     assert_eq!((status, &error["error"]["code"]), (StatusCode::BAD_REQUEST, &json!("request_over_budget")), "{error}");
     assert!(message(&error).contains("331776 output pixels (1 outputs × 64×64 pixels × 81 frames)"), "{error}");
+}
+
+#[tokio::test]
+async fn the_readiness_probe_of_a_video_model_asks_for_one_frame() {
+    // A budget of one 16x16 frame: the probe (least size, 1 step) fits it only with one frame; with
+    // the model's default clip it was refused, and /health_generate read a healthy server as 503.
+    let budget = BatchingConfig { max_request_pixels: Some(16 * 16), ..BatchingConfig::default() };
+    let h = harness_with(ServerConfig::default(), budget, Some(video_model(ImageInput::None)));
+    let (status, body) = send(&h.app, Request::get("/health_generate").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("ok")), "{body}");
 }
 
 #[tokio::test]
