@@ -1,0 +1,5 @@
+"""Qwen-Image (Qwen/Qwen-Image, Qwen-Image-2512, Qwen-Image-Edit) native model and prompt encoding."""
+
+from .transformer import QwenImageTransformer2DModel, QwenImageTransformerConfig
+
+__all__ = ["QwenImageTransformer2DModel", "QwenImageTransformerConfig"]
