@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from sgl_diffusion.loading import load_native_model
 from sgl_diffusion.models.qwen_image import QwenImageTransformer2DModel, QwenImageTransformerConfig
 from sgl_diffusion.models.qwen_image.rope import QwenImageRope
+from sgl_diffusion.models.qwen_image.transformer import normalize_img_shapes
 from sgl_diffusion.runtime.compile import repeated_blocks
 
 TOLERANCE = 1e-5
@@ -248,6 +249,20 @@ def test_bad_inputs_fail_loudly(models) -> None:
         ours(**dict(inputs, img_shapes=[[(1, 3, 4)]] * 2))
     with pytest.raises(ValueError, match="encoder_hidden_states_mask"):
         ours(**dict(inputs, encoder_hidden_states_mask=torch.ones(2, 3)))
+
+
+def test_img_shapes_formats() -> None:
+    import numpy as np
+
+    edit = ((1, 4, 4), (1, 3, 5))
+    assert normalize_img_shapes([[(1, 4, 4)]] * 3, 3) == ((1, 4, 4),)
+    assert normalize_img_shapes([(1, 4, 4)] * 3, 3) == ((1, 4, 4),)  # one triple per sample
+    assert normalize_img_shapes([list(edit)], 2) == edit  # one entry for the whole batch
+    assert normalize_img_shapes([[tuple(np.int64(v) for v in p) for p in edit]] * 2, 2) == edit
+    with pytest.raises(ValueError, match="entries for a batch"):
+        normalize_img_shapes([[(1, 4, 4)]] * 2, 3)
+    with pytest.raises(ValueError, match="frames, rows, columns"):
+        normalize_img_shapes([[(1, 4)]], 1)
 
 
 @pytest.mark.parametrize(

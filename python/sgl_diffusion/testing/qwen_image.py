@@ -128,7 +128,10 @@ def qwen_image_vae(seed: int = 0) -> torch.nn.Module:
 
 
 def qwen_image_transformer(seed: int = 0, *, zero_cond_t: bool = False) -> torch.nn.Module:
-    """Two double-stream blocks, 2 heads of 16 channels, RoPE axes (frame, height, width) = (8, 4, 4)."""
+    """Two double-stream blocks, 2 heads of 16 channels, RoPE axes (frame, height, width) = (8, 4, 4).
+
+    ``zero_cond_t=True`` is Qwen-Image-Edit-2511's variant (for an Edit-Plus fixture, which needs torchvision).
+    """
     from diffusers import QwenImageTransformer2DModel
 
     model = seeded_component(

@@ -18,6 +18,7 @@ Shapes used below: ``B`` batch, ``N`` image tokens (all pieces), ``T`` text toke
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -103,7 +104,7 @@ def normalize_img_shapes(img_shapes: Sequence[Any], batch: int) -> tuple[ImagePi
         raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {batch} (need 1 or {batch})")
 
     def pieces(entry: Any) -> tuple[ImagePiece, ...]:
-        items = [entry] if isinstance(entry[0], int) else list(entry)
+        items = [entry] if isinstance(entry[0], numbers.Integral) else list(entry)
         out: list[ImagePiece] = []
         for item in items:
             triple = tuple(int(v) for v in item)
