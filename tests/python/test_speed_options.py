@@ -68,6 +68,31 @@ def test_compile_rejects_a_model_without_blocks() -> None:
         compile_repeated_blocks(torch.nn.Linear(2, 2))
 
 
+def test_compile_units_are_the_blocks_a_model_declares() -> None:
+    from sgl_diffusion.models.flux import transformer as flux
+    from sgl_diffusion.models.wan import transformer as wan
+    from sgl_diffusion.runtime.compile import repeated_blocks
+
+    class Declared(torch.nn.Module):
+        _repeated_blocks = ("Linear",)
+
+        def __init__(self, linears: int) -> None:
+            super().__init__()
+            # One Linear alone still counts (a tiny config), and nesting does not hide a block.
+            self.stack = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(linears)))
+            self.other = torch.nn.Conv1d(2, 2, 1)
+
+    model = Declared(3)
+    assert repeated_blocks(model) == list(model.stack)
+    assert len(repeated_blocks(Declared(1))) == 1
+    Declared._repeated_blocks = ("Missing",)
+    with pytest.raises(ValueError, match="declares \\['Missing'\\] as its blocks but has none"):
+        repeated_blocks(model)
+    # The native models name classes that exist (a typo would compile nothing).
+    for module, model_class in ((flux, flux.FluxTransformer2DModel), (wan, wan.WanTransformer3DModel)):
+        assert model_class._repeated_blocks and all(hasattr(module, name) for name in model_class._repeated_blocks)
+
+
 def test_batched_true_cfg_matches_two_forwards(flux_dir: Path) -> None:
     request = flux_request(negative_prompt="blurry", true_cfg_scale=4.0, cfg_enabled=True)
     forwards: dict[str, list[int]] = {"on": [], "off": []}

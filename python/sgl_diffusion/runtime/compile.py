@@ -25,12 +25,16 @@ RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a denoiser: children of its `nn.ModuleList`s that hold several
-    modules of one class (FLUX: double and single blocks; Wan: `blocks`)."""
-    blocks: list[nn.Module] = []
-    for child in model.children():
-        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
-            blocks.extend(child)
+    """The transformer blocks of a denoiser: every submodule whose class the model declares in
+    `_repeated_blocks` (class names, as diffusers declares them; FLUX: double and single blocks, Wan:
+    `WanTransformerBlock`). A model must declare them: guessing from its layout would silently compile
+    the wrong units (or none) for the next architecture."""
+    declared = getattr(type(model), "_repeated_blocks", ())
+    if not declared:
+        raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile (`_repeated_blocks`)")
+    blocks = [module for module in model.modules() if type(module).__name__ in declared]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} declares {list(declared)} as its blocks but has none of them")
     return blocks
 
 
@@ -41,8 +45,6 @@ def compile_repeated_blocks(model: nn.Module, *, backend: str = "inductor", mode
     cost speed), so it fails loudly instead.
     """
     blocks = repeated_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(fullgraph=True, dynamic=False, backend=backend, mode=mode)

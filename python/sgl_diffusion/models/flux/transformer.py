@@ -394,6 +394,10 @@ class FluxTransformer2DModel(nn.Module):
             so a bad name fails at load time. Can be changed later via :attr:`attention_backend`.
     """
 
+    #: The block classes `--enable-torch-compile` compiles one by one (diffusers' `_repeated_blocks`): dynamo
+    #: shares one graph among a class's instances, and the glue between blocks stays eager.
+    _repeated_blocks: ClassVar[tuple[str, ...]] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
     def __init__(
         self,
         config: FluxTransformerConfig,
