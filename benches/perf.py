@@ -894,7 +894,7 @@ def ours_generate(pipeline: Any, request: Any) -> Any:
 
 
 def ours_keep(pipeline: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
-    key = "videos" if pipeline.output == "video" else "images"
+    key = pipeline.spec.output_key
 
     def keep(state: Any) -> tuple[Any, dict[str, Any]]:
         perf = state.perf.as_dict()

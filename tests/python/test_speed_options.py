@@ -109,7 +109,7 @@ def test_batched_true_cfg_matches_two_forwards(flux_dir: Path) -> None:
 
 
 def test_cfg_batching_auto_is_chosen_by_token_count() -> None:
-    from sgl_diffusion.pipelines.common import CFG_BATCH_MAX_TOKENS, use_batched_cfg
+    from sgl_diffusion.pipelines.guidance import CFG_BATCH_MAX_TOKENS, use_batched_cfg
 
     assert use_batched_cfg("auto", 4096 + 512) is True  # FLUX.1 1024²
     assert use_batched_cfg("auto", 17160) is True  # Wan 480p, 41 frames
