@@ -74,23 +74,22 @@ def test_compile_units_are_the_blocks_a_model_declares() -> None:
     from sgl_diffusion.runtime.compile import repeated_blocks
 
     class Declared(torch.nn.Module):
-        _repeated_blocks = ("Linear",)
+        _repeated_blocks = ("stack", "tail")
 
         def __init__(self, linears: int) -> None:
             super().__init__()
-            # One Linear alone still counts (a tiny config), and nesting does not hide a block.
-            self.stack = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(linears)))
-            self.other = torch.nn.Conv1d(2, 2, 1)
+            self.stack = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(linears))
+            self.tail = torch.nn.ModuleList([torch.nn.Conv1d(2, 2, 1)])  # one block alone still counts
+            self.other = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))  # undeclared: left eager
 
     model = Declared(3)
-    assert repeated_blocks(model) == list(model.stack)
-    assert len(repeated_blocks(Declared(1))) == 1
-    Declared._repeated_blocks = ("Missing",)
-    with pytest.raises(ValueError, match="declares \\['Missing'\\] as its blocks but has none"):
+    assert repeated_blocks(model) == [*model.stack, *model.tail]
+    Declared._repeated_blocks = ("stack", "missing")
+    with pytest.raises(TypeError, match="names 'missing', which is no nn.ModuleList"):
         repeated_blocks(model)
-    # The native models name classes that exist (a typo would compile nothing).
-    for module, model_class in ((flux, flux.FluxTransformer2DModel), (wan, wan.WanTransformer3DModel)):
-        assert model_class._repeated_blocks and all(hasattr(module, name) for name in model_class._repeated_blocks)
+    # The native models name lists they have (a typo would fail at load time, not compile nothing).
+    assert flux.FluxTransformer2DModel._repeated_blocks == ("transformer_blocks", "single_transformer_blocks")
+    assert wan.WanTransformer3DModel._repeated_blocks == ("blocks",)
 
 
 def test_batched_true_cfg_matches_two_forwards(flux_dir: Path) -> None:

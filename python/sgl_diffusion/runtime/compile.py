@@ -25,16 +25,22 @@ RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a denoiser: every submodule whose class the model declares in
-    `_repeated_blocks` (class names, as diffusers declares them; FLUX: double and single blocks, Wan:
-    `WanTransformerBlock`). A model must declare them: guessing from its layout would silently compile
-    the wrong units (or none) for the next architecture."""
+    """The transformer blocks of a denoiser: the members of the `nn.ModuleList`s its class names in
+    `_repeated_blocks` (FLUX: `transformer_blocks`, `single_transformer_blocks`; Wan: `blocks`). A model
+    must declare them: guessing from its layout would silently compile the wrong units (or none) for the
+    next architecture. (diffusers' `_repeated_blocks` lists block class names instead; naming the lists
+    says exactly which modules are meant.)"""
     declared = getattr(type(model), "_repeated_blocks", ())
     if not declared:
         raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile (`_repeated_blocks`)")
-    blocks = [module for module in model.modules() if type(module).__name__ in declared]
+    blocks: list[nn.Module] = []
+    for name in declared:
+        stack = getattr(model, name, None)
+        if not isinstance(stack, nn.ModuleList):
+            raise TypeError(f"{type(model).__name__}._repeated_blocks names {name!r}, which is no nn.ModuleList")
+        blocks.extend(stack)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} declares {list(declared)} as its blocks but has none of them")
+        raise ValueError(f"{type(model).__name__} has no blocks in {list(declared)}")
     return blocks
 
 

@@ -394,9 +394,9 @@ class FluxTransformer2DModel(nn.Module):
             so a bad name fails at load time. Can be changed later via :attr:`attention_backend`.
     """
 
-    #: The block classes `--enable-torch-compile` compiles one by one (diffusers' `_repeated_blocks`): dynamo
-    #: shares one graph among a class's instances, and the glue between blocks stays eager.
-    _repeated_blocks: ClassVar[tuple[str, ...]] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    #: The block lists `--enable-torch-compile` compiles block by block: dynamo shares one graph among a
+    #: block class's instances, and the glue between blocks stays eager.
+    _repeated_blocks: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(
         self,
