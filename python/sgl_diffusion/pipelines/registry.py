@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runtime.options import RuntimeOptions
-from .base import SamplingDefaults, StagedPipeline
+from .base import StagedPipeline
+from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
+from .spec import SamplingDefaults
 from .wan import WanImageToVideoPipeline, WanPipeline
 
 #: Native pipelines by diffusers pipeline class.
-PIPELINES: dict[str, type[StagedPipeline]] = {
+PIPELINES: dict[str, type[FamilyPipeline]] = {
     FluxPipeline.pipeline_class: FluxPipeline,
     WanPipeline.pipeline_class: WanPipeline,
     WanImageToVideoPipeline.pipeline_class: WanImageToVideoPipeline,
@@ -26,7 +28,7 @@ PIPELINES: dict[str, type[StagedPipeline]] = {
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
 #: as a plain `WanPipeline`): the id picks the native pipeline.
-PIPELINES_BY_ID: dict[str, type[StagedPipeline]] = {
+PIPELINES_BY_ID: dict[str, type[FamilyPipeline]] = {
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FastWanPipeline,
     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FastWanPipeline,
 }

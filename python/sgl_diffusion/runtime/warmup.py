@@ -26,11 +26,12 @@ WARMUP_STEPS = 2
 
 def warm_up(pipeline: StagedPipeline) -> float:
     """Runs one request at the pipeline's defaults; returns the seconds it took."""
-    d = pipeline.defaults
+    spec = pipeline.spec
+    d = spec.defaults
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sgl-warmup-") as folder:
         image_path = None
-        if pipeline.image_input == "required":
+        if spec.image_input == "required":
             # Image-to-video needs an input image; a flat grey frame of the output size does.
             image_path = str(Path(folder) / "warmup.png")
             Image.new("RGB", (d.width, d.height), (128, 128, 128)).save(image_path)
@@ -51,7 +52,7 @@ def warm_up(pipeline: StagedPipeline) -> float:
             guidance_scale_2=d.guidance_scale_2,
             fps=d.fps,
             image_path=image_path,
-            cfg_enabled=pipeline.guidance_mode == "classifier_free" and d.guidance_scale > 1.0,
+            cfg_enabled=spec.guidance_mode == "classifier_free" and d.guidance_scale > 1.0,
             output_format="npy",
             output_quality=None,
             notes=(),
