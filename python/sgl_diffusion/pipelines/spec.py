@@ -57,8 +57,9 @@ class SamplingDefaults:
 
 #: `sgl_core::GuidanceMode`: how a request turns on classifier-free guidance. "classifier_free":
 #: `guidance_scale > 1`; "embedded_with_true_cfg": the model takes `guidance_scale` as an input
-#: (guidance-distilled) and runs true CFG with `true_cfg_scale` against a negative prompt.
-GUIDANCE_MODES = ("classifier_free", "embedded_with_true_cfg")
+#: (guidance-distilled) and runs true CFG with `true_cfg_scale` against a negative prompt; "true_cfg": true CFG
+#: the same way, with no guidance input (Qwen-Image).
+GUIDANCE_MODES = ("classifier_free", "embedded_with_true_cfg", "true_cfg")
 #: `sgl_core::OutputKind`: the stages leave `images` (B×H×W×3) or `videos` (B×T×H×W×3) in the state.
 OUTPUT_KINDS = ("image", "video")
 #: `sgl_core::ImageInput`: whether requests may, must or must not carry an input image.
@@ -82,8 +83,8 @@ class PipelineSpec:
     supports_flow_shift: bool = False
     supports_guidance_scale_2: bool = False
     #: Request fields that requests of one batch must share besides those of `sgl_core::BatchKey` (a
-    #: pipeline whose tensor shapes depend on another field names it here). None yet; the Rust core does not
-    #: read this field yet either (see `info_fields`).
+    #: pipeline whose tensor shapes depend on another field names it here); the Rust core adds their values to
+    #: the batch key.
     extra_batch_key_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -104,8 +105,7 @@ class PipelineSpec:
         return f"{self.output}s"
 
     def info_fields(self) -> dict[str, Any]:
-        """This spec's `sgl_core::PipelineInfo` fields, by their Rust names. `extra_batch_key_fields` is left
-        out while `PipelineInfo` (which denies unknown fields) has no such field."""
+        """This spec's `sgl_core::PipelineInfo` fields, by their Rust names."""
         return {
             "pipeline_class": self.pipeline_class,
             "family": self.family,
@@ -117,4 +117,5 @@ class PipelineSpec:
             "supports_guidance_scale_2": self.supports_guidance_scale_2,
             "output": self.output,
             "image_input": self.image_input,
+            "extra_batch_key_fields": list(self.extra_batch_key_fields),
         }

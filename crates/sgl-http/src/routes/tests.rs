@@ -100,6 +100,7 @@ fn image_model() -> PipelineInfo {
         supports_guidance_scale_2: false,
         output: OutputKind::Image,
         image_input: ImageInput::None,
+        extra_batch_key_fields: vec![],
     }
 }
 
