@@ -19,6 +19,7 @@ mod openapi;
 mod outputs;
 mod routes;
 mod state;
+mod unread_body;
 mod wire;
 
 use std::sync::Arc;

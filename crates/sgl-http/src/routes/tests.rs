@@ -307,6 +307,26 @@ async fn a_route_the_model_cannot_serve_is_refused_without_reading_the_body() {
     assert_eq!((status, param(&body)), (StatusCode::BAD_REQUEST, Some("input_reference")), "{body}");
 }
 
+/// The `Connection` header of the answer to `request`.
+async fn connection_header(app: &Router, request: Request<Body>) -> Option<String> {
+    let response = tokio::time::timeout(PROMPT, app.clone().oneshot(request)).await.expect("no answer").unwrap();
+    response.headers().get(header::CONNECTION).map(|value| value.to_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test]
+async fn an_answer_before_the_body_was_read_closes_the_connection_and_says_so() {
+    // The soak's keep-alive client once sent its next request on a connection hyper closed silently
+    // after such an answer, and got none.
+    let videos = harness(ServerConfig::default(), Some(video_model(ImageInput::None)));
+    let refused = post("/v1/images/generations", "application/json", stalled(b"{\"prompt\":"));
+    assert_eq!(connection_header(&videos.app, refused).await.as_deref(), Some("close"));
+    // Read to its end (even when refused afterwards), or no body at all: the connection stays.
+    let read = json_post("/v1/videos", &json!({"prompt": "a", "num_inference_steps": -1}));
+    assert_eq!(connection_header(&videos.app, read).await, None);
+    let get = Request::get("/v1/models").body(Body::empty()).unwrap();
+    assert_eq!(connection_header(&videos.app, get).await, None);
+}
+
 #[tokio::test]
 async fn a_body_that_stops_arriving_is_408_after_the_body_read_timeout() {
     let config = ServerConfig { body_read_timeout_secs: 1, ..Default::default() };
