@@ -270,8 +270,8 @@ def test_the_spec_refuses_unknown_values_and_speaks_rusts_names() -> None:
     with pytest.raises(ValueError, match="names no request field: \\['resolution'\\]"):
         dataclasses.replace(SPEC, extra_batch_key_fields=("resolution",))
     info = dataclasses.replace(SPEC, extra_batch_key_fields=("fps",)).info_fields()
-    # `sgl_core::PipelineInfo` denies unknown fields: nothing it does not know yet may be sent.
-    assert "extra_batch_key_fields" not in info and info["guidance"] == "classifier_free"
+    # The names `sgl_core::PipelineInfo` reads (it denies unknown fields).
+    assert info["extra_batch_key_fields"] == ["fps"] and info["guidance"] == "classifier_free"
     assert SPEC.output_key == "images" and dataclasses.replace(SPEC, output="video").output_key == "videos"
     with pytest.raises(dataclasses.FrozenInstanceError):
         SPEC.task = "text-to-video"  # type: ignore[misc]
