@@ -70,20 +70,30 @@ class ByTextLength:
             return self.forward(**{**inputs, self.text_key: text[:, :length].contiguous()})
         predictions = []
         for length, members in groups.items():
-            index = torch.tensor(members, device=text.device)
-            group = {key: self._rows(key, value, index, rows) for key, value in inputs.items()}
+            rows_of_group = self._selector(members, text.device)
+            group = {key: self._rows(key, value, rows_of_group, rows) for key, value in inputs.items()}
             group[self.text_key] = group[self.text_key][:, :length].contiguous()  # type: ignore[index]
-            predictions.append((index, self.forward(**group)))
+            predictions.append((rows_of_group, self.forward(**group)))
         first = predictions[0][1]
         output = first.new_empty((rows, *first.shape[1:]))
-        for index, prediction in predictions:
-            output[index.to(output.device)] = prediction
+        for rows_of_group, prediction in predictions:
+            output[rows_of_group] = prediction
         return output
 
     @staticmethod
-    def _rows(key: str, value: object, index: torch.Tensor, rows: int) -> object:
+    def _selector(members: list[int], device: torch.device) -> slice | torch.Tensor:
+        """The group's rows as a slice when they are consecutive (a request's outputs, one CFG branch of a
+        batch whose prompts agree in length): views, and no index copied to the device every step."""
+        if members[-1] - members[0] + 1 == len(members):
+            return slice(members[0], members[-1] + 1)
+        return torch.tensor(members, device=device)
+
+    @staticmethod
+    def _rows(key: str, value: object, rows_of_group: slice | torch.Tensor, rows: int) -> object:
         if not isinstance(value, torch.Tensor):
             return value
         if value.ndim == 0 or value.shape[0] != rows:
             raise ValueError(f"denoiser input {key} has shape {tuple(value.shape)}, not {rows} batch-first rows")
-        return value.index_select(0, index.to(value.device))
+        if isinstance(rows_of_group, slice):
+            return value[rows_of_group]
+        return value.index_select(0, rows_of_group.to(value.device))
