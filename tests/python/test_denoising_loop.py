@@ -17,6 +17,7 @@ from sgl_diffusion.pipelines.family import FamilyAdapter, FamilyPipeline
 from sgl_diffusion.pipelines.guidance import ClassifierFreeGuidance, NoGuidance, NormPreservingCFG
 from sgl_diffusion.pipelines.hooks import LoopHooks, StepContext
 from sgl_diffusion.pipelines.spec import PipelineLimits, PipelineSpec, SamplingDefaults
+from sgl_diffusion.pipelines.text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 from sgl_diffusion.runtime.options import RuntimeOptions
 from sgl_diffusion.runtime.request import Request
 from sgl_diffusion.schedulers import FlowMatchEulerScheduler
@@ -248,6 +249,32 @@ def test_guiders_run_one_forward_per_branch_or_one_for_both() -> None:
     torch.testing.assert_close(plain[:, 0], torch.tensor([2.0, 3.0]))
 
 
+def test_rows_of_one_text_length_run_together_without_padding() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def denoiser(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, layout: str) -> torch.Tensor:
+        assert layout == "fixed"  # inputs that are no tensors reach every group unchanged
+        calls.append(tuple(encoder_hidden_states.shape[:2]))
+        assert encoder_hidden_states.is_contiguous() and encoder_hidden_states.abs().min() > 0  # no padding
+        return hidden_states * encoder_hidden_states.sum(dim=(1, 2)).view(-1, 1)
+
+    texts = [torch.full((length, 2), float(length)) for length in (3, 1, 3, 2)]
+    padded, lengths = pad_text_rows(texts)
+    assert padded.shape == (4, 3, 2) and lengths.tolist() == [3, 1, 3, 2] and lengths.device.type == "cpu"
+    hidden = torch.arange(1.0, 5.0).view(4, 1)
+    inputs = {"hidden_states": hidden, "encoder_hidden_states": padded, TEXT_LENGTHS: lengths, "layout": "fixed"}
+    out = ByTextLength(denoiser)(**inputs)
+    assert calls == [(2, 3), (1, 1), (1, 2)]  # one forward per length, in order of first appearance
+    torch.testing.assert_close(out[:, 0], torch.tensor([1 * 18.0, 2 * 2.0, 3 * 18.0, 4 * 8.0]))
+    calls.clear()
+    same, same_lengths = pad_text_rows([torch.ones(2, 2)] * 4)
+    longer = torch.cat([same, torch.zeros(4, 1, 2)], dim=1)  # padded past every row's length
+    ByTextLength(denoiser)(**{**inputs, "encoder_hidden_states": longer, TEXT_LENGTHS: same_lengths})
+    assert calls == [(4, 2)]  # one length: one forward over all rows, cut to it
+    with pytest.raises(ValueError, match="hidden_states"):
+        ByTextLength(denoiser)(**{**inputs, "hidden_states": hidden[:2]})
+
+
 def test_dmd_state_renoises_from_each_requests_own_generator_and_drops_cancelled_ones() -> None:
     generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     state = DmdState((1000, 500), (1.0, 0.5), generators, outputs=[1, 2], device=torch.device("cpu"))
@@ -270,8 +297,8 @@ def test_the_spec_refuses_unknown_values_and_speaks_rusts_names() -> None:
     with pytest.raises(ValueError, match="names no request field: \\['resolution'\\]"):
         dataclasses.replace(SPEC, extra_batch_key_fields=("resolution",))
     info = dataclasses.replace(SPEC, extra_batch_key_fields=("fps",)).info_fields()
-    # `sgl_core::PipelineInfo` denies unknown fields: nothing it does not know yet may be sent.
-    assert "extra_batch_key_fields" not in info and info["guidance"] == "classifier_free"
+    # The names `sgl_core::PipelineInfo` reads (it denies unknown fields).
+    assert info["extra_batch_key_fields"] == ["fps"] and info["guidance"] == "classifier_free"
     assert SPEC.output_key == "images" and dataclasses.replace(SPEC, output="video").output_key == "videos"
     with pytest.raises(dataclasses.FrozenInstanceError):
         SPEC.task = "text-to-video"  # type: ignore[misc]

@@ -9,6 +9,8 @@ A family supplies only what differs, through `FamilyAdapter`:
 * `initial_latents`, `sampler`: the starting noise in the family's latent layout, the schedule;
 * `experts`, `expert_for`, `model_inputs`: which denoiser runs a step and with what (packing, position
   ids, per-token timesteps, the image condition);
+* optionally `denoiser`: how the guider calls an expert (by default the module itself; Qwen-Image runs
+  rows of equal prompt length together, `text_lengths.py`);
 * `decode`: latents to pixels;
 * optionally `check_requests`, `encode_images`, `guider`.
 
@@ -29,7 +31,7 @@ from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from .base import BatchState, ProgressFn, Stage, StagedPipeline
 from .conditioning import ModelInputs, RowInputs
-from .guidance import ClassifierFreeGuidance, Guider, NoGuidance
+from .guidance import ClassifierFreeGuidance, Denoiser, Guider, NoGuidance
 from .hooks import LoopHooks
 from .loop import Sampler
 from .spec import PipelineSpec
@@ -86,6 +88,12 @@ class FamilyAdapter(abc.ABC):
     @abc.abstractmethod
     def experts(self) -> Sequence[torch.nn.Module]:
         """The denoisers, in the order `expert_for` indexes them (what `--enable-torch-compile` compiles)."""
+
+    def denoiser(self, expert: int) -> Denoiser:
+        """What the guider calls for expert `expert` with a step's keyword inputs: the module itself unless the
+        family must shape the call (e.g. `text_lengths.ByTextLength`). `experts` stay the modules, so
+        compilation and CUDA graphs act on the same forward either way."""
+        return self.experts[expert]
 
     def expert_for(self, timestep: torch.Tensor) -> int:
         """The index of the expert that denoises at `timestep` (and whose CFG scale applies)."""

@@ -52,7 +52,6 @@ class DenoisingLoop:
     def run(self, state: BatchState, adapter: FamilyAdapter, sampler: Sampler, guider: Guider) -> None:
         """Denoises `state["latents"]` in place (as a row tensor) with `state["conditioning"]`; returns early
         once every request of the batch was cancelled."""
-        experts = adapter.experts
         total = sampler.num_steps
         timer = state.perf.step_timer()
         for index in range(total):
@@ -62,7 +61,7 @@ class DenoisingLoop:
             self.hooks.step_start(step)
             latents = state["latents"]
             inputs = adapter.model_inputs(state, latents, timestep)
-            prediction = guider.predict(experts[expert], inputs, state["conditioning"], expert)
+            prediction = guider.predict(adapter.denoiser(expert), inputs, state["conditioning"], expert)
             state.set_rows("latents", sampler.step(prediction, latents))
             timer.step_done(index)
             self.hooks.step_end(step)

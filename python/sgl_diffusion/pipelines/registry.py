@@ -14,6 +14,7 @@ from .base import StagedPipeline
 from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
+from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
 from .spec import SamplingDefaults
 from .wan import WanImageToVideoPipeline, WanPipeline
 
@@ -24,6 +25,7 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     WanImageToVideoPipeline.pipeline_class: WanImageToVideoPipeline,
     # FastVideo's FastWan folders name their (DMD) pipeline `WanDMDPipeline`.
     FastWanPipeline.pipeline_class: FastWanPipeline,
+    QwenImagePipeline.pipeline_class: QwenImagePipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
@@ -73,6 +75,9 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     # DMD-distilled: 3 fixed timesteps (1000, 757, 522), no CFG (see fastwan.py).
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FASTWAN21_DEFAULTS,
     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FASTWAN22_TI2V_5B_DEFAULTS,
+    # The model cards' settings (diffusers' __call__ has no negative prompt, so no CFG): see qwen_image.py.
+    "Qwen/Qwen-Image": QWEN_IMAGE_DEFAULTS,
+    "Qwen/Qwen-Image-2512": QWEN_IMAGE_DEFAULTS,
 }  # fmt: skip
 
 

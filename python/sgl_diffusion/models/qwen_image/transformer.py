@@ -553,6 +553,12 @@ class QwenImageTransformer2DModel(nn.Module):
         # With zero_cond_t the output is modulated at the real timestep (the first B rows of temb).
         return self.proj_out(self.norm_out(img, temb[:batch]))
 
+    @staticmethod
+    def tokens_per_sample(hidden_states: torch.Tensor) -> int:
+        """Image tokens of one sample of the packed latents ``(B, N, C)`` (all pieces): what the engine's
+        CFG-batching and CUDA-graph size rules count."""
+        return int(hidden_states.shape[1])
+
     def fuse_projections(self) -> int:
         """Pack each attention's q/k/v projections into one GEMM per stream (call after loading weights).
 
