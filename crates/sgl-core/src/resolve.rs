@@ -2,39 +2,44 @@ use std::hash::{BuildHasher, Hasher};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fields::Fields;
 use crate::{
-    FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo, PipelineLimits,
-    ValidationError, MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_TIMEOUT_SECONDS,
+    declare_fields, FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo,
+    PipelineLimits, ValidationError, MAX_PROMPT_CHARS,
 };
 
-/// A request with every default filled in from the pipeline and every value checked against it.
-/// This is what the scheduler batches and what the Python executor receives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResolvedRequest {
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub num_frames: u32,
-    pub num_inference_steps: u32,
-    pub guidance_scale: f64,
-    pub true_cfg_scale: f64,
-    pub seed: u64,
-    pub max_sequence_length: u32,
-    pub num_outputs: u32,
-    pub flow_shift: Option<f64>,
-    /// Guidance of the low-noise expert, for pipelines that have one.
-    pub guidance_scale_2: Option<f64>,
-    /// Frame rate of video outputs; `None` for images.
-    pub fps: Option<u32>,
-    /// Input image file for image-to-video.
-    pub image_path: Option<String>,
-    /// Whether this request runs a second, unconditional branch (classifier-free guidance).
-    pub cfg_enabled: bool,
-    pub output_format: OutputFormat,
-    pub output_quality: Option<u8>,
-    /// Adjustments made while resolving (e.g. a frame count rounded down), for the user to see.
-    pub notes: Vec<String>,
+declare_fields! {
+    /// A request with every default filled in from the pipeline and every value checked against it.
+    /// This is what the scheduler batches and what the Python executor receives (its mirror,
+    /// `runtime/request.py`, is built from [`crate::fields::Fields::FIELDS`]).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct ResolvedRequest {
+        pub prompt: String,
+        pub negative_prompt: Option<String>,
+        pub width: u32,
+        pub height: u32,
+        pub num_frames: u32,
+        pub num_inference_steps: u32,
+        pub guidance_scale: f64,
+        pub true_cfg_scale: f64,
+        pub seed: u64,
+        pub max_sequence_length: u32,
+        /// Outputs of the request (its `num_outputs_per_prompt`).
+        pub num_outputs: u32,
+        pub flow_shift: Option<f64>,
+        /// Guidance of the low-noise expert, for pipelines that have one.
+        pub guidance_scale_2: Option<f64>,
+        /// Frame rate of video outputs; `None` for images.
+        pub fps: Option<u32>,
+        /// Input image file for image-to-video.
+        pub image_path: Option<String>,
+        /// Whether this request runs a second, unconditional branch (classifier-free guidance).
+        pub cfg_enabled: bool,
+        pub output_format: OutputFormat,
+        pub output_quality: Option<u8>,
+        /// Adjustments made while resolving (e.g. a frame count rounded down), for the user to see.
+        pub notes: Vec<String>,
+    }
 }
 
 /// Requests with equal keys can share one batched forward pass: everything that changes tensor
@@ -178,16 +183,11 @@ impl ResolvedRequest {
         }
 
         let num_outputs = request.num_outputs_per_prompt.unwrap_or(1);
-        in_range("num_outputs_per_prompt", num_outputs, 1, MAX_OUTPUTS_PER_REQUEST)?;
+        declared_bounds("num_outputs_per_prompt", f64::from(num_outputs))?;
         let num_inference_steps = request.num_inference_steps.unwrap_or(defaults.num_inference_steps);
         in_range("num_inference_steps", num_inference_steps, 1, limits.max_steps)?;
         if let Some(timeout) = request.timeout_seconds {
-            if !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_TIMEOUT_SECONDS) {
-                return Err(ValidationError::new(
-                    "timeout_seconds",
-                    format!("must be a number of seconds > 0 and at most {MAX_TIMEOUT_SECONDS}, got {timeout}"),
-                ));
-            }
+            declared_bounds("timeout_seconds", timeout)?;
         }
         let guidance_scale = request.guidance_scale.unwrap_or(defaults.guidance_scale);
         non_negative("guidance_scale", guidance_scale)?;
@@ -255,7 +255,7 @@ impl ResolvedRequest {
         };
 
         if let Some(quality) = request.output_quality {
-            in_range("output_quality", u32::from(quality), 1, 100)?;
+            declared_bounds("output_quality", f64::from(quality))?;
         }
         let guidance_scale_2 = match (request.guidance_scale_2, info.supports_guidance_scale_2) {
             (Some(_), false) => {
@@ -281,7 +281,7 @@ impl ResolvedRequest {
             (OutputKind::Image, None) => None,
             (OutputKind::Video, requested) => {
                 let fps = requested.or(defaults.fps).unwrap_or(16);
-                in_range("fps", fps, 1, MAX_FPS)?;
+                declared_bounds("fps", f64::from(fps))?;
                 Some(fps)
             }
         };
@@ -328,6 +328,31 @@ fn in_range(field: &str, value: u32, min: u32, max: u32) -> Result<(), Validatio
         return Err(ValidationError::new(field, format!("must be between {min} and {max}, got {value}")));
     }
     Ok(())
+}
+
+/// Checks a value against the bounds its field declares in [`GenerationRequest`]'s table (the bounds
+/// that do not depend on the pipeline).
+fn declared_bounds(field: &str, value: f64) -> Result<(), ValidationError> {
+    let Some(bounds) = GenerationRequest::field(field).map(|spec| spec.value) else {
+        return Ok(());
+    };
+    let above_min = |min: f64| if bounds.min_exclusive { value > min } else { value >= min };
+    if value.is_finite() && bounds.min.is_none_or(above_min) && bounds.max.is_none_or(|max| value <= max) {
+        return Ok(());
+    }
+    let lower = match bounds.min {
+        Some(min) if bounds.min_exclusive => format!("> {min}"),
+        Some(min) => format!("at least {min}"),
+        None => String::new(),
+    };
+    let message = match (bounds.min, bounds.max) {
+        (Some(min), Some(max)) if !bounds.min_exclusive => format!("must be between {min} and {max}, got {value}"),
+        (Some(_), Some(max)) => format!("must be {lower} and at most {max}, got {value}"),
+        (Some(_), None) => format!("must be {lower}, got {value}"),
+        (None, Some(max)) => format!("must be at most {max}, got {value}"),
+        (None, None) => format!("must be a finite number, got {value}"),
+    };
+    Err(ValidationError::new(field, message))
 }
 
 fn non_negative(field: &str, value: f64) -> Result<(), ValidationError> {
@@ -415,7 +440,7 @@ fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{PipelineLimits, SamplingDefaults};
+    use crate::{PipelineLimits, SamplingDefaults, MAX_TIMEOUT_SECONDS};
 
     fn flux_info() -> PipelineInfo {
         PipelineInfo {
