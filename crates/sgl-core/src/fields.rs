@@ -64,8 +64,8 @@ impl ValueType {
         Self { kind, optional: false, list: false, choices: &[], min: None, min_exclusive: false, max: None }
     }
 
-    /// An integer type with its own range (`u16`: 0 to 65535); bounds beyond `f64`'s exact integers
-    /// (`u64::MAX`) are left open, no field needs them.
+    /// An integer type with its own range (`u16`: 0 to 65535). Wide types leave the top open: no field
+    /// nears `u32::MAX`, and a bound there would only clutter every face.
     pub const fn integer(min: f64, max: Option<f64>) -> Self {
         Self { min: Some(min), max, ..Self::of(ValueKind::Integer) }
     }
@@ -92,7 +92,7 @@ field_value! {
     bool => ValueType::of(ValueKind::Bool),
     u8 => ValueType::integer(0.0, Some(u8::MAX as f64)),
     u16 => ValueType::integer(0.0, Some(u16::MAX as f64)),
-    u32 => ValueType::integer(0.0, Some(u32::MAX as f64)),
+    u32 => ValueType::integer(0.0, None),
     u64 => ValueType::integer(0.0, None),
     usize => ValueType::integer(0.0, None),
     f64 => ValueType::of(ValueKind::Number),
