@@ -255,19 +255,27 @@ impl FieldSpec {
     }
 }
 
-/// A table as Python and the native binary read it: each field's entry with its `flag` spelled out and
-/// its doc comment as one line of `help`.
-pub fn table_json(fields: &[FieldSpec]) -> serde_json::Value {
+/// A table as Python and the native binary read it: each field's entry with its `flag` spelled out, its
+/// doc comment as one line of `help`, and its `default` taken from `defaults` (the struct's `Default`
+/// serialized; `null` where there is none to show).
+pub fn table_json(fields: &[FieldSpec], defaults: Option<&serde_json::Value>) -> serde_json::Value {
     let entries = fields.iter().map(|field| {
         let mut entry = serde_json::to_value(field).unwrap_or_default();
         if let Some(object) = entry.as_object_mut() {
             object.remove("doc");
             object.insert("help".into(), field.help().into());
             object.insert("flag".into(), field.flag_name().into());
+            let default = defaults.and_then(|defaults| defaults.get(field.name)).cloned();
+            object.insert("default".into(), default.unwrap_or_default());
         }
         entry
     });
     serde_json::Value::Array(entries.collect())
+}
+
+/// [`table_json`] of a struct whose `Default` holds the defaults its flags show.
+pub fn table_json_with_defaults<T: Fields + Default + Serialize>() -> serde_json::Value {
+    table_json(T::FIELDS, serde_json::to_value(T::default()).ok().as_ref())
 }
 
 /// A struct declared with [`declare_fields!`]: its fields in declaration order.
@@ -325,6 +333,12 @@ macro_rules! declare_fields {
                     <$ty as $crate::fields::FieldValue>::TYPE,
                 ) $($($spec)*)?
             ),*];
+        }
+
+        // A declared struct nests in another as an object (the engine config holds the model's).
+        impl $crate::fields::FieldValue for $name {
+            const TYPE: $crate::fields::ValueType =
+                $crate::fields::ValueType::of($crate::fields::ValueKind::Object);
         }
     };
 }
@@ -395,7 +409,8 @@ mod tests {
 
     #[test]
     fn the_table_serializes_for_python() {
-        let json = table_json(Sample::FIELDS);
+        let json = table_json_with_defaults::<Sample>();
+        assert_eq!((json[1]["default"].as_u64(), json[2]["default"].as_null()), (Some(0), Some(())));
         assert_eq!((json[1]["kind"].as_str(), json[1]["min"].as_f64()), (Some("integer"), Some(1.0)));
         assert_eq!((json[1]["flag"].as_str(), json[3]["flag"].as_str()), (Some("--how-many"), Some("--port")));
         assert_eq!(json[0]["help"], "First line and second line.");
