@@ -26,9 +26,9 @@ declare_fields! {
         /// tiny model.
         #[serde(default)]
         pub model_path: Option<String>,
-        /// `cuda` (default when present) or `cpu`; the Python API also takes `cuda:N`.
+        /// cuda (default when present), cuda:N or cpu.
         #[serde(default)]
-        pub device: Option<String> [.choices(&["cuda", "cpu"])],
+        pub device: Option<String>,
         /// Precision of the DiT; default: bf16 on cuda, fp32 on cpu.
         #[serde(default)]
         pub dit_precision: Option<String> [.choices(PRECISIONS).aliases(&["--precision"])],

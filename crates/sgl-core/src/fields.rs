@@ -256,17 +256,34 @@ impl FieldSpec {
 }
 
 /// A table as Python and the native binary read it: each field's entry with its `flag` spelled out, its
-/// doc comment as one line of `help`, and its `default` taken from `defaults` (the struct's `Default`
-/// serialized; `null` where there is none to show).
-pub fn table_json(fields: &[FieldSpec], defaults: Option<&serde_json::Value>) -> serde_json::Value {
+/// `group` (the field's own heading, else `group`), its `default` taken from `defaults` (the struct's
+/// `Default` serialized; `null` where there is none), and its doc comment as one line of `help` that
+/// ends with that default when there is one to show.
+pub fn table_json(fields: &[FieldSpec], group: &str, defaults: Option<&serde_json::Value>) -> serde_json::Value {
     let entries = fields.iter().map(|field| {
+        let default = defaults.and_then(|defaults| defaults.get(field.name)).cloned().unwrap_or_default();
+        let shown = match &default {
+            serde_json::Value::Null | serde_json::Value::Bool(_) => None,
+            serde_json::Value::Array(items) if items.is_empty() => None,
+            serde_json::Value::String(text) if text.is_empty() => None,
+            serde_json::Value::String(text) => Some(text.clone()),
+            other => Some(other.to_string()),
+        };
+        let help = match shown {
+            Some(shown) => {
+                let help = field.help();
+                let (text, stop) = help.strip_suffix('.').map_or((help.as_str(), ""), |text| (text, "."));
+                format!("{text} (default {shown}){stop}").trim_start().to_string()
+            }
+            None => field.help(),
+        };
         let mut entry = serde_json::to_value(field).unwrap_or_default();
         if let Some(object) = entry.as_object_mut() {
             object.remove("doc");
-            object.insert("help".into(), field.help().into());
+            object.insert("help".into(), help.into());
             object.insert("flag".into(), field.flag_name().into());
-            let default = defaults.and_then(|defaults| defaults.get(field.name)).cloned();
-            object.insert("default".into(), default.unwrap_or_default());
+            object.insert("group".into(), field.group.unwrap_or(group).into());
+            object.insert("default".into(), default);
         }
         entry
     });
@@ -274,8 +291,8 @@ pub fn table_json(fields: &[FieldSpec], defaults: Option<&serde_json::Value>) ->
 }
 
 /// [`table_json`] of a struct whose `Default` holds the defaults its flags show.
-pub fn table_json_with_defaults<T: Fields + Default + Serialize>() -> serde_json::Value {
-    table_json(T::FIELDS, serde_json::to_value(T::default()).ok().as_ref())
+pub fn table_json_with_defaults<T: Fields + Default + Serialize>(group: &str) -> serde_json::Value {
+    table_json(T::FIELDS, group, serde_json::to_value(T::default()).ok().as_ref())
 }
 
 /// A struct declared with [`declare_fields!`]: its fields in declaration order.
@@ -297,12 +314,16 @@ pub struct BoundError(pub String);
 /// the error names the first field's flag, the way the command line spells it.
 pub fn check_bounds<T: Fields + Serialize>(value: &T) -> Result<(), BoundError> {
     let json = serde_json::to_value(value).map_err(|err| BoundError(format!("cannot check the bounds: {err}")))?;
-    for field in T::FIELDS {
-        if let Some(problem) = json.get(field.name).and_then(|value| field.bound_problem(value)) {
-            return Err(BoundError(problem));
-        }
+    check_json_bounds(T::FIELDS, &json)
+}
+
+/// [`check_bounds`] of a JSON object before it is parsed: a negative count is then named by its flag
+/// ("must be at least 0") rather than by serde ("expected u64").
+pub fn check_json_bounds(fields: &[FieldSpec], json: &serde_json::Value) -> Result<(), BoundError> {
+    match fields.iter().find_map(|field| json.get(field.name).and_then(|value| field.bound_problem(value))) {
+        Some(problem) => Err(BoundError(problem)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Declares a struct and its field table ([`Fields::FIELDS`]) in one place.
@@ -409,8 +430,12 @@ mod tests {
 
     #[test]
     fn the_table_serializes_for_python() {
-        let json = table_json_with_defaults::<Sample>();
+        let json = table_json_with_defaults::<Sample>("sample");
         assert_eq!((json[1]["default"].as_u64(), json[2]["default"].as_null()), (Some(0), Some(())));
+        assert_eq!(json[2]["help"], "Seconds.");
+        assert_eq!(json[1]["help"], "(default 0)");
+        assert_eq!(json[3]["help"], "(default 0)");
+        assert_eq!((json[0]["group"].as_str(), json[4]["group"].as_str()), (Some("sample"), Some("sample")));
         assert_eq!((json[1]["kind"].as_str(), json[1]["min"].as_f64()), (Some("integer"), Some(1.0)));
         assert_eq!((json[1]["flag"].as_str(), json[3]["flag"].as_str()), (Some("--how-many"), Some("--port")));
         assert_eq!(json[0]["help"], "First line and second line.");

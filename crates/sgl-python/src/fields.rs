@@ -6,19 +6,19 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use serde::de::DeserializeOwned;
 use sgl_bridge::{EngineConfig, ModelConfig};
-use sgl_core::fields::{table_json, table_json_with_defaults, Fields};
+use sgl_core::fields::{check_json_bounds, table_json, table_json_with_defaults, Fields};
 use sgl_core::{GenerationRequest, ResolvedRequest};
 use sgl_http::ServerConfig;
 
 /// Every table by name: the request as submitted and as resolved, the model options, the engine's
-/// (scheduler) options and the server's.
+/// (scheduler) options and the server's; the name is also the `--help` heading of their flags.
 pub fn tables() -> serde_json::Value {
     serde_json::json!({
-        "request": table_json(GenerationRequest::FIELDS, None),
-        "resolved": table_json(ResolvedRequest::FIELDS, None),
-        "model": table_json(ModelConfig::FIELDS, None),
-        "engine": table_json_with_defaults::<EngineConfig>(),
-        "server": table_json_with_defaults::<ServerConfig>(),
+        "request": table_json(GenerationRequest::FIELDS, "request", None),
+        "resolved": table_json(ResolvedRequest::FIELDS, "resolved", None),
+        "model": table_json(ModelConfig::FIELDS, "model", None),
+        "engine": table_json_with_defaults::<EngineConfig>("scheduler"),
+        "server": table_json_with_defaults::<ServerConfig>("server"),
     })
 }
 
@@ -28,8 +28,12 @@ fn fields_json() -> String {
     tables().to_string()
 }
 
-fn parse<T: DeserializeOwned>(what: &str, config_json: &str) -> PyResult<T> {
-    serde_json::from_str(config_json).map_err(|e| PyValueError::new_err(format!("invalid {what}: {e}")))
+/// Parses a config, its declared bounds checked first (they name the flag, serde would name the type).
+fn parse<T: DeserializeOwned + Fields>(what: &str, config_json: &str) -> PyResult<T> {
+    let invalid = |message: String| PyValueError::new_err(format!("invalid {what}: {message}"));
+    let json: serde_json::Value = serde_json::from_str(config_json).map_err(|e| invalid(e.to_string()))?;
+    check_json_bounds(T::FIELDS, &json).map_err(|e| invalid(e.0))?;
+    serde_json::from_value(json).map_err(|e| invalid(e.to_string()))
 }
 
 /// Raises `ValueError` naming the flag of the first setting of an engine config that is out of bounds.
@@ -43,7 +47,7 @@ fn check_engine_config(config_json: &str) -> PyResult<()> {
 #[pyfunction]
 fn check_server_config(config_json: &str) -> PyResult<()> {
     let config: ServerConfig = parse("server config", config_json)?;
-    config.validate().map_err(|e| PyValueError::new_err(e.to_string()))
+    config.validate().map_err(|e| PyValueError::new_err(format!("invalid server config: {e}")))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
