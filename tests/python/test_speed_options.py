@@ -136,6 +136,19 @@ def test_api_warmup_runs_before_the_first_request(flux_dir: Path, caplog: pytest
         gen.shutdown()
 
 
+def test_warmup_is_a_request_the_core_resolves(tmp_path: Path) -> None:
+    """The warm-up request is resolved by the Rust core at the model's defaults, like any request: the tiny Wan I2V
+    fixture's defaults (832x480, 81 frames) are beyond its own limits (its RoPE table covers 512 pixels a side), so
+    warming it up is refused at load, naming the field, instead of running a request no user could send. (The
+    input image an image-to-video warm-up gets, and its guidance rules, are tested in `sgl_bridge::warmup`.)"""
+    from sgl_diffusion import DiffGenerator, ModelLoadError
+    from sgl_diffusion.testing import build_fixture
+
+    folder = build_fixture("wan21_i2v", tmp_path / "wan21_i2v")
+    with pytest.raises(ModelLoadError, match=r"defaults are not a valid request \(invalid `width`.*--no-warmup"):
+        DiffGenerator.from_pretrained(folder, device="cpu", warmup=True)
+
+
 def test_api_rejects_an_unknown_speed_option(flux_dir: Path) -> None:
     from sgl_diffusion import DiffGenerator
 
