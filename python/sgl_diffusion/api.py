@@ -151,8 +151,6 @@ class DiffGenerator:
         request: dict[str, Any] = {**fields, "prompt": prompt}
         if image is not None:
             request["image_path"] = _image_path(image)
-        elif request.get("image_path") is not None:
-            request["image_path"] = _image_path(request["image_path"])
         request["output_format"] = "npy" if output_type == "np" or self.info["output"] == "video" else "png"
         result = collect(self.submit(**request), on_progress)
         if self.info["output"] == "video" and output_type == "pil":
@@ -189,10 +187,10 @@ def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None 
 
 
 def _image_path(image: str | Path | Image.Image) -> str:
-    """The engine takes input images as files; a PIL image is written to a temporary PNG (removed
-    when the process exits)."""
+    """The engine takes input images as files (and makes their paths absolute); a PIL image is written to a
+    temporary PNG (removed when the process exits)."""
     if isinstance(image, (str, Path)):
-        return str(Path(image).resolve())
+        return str(image)
     fd, path = tempfile.mkstemp(suffix=".png", prefix="sgl-diffusion-input-")
     with os.fdopen(fd, "wb") as f:
         image.save(f, format="PNG")

@@ -405,10 +405,17 @@ fn resolve_image(path: Option<&str>, info: &PipelineInfo) -> Result<Option<Strin
             "image",
             format!("{} generates from an image: an input image is required", info.pipeline_class),
         )),
-        (_, Some(path)) if !std::path::Path::new(path).is_file() => {
-            Err(ValidationError::new("image", format!("input image file {path:?} does not exist")))
-        }
-        (_, path) => Ok(path.map(str::to_string)),
+        (_, Some(path)) => absolute_file(path).map(Some),
+        (_, None) => Ok(None),
+    }
+}
+
+/// An input file by its canonical path: the request names it the same wherever it runs and is
+/// recorded (a relative path means the submitter's working directory, which the engine shares).
+fn absolute_file(path: &str) -> Result<String, ValidationError> {
+    match std::fs::canonicalize(path) {
+        Ok(absolute) if absolute.is_file() => Ok(absolute.to_string_lossy().into_owned()),
+        _ => Err(ValidationError::new("image", format!("input image file {path:?} does not exist"))),
     }
 }
 
@@ -750,6 +757,13 @@ mod tests {
         assert!(resolved.batch_key().has_image);
         let missing = GenerationRequest { image_path: Some("/no/such/image.png".into()), ..req("a") };
         assert_eq!(field_of(missing, &i2v), "image");
+        // A relative path is the working directory's; the request carries the canonical path.
+        let canonical = std::fs::canonicalize(&image).unwrap().to_string_lossy().into_owned();
+        let up = "../".repeat(std::env::current_dir().unwrap().components().count() - 1);
+        for given in [format!("{up}{}", image.trim_start_matches('/')), image.clone()] {
+            let request = GenerationRequest { image_path: Some(given), ..req("a") };
+            assert_eq!(ResolvedRequest::resolve(&request, &i2v).unwrap().image_path, Some(canonical.clone()));
+        }
         let _ = std::fs::remove_file(image);
     }
 

@@ -81,8 +81,6 @@ def generate(options: dict[str, Any]) -> int:
 
     generator = DiffGenerator.from_config(engine_config(options))
     fields = {field.name: options.get(field.dest) for field in table("request")}
-    if fields.get("image_path"):
-        fields["image_path"] = str(Path(fields["image_path"]).resolve())
     try:
         handle = generator.submit(**fields)
         request = json.loads(handle.request_json)
