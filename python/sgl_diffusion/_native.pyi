@@ -78,6 +78,8 @@ class RequestFields(TypedDict, total=False):
     """Frames per second of a video output (at most 120)."""
     image_path: str | None
     """Input image file for image-to-video (its first frame). HTTP clients upload the image (`input_reference`); the server stores the file."""
+    image_paths: list[str] | None
+    """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"] | None
     """How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float arrays); default: png for images, mp4 for videos."""
     output_quality: int | None
@@ -153,7 +155,9 @@ class ResolvedRequest(Protocol):
     fps: int | None
     """Frame rate of video outputs; `None` for images."""
     image_path: str | None
-    """Input image file for image-to-video."""
+    """Input image file for image-to-video: the first of `image_paths` (what one-image pipelines read)."""
+    image_paths: tuple[str, ...]
+    """Every input image file, in order."""
     cfg_enabled: bool
     """Whether this request runs a second, unconditional branch (classifier-free guidance)."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"]

@@ -75,6 +75,11 @@ declare_fields! {
         /// (`input_reference`); the server stores the file.
         #[serde(default)]
         pub image_path: Option<String>,
+        /// Input image files, in order, for models that take several (reference images of image
+        /// editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the
+        /// other.
+        #[serde(default)]
+        pub image_paths: Option<Vec<String>>,
         /// How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float
         /// arrays); default: png for images, mp4 for videos.
         #[serde(default)]

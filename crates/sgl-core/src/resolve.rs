@@ -31,8 +31,10 @@ declare_fields! {
         pub guidance_scale_2: Option<f64>,
         /// Frame rate of video outputs; `None` for images.
         pub fps: Option<u32>,
-        /// Input image file for image-to-video.
+        /// Input image file for image-to-video: the first of `image_paths` (what one-image pipelines read).
         pub image_path: Option<String>,
+        /// Every input image file, in order.
+        pub image_paths: Vec<String>,
         /// Whether this request runs a second, unconditional branch (classifier-free guidance).
         pub cfg_enabled: bool,
         pub output_format: OutputFormat,
@@ -285,7 +287,7 @@ impl ResolvedRequest {
                 Some(fps)
             }
         };
-        let image_path = resolve_image(request.image_path.as_deref(), info)?;
+        let image_paths = resolve_images(request, info)?;
         let output_format = resolve_output_format(request.output_format, info)?;
 
         Ok(Self {
@@ -303,7 +305,8 @@ impl ResolvedRequest {
             flow_shift,
             guidance_scale_2,
             fps,
-            image_path,
+            image_path: image_paths.first().cloned(),
+            image_paths,
             cfg_enabled,
             output_format,
             output_quality: request.output_quality,
@@ -395,18 +398,32 @@ fn resolve_frames(requested: u32, info: &PipelineInfo, notes: &mut Vec<String>) 
     }
 }
 
-fn resolve_image(path: Option<&str>, info: &PipelineInfo) -> Result<Option<String>, ValidationError> {
-    match (info.image_input, path) {
-        (ImageInput::None, Some(_)) => Err(ValidationError::new(
+/// The input images, from `image_path` or `image_paths`, checked against what the pipeline takes.
+fn resolve_images(request: &GenerationRequest, info: &PipelineInfo) -> Result<Vec<String>, ValidationError> {
+    let given: Vec<&String> = match (&request.image_path, &request.image_paths) {
+        (Some(_), Some(_)) => {
+            return Err(ValidationError::new("image_paths", "give image_path or image_paths, not both"))
+        }
+        (Some(path), None) => vec![path],
+        (None, paths) => paths.iter().flatten().collect(),
+    };
+    // Every pipeline here takes at most one image; one that takes several (Qwen-Image-Edit-Plus: 1-3)
+    // will say how many in its `PipelineInfo`.
+    let most = usize::from(info.image_input != ImageInput::None);
+    match (info.image_input, given.len()) {
+        (ImageInput::None, 1..) => Err(ValidationError::new(
             "image",
             format!("{} is {} and takes no input image", info.pipeline_class, info.task),
         )),
-        (ImageInput::Required, None) => Err(ValidationError::new(
+        (ImageInput::Required, 0) => Err(ValidationError::new(
             "image",
             format!("{} generates from an image: an input image is required", info.pipeline_class),
         )),
-        (_, Some(path)) => absolute_file(path).map(Some),
-        (_, None) => Ok(None),
+        (_, count) if count > most => Err(ValidationError::new(
+            "image_paths",
+            format!("{} takes at most {most} input image, got {count}", info.pipeline_class),
+        )),
+        _ => given.into_iter().map(|path| absolute_file(path)).collect(),
     }
 }
 
@@ -764,6 +781,17 @@ mod tests {
             let request = GenerationRequest { image_path: Some(given), ..req("a") };
             assert_eq!(ResolvedRequest::resolve(&request, &i2v).unwrap().image_path, Some(canonical.clone()));
         }
+        // `image_paths` is the list form; one image fills both resolved fields.
+        let listed = GenerationRequest { image_paths: Some(vec![image.clone()]), ..req("a") };
+        let resolved = ResolvedRequest::resolve(&listed, &i2v).unwrap();
+        assert_eq!((resolved.image_path.clone(), resolved.image_paths), (Some(canonical.clone()), vec![canonical]));
+        let both = GenerationRequest { image_path: Some(image.clone()), ..listed.clone() };
+        assert_eq!(field_of(both, &i2v), "image_paths");
+        let two = GenerationRequest { image_paths: Some(vec![image.clone(), image.clone()]), ..req("a") };
+        let err = ResolvedRequest::resolve(&two, &i2v).unwrap_err();
+        assert_eq!((err.field.as_str(), err.message.contains("at most 1 input image, got 2")), ("image_paths", true));
+        assert_eq!(field_of(GenerationRequest { image_paths: Some(vec![]), ..req("a") }, &i2v), "image");
+        assert_eq!(field_of(listed, &flux_info()), "image");
         let _ = std::fs::remove_file(image);
     }
 
