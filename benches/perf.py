@@ -894,7 +894,7 @@ def ours_generate(pipeline: Any, request: Any) -> Any:
 
 
 def ours_keep(pipeline: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
-    key = "videos" if pipeline.output == "video" else "images"
+    key = pipeline.spec.output_key
 
     def keep(state: Any) -> tuple[Any, dict[str, Any]]:
         perf = state.perf.as_dict()
@@ -907,7 +907,7 @@ def ours_keep(pipeline: Any) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
 
 
 def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    from sgl_diffusion.runtime.compile import compile_repeated_blocks, repeated_blocks
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks
     from sgl_diffusion.runtime.cuda_graphs import cuda_graph_runner
 
     family = "flux" if args.workload == "flux-e2e" else "wan"
@@ -929,8 +929,7 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     pipeline = executor.pipeline
     if args.compile and not engine_compile:
         for denoiser in pipeline.denoisers():
-            if repeated_blocks(denoiser):  # a tiny smoke-test config may have one block of a kind only
-                compile_repeated_blocks(denoiser, backend=args.compile_backend)
+            compile_repeated_blocks(denoiser, backend=args.compile_backend)
     runners = [cuda_graph_runner(d) for d in pipeline.denoisers()]
     ablation = args.graph_ablation and any(runners)
 

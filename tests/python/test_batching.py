@@ -52,14 +52,14 @@ def test_incompatible_requests_do_not_share_a_batch(batching_generator) -> None:
 def test_a_failing_request_does_not_fail_its_neighbours(batching_generator, monkeypatch) -> None:
     # Inject a fault into the text encoder for one prompt: the batch fails, the scheduler retries
     # each request alone, and only the faulty one reports an error.
-    original = flux.EncodeText._encode
+    original = flux.FluxAdapter.encode_texts
 
     def faulty(self, texts, seq_len, device):
         if any("explode" in text for text in texts):
             raise RuntimeError("injected text-encoder fault")
         return original(self, texts, seq_len, device)
 
-    monkeypatch.setattr(flux.EncodeText, "_encode", faulty)
+    monkeypatch.setattr(flux.FluxAdapter, "encode_texts", faulty)
     handles = [
         submit(batching_generator, prompt="a cat", seed=1),
         submit(batching_generator, prompt="please explode", seed=2),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SMALL
-from sgl_diffusion.pipelines.flux import EncodeText, FluxPipeline
+from sgl_diffusion.pipelines.flux import FluxPipeline
 from sgl_diffusion.runtime.options import RuntimeOptions
 
 #: Pixels are in [0, 1], fp32 on the CPU. Our native transformer and stages run diffusers' operations in
@@ -71,7 +71,7 @@ def test_guidance_and_seed_change_the_output(generator) -> None:
 def test_text_embeddings_match_diffusers(flux_dir, diffusers_flux) -> None:
     pipeline = FluxPipeline.load(flux_dir, RuntimeOptions.for_device("cpu"), None)
     prompts = ["a photo of a cat", "A Fox in the SNOW, highly detailed, 4k!", ""]
-    pooled, embeds = EncodeText(pipeline)._encode(prompts, 32, torch.device("cpu"))
+    pooled, embeds = pipeline.adapter.encode_texts(prompts, 32, torch.device("cpu"))
     # The same transformers encoders on the same weights and token ids: equal bits are expected. The
     # reference runs without autograd, as diffusers' __call__ runs it: diffusers leaves requires_grad
     # on, and a T5 position bias that requires grad sends SDPA to its math kernel instead of the fused

@@ -68,6 +68,30 @@ def test_compile_rejects_a_model_without_blocks() -> None:
         compile_repeated_blocks(torch.nn.Linear(2, 2))
 
 
+def test_compile_units_are_the_blocks_a_model_declares() -> None:
+    from sgl_diffusion.models.flux import transformer as flux
+    from sgl_diffusion.models.wan import transformer as wan
+    from sgl_diffusion.runtime.compile import repeated_blocks
+
+    class Declared(torch.nn.Module):
+        _repeated_blocks = ("stack", "tail")
+
+        def __init__(self, linears: int) -> None:
+            super().__init__()
+            self.stack = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(linears))
+            self.tail = torch.nn.ModuleList([torch.nn.Conv1d(2, 2, 1)])  # one block alone still counts
+            self.other = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))  # undeclared: left eager
+
+    model = Declared(3)
+    assert repeated_blocks(model) == [*model.stack, *model.tail]
+    Declared._repeated_blocks = ("stack", "missing")
+    with pytest.raises(TypeError, match="names 'missing', which is no nn.ModuleList"):
+        repeated_blocks(model)
+    # The native models name lists they have (a typo would fail at load time, not compile nothing).
+    assert flux.FluxTransformer2DModel._repeated_blocks == ("transformer_blocks", "single_transformer_blocks")
+    assert wan.WanTransformer3DModel._repeated_blocks == ("blocks",)
+
+
 def test_batched_true_cfg_matches_two_forwards(flux_dir: Path) -> None:
     request = flux_request(negative_prompt="blurry", true_cfg_scale=4.0, cfg_enabled=True)
     forwards: dict[str, list[int]] = {"on": [], "off": []}
@@ -84,7 +108,7 @@ def test_batched_true_cfg_matches_two_forwards(flux_dir: Path) -> None:
 
 
 def test_cfg_batching_auto_is_chosen_by_token_count() -> None:
-    from sgl_diffusion.pipelines.common import CFG_BATCH_MAX_TOKENS, use_batched_cfg
+    from sgl_diffusion.pipelines.guidance import CFG_BATCH_MAX_TOKENS, use_batched_cfg
 
     assert use_batched_cfg("auto", 4096 + 512) is True  # FLUX.1 1024²
     assert use_batched_cfg("auto", 17160) is True  # Wan 480p, 41 frames
@@ -147,6 +171,31 @@ def test_warmup_is_a_request_the_core_resolves(tmp_path: Path) -> None:
     folder = build_fixture("wan21_i2v", tmp_path / "wan21_i2v")
     with pytest.raises(ModelLoadError, match=r"defaults are not a valid request \(invalid `width`.*--no-warmup"):
         DiffGenerator.from_pretrained(folder, device="cpu", warmup=True)
+
+
+def test_warmup_guides_as_a_default_request_does(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Qwen-Image's model card turns true CFG on by default (scale 4 against the negative prompt " "): the warm-up,
+    resolved by the core, runs both branches, as a default request does; a folder with diffusers' defaults (no
+    negative prompt) runs one. (A rule of its own, "classifier-free and guidance_scale > 1", ran one for both.)"""
+    import shutil
+
+    from sgl_diffusion import DiffGenerator
+    from sgl_diffusion.testing import build_fixture
+
+    model = build_fixture("qwen_image", tmp_path / "model")
+    repo = tmp_path / "hub" / "models--Qwen--Qwen-Image"
+    shutil.copytree(model, repo / "snapshots" / "x")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("x")
+    small = {"device": "cpu", "warmup": True}
+    for name, with_cfg in (("Qwen/Qwen-Image", True), (str(model), False)):
+        caplog.clear()
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level("INFO", logger="sgl_diffusion.runtime.warmup"):
+            patch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+            gen = DiffGenerator.from_pretrained(name, **small)
+        gen.shutdown()
+        (message,) = [record.message for record in caplog.records if record.message.startswith("warm-up at")]
+        assert ("with CFG" in message) == with_cfg, (name, message)
 
 
 def test_api_rejects_an_unknown_speed_option(flux_dir: Path) -> None:

@@ -179,10 +179,8 @@ def load_ours(folder: Path):
 def test_prompt_embeddings_match_diffusers(wan_dirs: dict[str, Path]) -> None:
     from diffusers import WanPipeline
 
-    from sgl_diffusion.pipelines.wan import EncodeText
-
     prompts = ["a cat dancing in the rain", "  Ünïcode &amp; <b>html</b>   spaces ", ""]
-    ours = EncodeText(load_ours(wan_dirs["wan21_t2v"])).encode(prompts, 16, torch.device("cpu"))
+    ours = load_ours(wan_dirs["wan21_t2v"]).adapter.encode_texts(prompts, 16, torch.device("cpu"))
     # The same UMT5 on the same weights and token ids: equal bits are expected. The reference runs
     # without autograd, as diffusers' __call__ runs it: with its requires_grad left on, the position
     # bias sends SDPA to its math kernel instead of the fused CPU one (measured 7.9e-7 apart).

@@ -141,6 +141,7 @@ mod tests {
             supports_guidance_scale_2: false,
             output: OutputKind::Image,
             image_input: ImageInput::None,
+            extra_batch_key_fields: Vec::new(),
         }
     }
 
@@ -168,7 +169,7 @@ mod tests {
         assert!(!request.cfg_enabled);
         assert_eq!((request.num_inference_steps, request.width, request.height), (WARMUP_STEPS, 64, 48));
         // Qwen-Image: true CFG on by default, against the default negative prompt " ".
-        let qwen = info(GuidanceMode::EmbeddedWithTrueCfg, defaults(1.0, 4.0, Some(" ")));
+        let qwen = info(GuidanceMode::TrueCfg, defaults(1.0, 4.0, Some(" ")));
         let request = warmup_request(&qwen, None).unwrap();
         assert!(request.cfg_enabled);
         assert_eq!(request.negative_prompt.as_deref(), Some(" "));

@@ -149,6 +149,8 @@ pub struct FieldSpec {
     pub serve_only: bool,
     /// HTTP routes whose request body takes it.
     pub routes: &'static [Route],
+    /// Whether serde writes it: a `#[serde(skip)]` field is internal, and no face shows it.
+    pub serialized: bool,
 }
 
 impl FieldSpec {
@@ -166,6 +168,7 @@ impl FieldSpec {
             cli: !matches!(value.kind, ValueKind::Object),
             serve_only: false,
             routes: &[],
+            serialized: true,
         }
     }
 
@@ -204,6 +207,11 @@ impl FieldSpec {
 
     pub const fn routes(self, routes: &'static [Route]) -> Self {
         Self { routes, ..self }
+    }
+
+    /// Marks a `#[serde(skip)]` field: internal, in no face.
+    pub const fn skipped(self) -> Self {
+        Self { serialized: false, cli: false, ..self }
     }
 
     /// Allowed values of a text field (its Rust type is a string, the faces offer a choice).
@@ -260,7 +268,7 @@ impl FieldSpec {
 /// `Default` serialized; `null` where there is none), and its doc comment as one line of `help` that
 /// ends with that default when there is one to show.
 pub fn table_json(fields: &[FieldSpec], group: &str, defaults: Option<&serde_json::Value>) -> serde_json::Value {
-    let entries = fields.iter().map(|field| {
+    let entries = fields.iter().filter(|field| field.serialized).map(|field| {
         let default = defaults.and_then(|defaults| defaults.get(field.name)).cloned().unwrap_or_default();
         let shown = match &default {
             serde_json::Value::Null | serde_json::Value::Bool(_) => None,

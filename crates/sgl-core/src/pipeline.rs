@@ -33,6 +33,11 @@ pub struct PipelineInfo {
     pub output: OutputKind,
     /// Whether requests may, must or must not carry an input image (image-to-video).
     pub image_input: ImageInput,
+    /// Request fields (by their `GenerationRequest` name) that must also be equal for two requests
+    /// to share a batch, beyond the shape fields every pipeline batches by: what a pipeline adds
+    /// (e.g. an adapter list) keys batches without a change here.
+    #[serde(default)]
+    pub extra_batch_key_fields: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +102,9 @@ pub enum GuidanceMode {
     EmbeddedWithTrueCfg,
     /// Classic classifier-free guidance: on when `guidance_scale > 1`.
     ClassifierFree,
+    /// No guidance embedding; classifier-free guidance through `true_cfg_scale > 1` with a negative
+    /// prompt (Qwen-Image). `guidance_scale` feeds nothing.
+    TrueCfg,
 }
 
 /// The model's own sampling defaults; a request overrides any of them.

@@ -41,6 +41,10 @@ declare_fields! {
         pub output_quality: Option<u8>,
         /// Adjustments made while resolving (e.g. a frame count rounded down), for the user to see.
         pub notes: Vec<String>,
+        /// The values (as JSON) of the request fields the pipeline adds to the batch key
+        /// (`PipelineInfo::extra_batch_key_fields`); the scheduler's business, not the executor's.
+        #[serde(skip)]
+        pub batch_extra: Vec<String> [.skipped()],
     }
 }
 
@@ -59,6 +63,8 @@ pub struct BatchKey {
     pub flow_shift_bits: Option<u64>,
     /// Image-conditioned requests carry extra latent channels.
     pub has_image: bool,
+    /// The values of the fields the pipeline declares in `extra_batch_key_fields`, in its order.
+    pub extra: Vec<String>,
 }
 
 /// What a request will cost: the denoiser's work in latent tokens over all its steps, outputs and
@@ -150,7 +156,9 @@ impl PipelineInfo {
         let d = &self.defaults;
         let cfg = match self.guidance {
             GuidanceMode::ClassifierFree => d.guidance_scale > 1.0,
-            GuidanceMode::EmbeddedWithTrueCfg => d.negative_prompt.is_some() && d.true_cfg_scale > 1.0,
+            GuidanceMode::EmbeddedWithTrueCfg | GuidanceMode::TrueCfg => {
+                d.negative_prompt.is_some() && d.true_cfg_scale > 1.0
+            }
         };
         RequestCost::new(&self.limits, 1, (d.width, d.height), d.num_frames, d.num_inference_steps, cfg)
     }
@@ -167,6 +175,7 @@ impl ResolvedRequest {
             cfg_enabled: self.cfg_enabled,
             flow_shift_bits: self.flow_shift.map(f64::to_bits),
             has_image: self.image_path.is_some(),
+            extra: self.batch_extra.clone(),
         }
     }
 
@@ -219,8 +228,8 @@ impl ResolvedRequest {
                 return Err(ValidationError::new(
                     "flow_shift",
                     format!(
-                        "{} sets its own timestep shift (FLUX.1 from the image size, distilled models from \
-                         training); flow_shift cannot be set",
+                        "{} sets its own timestep shift (from the image size, or fixed by its training); \
+                         flow_shift cannot be set",
                         info.pipeline_class
                     ),
                 ))
@@ -233,26 +242,28 @@ impl ResolvedRequest {
         };
 
         let cfg_enabled = match info.guidance {
-            GuidanceMode::EmbeddedWithTrueCfg => match (&negative_prompt, true_cfg_scale > 1.0) {
-                (Some(_), true) => true,
-                (None, false) => false,
-                (Some(_), false) => {
+            GuidanceMode::EmbeddedWithTrueCfg => {
+                true_cfg(&negative_prompt, true_cfg_scale, "is guidance-distilled", info)?
+            }
+            GuidanceMode::TrueCfg => {
+                if request.guidance_scale.is_some() {
                     return Err(ValidationError::new(
-                        "negative_prompt",
+                        "guidance_scale",
                         format!(
-                            "{} is guidance-distilled: a negative prompt only acts through true CFG, so it needs \
-                             true_cfg_scale > 1 (got {true_cfg_scale})",
+                            "{} has no guidance embedding, so guidance_scale would do nothing; guide with \
+                             true_cfg_scale and a negative_prompt",
                             info.pipeline_class
                         ),
-                    ))
+                    ));
                 }
-                (None, true) => {
-                    return Err(ValidationError::new(
-                        "true_cfg_scale",
-                        format!("true_cfg_scale {true_cfg_scale} > 1 needs a negative_prompt to guide against"),
-                    ))
+                // The model's own negative prompt (Qwen-Image's " ") with true_cfg_scale <= 1 only
+                // turns guidance off; one the request gives must act.
+                let given = request.negative_prompt.as_ref().map(|_| &negative_prompt);
+                match given {
+                    Some(negative) => true_cfg(negative, true_cfg_scale, "guides only through true CFG", info)?,
+                    None => negative_prompt.is_some() && true_cfg_scale > 1.0,
                 }
-            },
+            }
             GuidanceMode::ClassifierFree => guidance_scale > 1.0,
         };
 
@@ -311,8 +322,45 @@ impl ResolvedRequest {
             output_format,
             output_quality: request.output_quality,
             notes,
+            batch_extra: batch_extra_values(request, &info.extra_batch_key_fields),
         })
     }
+}
+
+/// Whether true CFG runs: a negative prompt and `true_cfg_scale > 1` together, or neither; one
+/// without the other would be silently ignored, so it is an error naming the missing half.
+fn true_cfg(
+    negative_prompt: &Option<String>,
+    true_cfg_scale: f64,
+    why: &str,
+    info: &PipelineInfo,
+) -> Result<bool, ValidationError> {
+    match (negative_prompt, true_cfg_scale > 1.0) {
+        (Some(_), true) => Ok(true),
+        (None, false) => Ok(false),
+        (Some(_), false) => Err(ValidationError::new(
+            "negative_prompt",
+            format!(
+                "{} {why}: a negative prompt only acts through true CFG, so it needs true_cfg_scale > 1 \
+                 (got {true_cfg_scale})",
+                info.pipeline_class
+            ),
+        )),
+        (None, true) => Err(ValidationError::new(
+            "true_cfg_scale",
+            format!("true_cfg_scale {true_cfg_scale} > 1 needs a negative_prompt to guide against"),
+        )),
+    }
+}
+
+/// The JSON text of each named field of `request` (`null` for a field it leaves out or does not have),
+/// so that any request field a pipeline declares can key batches.
+fn batch_extra_values(request: &GenerationRequest, fields: &[String]) -> Vec<String> {
+    if fields.is_empty() {
+        return Vec::new();
+    }
+    let value = serde_json::to_value(request).unwrap_or_default();
+    fields.iter().map(|field| value.get(field).cloned().unwrap_or_default().to_string()).collect()
 }
 
 fn check_text(field: &str, text: &str) -> Result<(), ValidationError> {
@@ -507,6 +555,7 @@ mod tests {
             supports_guidance_scale_2: false,
             output: OutputKind::Image,
             image_input: ImageInput::None,
+            extra_batch_key_fields: vec![],
         }
     }
 
@@ -701,6 +750,45 @@ mod tests {
         assert_eq!(field_of(GenerationRequest { true_cfg_scale: Some(4.0), ..req("a") }, &info), "true_cfg_scale");
         let r = ResolvedRequest::resolve(&GenerationRequest { true_cfg_scale: Some(4.0), ..neg }, &info).unwrap();
         assert!(r.cfg_enabled);
+    }
+
+    #[test]
+    fn true_cfg_without_a_guidance_embedding() {
+        // Qwen-Image: true CFG 4 against the model's own negative prompt " " by default.
+        let mut info = flux_info();
+        info.guidance = GuidanceMode::TrueCfg;
+        info.defaults.negative_prompt = Some(" ".into());
+        info.defaults.true_cfg_scale = 4.0;
+        assert!(ResolvedRequest::resolve(&req("a"), &info).unwrap().cfg_enabled);
+        assert_eq!(info.default_request_cost().branches, 2);
+        // true_cfg_scale 1 turns it off; the default negative prompt then does nothing and is no error.
+        let off = GenerationRequest { true_cfg_scale: Some(1.0), ..req("a") };
+        assert!(!ResolvedRequest::resolve(&off, &info).unwrap().cfg_enabled);
+        // A negative prompt the request gives must act.
+        let neg = GenerationRequest { negative_prompt: Some("blurry".into()), ..off };
+        let err = ResolvedRequest::resolve(&neg, &info).unwrap_err();
+        assert_eq!(err.field, "negative_prompt");
+        assert!(err.message.contains("guides only through true CFG"), "{}", err.message);
+        // guidance_scale feeds nothing here: refused, naming what to use.
+        let err =
+            ResolvedRequest::resolve(&GenerationRequest { guidance_scale: Some(5.0), ..req("a") }, &info).unwrap_err();
+        assert_eq!(err.field, "guidance_scale");
+        assert!(err.message.contains("true_cfg_scale"), "{}", err.message);
+    }
+
+    #[test]
+    fn fields_a_pipeline_declares_key_batches_too() {
+        let mut info = flux_info();
+        let a = ResolvedRequest::resolve(&GenerationRequest { seed: Some(1), ..req("a") }, &info).unwrap();
+        let b = ResolvedRequest::resolve(&GenerationRequest { seed: Some(2), ..req("b") }, &info).unwrap();
+        assert_eq!(a.batch_key(), b.batch_key());
+        info.extra_batch_key_fields = vec!["seed".into(), "no_such_field".into()];
+        let a = ResolvedRequest::resolve(&GenerationRequest { seed: Some(1), ..req("a") }, &info).unwrap();
+        let b = ResolvedRequest::resolve(&GenerationRequest { seed: Some(2), ..req("b") }, &info).unwrap();
+        let c = ResolvedRequest::resolve(&GenerationRequest { seed: Some(1), ..req("c") }, &info).unwrap();
+        assert_ne!(a.batch_key(), b.batch_key());
+        assert_eq!(a.batch_key(), c.batch_key());
+        assert_eq!(a.batch_key().extra, vec!["1".to_string(), "null".to_string()]);
     }
 
     #[test]

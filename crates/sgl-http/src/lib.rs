@@ -20,6 +20,7 @@ mod outputs;
 mod route_body;
 mod routes;
 mod state;
+mod unread_body;
 mod wire;
 
 use std::sync::Arc;

@@ -57,6 +57,7 @@ fn info() -> PipelineInfo {
         supports_guidance_scale_2: false,
         output: OutputKind::Image,
         image_input: ImageInput::None,
+        extra_batch_key_fields: vec![],
     }
 }
 

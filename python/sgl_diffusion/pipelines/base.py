@@ -1,18 +1,18 @@
 """The pipeline framework: a pipeline is an ordered list of stages over one batch state.
 
 Each stage declares the state entries it reads and writes; the runner checks both, so a stage that
-forgets an output fails where the bug is, not three stages later. Per-family pipelines only list
-their stages and describe themselves (limits, defaults) to the Rust core.
+forgets an output fails where the bug is, not three stages later. A pipeline describes itself to the
+Rust core with a frozen `PipelineSpec` (`spec.py`); its stages are the engine's standard ones over a
+family adapter (`family.py`, `stages.py`).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -20,60 +20,37 @@ from ..runtime.options import RuntimeOptions
 from ..runtime.perf import PerfRecorder
 from ..runtime.profiling import BatchProfiler
 from ..runtime.request import Request
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineLimits:
-    """Mirrors `sgl_core::PipelineLimits`: shapes this pipeline can run, read from the checkpoint where it
-    says (RoPE table, tokenizer, scheduler), and how many pixels and frames one latent token covers (the unit
-    of the request cost budget)."""
-
-    size_multiple: int
-    min_size: int
-    max_side: int
-    max_pixels: int
-    max_frames: int
-    frame_rule: str  # "single" | "four_k_plus_one"
-    max_sequence_length: int
-    max_steps: int
-    token_size: int
-    frames_per_latent: int = 1
-
-
-def tokenizer_limit(tokenizer: Any, reference_limit: int) -> int:
-    """The longest prompt a tokenizer's config allows, at most the reference pipeline's own bound. Tokenizers
-    saved without `model_max_length` report a huge sentinel (transformers' VERY_LARGE_INTEGER)."""
-    declared = getattr(tokenizer, "model_max_length", None)
-    return min(reference_limit, int(declared)) if isinstance(declared, int) and declared > 0 else reference_limit
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingDefaults:
-    """Mirrors `sgl_core::SamplingDefaults`: the model's own sampling parameters."""
-
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    max_sequence_length: int
-    num_frames: int = 1
-    true_cfg_scale: float = 1.0
-    negative_prompt: str | None = None
-    flow_shift: float | None = None
-    fps: int | None = None
-    guidance_scale_2: float | None = None
-
+from .hooks import LoopHooks
+from .spec import PipelineSpec, SamplingDefaults
 
 #: Called after each denoising step with (step, total); returns indices (into the batch's request
 #: list) of requests cancelled so far.
 ProgressFn = Callable[[int, int], Sequence[int]]
 
 
+class RowAligned(Protocol):
+    """A container of row tensors (one row per output) that `BatchState` can cut like a tensor."""
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def select_rows(self, keep: torch.Tensor) -> RowAligned:
+        """A copy holding only the rows the boolean mask `keep` marks."""
+        ...
+
+
+def per_row(values: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Repeats per-request rows (dim 0) once per output of each request."""
+    counts = torch.tensor([r.num_outputs for r in requests], device=values.device)
+    return values.repeat_interleave(counts, dim=0)
+
+
 class BatchState:
     """Everything the stages of one batch share.
 
-    Row-aligned tensors (one row per output image, grouped by request) are registered with
-    `set_rows`, so that dropping a cancelled request removes its rows from all of them at once.
+    Row-aligned tensors (one row per output image, grouped by request) and row containers
+    (`RowAligned`, e.g. the conditioning) are registered with `set_rows`, so that dropping a cancelled
+    request removes its rows from all of them at once.
     """
 
     def __init__(self, requests: Sequence[Request], device: torch.device, perf: PerfRecorder) -> None:
@@ -99,10 +76,11 @@ class BatchState:
     def __setitem__(self, key: str, value: Any) -> None:
         self.values[key] = value
 
-    def set_rows(self, key: str, value: torch.Tensor) -> None:
-        """Stores a tensor whose first dimension is the current output rows."""
-        if value.shape[0] != self.row_owner.shape[0]:
-            raise ValueError(f"{key} has {value.shape[0]} rows, the batch has {self.row_owner.shape[0]}")
+    def set_rows(self, key: str, value: torch.Tensor | RowAligned) -> None:
+        """Stores a tensor whose first dimension is the current output rows, or a container of such."""
+        rows = value.shape[0] if isinstance(value, torch.Tensor) else value.num_rows
+        if rows != self.row_owner.shape[0]:
+            raise ValueError(f"{key} has {rows} rows, the batch has {self.row_owner.shape[0]}")
         self.values[key] = value
         self._row_keys.add(key)
 
@@ -115,8 +93,11 @@ class BatchState:
             return None
         keep = torch.tensor([int(owner) not in gone for owner in self.row_owner], dtype=torch.bool)
         for key in self._row_keys:
-            tensor = self.values[key]
-            self.values[key] = tensor[keep.to(tensor.device)]
+            value = self.values[key]
+            if isinstance(value, torch.Tensor):
+                self.values[key] = value[keep.to(value.device)]
+            else:
+                self.values[key] = value.select_rows(keep)
         self.row_owner = self.row_owner[keep]
         self.active = [index for index in self.active if index not in gone]
         return keep
@@ -126,34 +107,23 @@ class Stage(abc.ABC):
     """One step of a pipeline. `inputs` must exist before `run`; `outputs` must exist after."""
 
     name: ClassVar[str]
-    inputs: ClassVar[tuple[str, ...]] = ()
-    outputs: ClassVar[tuple[str, ...]] = ()
+    # Class attributes a stage may also set per instance (a stage whose output entry depends on the pipeline).
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def run(self, state: BatchState) -> None: ...
 
 
 class StagedPipeline(abc.ABC):
-    """A loaded model: its stages plus what the core needs to know about it."""
+    """A loaded model: its stages, its spec (what the core needs to know about it) and the features
+    attached to its denoising loop (`hooks`)."""
 
-    pipeline_class: ClassVar[str]
-    family: ClassVar[str]
-    task: ClassVar[str]
-    #: "embedded_with_true_cfg" or "classifier_free" (see `sgl_core::GuidanceMode`).
-    guidance_mode: ClassVar[str]
-    supports_flow_shift: ClassVar[bool] = False
-    supports_guidance_scale_2: ClassVar[bool] = False
-    #: "image" or "video" (see `sgl_core::OutputKind`); stages leave `images` (B×H×W×3) or
-    #: `videos` (B×T×H×W×3) float32 arrays in [0, 1] in the state.
-    output: ClassVar[str] = "image"
-    #: "none", "optional" or "required" (see `sgl_core::ImageInput`).
-    image_input: ClassVar[str] = "none"
-
-    def __init__(self, options: RuntimeOptions, limits: PipelineLimits, defaults: SamplingDefaults) -> None:
+    def __init__(self, spec: PipelineSpec, options: RuntimeOptions) -> None:
+        self.spec = spec
         self.options = options
         self.device = options.device
-        self.limits = limits
-        self.defaults = defaults
+        self.hooks = LoopHooks()
 
     @classmethod
     @abc.abstractmethod
@@ -170,18 +140,20 @@ class StagedPipeline(abc.ABC):
         """The denoising transformers (what `--enable-torch-compile` compiles)."""
 
     @abc.abstractmethod
-    def stages(self, progress: ProgressFn) -> list[Stage]:
-        """The stages for one batch, in order; `progress` is the batch's step callback."""
+    def stages(self, progress: ProgressFn, hooks: LoopHooks) -> list[Stage]:
+        """The stages for one batch, in order; `progress` is the batch's step callback and `hooks` the
+        features attached to its denoising loop."""
 
     def run(self, requests: Sequence[Request], progress: ProgressFn, *, profile: bool = True) -> BatchState:
         """Runs the stages over one batch. With `--profile` on, the batch is traced into a new folder
         of `--profile-dir` (see `runtime.profiling`) unless `profile` is False (e.g. a warm-up run)."""
-        # `--profile` off: no profiler object and no wrapped callback, only a null context per stage.
+        # `--profile` off: no profiler object and no extra hook, only a null context per stage.
         profiler = BatchProfiler(self.options, self.device) if profile and self.options.profile else None
         perf = PerfRecorder(self.device) if profiler is None else profiler.perf
+        hooks = self.hooks if profiler is None else self.hooks.extended(profiler)
         state = BatchState(requests, self.device, perf)
         try:
-            stages = self.stages(progress if profiler is None else profiler.wrap_progress(progress))
+            stages = self.stages(progress, hooks)
             with torch.inference_mode():
                 for stage in stages:
                     missing = [key for key in stage.inputs if key not in state]

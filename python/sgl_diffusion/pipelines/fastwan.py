@@ -34,25 +34,21 @@ FastWan2.2-TI2V-5B-FullAttn was trained with full attention and runs exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import invalid_request
 from ..runtime.options import RuntimeOptions
-from .base import BatchState, ProgressFn, SamplingDefaults, Stage
-from .wan import (
-    TEXT_MAX_LENGTH,
-    CheckShapes,
-    DecodeVideos,
-    Denoise,
-    EncodeText,
-    WanComponents,
-    WanPipeline,
-    WanStage,
-)
+from ..runtime.request import Request
+from ..schedulers.dmd import DmdState, table_sigmas
+from .base import BatchState
+from .latents import draw_noise, request_generators
+from .spec import PipelineSpec, SamplingDefaults
+from .wan import TEXT_MAX_LENGTH, WanAdapter, WanComponents, WanPipeline
 
 #: FastVideo's `dmd_denoising_steps` for FastWan2.1 and FastWan2.2 alike.
 DMD_TIMESTEPS: tuple[int, ...] = (1000, 757, 522)
@@ -76,76 +72,22 @@ def dmd_sigmas(
     shift: float = DMD_SIGMA_TABLE_SHIFT,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> list[float]:
-    """Sigma of each DMD timestep: the entry of a shifted flow-match table whose timestep is nearest.
-
-    The table is built as a flow-match Euler scheduler builds it at construction (float32, 1000 steps
-    from 1.0 down to 0.001, then shifted), so each sigma is bit-identical to FastVideo's lookup.
-    """
-    grid = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
-    sigmas = torch.from_numpy(grid) / num_train_timesteps
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    table = (sigmas * num_train_timesteps).double()
-    return [float(sigmas[torch.argmin((table - t).abs())]) for t in timesteps]
+    """Sigma of each DMD timestep, looked up in FastVideo's shifted flow-match table (see the module doc)."""
+    return table_sigmas(timesteps, shift, num_train_timesteps)
 
 
-class FastWanPipeline(WanPipeline):
-    """Wan DiT, text encoder and VAE as in `WanPipeline`; DMD sampling instead of UniPC + CFG.
+class FastWanAdapter(WanAdapter):
+    """Wan's text inputs, latents, model inputs and decoding; DMD sampling, and no guidance."""
 
-    Chosen for a folder whose `model_index.json` says `WanDMDPipeline` (what FastVideo's FastWan
-    checkpoints ship) and for the FastWan Hugging Face ids (`registry.PIPELINES_BY_ID`). Text-to-video
-    only: the TI2V-5B student was distilled for text-to-video.
-    """
-
-    pipeline_class = "WanDMDPipeline"
-    task = "text-to-video"
-    # The sigma table is fixed by the distillation: a request's flow_shift could not act.
-    supports_flow_shift = False
-
-    def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
-        if components.transformer_2 is not None or components.image_encoder is not None:
-            raise ValueError("FastWan (DMD) is supported for single-expert text-to-video Wan checkpoints only")
-        if components.transformer.config.in_channels != components.vae.config.z_dim:
-            raise ValueError("FastWan (DMD) is supported for text-to-video Wan checkpoints only")
-        super().__init__(components, options, defaults)
-        # WanPipeline makes TI2V-5B folders text-image-to-video; the DMD student is text-to-video.
-        self.image_input = "none"
-        self.task = "text-to-video"
-        self.supports_guidance_scale_2 = False
+    def __init__(self, components: WanComponents, options: RuntimeOptions) -> None:
+        super().__init__(components, options)
         self.dmd_timesteps = DMD_TIMESTEPS
         self.dmd_sigmas = dmd_sigmas(DMD_TIMESTEPS)
 
-    @classmethod
-    def load(
-        cls,
-        model_dir: Path,
-        options: RuntimeOptions,
-        defaults: SamplingDefaults | None,
-    ) -> WanPipeline:
-        if defaults is None:
-            # An unknown FastWan folder: the model card of the architecture it has (TI2V-5B or 2.1).
-            index = json.loads((model_dir / "model_index.json").read_text())
-            defaults = FASTWAN22_TI2V_5B_DEFAULTS if index.get("expand_timesteps") else FASTWAN21_DEFAULTS
-        # WanPipeline.load builds the components and calls `cls(...)`: a FastWanPipeline.
-        return super().load(model_dir, options, defaults)
-
-    def stages(self, progress: ProgressFn) -> list[Stage]:
-        return [
-            CheckDmdRequests(self),
-            EncodeText(self),
-            PrepareDmdLatents(self),
-            DmdDenoise(self, progress),
-            DecodeVideos(self),
-        ]
-
-
-class CheckDmdRequests(CheckShapes):
-    """Rejects what a DMD student cannot honour, then the usual shape checks."""
-
-    pipeline: FastWanPipeline
-
-    def run(self, state: BatchState) -> None:
-        timesteps = self.pipeline.dmd_timesteps
-        for request in state.requests:
+    def check_requests(self, requests: Sequence[Request]) -> None:
+        """Rejects what a DMD student cannot honour."""
+        timesteps = self.dmd_timesteps
+        for request in requests:
             if request.num_inference_steps != len(timesteps):
                 raise invalid_request(
                     "num_inference_steps",
@@ -162,60 +104,62 @@ class CheckDmdRequests(CheckShapes):
                 raise invalid_request(
                     "negative_prompt", "FastWan samples without classifier-free guidance: a negative prompt cannot act"
                 )
-        super().run(state)
 
-
-class PrepareDmdLatents(WanStage):
-    """Initial noise per request from its own CPU generator (as `draw_noise`), and that generator
-    kept for the fresh noise of the later steps."""
-
-    name = "latent_preparation"
-    inputs = ("latent_frames", "latent_height", "latent_width")
-    outputs = ("latents", "noise_generators", "noise_shape")
-
-    def run(self, state: BatchState) -> None:
-        shape = (self.c.vae.config.z_dim, state["latent_frames"], state["latent_height"], state["latent_width"])
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in state.requests]
+    def initial_latents(self, state: BatchState) -> torch.Tensor:
+        # Each request's generator is kept: the sampler's fresh noise continues it (see the module doc).
+        generators = request_generators(state.requests)
         state["noise_generators"] = generators
-        state["noise_shape"] = shape
-        state.set_rows("latents", fresh_noise(state, list(range(len(state.requests))), generators, shape))
+        shape = (self.c.vae.config.z_dim, *self.latent_grid(state.requests[0]))
+        return draw_noise(state.requests, shape, generators=generators).to(state.device)
+
+    def sampler(self, state: BatchState) -> DmdState:
+        outputs = [request.num_outputs for request in state.requests]
+        return DmdState(self.dmd_timesteps, self.dmd_sigmas, state["noise_generators"], outputs, state.device)
 
 
-def fresh_noise(
-    state: BatchState, requests: list[int], generators: list[torch.Generator], shape: tuple[int, ...]
-) -> torch.Tensor:
-    """`num_outputs` float32 samples of `shape` for each listed request (indices into the batch's
-    requests, in row order), each from that request's generator."""
-    noise = [
-        torch.randn((state.requests[i].num_outputs, *shape), generator=generators[i], dtype=torch.float32)
-        for i in requests
-    ]
-    return torch.cat(noise).to(state.device)
+class FastWanPipeline(WanPipeline):
+    """Wan DiT, text encoder and VAE as in `WanPipeline`; DMD sampling instead of UniPC + CFG.
 
+    Chosen for a folder whose `model_index.json` says `WanDMDPipeline` (what FastVideo's FastWan
+    checkpoints ship) and for the FastWan Hugging Face ids (`registry.PIPELINES_BY_ID`). Text-to-video
+    only: the TI2V-5B student was distilled for text-to-video.
+    """
 
-class DmdDenoise(Denoise):
-    """DMD: predict x0 at each fixed timestep, re-noise it with fresh noise to the next one."""
+    pipeline_class = "WanDMDPipeline"
 
-    inputs = ("latents", "prompt_embeds", "noise_generators", "noise_shape")
-    pipeline: FastWanPipeline
+    def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
+        if components.transformer_2 is not None or components.image_encoder is not None:
+            raise ValueError("FastWan (DMD) is supported for single-expert text-to-video Wan checkpoints only")
+        if components.transformer.config.in_channels != components.vae.config.z_dim:
+            raise ValueError("FastWan (DMD) is supported for text-to-video Wan checkpoints only")
+        super().__init__(components, options, defaults)
 
-    def run(self, state: BatchState) -> None:
-        c = self.c
-        timesteps, sigmas = self.pipeline.dmd_timesteps, self.pipeline.dmd_sigmas
-        dtype = c.transformer.patch_embedding.weight.dtype
-        total = len(timesteps)
-        timer = state.perf.step_timer()
-        for i, t in enumerate(timesteps):
-            latents = state["latents"]
-            timestep = self.timestep(torch.tensor(t, dtype=torch.int64), latents, state)
-            flow = c.transformer(latents.to(dtype), timestep, state["prompt_embeds"], None)
-            clean = latents - sigmas[i] * flow.float()
-            if i + 1 < total:
-                noise = fresh_noise(state, state.active, state["noise_generators"], state["noise_shape"])
-                clean = (1 - sigmas[i + 1]) * clean + sigmas[i + 1] * noise
-            state.set_rows("latents", clean)
-            timer.step_done(i)
-            # Cancelled requests leave the batch; `state.active` then lists whose generators remain.
-            state.drop_requests(self.progress(i + 1, total))
-            if not state.active:
-                return
+    @classmethod
+    def describe(cls, components: WanComponents, defaults: SamplingDefaults) -> PipelineSpec:
+        # Text-to-video even from a TI2V-5B folder (the student was distilled for it), and the sigma table
+        # is fixed by the distillation: a request's flow_shift could not act.
+        return dataclasses.replace(
+            super().describe(components, defaults),
+            task="text-to-video",
+            image_input="none",
+            supports_flow_shift=False,
+            supports_guidance_scale_2=False,
+        )
+
+    @classmethod
+    def make_adapter(cls, components: WanComponents, options: RuntimeOptions) -> FastWanAdapter:
+        return FastWanAdapter(components, options)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        options: RuntimeOptions,
+        defaults: SamplingDefaults | None,
+    ) -> WanPipeline:
+        if defaults is None:
+            # An unknown FastWan folder: the model card of the architecture it has (TI2V-5B or 2.1).
+            index = json.loads((model_dir / "model_index.json").read_text())
+            defaults = FASTWAN22_TI2V_5B_DEFAULTS if index.get("expand_timesteps") else FASTWAN21_DEFAULTS
+        # WanPipeline.load builds the components and calls `cls(...)`: a FastWanPipeline.
+        return super().load(model_dir, options, defaults)

@@ -10,23 +10,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runtime.options import RuntimeOptions
-from .base import SamplingDefaults, StagedPipeline
+from .base import StagedPipeline
+from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
+from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
+from .spec import SamplingDefaults
 from .wan import WanImageToVideoPipeline, WanPipeline
 
 #: Native pipelines by diffusers pipeline class.
-PIPELINES: dict[str, type[StagedPipeline]] = {
+PIPELINES: dict[str, type[FamilyPipeline]] = {
     FluxPipeline.pipeline_class: FluxPipeline,
     WanPipeline.pipeline_class: WanPipeline,
     WanImageToVideoPipeline.pipeline_class: WanImageToVideoPipeline,
     # FastVideo's FastWan folders name their (DMD) pipeline `WanDMDPipeline`.
     FastWanPipeline.pipeline_class: FastWanPipeline,
+    QwenImagePipeline.pipeline_class: QwenImagePipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
 #: as a plain `WanPipeline`): the id picks the native pipeline.
-PIPELINES_BY_ID: dict[str, type[StagedPipeline]] = {
+PIPELINES_BY_ID: dict[str, type[FamilyPipeline]] = {
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FastWanPipeline,
     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FastWanPipeline,
 }
@@ -71,6 +75,9 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     # DMD-distilled: 3 fixed timesteps (1000, 757, 522), no CFG (see fastwan.py).
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FASTWAN21_DEFAULTS,
     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FASTWAN22_TI2V_5B_DEFAULTS,
+    # The model cards' settings (diffusers' __call__ has no negative prompt, so no CFG): see qwen_image.py.
+    "Qwen/Qwen-Image": QWEN_IMAGE_DEFAULTS,
+    "Qwen/Qwen-Image-2512": QWEN_IMAGE_DEFAULTS,
 }  # fmt: skip
 
 

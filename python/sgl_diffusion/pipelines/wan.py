@@ -18,9 +18,11 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
@@ -32,11 +34,15 @@ from ..loading import load_diffusers_model, load_native_model, load_transformers
 from ..models.wan import WanTransformer3DModel
 from ..models.wan.vae import WanVAEDecoder
 from ..runtime.options import RuntimeOptions
+from ..runtime.request import Request
 from ..schedulers import UniPCFlowScheduler
-from ..schedulers.flow_match_euler import FlowMatchEulerScheduler, FlowMatchEulerState
-from ..schedulers.unipc_flow import UniPCFlowState
-from .base import BatchState, PipelineLimits, ProgressFn, SamplingDefaults, Stage, StagedPipeline, tokenizer_limit
-from .common import draw_noise, guided_forward, per_row, shared_value, use_batched_cfg
+from ..schedulers.flow_match_euler import FlowMatchEulerScheduler
+from .base import BatchState, per_row
+from .conditioning import ModelInputs
+from .family import FamilyAdapter, FamilyPipeline
+from .latents import denormalize_latents, draw_noise, normalize_latents
+from .loop import Sampler
+from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 
 #: UMT5 context length the Wan DiTs were trained with.
 TEXT_MAX_LENGTH = 512
@@ -110,42 +116,56 @@ class WanComponents:
     decoder: WanVAEDecoder | None = None
 
 
-class WanPipeline(StagedPipeline):
+def wan_limits(components: WanComponents) -> PipelineLimits:
+    config = components.transformer.config
+    patch = config.patch_size
+    multiple = components.scale_spatial * patch[1]  # 16 for Wan2.1, 32 for TI2V-5B
+    # The DiT's RoPE table has rope_max_seq_len positions per axis of the latent grid (the reference
+    # fails beyond it): the longest side and clip this checkpoint can run at all.
+    max_side = config.rope_max_seq_len * components.scale_spatial * min(patch[1], patch[2])
+    rope_frames = (config.rope_max_seq_len * patch[0] - 1) * components.scale_temporal + 1
+    return PipelineLimits(
+        size_multiple=multiple,
+        min_size=multiple,
+        max_side=max_side,
+        max_pixels=min(MAX_PIXELS, max_side * max_side),
+        max_frames=min(MAX_FRAMES, rope_frames),
+        frame_rule="four_k_plus_one",
+        max_sequence_length=tokenizer_limit(components.tokenizer, TEXT_MAX_LENGTH),
+        max_steps=components.scheduler.config.num_train_timesteps,
+        token_size=multiple,
+        frames_per_latent=components.scale_temporal * patch[0],
+    )
+
+
+class WanPipeline(FamilyPipeline):
     pipeline_class = "WanPipeline"
-    family = "wan"
-    task = "text-to-video"
-    guidance_mode = "classifier_free"
-    supports_flow_shift = True
-    output = "video"
 
     def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
-        config = components.transformer.config
-        patch = config.patch_size
-        multiple = components.scale_spatial * patch[1]  # 16 for Wan2.1, 32 for TI2V-5B
-        # The DiT's RoPE table has rope_max_seq_len positions per axis of the latent grid (the reference
-        # fails beyond it): the longest side and clip this checkpoint can run at all.
-        max_side = config.rope_max_seq_len * components.scale_spatial * min(patch[1], patch[2])
-        rope_frames = (config.rope_max_seq_len * patch[0] - 1) * components.scale_temporal + 1
-        limits = PipelineLimits(
-            size_multiple=multiple,
-            min_size=multiple,
-            max_side=max_side,
-            max_pixels=min(MAX_PIXELS, max_side * max_side),
-            max_frames=min(MAX_FRAMES, rope_frames),
-            frame_rule="four_k_plus_one",
-            max_sequence_length=tokenizer_limit(components.tokenizer, TEXT_MAX_LENGTH),
-            max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=multiple,
-            frames_per_latent=components.scale_temporal * patch[0],
-        )
-        super().__init__(options, limits, defaults)
+        super().__init__(self.describe(components, defaults), self.make_adapter(components, options), options)
         self.c = components
-        self.supports_guidance_scale_2 = components.transformer_2 is not None
-        self.video_processor = VideoProcessor(vae_scale_factor=components.scale_spatial)
-        if components.expand_timesteps:
-            # TI2V-5B: one folder serves text-to-video and image-to-video.
-            self.image_input = "optional"
-            self.task = "text-image-to-video"
+
+    @classmethod
+    def describe(cls, components: WanComponents, defaults: SamplingDefaults) -> PipelineSpec:
+        """The spec of this class of pipeline over `components`."""
+        # TI2V-5B (expand_timesteps): one folder serves text-to-video and image-to-video.
+        text_image = components.expand_timesteps
+        return PipelineSpec(
+            pipeline_class=cls.pipeline_class,
+            family="wan",
+            task="text-image-to-video" if text_image else "text-to-video",
+            guidance_mode="classifier_free",
+            limits=wan_limits(components),
+            defaults=defaults,
+            output="video",
+            image_input="optional" if text_image else "none",
+            supports_flow_shift=True,
+            supports_guidance_scale_2=components.transformer_2 is not None,
+        )
+
+    @classmethod
+    def make_adapter(cls, components: WanComponents, options: RuntimeOptions) -> WanAdapter:
+        return WanAdapter(components, options)
 
     @classmethod
     def load(
@@ -203,31 +223,17 @@ class WanPipeline(StagedPipeline):
             defaults = diffusers_defaults(components)
         return cls(components, options, defaults)
 
-    def denoisers(self) -> list[torch.nn.Module]:
-        return [model for model in (self.c.transformer, self.c.transformer_2) if model is not None]
-
-    def stages(self, progress: ProgressFn) -> list[Stage]:
-        return [
-            CheckShapes(self),
-            EncodeText(self),
-            EncodeImage(self),
-            PrepareLatents(self),
-            Denoise(self, progress),
-            DecodeVideos(self),
-        ]
-
 
 class WanImageToVideoPipeline(WanPipeline):
     """The same stages; the checkpoint's class says every request brings an image."""
 
     pipeline_class = "WanImageToVideoPipeline"
-    task = "image-to-video"
-    image_input = "required"
 
-    def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
-        super().__init__(components, options, defaults)
-        self.image_input = "required"
-        self.task = "image-to-video"
+    @classmethod
+    def describe(cls, components: WanComponents, defaults: SamplingDefaults) -> PipelineSpec:
+        return dataclasses.replace(
+            super().describe(components, defaults), task="image-to-video", image_input="required"
+        )
 
 
 def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
@@ -244,68 +250,6 @@ def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
         negative_prompt="",
         flow_shift=default_flow_shift(components.scheduler),
     )
-
-
-class WanStage(Stage):
-    def __init__(self, pipeline: WanPipeline) -> None:
-        self.pipeline = pipeline
-        self.c = pipeline.c
-
-
-class CheckShapes(WanStage):
-    """Input validation: the batch must share shapes; latent sizes follow the VAE's compression."""
-
-    name = "input_validation"
-    outputs = ("latent_frames", "latent_height", "latent_width")
-
-    def run(self, state: BatchState) -> None:
-        for field in ("width", "height", "num_frames", "num_inference_steps", "max_sequence_length", "cfg_enabled"):
-            shared_value(state.requests, field)
-        if len({r.image_path is None for r in state.requests}) != 1:
-            raise RuntimeError("the scheduler batched image-conditioned and text-only requests together")
-        first = state.requests[0]
-        state["latent_frames"] = (first.num_frames - 1) // self.c.scale_temporal + 1
-        state["latent_height"] = first.height // self.c.scale_spatial
-        state["latent_width"] = first.width // self.c.scale_spatial
-
-
-class EncodeText(WanStage):
-    """UMT5 embeddings of the cleaned prompts (and negative prompts for CFG), one row per output."""
-
-    name = "text_encoding"
-    outputs = ("prompt_embeds",)
-
-    def run(self, state: BatchState) -> None:
-        requests = state.requests
-        seq_len = requests[0].max_sequence_length
-        cfg = requests[0].cfg_enabled
-        texts = [r.prompt for r in requests] + ([r.negative_prompt or "" for r in requests] if cfg else [])
-        embeds = self.encode(texts, seq_len, state.device).to(self.c.transformer.patch_embedding.weight.dtype)
-        n = len(requests)
-        state.set_rows("prompt_embeds", per_row(embeds[:n], requests))
-        if cfg:
-            state.set_rows("negative_prompt_embeds", per_row(embeds[n:], requests))
-        rows = state.row_owner.tolist()
-        for key, field in (("guidance_scale", "guidance_scale"), ("guidance_scale_2", "guidance_scale_2")):
-            values = [getattr(requests[i], field) or requests[i].guidance_scale for i in rows]
-            state.set_rows(key, torch.tensor(values, dtype=torch.float32, device=state.device))
-
-    def encode(self, texts: list[str], seq_len: int, device: torch.device) -> torch.Tensor:
-        tokens = self.c.tokenizer(
-            [clean_prompt(t) for t in texts],
-            padding="max_length",
-            max_length=seq_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        mask = tokens.attention_mask.to(device)
-        hidden = self.c.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
-        # Keep each prompt's real tokens and zero the padding, as the DiT was trained.
-        lengths = mask.gt(0).sum(dim=1)
-        keep = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
-        return hidden * keep[..., None].to(hidden.dtype)
 
 
 def load_image(path: str) -> Image.Image:
@@ -328,49 +272,87 @@ def load_image(path: str) -> Image.Image:
         raise invalid_request("image", f"the input image {name} cannot be read: {err.strerror or err}") from err
 
 
-class EncodeImage(WanStage):
-    """Image conditioning for image-to-video: the VAE latent of the first frame (with the frame mask
-    for Wan2.1 I2V / A14B I2V, or pasted over the first latent frame for TI2V-5B) and, where the DiT
-    takes them, CLIP image tokens. One request at a time, as diffusers encodes a batch of one."""
+class WanAdapter(FamilyAdapter):
+    """Wan under the engine's stages: UMT5 text inputs, float32 latents of the VAE's channels, UniPC or
+    flow-match Euler, the A14B expert switch, the image condition (I2V) and per-token timesteps (TI2V-5B)."""
 
-    name = "image_encoding"
-    inputs = ("latent_frames", "latent_height", "latent_width")
+    def __init__(self, components: WanComponents, options: RuntimeOptions) -> None:
+        c = components
+        self.c = c
+        self.dtype = c.transformer.patch_embedding.weight.dtype
+        self.vae_slicing = options.vae_slicing
+        self.video_processor = VideoProcessor(vae_scale_factor=c.scale_spatial)
+        # The step's timestep (int64 for UniPC, float32 for Euler) is compared with this float. A folder
+        # with a boundary but one expert runs that expert throughout.
+        has_boundary = c.boundary_ratio is not None and c.transformer_2 is not None
+        self.boundary = c.boundary_ratio * c.scheduler.config.num_train_timesteps if has_boundary else None
 
-    def run(self, state: BatchState) -> None:
-        requests = state.requests
-        if requests[0].image_path is None:
-            return
+    def latent_grid(self, request: Request) -> tuple[int, int, int]:
+        """Latent frames, height and width: the VAE's temporal and spatial compression."""
         c = self.c
+        return (
+            (request.num_frames - 1) // c.scale_temporal + 1,
+            request.height // c.scale_spatial,
+            request.width // c.scale_spatial,
+        )
+
+    def encode_prompts(
+        self, texts: list[str], max_sequence_length: int, device: torch.device
+    ) -> Mapping[str, torch.Tensor]:
+        return {"encoder_hidden_states": self.encode_texts(texts, max_sequence_length, device).to(self.dtype)}
+
+    def encode_texts(self, texts: list[str], seq_len: int, device: torch.device) -> torch.Tensor:
+        """UMT5 embeddings of the cleaned texts, each trimmed to its tokens and zero-padded, as the DiT was trained."""
+        tokens = self.c.tokenizer(
+            [clean_prompt(t) for t in texts],
+            padding="max_length",
+            max_length=seq_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(device)
+        hidden = self.c.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
+        lengths = mask.gt(0).sum(dim=1)
+        keep = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
+        return hidden * keep[..., None].to(hidden.dtype)
+
+    def cfg_scales(self, rows: Sequence[Request], device: torch.device) -> tuple[torch.Tensor, ...]:
+        # float32, cast to the prediction's dtype when applied (as diffusers multiplies by a Python float).
+        scales = [[r.guidance_scale for r in rows]]
+        if self.c.transformer_2 is not None:
+            scales.append([r.guidance_scale_2 or r.guidance_scale for r in rows])
+        return tuple(torch.tensor(values, dtype=torch.float32, device=device) for values in scales)
+
+    def encode_images(self, state: BatchState) -> None:
+        """The VAE latent of each request's first frame (with the frame mask for Wan2.1 I2V / A14B I2V, or
+        pasted over the first latent frame for TI2V-5B) and, where the DiT takes them, CLIP image tokens.
+        One request at a time, as diffusers encodes a batch of one."""
+        c = self.c
+        requests = state.requests
         first = requests[0]
         conditions, tokens = [], []
         for request in requests:
-            image = load_image(request.image_path)
+            image = load_image(request.image_path)  # type: ignore[arg-type]  # the stage checked it is set
             if c.image_encoder is not None and c.transformer.config.image_dim is not None:
                 tokens.append(self.clip_tokens(image, state.device))
-            pixels = self.video_processor_preprocess(image, first.height, first.width, state.device)
-            conditions.append(self.latent_condition(pixels, first.num_frames, state))
+            pixels = self.video_processor.preprocess(image, height=first.height, width=first.width)
+            conditions.append(self.latent_condition(pixels.to(state.device, torch.float32), first, state.device))
         state.set_rows("condition", per_row(torch.cat(conditions), requests))
         if tokens:
-            dtype = c.transformer.patch_embedding.weight.dtype
-            state.set_rows("image_embeds", per_row(torch.cat(tokens), requests).to(dtype))
+            state.set_rows("image_embeds", per_row(torch.cat(tokens), requests).to(self.dtype))
         if c.expand_timesteps:
-            mask = torch.ones(
-                1, 1, state["latent_frames"], state["latent_height"], state["latent_width"], device=state.device
-            )
+            mask = torch.ones(1, 1, *self.latent_grid(first), device=state.device)
             mask[:, :, 0] = 0
             state["first_frame_mask"] = mask
 
     def clip_tokens(self, image: Image.Image, device: torch.device) -> torch.Tensor:
         c = self.c
-        inputs = c.image_processor(images=image, return_tensors="pt").to(device)
-        return c.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+        inputs = c.image_processor(images=image, return_tensors="pt").to(device)  # type: ignore[misc]
+        return c.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]  # type: ignore[misc]
 
-    def video_processor_preprocess(
-        self, image: Image.Image, height: int, width: int, device: torch.device
-    ) -> torch.Tensor:
-        return self.pipeline.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
-
-    def latent_condition(self, pixels: torch.Tensor, num_frames: int, state: BatchState) -> torch.Tensor:
+    def latent_condition(self, pixels: torch.Tensor, request: Request, device: torch.device) -> torch.Tensor:
         c = self.c
         vae = c.vae
         image = pixels.unsqueeze(2)  # (1, 3, 1, H, W)
@@ -378,98 +360,58 @@ class EncodeImage(WanStage):
             video = image
         else:
             # The first frame, then black frames: the VAE sees a whole clip whose start is fixed.
-            video = torch.cat([image, image.new_zeros(1, 3, num_frames - 1, *image.shape[-2:])], dim=2)
-        encoded = vae.encode(video.to(vae.dtype)).latent_dist.mode().to(state.device, torch.float32)
-        z = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(encoded.device, encoded.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(encoded.device, encoded.dtype)
-        encoded = (encoded - mean) * inv_std
+            video = torch.cat([image, image.new_zeros(1, 3, request.num_frames - 1, *image.shape[-2:])], dim=2)
+        encoded = vae.encode(video.to(vae.dtype)).latent_dist.mode().to(device, torch.float32)
+        encoded = normalize_latents(encoded, vae.config.latents_mean, vae.config.latents_std)
         if c.expand_timesteps:
             return encoded
-        return torch.cat([self.frame_mask(num_frames, state).to(encoded.device), encoded], dim=1)
+        return torch.cat([self.frame_mask(request).to(encoded.device), encoded], dim=1)
 
-    def frame_mask(self, num_frames: int, state: BatchState) -> torch.Tensor:
+    def frame_mask(self, request: Request) -> torch.Tensor:
         """Which pixel frames are given (only the first), folded to latent frames as the DiT expects:
         (1, scale_temporal, latent_frames, h, w)."""
-        height, width, scale = state["latent_height"], state["latent_width"], self.c.scale_temporal
-        mask = torch.zeros(1, 1, num_frames, height, width)
+        _, height, width = self.latent_grid(request)
+        scale = self.c.scale_temporal
+        mask = torch.zeros(1, 1, request.num_frames, height, width)
         mask[:, :, 0] = 1
         first = mask[:, :, 0:1].repeat_interleave(scale, dim=2)
         mask = torch.cat([first, mask[:, :, 1:]], dim=2)
         return mask.view(1, -1, scale, height, width).transpose(1, 2)
 
-
-class PrepareLatents(WanStage):
-    name = "latent_preparation"
-    inputs = ("latent_frames", "latent_height", "latent_width")
-    outputs = ("latents",)
-
-    def run(self, state: BatchState) -> None:
+    def initial_latents(self, state: BatchState) -> torch.Tensor:
         # Noise has the VAE's channels; the DiT's extra input channels (I2V) are the image condition.
-        channels = self.c.vae.config.z_dim
-        shape = (channels, state["latent_frames"], state["latent_height"], state["latent_width"])
         # diffusers keeps Wan latents in float32 and casts to the DiT dtype per forward.
-        state.set_rows("latents", draw_noise(state.requests, shape).to(state.device))
+        shape = (self.c.vae.config.z_dim, *self.latent_grid(state.requests[0]))
+        return draw_noise(state.requests, shape).to(state.device)
 
-
-class Denoise(WanStage):
-    name = "denoising"
-    inputs = ("latents", "prompt_embeds", "guidance_scale")
-    outputs = ("latents",)
-
-    def __init__(self, pipeline: WanPipeline, progress: ProgressFn) -> None:
-        super().__init__(pipeline)
-        self.progress = progress
-
-    def run(self, state: BatchState) -> None:
-        c = self.c
+    def sampler(self, state: BatchState) -> Sampler:
         first = state.requests[0]
-        timesteps, sigmas = plan_schedule(c.scheduler, first.num_inference_steps, first.flow_shift)
-        sampler: UniPCFlowState | FlowMatchEulerState = c.scheduler.start(timesteps, sigmas)
-        # Both samplers compare the step's timestep (int64 for UniPC, float32 for Euler) with this float.
-        boundary = None if c.boundary_ratio is None else c.boundary_ratio * c.scheduler.config.num_train_timesteps
-        dtype = c.transformer.patch_embedding.weight.dtype
-        total = len(timesteps)
-        latents = state["latents"]
-        batched_cfg = use_batched_cfg(self.pipeline.options.cfg_batching, latents[0, 0].numel() // 4)
-        timer = state.perf.step_timer()
-        for i, t in enumerate(timesteps):
-            high_noise = boundary is None or t >= boundary
-            model = c.transformer if high_noise or c.transformer_2 is None else c.transformer_2
-            scale = state["guidance_scale" if high_noise else "guidance_scale_2"]
-            latents = state["latents"]
-            timestep = self.timestep(t, latents, state)
-            model_input = self.model_input(latents, state).to(dtype)
-            rows = {
-                "hidden_states": model_input,
-                "timestep": timestep,
-                "encoder_hidden_states_image": state.get("image_embeds"),
-            }
-            if not first.cfg_enabled:
-                noise_pred = model(encoder_hidden_states=state["prompt_embeds"], **rows)
-            else:
-                noise_pred, uncond = guided_forward(
-                    model,
-                    rows=rows,
-                    cond={"encoder_hidden_states": state["prompt_embeds"]},
-                    uncond={"encoder_hidden_states": state["negative_prompt_embeds"]},
-                    fixed={},
-                    batched=batched_cfg,
-                )
-                noise_pred = uncond + scale.view(-1, 1, 1, 1, 1).to(uncond.dtype) * (noise_pred - uncond)
-            state.set_rows("latents", sampler.step(noise_pred, latents))
-            timer.step_done(i)
-            kept = state.drop_requests(self.progress(i + 1, total))
-            if kept is not None:
-                sampler.select(kept)
-            if not state.active:
-                return
+        timesteps, sigmas = plan_schedule(self.c.scheduler, first.num_inference_steps, first.flow_shift)
+        return self.c.scheduler.start(timesteps, sigmas)
+
+    @property
+    def experts(self) -> list[torch.nn.Module]:
+        return [model for model in (self.c.transformer, self.c.transformer_2) if model is not None]
+
+    def expert_for(self, timestep: torch.Tensor) -> int:
+        # Wan2.2 A14B: the high-noise expert from the first step down to the boundary, then the low-noise one.
+        return 0 if self.boundary is None or bool(timestep >= self.boundary) else 1
+
+    def model_inputs(self, state: BatchState, latents: torch.Tensor, timestep: torch.Tensor) -> ModelInputs:
+        rows = {
+            "hidden_states": self.with_condition(latents, state).to(self.dtype),
+            "timestep": self.timestep(timestep, latents, state),
+            "encoder_hidden_states_image": state.get("image_embeds"),
+        }
+        return ModelInputs(rows=rows)
 
     @staticmethod
-    def model_input(latents: torch.Tensor, state: BatchState) -> torch.Tensor:
+    def with_condition(latents: torch.Tensor, state: BatchState) -> torch.Tensor:
+        """The latents with the image condition: pasted over the first frame (TI2V-5B) or concatenated
+        along the channels (Wan2.1 I2V, A14B I2V); the latents alone without an image."""
         if "condition" not in state:
             return latents
-        if "first_frame_mask" in state:  # TI2V-5B: the image's latent replaces the first frame
+        if "first_frame_mask" in state:
             mask = state["first_frame_mask"]
             return (1 - mask) * state["condition"] + mask * latents
         return torch.cat([latents, state["condition"]], dim=1)
@@ -486,32 +428,22 @@ class Denoise(WanStage):
         per_token = (mask[:, ::2, ::2] * t).flatten()
         return per_token.unsqueeze(0).expand(batch, -1)
 
-
-class DecodeVideos(WanStage):
-    name = "decoding"
-    inputs = ("latents",)
-    outputs = ("videos",)
-
-    def run(self, state: BatchState) -> None:
+    def decode(self, state: BatchState) -> np.ndarray:
         vae = self.c.vae
         z = vae.config.z_dim
         latents = state["latents"]
         if "first_frame_mask" in state:
             mask = state["first_frame_mask"]
             latents = (1 - mask) * state["condition"] + mask * latents
-        latents = latents.to(vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
-        latents = latents / inv_std + mean
+        latents = denormalize_latents(latents.to(vae.dtype), vae.config.latents_mean, vae.config.latents_std)
         # One video at a time: bounded memory, and each output independent of its batch.
         if self.c.decoder is None:  # --vae-tiling
             videos = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
         else:
-            slicing = self.pipeline.options.vae_slicing
-            chunk = decode_chunk(latents.shape, z, latents.dtype, latents.device, slicing)
+            chunk = decode_chunk(latents.shape, z, latents.dtype, latents.device, self.vae_slicing)
             videos = [self.c.decoder.decode(row.unsqueeze(0), temporal_chunk=chunk) for row in latents]
         pixels = (torch.cat(videos) * 0.5 + 0.5).clamp(0, 1)  # (B, C, T, H, W)
-        state["videos"] = pixels.permute(0, 2, 3, 4, 1).float().cpu().numpy()
+        return pixels.permute(0, 2, 3, 4, 1).float().cpu().numpy()
 
 
 #: Whole-clip decoding keeps every layer's activations for all frames at once: it peaked at 24.4 GB

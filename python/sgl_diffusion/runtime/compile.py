@@ -25,12 +25,22 @@ RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a denoiser: children of its `nn.ModuleList`s that hold several
-    modules of one class (FLUX: double and single blocks; Wan: `blocks`)."""
+    """The transformer blocks of a denoiser: the members of the `nn.ModuleList`s its class names in
+    `_repeated_blocks` (FLUX: `transformer_blocks`, `single_transformer_blocks`; Wan: `blocks`). A model
+    must declare them: guessing from its layout would silently compile the wrong units (or none) for the
+    next architecture. (diffusers' `_repeated_blocks` lists block class names instead; naming the lists
+    says exactly which modules are meant.)"""
+    declared = getattr(type(model), "_repeated_blocks", ())
+    if not declared:
+        raise ValueError(f"{type(model).__name__} declares no repeated blocks to compile (`_repeated_blocks`)")
     blocks: list[nn.Module] = []
-    for child in model.children():
-        if isinstance(child, nn.ModuleList) and len(child) > 1 and len({type(m) for m in child}) == 1:
-            blocks.extend(child)
+    for name in declared:
+        stack = getattr(model, name, None)
+        if not isinstance(stack, nn.ModuleList):
+            raise TypeError(f"{type(model).__name__}._repeated_blocks names {name!r}, which is no nn.ModuleList")
+        blocks.extend(stack)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no blocks in {list(declared)}")
     return blocks
 
 
@@ -41,8 +51,6 @@ def compile_repeated_blocks(model: nn.Module, *, backend: str = "inductor", mode
     cost speed), so it fails loudly instead.
     """
     blocks = repeated_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(fullgraph=True, dynamic=False, backend=backend, mode=mode)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -48,24 +47,14 @@ class PipelineExecutor:
 
     def info_json(self) -> str:
         """`sgl_core::PipelineInfo` as JSON."""
-        p = self.pipeline
         info: dict[str, Any] = {
             "model_path": self.model_path,
             "hf_id": self.hf_id,
-            "pipeline_class": p.pipeline_class,
-            "family": p.family,
-            "task": p.task,
             "device": str(self.options.device),
             "dit_precision": precision_name(self.options.dit_dtype),
             "vae_precision": precision_name(self.options.vae_dtype),
             "attention_backend": self.options.attention_backend,
-            "limits": dataclasses.asdict(p.limits),
-            "defaults": dataclasses.asdict(p.defaults),
-            "guidance": p.guidance_mode,
-            "supports_flow_shift": p.supports_flow_shift,
-            "supports_guidance_scale_2": p.supports_guidance_scale_2,
-            "output": p.output,
-            "image_input": p.image_input,
+            **self.pipeline.spec.info_fields(),
         }
         return json.dumps(info)
 
@@ -98,7 +87,7 @@ class PipelineExecutor:
         return results
 
     def _encode(self, state: Any, row: int, request: Request) -> bytes:
-        if self.pipeline.output == "video":
+        if self.pipeline.spec.output == "video":
             frames = state["videos"][row]
             if request.output_format == "npy":
                 return encode_image(frames, "npy")

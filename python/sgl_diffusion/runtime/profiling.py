@@ -4,7 +4,9 @@ By default only the first `num_profiled_timesteps` denoising steps are traced (t
 the denoising stage and stops once that many steps have reported progress): steps repeat, so a few
 of them show where the time goes without a trace of hundreds of megabytes. `--profile-all-stages`
 traces the whole batch, each stage as a `record_function` range named after the stage. Denoising
-steps are ranges named `denoise_step_<i>` in both modes.
+steps are ranges named `denoise_step_<i>` in both modes: the profiler is attached to the batch's
+denoising loop as a hook (`pipelines/hooks.py`), which opens a step's range when the step starts and
+closes it when the step ends.
 
 Each folder holds `trace.json.gz` (Chrome trace format: Perfetto or chrome://tracing open it) and
 `key_averages.txt` (the ops that took the most time).
@@ -16,9 +18,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -26,9 +28,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from .options import RuntimeOptions
 from .perf import PerfRecorder
 
+if TYPE_CHECKING:
+    from ..pipelines.hooks import StepContext
+
 logger = logging.getLogger(__name__)
 
-#: The stage whose steps report progress; every pipeline names its denoising loop this way.
+#: The stage that runs the denoising loop; every pipeline names it this way.
 DENOISING_STAGE = "denoising"
 TRACE_FILE = "trace.json.gz"
 TABLE_FILE = "key_averages.txt"
@@ -63,11 +68,11 @@ def profiler_activities(device: torch.device) -> list[ProfilerActivity]:
 
 
 class BatchProfiler:
-    """Profiles one batch run. Record the batch with `perf`, use `stage(name)` around each stage, pass
-    the batch's progress callback through `wrap_progress`, call `close()` in a `finally` and `export()`
-    after a successful run.
+    """Profiles one batch run. Record the batch with `perf`, use `stage(name)` around each stage, attach it
+    to the batch's denoising loop as a hook (`step_start` / `step_end`), call `close()` in a `finally` and
+    `export()` after a successful run.
 
-    Ranges are entered and exited by hand because a denoising step starts in one callback and ends in
+    Ranges are entered and exited by hand because a denoising step starts in one hook call and ends in
     the next; `close()` exits whatever is still open so that a failing stage leaves no profiler running.
     """
 
@@ -83,7 +88,6 @@ class BatchProfiler:
         self._profiler: profile | None = None
         self._running = False
         self._step_range: record_function | None = None
-        self._in_denoising = False
         self._steps_done = 0
         if self.all_stages:
             self._start()
@@ -120,41 +124,31 @@ class BatchProfiler:
         if stage_range is not None:
             stage_range.__enter__()
         try:
-            if denoising and self._running:
-                self._in_denoising = True
-                self._open_step(0)
             yield
         finally:
-            self._in_denoising = False
-            # The step range opens when the previous step ends, so the last one is still open here;
-            # it must close before the stage range that encloses it.
+            # A step that failed is still open here; it must close before the stage range that encloses it.
             self._close_step()
             if stage_range is not None:
                 stage_range.__exit__(None, None, None)
             if denoising and not self.all_stages:
                 self._stop()
 
-    def wrap_progress(self, progress: Callable[[int, int], Sequence[int]]) -> Callable[[int, int], Sequence[int]]:
-        """The batch's progress callback, also ending one `denoise_step_<i>` range and starting the next."""
+    def step_start(self, step: StepContext) -> None:
+        """Loop hook: the step's range opens (while tracing)."""
+        if self._running:
+            self._open_step(step.index)
 
-        def on_step(step: int, total: int) -> Sequence[int]:
-            if not self._in_denoising:
-                return progress(step, total)
-            self._close_step()
-            self._steps_done += 1
-            if not self.all_stages and self._steps_done >= self.num_steps:
-                self._stop()
-            # The engine's callback (cancellation, progress bars) is not part of the next step.
-            cancelled = progress(step, total)
-            if self._running and step < total:
-                self._open_step(step)
-            return cancelled
-
-        return on_step
+    def step_end(self, step: StepContext) -> None:
+        """Loop hook: the step's range closes; in the default mode tracing stops after the asked steps, before
+        the engine's progress callback (cancellation, progress bars), which is no part of a step."""
+        del step
+        self._close_step()
+        self._steps_done += 1
+        if not self.all_stages and self._steps_done >= self.num_steps:
+            self._stop()
 
     def close(self) -> None:
         """Stops tracing; safe to call more than once and after a failure."""
-        self._in_denoising = False
         self._stop()
 
     def folder(self) -> Path:

@@ -29,17 +29,19 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import CLIPTokenizer, T5Tokenizer
+    from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 __all__ = [
     "CLIP_BOS",
     "CLIP_EOS",
     "CORPUS",
+    "QWEN2_SPECIAL_TOKENS",
     "bytes_to_unicode",
     "corpus_word_counts",
     "learn_bpe",
     "pretokenize",
     "tiny_clip_tokenizer",
+    "tiny_qwen2_tokenizer",
     "tiny_t5_tokenizer",
     "unigram_pieces",
 ]
@@ -78,6 +80,24 @@ CORPUS: tuple[str, ...] = (
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
 T5_SPECIALS: tuple[str, str, str] = ("<pad>", "</s>", "<unk>")
+#: Qwen2.5-VL's special tokens, in the order of the real vocabulary (which puts them after the BPE ranks,
+#: from id 151643 on): text end/padding, chat turns, grounding markers, then the vision placeholders.
+QWEN2_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 T5_CHAR_SCORE = -15.0
 
 
@@ -226,3 +246,41 @@ def tiny_t5_tokenizer(corpus: Iterable[str] = CORPUS, *, model_max_length: int =
     from transformers import T5Tokenizer
 
     return T5Tokenizer(vocab=unigram_pieces(corpus), extra_ids=0, model_max_length=model_max_length)
+
+
+def _without_special_tokens(texts: Iterable[str], specials: Sequence[str]) -> list[str]:
+    """The plain-text runs between special tokens: a tokenizer splits specials off before it pre-tokenizes,
+    so learning merges across e.g. ``<|im_end|>\\n`` would only add tokens that never occur."""
+    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    return [part for text in texts for part in pattern.split(text) if part]
+
+
+def tiny_qwen2_tokenizer(
+    corpus: Iterable[str] = CORPUS, *, templates: Sequence[str] = (), model_max_length: int = 32768
+) -> Qwen2Tokenizer:
+    """A tiny Qwen2 / Qwen2.5-VL tokenizer: byte-level BPE with Qwen2's pre-tokenizer, then the specials.
+
+    ``templates`` are prompt templates whose token counts a pipeline hard-codes (Qwen-Image crops the first
+    34 tokens of its chat template): learning merges from them makes each template word one token, as the
+    real 151k vocabulary does, so the crop lands on the same boundary. Ids: the 256 byte characters, one per
+    merge, then :data:`QWEN2_SPECIAL_TOKENS`. ``<|im_end|>`` is eos and ``<|endoftext|>`` pad, as in
+    Qwen2.5-VL's tokenizer_config.json.
+    """
+    from transformers import Qwen2Tokenizer
+
+    alphabet = list(bytes_to_unicode().values())
+    base = Qwen2Tokenizer(vocab=_bpe_vocab(alphabet, []), merges=[])
+    texts = [*corpus, *_without_special_tokens(templates, QWEN2_SPECIAL_TOKENS)]
+    merges = learn_bpe(corpus_word_counts(pretokenize(base.backend_tokenizer, texts)))
+    vocab = _bpe_vocab(alphabet, merges)
+    for special in QWEN2_SPECIAL_TOKENS:
+        vocab[special] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[s for s in QWEN2_SPECIAL_TOKENS if s not in ("<|im_end|>", "<|endoftext|>")],
+        model_max_length=model_max_length,
+    )

@@ -90,7 +90,10 @@ pub fn router(state: SharedState) -> Router {
                 .on_failure(DefaultOnFailure::new().level(Level::ERROR)),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
-        .layer(middleware::from_fn(drop_unusable_request_id));
+        .layer(middleware::from_fn(drop_unusable_request_id))
+        // Outermost: every answer given before its request's body was read (by any layer within)
+        // closes the connection, and says so.
+        .layer(middleware::from_fn(crate::unread_body::close_if_body_unread));
     app.with_state(state)
 }
 

@@ -100,6 +100,7 @@ fn image_model() -> PipelineInfo {
         supports_guidance_scale_2: false,
         output: OutputKind::Image,
         image_input: ImageInput::None,
+        extra_batch_key_fields: vec![],
     }
 }
 
@@ -304,6 +305,26 @@ async fn a_route_the_model_cannot_serve_is_refused_without_reading_the_body() {
     let head = b"--XyZ\r\nContent-Disposition: form-data; name=\"input_reference\"; filename=\"a.png\"\r\n\r\n\x89PNG";
     let (status, body) = send(&videos.app, post("/v1/videos", &multipart_type(), stalled(head))).await;
     assert_eq!((status, param(&body)), (StatusCode::BAD_REQUEST, Some("input_reference")), "{body}");
+}
+
+/// The `Connection` header of the answer to `request`.
+async fn connection_header(app: &Router, request: Request<Body>) -> Option<String> {
+    let response = tokio::time::timeout(PROMPT, app.clone().oneshot(request)).await.expect("no answer").unwrap();
+    response.headers().get(header::CONNECTION).map(|value| value.to_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test]
+async fn an_answer_before_the_body_was_read_closes_the_connection_and_says_so() {
+    // The soak's keep-alive client once sent its next request on a connection hyper closed silently
+    // after such an answer, and got none.
+    let videos = harness(ServerConfig::default(), Some(video_model(ImageInput::None)));
+    let refused = post("/v1/images/generations", "application/json", stalled(b"{\"prompt\":"));
+    assert_eq!(connection_header(&videos.app, refused).await.as_deref(), Some("close"));
+    // Read to its end (even when refused afterwards), or no body at all: the connection stays.
+    let read = json_post("/v1/videos", &json!({"prompt": "a", "num_inference_steps": -1}));
+    assert_eq!(connection_header(&videos.app, read).await, None);
+    let get = Request::get("/v1/models").body(Body::empty()).unwrap();
+    assert_eq!(connection_header(&videos.app, get).await, None);
 }
 
 #[tokio::test]

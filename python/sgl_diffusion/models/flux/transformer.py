@@ -394,6 +394,10 @@ class FluxTransformer2DModel(nn.Module):
             so a bad name fails at load time. Can be changed later via :attr:`attention_backend`.
     """
 
+    #: The block lists `--enable-torch-compile` compiles block by block: dynamo shares one graph among a
+    #: block class's instances, and the glue between blocks stays eager.
+    _repeated_blocks: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
+
     def __init__(
         self,
         config: FluxTransformerConfig,

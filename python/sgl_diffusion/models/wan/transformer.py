@@ -478,6 +478,8 @@ class WanTransformer3DModel(nn.Module):
     )
     #: Checkpoint keys to drop silently on load (some I2V exports carry an unused ``norm_added_q``).
     ignore_unexpected_key_components: ClassVar[tuple[str, ...]] = ("norm_added_q",)
+    #: The block list `--enable-torch-compile` compiles block by block.
+    _repeated_blocks: ClassVar[tuple[str, ...]] = ("blocks",)
 
     def __init__(self, config: WanTransformerConfig, attention_backend: str | None = "torch_sdpa") -> None:
         super().__init__()

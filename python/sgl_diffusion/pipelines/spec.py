@@ -1,0 +1,121 @@
+"""What a loaded pipeline tells the core about itself: one frozen `PipelineSpec`.
+
+The Rust core reads it (as `sgl_core::PipelineInfo`, through the executor's `info_json`) to fill request
+defaults, reject what the pipeline cannot run and key batches; the executor and warm-up read it too.
+Each fact lives here once, instead of as loose class and instance attributes of every pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..runtime.request import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineLimits:
+    """Mirrors `sgl_core::PipelineLimits`: shapes this pipeline can run, read from the checkpoint where it
+    says (RoPE table, tokenizer, scheduler), and how many pixels and frames one latent token covers (the unit
+    of the request cost budget)."""
+
+    size_multiple: int
+    min_size: int
+    max_side: int
+    max_pixels: int
+    max_frames: int
+    frame_rule: str  # "single" | "four_k_plus_one"
+    max_sequence_length: int
+    max_steps: int
+    token_size: int
+    frames_per_latent: int = 1
+
+
+def tokenizer_limit(tokenizer: Any, reference_limit: int) -> int:
+    """The longest prompt a tokenizer's config allows, at most the reference pipeline's own bound. Tokenizers
+    saved without `model_max_length` report a huge sentinel (transformers' VERY_LARGE_INTEGER)."""
+    declared = getattr(tokenizer, "model_max_length", None)
+    return min(reference_limit, int(declared)) if isinstance(declared, int) and declared > 0 else reference_limit
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """Mirrors `sgl_core::SamplingDefaults`: the model's own sampling parameters."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+    num_frames: int = 1
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    flow_shift: float | None = None
+    fps: int | None = None
+    guidance_scale_2: float | None = None
+
+
+#: `sgl_core::GuidanceMode`: how a request turns on classifier-free guidance. "classifier_free":
+#: `guidance_scale > 1`; "embedded_with_true_cfg": the model takes `guidance_scale` as an input
+#: (guidance-distilled) and runs true CFG with `true_cfg_scale` against a negative prompt; "true_cfg": true CFG
+#: the same way, with no guidance input (Qwen-Image).
+GUIDANCE_MODES = ("classifier_free", "embedded_with_true_cfg", "true_cfg")
+#: `sgl_core::OutputKind`: the stages leave `images` (B×H×W×3) or `videos` (B×T×H×W×3) in the state.
+OUTPUT_KINDS = ("image", "video")
+#: `sgl_core::ImageInput`: whether requests may, must or must not carry an input image.
+IMAGE_INPUTS = ("none", "optional", "required")
+REQUEST_FIELDS = frozenset(field.name for field in dataclasses.fields(Request))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """A loaded pipeline's description: its `sgl_core::PipelineInfo` fields (less the runtime's device,
+    precisions and paths) and what the batcher must key batches by."""
+
+    pipeline_class: str
+    family: str
+    task: str
+    guidance_mode: str
+    limits: PipelineLimits
+    defaults: SamplingDefaults
+    output: str = "image"
+    image_input: str = "none"
+    supports_flow_shift: bool = False
+    supports_guidance_scale_2: bool = False
+    #: Request fields that requests of one batch must share besides those of `sgl_core::BatchKey` (a
+    #: pipeline whose tensor shapes depend on another field names it here); the Rust core adds their values to
+    #: the batch key.
+    extra_batch_key_fields: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (
+            ("guidance_mode", self.guidance_mode, GUIDANCE_MODES),
+            ("output", self.output, OUTPUT_KINDS),
+            ("image_input", self.image_input, IMAGE_INPUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"PipelineSpec.{field} must be one of {', '.join(allowed)}, got {value!r}")
+        unknown = sorted(set(self.extra_batch_key_fields) - REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"PipelineSpec.extra_batch_key_fields names no request field: {unknown}")
+
+    @property
+    def output_key(self) -> str:
+        """The batch-state entry the decoded outputs land in: `images` or `videos`."""
+        return f"{self.output}s"
+
+    def info_fields(self) -> dict[str, Any]:
+        """This spec's `sgl_core::PipelineInfo` fields, by their Rust names."""
+        return {
+            "pipeline_class": self.pipeline_class,
+            "family": self.family,
+            "task": self.task,
+            "limits": dataclasses.asdict(self.limits),
+            "defaults": dataclasses.asdict(self.defaults),
+            "guidance": self.guidance_mode,
+            "supports_flow_shift": self.supports_flow_shift,
+            "supports_guidance_scale_2": self.supports_guidance_scale_2,
+            "output": self.output,
+            "image_input": self.image_input,
+            "extra_batch_key_fields": list(self.extra_batch_key_fields),
+        }
