@@ -84,15 +84,12 @@ class DiffGenerator:
     def from_pretrained(cls, model_path: str | Path | None = None, **options: Unpack[EngineOptions]) -> DiffGenerator:
         """Loads a diffusers-format folder or a Hugging Face id from the local cache.
 
-        `model_path=None` uses the built-in tiny default model. Every other keyword is a model or scheduler option,
-        by the name `--config` files use: the model's (`sgl_bridge::ModelConfig`: `device`, `dit_precision`,
-        `vae_precision`, `attention_backend`, `enable_torch_compile`, `warmup`, `cfg_batching`, `cuda_graphs`,
-        `vae_tiling`, `vae_slicing`, `profile`, ..., `text_encoder_precisions` as a list, one per text encoder) and
-        the scheduler's (`sgl_bridge::EngineConfig`: `max_batch_size`, `batch_delay_ms`, `max_queue_size`,
-        `max_request_cost`, `max_request_pixels`, `request_timeout`); `_native.pyi`'s `EngineOptions` lists them
-        with their help. An unknown name is a `TypeError`. Precisions are fp32, fp16 or bf16 (default: bf16 on CUDA,
-        fp32 on CPU). SGLang Diffusion's environment variables that ask for a feature not built yet
-        (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError` naming them.
+        `model_path=None` uses the built-in tiny default model. Every other keyword is a model or scheduler option
+        (declared on `sgl_bridge::ModelConfig` and `EngineConfig`), by the name `--config` files use: `_native.pyi`'s
+        `EngineOptions` lists them with their help (e.g. `device`, `dit_precision`, `warmup`, `max_batch_size`,
+        `request_timeout`); an unknown name is a `TypeError`. SGLang Diffusion's environment variables that ask for
+        a feature not built yet (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError`
+        naming them.
 
         `max_request_cost` is the most token-steps (outputs × latent tokens × steps × guidance branches) one
         request may cost, and `max_request_pixels` the most output pixels (outputs × width × height × frames)
@@ -132,10 +129,10 @@ class DiffGenerator:
         on_progress: ProgressCallback | None = None,
         **fields: Unpack[RequestFields],
     ) -> GenerationResult:
-        """Generates from `prompt`. Every other keyword but these is a request field (`sgl_core::GenerationRequest`;
-        `_native.pyi`'s `RequestFields` lists them with their help: `height`, `width`, `num_frames`, `fps`,
-        `num_inference_steps`, `guidance_scale`, `negative_prompt`, `seed`, `num_outputs_per_prompt`,
-        `timeout_seconds`, ...); unset fields take the model's defaults, an unknown name is a `TypeError`.
+        """Generates from `prompt`. Every other keyword but these is a request field (declared on
+        `sgl_core::GenerationRequest`; `_native.pyi`'s `RequestFields` lists them with their help, e.g. `height`,
+        `num_inference_steps`, `seed`, `num_outputs_per_prompt`); unset fields take the model's defaults, an unknown
+        name is a `TypeError`.
 
         `image` is the input image of image-to-video (a path or a PIL image). `output_type` chooses the arrays
         returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still

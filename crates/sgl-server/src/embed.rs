@@ -127,7 +127,7 @@ fn is_command_error(py: Python<'_>, err: &PyErr) -> bool {
         .is_ok_and(|class| err.value(py).is_instance(&class).unwrap_or(false))
 }
 
-/// Flushes Python's `sys.stdout` and `sys.stderr` (argparse's help, the pipeline's prints): the
+/// Flushes Python's `sys.stdout` and `sys.stderr` (the pipeline's prints, warnings while importing): the
 /// process exits without finalizing Python.
 pub fn flush(py: Python<'_>) {
     if let Ok(sys) = py.import("sys") {
