@@ -1,6 +1,7 @@
 # Type stubs for the Rust extension module (crates/sgl-python). tests/python/test_native_stub.py
-# checks that this file and the compiled module name the same things.
+# checks that this file and the compiled module name the same things, and writes its generated part.
 from collections.abc import Callable
+from typing import Literal, Protocol, TypedDict
 
 __version__: str
 
@@ -37,3 +38,131 @@ def hf_cache_dir() -> str: ...
 def safetensors_tensors(path: str) -> list[tuple[str, str, list[int]]]: ...
 def serve(config_json: str) -> None: ...
 def openapi_json() -> str: ...
+def fields_json() -> str: ...
+def check_engine_config(config_json: str) -> None: ...
+def check_server_config(config_json: str) -> None: ...
+
+# --- generated from the field tables by tests/python/test_native_stub.py (type-only: the module has none of these names) ---
+
+class RequestFields(TypedDict, total=False):
+    """A request's fields (`sgl_core::GenerationRequest`): keywords of `DiffGenerator.submit` and
+    `generate`."""
+
+    prompt: str
+    """What to generate (at most 10 000 characters)."""
+    negative_prompt: str | None
+    """What to steer away from. Classifier-free models use it as the unconditional branch; on guidance-distilled models (FLUX.1) it acts only through true CFG, so it needs `true_cfg_scale` > 1."""
+    width: int | None
+    """Width in pixels (a multiple of the model's size step); default: the model's."""
+    height: int | None
+    """Height in pixels (a multiple of the model's size step); default: the model's."""
+    num_frames: int | None
+    """Frames of a video (rounded down to 4k+1 for Wan); image models take 1."""
+    num_inference_steps: int | None
+    """Denoising steps; default: the model's."""
+    guidance_scale: float | None
+    """Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free guidance (on when > 1) of the others."""
+    true_cfg_scale: float | None
+    """True classifier-free guidance of guidance-distilled models (FLUX.1): on when > 1, with a `negative_prompt` to guide against."""
+    seed: int | None
+    """Seed of this request's own noise generator (0 to 2^64-1); drawn at random when absent."""
+    max_sequence_length: int | None
+    """Most text-encoder tokens of the prompt; default: the model's."""
+    num_outputs_per_prompt: int | None
+    """Outputs of this prompt, 1-10, each from its own noise (OpenAI's `n`)."""
+    flow_shift: float | None
+    """Timestep shift of the sampler (video models); FLUX.1 derives its own from the size."""
+    guidance_scale_2: float | None
+    """Guidance of the low-noise expert (Wan2.2 A14B); default: the model's, else `guidance_scale`."""
+    fps: int | None
+    """Frames per second of a video output (at most 120)."""
+    image_path: str | None
+    """Input image file for image-to-video (its first frame). HTTP clients upload the image (`input_reference`); the server stores the file."""
+    image_paths: list[str] | None
+    """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other."""
+    output_format: Literal["png", "jpeg", "webp", "npy", "mp4"] | None
+    """How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float arrays); default: png for images, mp4 for videos."""
+    output_quality: int | None
+    """Encoder quality of lossy formats (jpeg, webp), 1-100."""
+    timeout_seconds: float | None
+    """Seconds from submission after which the request is stopped (between two denoising steps if it runs) and fails with a deadline error (HTTP: 504 `deadline_exceeded`; a video job fails with `deadline_exceeded`); at most the engine's `--request-timeout`."""
+
+class EngineOptions(TypedDict, total=False):
+    """Model and scheduler options (`sgl_bridge::ModelConfig`, `EngineConfig`) by the names `--config` files
+    use: keywords of `DiffGenerator.from_pretrained`."""
+
+    device: str | None
+    """cuda (default when present), cuda:N or cpu."""
+    dit_precision: Literal["fp32", "fp16", "bf16"] | None
+    """Precision of the DiT; default: bf16 on cuda, fp32 on cpu."""
+    vae_precision: Literal["fp32", "fp16", "bf16"] | None
+    """Precision of the VAE; default: bf16 on cuda, fp32 on cpu."""
+    text_encoder_precisions: list[Literal["fp32", "fp16", "bf16"]] | None
+    """One precision per text encoder, in model_index.json order (FLUX.1: CLIP T5; Wan: UMT5); default: the DiT's."""
+    attention_backend: str | None
+    """Attention kernels: torch_sdpa (default), fa, sage_attn or auto; fa3 and fa4 mean fa."""
+    enable_torch_compile: bool | None
+    """Compile the denoiser's repeated blocks with torch.compile (CUDA; the first run of a shape is slow)."""
+    warmup: bool | None
+    """Run one short generation at the default size before serving (default: on with torch.compile)."""
+    cfg_batching: Literal["auto", "on", "off"] | None
+    """Run conditional and unconditional branches in one forward: auto (by shape, default), on, off."""
+    cuda_graphs: Literal["auto", "on", "off"] | None
+    """Replay the denoiser's forward as a CUDA graph: auto (small shapes, default), on (every shape), off."""
+    vae_tiling: bool | None
+    """Decode in spatial tiles (less memory)."""
+    vae_slicing: bool | None
+    """Decode one output at a time (less memory)."""
+    profile: bool | None
+    """Write torch profiler traces of each batch."""
+    num_profiled_timesteps: int | None
+    """Denoising steps traced per batch when profiling (default 2)."""
+    profile_all_stages: bool | None
+    """Trace every stage (text encoding, decoding), not only denoising steps."""
+    profile_dir: str | None
+    """Folder for profiler traces (default ./profiles)."""
+    max_batch_size: int
+    """Most images per batched forward (default 1)."""
+    batch_delay_ms: int
+    """How long a request waits for batch company, in milliseconds (default 0)."""
+    max_queue_size: int
+    """Requests waiting before 429 (default 256)."""
+    max_request_cost: int | None
+    """Most token-steps (outputs x latent tokens x steps x guidance branches) one request may cost; default: 10 requests at the model's defaults."""
+    max_request_pixels: int | None
+    """Most output pixels (outputs x width x height x frames) one request may ask for; default: 10 requests at the model's defaults."""
+    request_timeout: float | None
+    """Seconds after which a request is stopped between two steps (default: none); a request's timeout_seconds may ask for less."""
+
+class ResolvedRequest(Protocol):
+    """A request as pipelines receive it (`sgl_core::ResolvedRequest`; `runtime.request.Request`)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    seed: int
+    max_sequence_length: int
+    num_outputs: int
+    """Outputs of the request (its `num_outputs_per_prompt`)."""
+    flow_shift: float | None
+    guidance_scale_2: float | None
+    """Guidance of the low-noise expert, for pipelines that have one."""
+    fps: int | None
+    """Frame rate of video outputs; `None` for images."""
+    image_path: str | None
+    """Input image file for image-to-video: the first of `image_paths` (what one-image pipelines read)."""
+    image_paths: tuple[str, ...]
+    """Every input image file, in order."""
+    cfg_enabled: bool
+    """Whether this request runs a second, unconditional branch (classifier-free guidance)."""
+    output_format: Literal["png", "jpeg", "webp", "npy", "mp4"]
+    output_quality: int | None
+    notes: tuple[str, ...]
+    """Adjustments made while resolving (e.g. a frame count rounded down), for the user to see."""
+
+# --- end of the generated part ---

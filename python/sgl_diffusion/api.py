@@ -11,21 +11,24 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import numpy as np
 from PIL import Image
 
 from . import _native
-from .errors import invalid_request
+from .fields import names, table
 from .runtime.encode import decode_output, to_uint8
 from .runtime.video import decode_mp4, encode_mp4
 
+if TYPE_CHECKING:
+    from ._native import EngineOptions, RequestFields
+
 OutputType = Literal["pil", "np"]
 #: File suffixes of each engine output format.
-_SUFFIXES = {"png": ("png",), "jpeg": ("jpg", "jpeg"), "webp": ("webp",), "mp4": ("mp4",)}
+_SUFFIXES = {"png": ("png",), "jpeg": ("jpg", "jpeg"), "webp": ("webp",), "mp4": ("mp4",), "npy": ("npy",)}
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -78,31 +81,15 @@ class DiffGenerator:
         self.info: dict[str, Any] = json.loads(engine.info_json())
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model_path: str | Path | None = None,
-        *,
-        device: str | None = None,
-        dit_precision: str | None = None,
-        vae_precision: str | None = None,
-        attention_backend: str | None = None,
-        max_batch_size: int = 1,
-        batch_delay_ms: int = 0,
-        max_queue_size: int = 256,
-        max_request_cost: int | None = None,
-        max_request_pixels: int | None = None,
-        request_timeout: float | None = None,
-        **speed_options: Any,
-    ) -> DiffGenerator:
+    def from_pretrained(cls, model_path: str | Path | None = None, **options: Unpack[EngineOptions]) -> DiffGenerator:
         """Loads a diffusers-format folder or a Hugging Face id from the local cache.
 
-        `model_path=None` uses the built-in tiny default model. Precisions are fp32, fp16 or bf16
-        (default: bf16 on CUDA, fp32 on CPU). `speed_options` are the CLI's speed and profiling
-        options by their Python names: `enable_torch_compile`, `warmup`, `cfg_batching`, `cuda_graphs`,
-        `vae_tiling`, `vae_slicing`, `profile`, `num_profiled_timesteps`, `profile_all_stages`,
-        `profile_dir`, `text_encoder_precisions` (a list, one per text encoder); an unknown name is an error.
-        SGLang Diffusion's environment variables that ask for a feature not built yet
-        (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError` naming them.
+        `model_path=None` uses the built-in tiny default model. Every other keyword is a model or scheduler option
+        (declared on `sgl_bridge::ModelConfig` and `EngineConfig`), by the name `--config` files use: `_native.pyi`'s
+        `EngineOptions` lists them with their help (e.g. `device`, `dit_precision`, `warmup`, `max_batch_size`,
+        `request_timeout`); an unknown name is a `TypeError`. SGLang Diffusion's environment variables that ask for
+        a feature not built yet (`SGLANG_CACHE_DIT_ENABLED=true`, ...) make loading fail with `ModelLoadError`
+        naming them.
 
         `max_request_cost` is the most token-steps (outputs × latent tokens × steps × guidance branches) one
         request may cost, and `max_request_pixels` the most output pixels (outputs × width × height × frames)
@@ -110,21 +97,15 @@ class DiffGenerator:
         `InvalidRequestError`. `request_timeout` (seconds) stops every request that runs longer, between two
         denoising steps, with `DeadlineExceededError`.
         """
+        model_options = {field.name for field in table("model")} - {"model_path"}
+        engine_options = {field.dest: field.name for field in table("engine") if field.cli}
+        _check_keywords("from_pretrained", options, model_options | set(engine_options))
         config: dict[str, Any] = {
             "model": {
                 "model_path": None if model_path is None else str(model_path),
-                "device": device,
-                "dit_precision": dit_precision,
-                "vae_precision": vae_precision,
-                "attention_backend": attention_backend,
-                **speed_options,
+                **{name: value for name, value in options.items() if name in model_options},
             },
-            "max_batch_size": max_batch_size,
-            "batch_delay_ms": batch_delay_ms,
-            "max_queue_size": max_queue_size,
-            "max_request_cost": max_request_cost,
-            "max_request_pixels": max_request_pixels,
-            "request_timeout_secs": request_timeout,
+            **{engine_options[name]: value for name, value in options.items() if name in engine_options},
         }
         return cls.from_config(config)
 
@@ -134,61 +115,41 @@ class DiffGenerator:
         scheduler's options; unset ones left out or None)."""
         return cls(_native.Engine(json.dumps(_drop_none(config))))
 
-    def submit(self, **request: Any) -> _native.RequestHandle:
+    def submit(self, **request: Unpack[RequestFields]) -> _native.RequestHandle:
         """Queues a request and returns at once; `handle.wait()` gives `(outputs, metadata_json)`.
-        Fields as in `generate`, plus `output_format` (png, jpeg, webp, npy)."""
-        return self._engine.submit(json.dumps(_drop_none(request)))
+        Fields as in `generate`, plus `output_format` (png, jpeg, webp, npy, mp4)."""
+        return self._engine.submit(json.dumps(_drop_none(dict(request))))
 
     def generate(
         self,
         prompt: str,
         *,
-        negative_prompt: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_frames: int | None = None,
-        fps: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_scale_2: float | None = None,
-        true_cfg_scale: float | None = None,
-        flow_shift: float | None = None,
         image: str | Path | Image.Image | None = None,
-        seed: int | None = None,
-        max_sequence_length: int | None = None,
-        num_outputs_per_prompt: int = 1,
         output_type: OutputType = "pil",
         on_progress: ProgressCallback | None = None,
-        timeout_seconds: float | None = None,
+        **fields: Unpack[RequestFields],
     ) -> GenerationResult:
-        """Generates `num_outputs_per_prompt` images; unset fields take the model's defaults. A request still
+        """Generates from `prompt`. Every other keyword but these is a request field (declared on
+        `sgl_core::GenerationRequest`; `_native.pyi`'s `RequestFields` lists them with their help, e.g. `height`,
+        `num_inference_steps`, `seed`, `num_outputs_per_prompt`); unset fields take the model's defaults, an unknown
+        name is a `TypeError`.
+
+        `image` is the input image of image-to-video (a path or a PIL image). `output_type` chooses the arrays
+        returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still
         queued or running `timeout_seconds` after submission (at most the engine's `request_timeout`) is stopped
         and raises `DeadlineExceededError`."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
-            raise invalid_request("seed", f"invalid `seed`: must be an integer in [0, 2^64), got {seed!r}")
-        handle = self.submit(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            fps=fps,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            true_cfg_scale=true_cfg_scale,
-            flow_shift=flow_shift,
-            image_path=_image_path(image),
-            seed=seed,
-            max_sequence_length=max_sequence_length,
-            num_outputs_per_prompt=num_outputs_per_prompt,
-            timeout_seconds=timeout_seconds,
-            # Videos come back as exact arrays; `save` encodes MP4 on demand.
-            output_format="npy" if output_type == "np" or self.info["output"] == "video" else "png",
-        )
-        result = collect(handle, on_progress)
+        # `output_format` follows from `output_type` (and the model): videos come back as exact arrays and
+        # `save` encodes MP4 on demand.
+        _check_keywords("generate", fields, set(names("request")) - {"prompt", "output_format"})
+        if image is not None and fields.get("image_path") is not None:
+            raise TypeError("generate() takes an input image as `image` or `image_path`, not both")
+        request: dict[str, Any] = {**fields, "prompt": prompt}
+        if image is not None:
+            request["image_path"] = _image_path(image)
+        request["output_format"] = "npy" if output_type == "np" or self.info["output"] == "video" else "png"
+        result = collect(self.submit(**request), on_progress)
         if self.info["output"] == "video" and output_type == "pil":
             result.frames = [to_uint8(frames) for frames in result.frames]
         return result
@@ -222,16 +183,26 @@ def collect(handle: _native.RequestHandle, on_progress: ProgressCallback | None 
     )
 
 
-def _image_path(image: str | Path | Image.Image | None) -> str | None:
-    """The engine takes input images as files; a PIL image is written to a temporary PNG (removed
-    when the process exits)."""
-    if image is None or isinstance(image, (str, Path)):
-        return None if image is None else str(Path(image).resolve())
+def _image_path(image: str | Path | Image.Image) -> str:
+    """The engine takes input images as files (and makes their paths absolute); a PIL image is written to a
+    temporary PNG (removed when the process exits)."""
+    if isinstance(image, (str, Path)):
+        return str(image)
     fd, path = tempfile.mkstemp(suffix=".png", prefix="sgl-diffusion-input-")
     with os.fdopen(fd, "wb") as f:
         image.save(f, format="PNG")
     atexit.register(lambda: Path(path).unlink(missing_ok=True))
     return path
+
+
+def _check_keywords(function: str, given: Mapping[str, Any], known: set[str]) -> None:
+    """Refuses keywords that are no field of the table a function takes (as Python refuses unknown ones)."""
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(
+            f"{function}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(sorted(known))}"
+        )
 
 
 def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:

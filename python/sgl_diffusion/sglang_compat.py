@@ -10,7 +10,8 @@ Every name parses here. A value is either honoured (it asks for nothing we lack,
   the CLI also runs it while parsing, to fail before loading anything.
 
 Options that SGLang has and we implement (`--dit-precision` with its config alias `precision`,
-`--text-encoder-precisions`, `--vae-tiling`, `--profile`, ...) are ordinary CLI options (`cli/options.py`); attention
+`--text-encoder-precisions`, `--vae-tiling`, `--profile`, ...) are ordinary options, declared on `sgl_bridge::ModelConfig`
+(their flags: `cli/flags.py`); attention
 backend names (`fa3`, `sage_attn_3`, ...) live in `layers/attention.py`.
 """
 

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import site
@@ -120,6 +121,44 @@ def test_serves_a_generation_and_stops_on_sigterm(server_binary: Path, flux_dir:
     assert log_text.rstrip().endswith("stopped"), log_text
 
 
+def flags_in(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text))
+
+
+def test_lists_the_same_flags_as_serve(server_binary: Path) -> None:
+    """The binary parses its flags with clap, `serve` with argparse, both from the same declarations (the Rust field
+    tables and the flags Python declares): their help lists the same flags, the binary's `--python` aside."""
+    wide = {"COLUMNS": "1000"}  # argparse wraps help at the terminal's width, also inside a flag's hyphens
+    binary = run_binary(server_binary, "--python", sys.executable, "--help", env=wide)
+    serve = subprocess.run(
+        [sys.executable, "-m", "sgl_diffusion.cli", "serve", "--help"],
+        env={**os.environ, **wide},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert binary.returncode == 0 and serve.returncode == 0, (binary.stderr, serve.stderr)
+    assert flags_in(binary.stdout) - {"--python"} == flags_in(serve.stdout)
+    assert {"--max-connections", "--precision", "--no-warmup", "--num-gpus", "--config"} <= flags_in(binary.stdout)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-connections", "0"], "--max-connections must be at least 1"),
+        (["--port", "70000"], "--port must be at most 65535"),
+        (["--num-gpus", "2"], "--num-gpus is not supported yet: multi-GPU inference"),
+        (["--dit-precision", "fp8"], "invalid value 'fp8' for '--dit-precision"),
+        (["--portz", "1"], "unexpected argument '--portz'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(server_binary: Path, flags: list[str], message: str) -> None:
+    proc = run_binary(server_binary, "--python", sys.executable, *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "listening" not in proc.stderr
+
+
 def test_a_missing_interpreter_is_a_clear_error(server_binary: Path) -> None:
     proc = run_binary(server_binary, "--python", "/nonexistent/python", "--port", "0")
     assert proc.returncode == 1
@@ -158,7 +197,7 @@ def test_runs_in_the_active_virtual_env_with_its_interpreter(server_binary: Path
     )
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert "usage: sgl-diffusion-server" in stdout and "--python PATH" in stdout
+    assert "Usage: sgl-diffusion-server" in stdout and "--python <PATH>" in stdout  # clap's help
     seen = [json.loads(line) for line in record.read_text().splitlines()]
     # The discovery subprocess, then the embedded interpreter (the binary's own process).
     assert {entry["executable"] for entry in seen} == {str(venv / "bin" / "python")}

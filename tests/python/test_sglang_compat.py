@@ -489,10 +489,12 @@ def test_every_entry_point_checks_the_environment(
         RuntimeOptions.for_device("cpu")
     with pytest.raises(_native.ModelLoadError, match="not supported yet: Cache-DiT step caching"):
         DiffGenerator.from_pretrained(flux_dir, device="cpu")
-    # The native binary parses its flags with parse_serve_config.
     with pytest.raises(SystemExit) as exit_:
         serve.parse_serve_config(["--model-path", str(flux_dir)])
     assert exit_.value.code == 2 and "Cache-DiT step caching" in capsys.readouterr().err
+    # The native binary parses its flags with clap and hands them to config_from_flags.
+    with pytest.raises(CommandError, match="Cache-DiT step caching"):
+        serve.config_from_flags(json.dumps({"model_path": str(flux_dir)}))
 
 
 # --- text encoder precisions (SGLang's text_encoder_precisions, implemented) ------------------------------------

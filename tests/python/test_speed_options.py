@@ -160,6 +160,44 @@ def test_api_warmup_runs_before_the_first_request(flux_dir: Path, caplog: pytest
         gen.shutdown()
 
 
+def test_warmup_is_a_request_the_core_resolves(tmp_path: Path) -> None:
+    """The warm-up request is resolved by the Rust core at the model's defaults, like any request: the tiny Wan I2V
+    fixture's defaults (832x480, 81 frames) are beyond its own limits (its RoPE table covers 512 pixels a side), so
+    warming it up is refused at load, naming the field, instead of running a request no user could send. (The
+    input image an image-to-video warm-up gets, and its guidance rules, are tested in `sgl_bridge::warmup`.)"""
+    from sgl_diffusion import DiffGenerator, ModelLoadError
+    from sgl_diffusion.testing import build_fixture
+
+    folder = build_fixture("wan21_i2v", tmp_path / "wan21_i2v")
+    with pytest.raises(ModelLoadError, match=r"defaults are not a valid request \(invalid `width`.*--no-warmup"):
+        DiffGenerator.from_pretrained(folder, device="cpu", warmup=True)
+
+
+def test_warmup_guides_as_a_default_request_does(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Qwen-Image's model card turns true CFG on by default (scale 4 against the negative prompt " "): the warm-up,
+    resolved by the core, runs both branches, as a default request does; a folder with diffusers' defaults (no
+    negative prompt) runs one. (A rule of its own, "classifier-free and guidance_scale > 1", ran one for both.)"""
+    import shutil
+
+    from sgl_diffusion import DiffGenerator
+    from sgl_diffusion.testing import build_fixture
+
+    model = build_fixture("qwen_image", tmp_path / "model")
+    repo = tmp_path / "hub" / "models--Qwen--Qwen-Image"
+    shutil.copytree(model, repo / "snapshots" / "x")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("x")
+    small = {"device": "cpu", "warmup": True}
+    for name, with_cfg in (("Qwen/Qwen-Image", True), (str(model), False)):
+        caplog.clear()
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level("INFO", logger="sgl_diffusion.runtime.warmup"):
+            patch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+            gen = DiffGenerator.from_pretrained(name, **small)
+        gen.shutdown()
+        (message,) = [record.message for record in caplog.records if record.message.startswith("warm-up at")]
+        assert ("with CFG" in message) == with_cfg, (name, message)
+
+
 def test_api_rejects_an_unknown_speed_option(flux_dir: Path) -> None:
     from sgl_diffusion import DiffGenerator
 

@@ -1,59 +1,82 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sgl_core::declare_fields;
+use sgl_core::fields::check_bounds;
 use sgl_scheduler::BatchingConfig;
 
-/// Which model to load and how, as every entry point states it (`--model-path`, `--device`, ...).
-/// `None` means the default: the built-in tiny model, CUDA when present, bf16 on CUDA / fp32 on CPU.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// A diffusers folder or a Hugging Face id (looked up in the local cache).
-    #[serde(default)]
-    pub model_path: Option<String>,
-    /// `cuda`, `cuda:N` or `cpu`.
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub dit_precision: Option<String>,
-    #[serde(default)]
-    pub vae_precision: Option<String>,
-    /// `torch_sdpa`, `fa`, `sage_attn` or `auto`.
-    #[serde(default)]
-    pub attention_backend: Option<String>,
-    /// Compile the denoiser's repeated blocks with torch.compile.
-    #[serde(default)]
-    pub enable_torch_compile: Option<bool>,
-    /// Run one small generation before serving (default: on with torch.compile).
-    #[serde(default)]
-    pub warmup: Option<bool>,
-    /// `auto` (by shape), `on` or `off`: conditional and unconditional branches in one forward.
-    #[serde(default)]
-    pub cfg_batching: Option<String>,
-    /// `auto` (small shapes, default), `on` or `off`: replay the denoiser's forward as a CUDA graph.
-    #[serde(default)]
-    pub cuda_graphs: Option<String>,
-    /// Decode in spatial tiles to bound VAE memory.
-    #[serde(default)]
-    pub vae_tiling: Option<bool>,
-    /// Decode one output at a time to bound VAE memory.
-    #[serde(default)]
-    pub vae_slicing: Option<bool>,
-    /// Write torch profiler traces of each batch.
-    #[serde(default)]
-    pub profile: Option<bool>,
-    /// Denoising steps traced per batch when profiling (default 2).
-    #[serde(default)]
-    pub num_profiled_timesteps: Option<u32>,
-    /// Trace every stage (text encoding, decoding...), not only denoising steps.
-    #[serde(default)]
-    pub profile_all_stages: Option<bool>,
-    /// Folder for profiler traces (default `./profiles`).
-    #[serde(default)]
-    pub profile_dir: Option<String>,
-    /// Precision of each text encoder, in `model_index.json` order (default: the DiT's precision).
-    #[serde(default)]
-    pub text_encoder_precisions: Option<Vec<String>>,
+/// Precisions a model's parts may run in.
+const PRECISIONS: &[&str] = &["fp32", "fp16", "bf16"];
+/// A speed option's three settings.
+const AUTO_ON_OFF: &[&str] = &["auto", "on", "off"];
+/// The `--help` heading of the speed and profiling options.
+const SPEED: &str = "speed and profiling";
+
+declare_fields! {
+    /// Which model to load and how, as every entry point states it (`--model-path`, `--device`, ...).
+    /// `None` means the default: the built-in tiny model, CUDA when present, bf16 on CUDA / fp32 on CPU.
+    ///
+    /// The one declaration of each model option: the flags of both CLIs and the native binary,
+    /// `--config` keys and `DiffGenerator.from_pretrained` keywords are derived from its table; the
+    /// Python side turns the options into `RuntimeOptions`.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ModelConfig {
+        /// Diffusers folder or Hugging Face id (looked up in the local cache); default: the built-in
+        /// tiny model.
+        #[serde(default)]
+        pub model_path: Option<String>,
+        /// cuda (default when present), cuda:N or cpu.
+        #[serde(default)]
+        pub device: Option<String>,
+        /// Precision of the DiT; default: bf16 on cuda, fp32 on cpu.
+        #[serde(default)]
+        pub dit_precision: Option<String> [.choices(PRECISIONS).aliases(&["--precision"])],
+        /// Precision of the VAE; default: bf16 on cuda, fp32 on cpu.
+        #[serde(default)]
+        pub vae_precision: Option<String> [.choices(PRECISIONS)],
+        /// One precision per text encoder, in model_index.json order (FLUX.1: CLIP T5; Wan: UMT5);
+        /// default: the DiT's.
+        #[serde(default)]
+        pub text_encoder_precisions: Option<Vec<String>> [.choices(PRECISIONS)],
+        /// Attention kernels: torch_sdpa (default), fa, sage_attn or auto; fa3 and fa4 mean fa.
+        #[serde(default)]
+        pub attention_backend: Option<String>,
+        /// Compile the denoiser's repeated blocks with torch.compile (CUDA; the first run of a shape
+        /// is slow).
+        #[serde(default)]
+        pub enable_torch_compile: Option<bool> [.group(SPEED)],
+        /// Run one short generation at the default size before serving (default: on with
+        /// torch.compile).
+        #[serde(default)]
+        pub warmup: Option<bool> [.group(SPEED).negatable()],
+        /// Run conditional and unconditional branches in one forward: auto (by shape, default), on,
+        /// off.
+        #[serde(default)]
+        pub cfg_batching: Option<String> [.group(SPEED).choices(AUTO_ON_OFF)],
+        /// Replay the denoiser's forward as a CUDA graph: auto (small shapes, default), on (every
+        /// shape), off.
+        #[serde(default)]
+        pub cuda_graphs: Option<String> [.group(SPEED).choices(AUTO_ON_OFF)],
+        /// Decode in spatial tiles (less memory).
+        #[serde(default)]
+        pub vae_tiling: Option<bool> [.group(SPEED)],
+        /// Decode one output at a time (less memory).
+        #[serde(default)]
+        pub vae_slicing: Option<bool> [.group(SPEED)],
+        /// Write torch profiler traces of each batch.
+        #[serde(default)]
+        pub profile: Option<bool> [.group(SPEED)],
+        /// Denoising steps traced per batch when profiling (default 2).
+        #[serde(default)]
+        pub num_profiled_timesteps: Option<u32> [.group(SPEED).min(1)],
+        /// Trace every stage (text encoding, decoding), not only denoising steps.
+        #[serde(default)]
+        pub profile_all_stages: Option<bool> [.group(SPEED)],
+        /// Folder for profiler traces (default ./profiles).
+        #[serde(default)]
+        pub profile_dir: Option<String> [.group(SPEED)],
+    }
 }
 
 /// The model with its folder resolved, plus the options as given; what the Python executor receives.
@@ -65,37 +88,43 @@ pub(crate) struct ResolvedModelConfig<'a> {
     pub options: &'a ModelConfig,
 }
 
-/// Everything needed to start an engine: the model plus the scheduler's limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EngineConfig {
-    pub model: ModelConfig,
-    #[serde(default = "default_max_batch_size")]
-    pub max_batch_size: u32,
-    #[serde(default)]
-    pub batch_delay_ms: u64,
-    #[serde(default = "default_max_queue_size")]
-    pub max_queue_size: usize,
-    /// Most token-steps (outputs × latent tokens × steps × guidance branches) one request may
-    /// cost; default: 10 requests at the model's own defaults.
-    #[serde(default)]
-    pub max_request_cost: Option<u64>,
-    /// Most output pixels (outputs × width × height × frames) one request may ask for; default: 10
-    /// requests at the model's own defaults.
-    #[serde(default)]
-    pub max_request_pixels: Option<u64>,
-    /// Seconds after submission at which every request is stopped; a request's `timeout_seconds`
-    /// may ask for less. Default: no deadline.
-    #[serde(default)]
-    pub request_timeout_secs: Option<f64>,
+declare_fields! {
+    /// Everything needed to start an engine: the model plus the scheduler's limits (each a flag of
+    /// both commands but `--max-queue-size`, which only a server has use for).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct EngineConfig {
+        pub model: ModelConfig,
+        /// Most images per batched forward.
+        pub max_batch_size: u32 [.min(1)],
+        /// How long a request waits for batch company, in milliseconds.
+        pub batch_delay_ms: u64,
+        /// Requests waiting before 429.
+        pub max_queue_size: usize [.min(1).serve_only()],
+        /// Most token-steps (outputs x latent tokens x steps x guidance branches) one request may
+        /// cost; default: 10 requests at the model's defaults.
+        pub max_request_cost: Option<u64> [.min(1)],
+        /// Most output pixels (outputs x width x height x frames) one request may ask for; default:
+        /// 10 requests at the model's defaults.
+        pub max_request_pixels: Option<u64> [.min(1)],
+        /// Seconds after which a request is stopped between two steps (default: none); a request's
+        /// timeout_seconds may ask for less.
+        pub request_timeout_secs: Option<f64> [.flag("--request-timeout").above(0)],
+    }
 }
 
-fn default_max_batch_size() -> u32 {
-    1
-}
-
-fn default_max_queue_size() -> usize {
-    256
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelConfig::default(),
+            max_batch_size: 1,
+            batch_delay_ms: 0,
+            max_queue_size: 256,
+            max_request_cost: None,
+            max_request_pixels: None,
+            request_timeout_secs: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,22 +132,15 @@ fn default_max_queue_size() -> usize {
 pub struct ConfigError(String);
 
 impl EngineConfig {
+    /// The scheduler's settings, each checked against the bounds its field declares.
     pub fn batching(&self) -> Result<BatchingConfig, ConfigError> {
-        let request_timeout =
-            self.request_timeout_secs
-                .map(|secs| {
-                    Duration::try_from_secs_f64(secs).ok().filter(|timeout| !timeout.is_zero()).ok_or_else(|| {
-                        ConfigError(format!("request_timeout must be a number of seconds > 0, got {secs}"))
-                    })
-                })
-                .transpose()?;
-        for (name, limit) in
-            [("max_request_cost", self.max_request_cost), ("max_request_pixels", self.max_request_pixels)]
-        {
-            if limit == Some(0) {
-                return Err(ConfigError(format!("{name} must be at least 1")));
-            }
-        }
+        check_bounds(self).map_err(|err| ConfigError(err.0))?;
+        let request_timeout = self
+            .request_timeout_secs
+            .map(|secs| {
+                Duration::try_from_secs_f64(secs).map_err(|err| ConfigError(format!("--request-timeout {secs}: {err}")))
+            })
+            .transpose()?;
         Ok(BatchingConfig {
             max_queue_size: self.max_queue_size,
             max_batch_size: self.max_batch_size,
@@ -144,14 +166,16 @@ mod tests {
         assert_eq!(batching.max_request_cost, Some(5000));
         assert_eq!(batching.max_request_pixels, Some(70000));
         assert_eq!(batching.request_timeout, Some(Duration::from_millis(1500)));
-        for bad in [
-            r#""request_timeout_secs": 0"#,
-            r#""request_timeout_secs": -1"#,
-            r#""max_request_cost": 0"#,
-            r#""max_request_pixels": 0"#,
+        for (bad, flag) in [
+            (r#""request_timeout_secs": 0"#, "--request-timeout must be > 0"),
+            (r#""request_timeout_secs": -1"#, "--request-timeout must be > 0"),
+            (r#""request_timeout_secs": 1e300"#, "--request-timeout"),
+            (r#""max_request_cost": 0"#, "--max-request-cost must be at least 1"),
+            (r#""max_request_pixels": 0"#, "--max-request-pixels must be at least 1"),
+            (r#""max_batch_size": 0"#, "--max-batch-size must be at least 1"),
         ] {
             let config: EngineConfig = serde_json::from_str(&format!(r#"{{"model": {{}}, {bad}}}"#)).unwrap();
-            assert!(config.batching().is_err(), "{bad}");
+            assert!(config.batching().unwrap_err().to_string().contains(flag), "{bad}");
         }
     }
 }

@@ -6,6 +6,7 @@ use sgl_scheduler::{BatchExecutor, BatchItem, BatchProgress, ExecError, ExecErro
 
 use crate::config::ResolvedModelConfig;
 use crate::progress::ProgressCallback;
+use crate::warmup::{warmup_request, WarmupImage};
 use crate::ModelConfig;
 
 /// Python module and class the bridge drives; the only Python surface Rust calls.
@@ -52,8 +53,30 @@ impl PythonExecutor {
             let info: PipelineInfo = serde_json::from_str(&info_json).map_err(|e| {
                 ExecError::new(ExecErrorKind::Load, format!("the executor reported malformed pipeline info: {e}"))
             })?;
-            Ok((Self { executor }, info))
+            let executor = Self { executor };
+            let wants_warmup =
+                executor.executor.bind(py).call_method0("wants_warmup").and_then(|wants| wants.extract());
+            if wants_warmup.map_err(|err| to_exec_error(py, &err, ExecErrorKind::Load))? {
+                executor.warm_up(py, &info)?;
+            }
+            Ok((executor, info))
         })
+    }
+
+    /// Runs the warm-up request, resolved by the core at the model's defaults (see [`crate::warmup`]).
+    fn warm_up(&self, py: Python<'_>, info: &PipelineInfo) -> Result<(), ExecError> {
+        let load_error = |message: String| ExecError::new(ExecErrorKind::Load, message);
+        let image =
+            WarmupImage::for_model(info).map_err(|e| load_error(format!("cannot write the warm-up image: {e}")))?;
+        let request = warmup_request(info, image.as_ref().map(WarmupImage::path))
+            .map_err(|e| load_error(format!("the model's defaults are not a valid request ({e}); use --no-warmup")))?;
+        let request_json = serde_json::to_string(&request)
+            .map_err(|e| load_error(format!("cannot encode the warm-up request: {e}")))?;
+        self.executor
+            .bind(py)
+            .call_method1("warm_up", (request_json,))
+            .map(drop)
+            .map_err(|err| to_exec_error(py, &err, ExecErrorKind::Load))
     }
 }
 

@@ -8,6 +8,7 @@
 mod config;
 mod executor;
 mod progress;
+pub mod warmup;
 
 pub use config::{ConfigError, EngineConfig, ModelConfig};
 pub use executor::PythonExecutor;

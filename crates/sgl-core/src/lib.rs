@@ -4,14 +4,19 @@
 //! [`PipelineInfo`] that the loaded pipeline exports (its defaults and limits), and becomes a
 //! [`ResolvedRequest`] in which every value is concrete and has been validated. Size and frame rules
 //! are never hard-coded here: they come from the pipeline.
+//!
+//! Each request field is declared once, on [`GenerationRequest`]; [`fields`] holds the table that every
+//! other face (HTTP wire and OpenAPI, both CLIs, the Python API and mirror) is derived from.
 
 mod error;
+pub mod fields;
 mod output;
 mod pipeline;
 mod request;
 mod resolve;
 
 pub use error::ValidationError;
+pub use fields::{FieldSpec, Fields};
 pub use output::{
     EncodedOutput, GenerationOutput, MemoryCheckpoint, OutputMetadata, PerfMetrics, StageTiming, StepTiming,
 };

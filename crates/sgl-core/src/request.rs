@@ -1,5 +1,8 @@
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+use crate::declare_fields;
+use crate::fields::{FieldValue, Route, ValueType, ALL_ROUTES};
 use crate::ValidationError;
 
 /// Longest prompt accepted, in characters. Text encoders truncate far earlier (512 T5 tokens);
@@ -12,56 +15,89 @@ pub const MAX_TIMEOUT_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 /// Highest frame rate a video output may have.
 pub const MAX_FPS: u32 = 120;
 
-/// One generation request as every entry point submits it. `None` means "the model's default".
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerationRequest {
-    pub prompt: String,
-    #[serde(default)]
-    pub negative_prompt: Option<String>,
-    #[serde(default)]
-    pub width: Option<u32>,
-    #[serde(default)]
-    pub height: Option<u32>,
-    #[serde(default)]
-    pub num_frames: Option<u32>,
-    #[serde(default)]
-    pub num_inference_steps: Option<u32>,
-    #[serde(default)]
-    pub guidance_scale: Option<f64>,
-    #[serde(default)]
-    pub true_cfg_scale: Option<f64>,
-    /// Seed of this request's own noise generator; drawn at random when absent.
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub max_sequence_length: Option<u32>,
-    #[serde(default)]
-    pub num_outputs_per_prompt: Option<u32>,
-    #[serde(default)]
-    pub flow_shift: Option<f64>,
-    /// Guidance of the low-noise expert (Wan2.2 A14B).
-    #[serde(default)]
-    pub guidance_scale_2: Option<f64>,
-    /// Frames per second of a video output.
-    #[serde(default)]
-    pub fps: Option<u32>,
-    /// Path of an input image file (image-to-video). Clients upload; the server stores the file.
-    #[serde(default)]
-    pub image_path: Option<String>,
-    #[serde(default)]
-    pub output_format: Option<OutputFormat>,
-    /// Encoder quality for lossy formats, 1-100.
-    #[serde(default)]
-    pub output_quality: Option<u8>,
-    /// Seconds from submission after which the request is cancelled (between two denoising steps
-    /// if it runs) and fails with a deadline error; at most the engine's `--request-timeout`.
-    #[serde(default)]
-    pub timeout_seconds: Option<f64>,
+declare_fields! {
+    /// One generation request as every entry point submits it. `None` means "the model's default".
+    ///
+    /// This is the one declaration of a request field: its doc comment is its help everywhere, and
+    /// the bracketed spec after its type says which HTTP routes take it (`routes`). Every field is a
+    /// flag of `sgl-diffusion generate` and a keyword of `DiffGenerator.generate`, derived from
+    /// [`crate::fields::Fields::FIELDS`]; [`crate::ResolvedRequest`] says what the pipeline receives.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct GenerationRequest {
+        /// What to generate (at most 10 000 characters).
+        pub prompt: String [.required().routes(ALL_ROUTES)],
+        /// What to steer away from. Classifier-free models use it as the unconditional branch; on
+        /// guidance-distilled models (FLUX.1) it acts only through true CFG, so it needs
+        /// `true_cfg_scale` > 1.
+        #[serde(default)]
+        pub negative_prompt: Option<String> [.routes(ALL_ROUTES)],
+        /// Width in pixels (a multiple of the model's size step); default: the model's.
+        #[serde(default)]
+        pub width: Option<u32> [.routes(&[Route::Images])],
+        /// Height in pixels (a multiple of the model's size step); default: the model's.
+        #[serde(default)]
+        pub height: Option<u32> [.routes(&[Route::Images])],
+        /// Frames of a video (rounded down to 4k+1 for Wan); image models take 1.
+        #[serde(default)]
+        pub num_frames: Option<u32> [.routes(&[Route::Videos])],
+        /// Denoising steps; default: the model's.
+        #[serde(default)]
+        pub num_inference_steps: Option<u32> [.routes(ALL_ROUTES)],
+        /// Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free
+        /// guidance (on when > 1) of the others.
+        #[serde(default)]
+        pub guidance_scale: Option<f64> [.routes(ALL_ROUTES)],
+        /// True classifier-free guidance of guidance-distilled models (FLUX.1): on when > 1, with a
+        /// `negative_prompt` to guide against.
+        #[serde(default)]
+        pub true_cfg_scale: Option<f64> [.routes(&[Route::Images])],
+        /// Seed of this request's own noise generator (0 to 2^64-1); drawn at random when absent.
+        #[serde(default)]
+        #[schema(format = "uint64")]
+        pub seed: Option<u64> [.routes(ALL_ROUTES)],
+        /// Most text-encoder tokens of the prompt; default: the model's.
+        #[serde(default)]
+        pub max_sequence_length: Option<u32> [.routes(&[Route::Images])],
+        /// Outputs of this prompt, 1-10, each from its own noise (OpenAI's `n`).
+        #[serde(default)]
+        pub num_outputs_per_prompt: Option<u32> [.min(1).max(MAX_OUTPUTS_PER_REQUEST as i64)],
+        /// Timestep shift of the sampler (video models); FLUX.1 derives its own from the size.
+        #[serde(default)]
+        pub flow_shift: Option<f64> [.routes(ALL_ROUTES)],
+        /// Guidance of the low-noise expert (Wan2.2 A14B); default: the model's, else `guidance_scale`.
+        #[serde(default)]
+        pub guidance_scale_2: Option<f64> [.routes(&[Route::Videos])],
+        /// Frames per second of a video output (at most 120).
+        #[serde(default)]
+        pub fps: Option<u32> [.routes(&[Route::Videos]).min(1).max(MAX_FPS as i64)],
+        /// Input image file for image-to-video (its first frame). HTTP clients upload the image
+        /// (`input_reference`); the server stores the file.
+        #[serde(default)]
+        pub image_path: Option<String>,
+        /// Input image files, in order, for models that take several (reference images of image
+        /// editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the
+        /// other.
+        #[serde(default)]
+        pub image_paths: Option<Vec<String>>,
+        /// How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float
+        /// arrays); default: png for images, mp4 for videos.
+        #[serde(default)]
+        #[schema(inline)]
+        pub output_format: Option<OutputFormat>,
+        /// Encoder quality of lossy formats (jpeg, webp), 1-100.
+        #[serde(default)]
+        pub output_quality: Option<u8> [.routes(&[Route::Images]).min(1).max(100)],
+        /// Seconds from submission after which the request is stopped (between two denoising steps
+        /// if it runs) and fails with a deadline error (HTTP: 504 `deadline_exceeded`; a video job
+        /// fails with `deadline_exceeded`); at most the engine's `--request-timeout`.
+        #[serde(default)]
+        pub timeout_seconds: Option<f64> [.routes(ALL_ROUTES).above(0).max(MAX_TIMEOUT_SECONDS as i64)],
+    }
 }
 
 /// How outputs are encoded before they leave Python.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     #[default]
@@ -73,6 +109,10 @@ pub enum OutputFormat {
     Npy,
     /// H.264 video in yuv420p.
     Mp4,
+}
+
+impl FieldValue for OutputFormat {
+    const TYPE: ValueType = ValueType::choice(&["png", "jpeg", "webp", "npy", "mp4"]);
 }
 
 impl OutputFormat {
@@ -96,6 +136,7 @@ impl GenerationRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::Fields;
 
     #[test]
     fn parse_error_names_the_field() {
@@ -115,6 +156,30 @@ mod tests {
     fn full_u64_seed_range_parses() {
         let req = GenerationRequest::from_json(r#"{"prompt":"a","seed":18446744073709551615}"#).unwrap();
         assert_eq!(req.seed, Some(u64::MAX));
+    }
+
+    #[test]
+    fn output_format_choices_are_its_serde_names() {
+        let names = [OutputFormat::Png, OutputFormat::Jpeg, OutputFormat::Webp, OutputFormat::Npy, OutputFormat::Mp4]
+            .map(|format| match format {
+                // A new format must be listed here and in `FieldValue::TYPE`.
+                OutputFormat::Png | OutputFormat::Jpeg | OutputFormat::Webp | OutputFormat::Npy | OutputFormat::Mp4 => {
+                    serde_json::to_value(format).unwrap()
+                }
+            });
+        assert_eq!(serde_json::to_value(OutputFormat::TYPE.choices).unwrap(), serde_json::json!(names));
+    }
+
+    /// `required` in the table is what serde requires: the one field without a default.
+    #[test]
+    fn required_fields_are_those_serde_requires() {
+        let full = serde_json::to_value(GenerationRequest::default()).unwrap();
+        for field in GenerationRequest::FIELDS {
+            let mut without = full.clone();
+            without.as_object_mut().unwrap().remove(field.name);
+            let missing = serde_json::from_value::<GenerationRequest>(without).is_err();
+            assert_eq!(missing, field.required, "{}", field.name);
+        }
     }
 
     #[test]

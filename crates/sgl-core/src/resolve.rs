@@ -2,43 +2,50 @@ use std::hash::{BuildHasher, Hasher};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fields::Fields;
 use crate::{
-    FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo, PipelineLimits,
-    ValidationError, MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_TIMEOUT_SECONDS,
+    declare_fields, FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo,
+    PipelineLimits, ValidationError, MAX_PROMPT_CHARS,
 };
 
-/// A request with every default filled in from the pipeline and every value checked against it.
-/// This is what the scheduler batches and what the Python executor receives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResolvedRequest {
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub num_frames: u32,
-    pub num_inference_steps: u32,
-    pub guidance_scale: f64,
-    pub true_cfg_scale: f64,
-    pub seed: u64,
-    pub max_sequence_length: u32,
-    pub num_outputs: u32,
-    pub flow_shift: Option<f64>,
-    /// Guidance of the low-noise expert, for pipelines that have one.
-    pub guidance_scale_2: Option<f64>,
-    /// Frame rate of video outputs; `None` for images.
-    pub fps: Option<u32>,
-    /// Input image file for image-to-video.
-    pub image_path: Option<String>,
-    /// Whether this request runs a second, unconditional branch (classifier-free guidance).
-    pub cfg_enabled: bool,
-    pub output_format: OutputFormat,
-    pub output_quality: Option<u8>,
-    /// Adjustments made while resolving (e.g. a frame count rounded down), for the user to see.
-    pub notes: Vec<String>,
-    /// The values (as JSON) of the request fields the pipeline adds to the batch key
-    /// (`PipelineInfo::extra_batch_key_fields`); the scheduler's business, not the executor's.
-    #[serde(skip)]
-    pub batch_extra: Vec<String>,
+declare_fields! {
+    /// A request with every default filled in from the pipeline and every value checked against it.
+    /// This is what the scheduler batches and what the Python executor receives (its mirror,
+    /// `runtime/request.py`, is built from [`crate::fields::Fields::FIELDS`]).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct ResolvedRequest {
+        pub prompt: String,
+        pub negative_prompt: Option<String>,
+        pub width: u32,
+        pub height: u32,
+        pub num_frames: u32,
+        pub num_inference_steps: u32,
+        pub guidance_scale: f64,
+        pub true_cfg_scale: f64,
+        pub seed: u64,
+        pub max_sequence_length: u32,
+        /// Outputs of the request (its `num_outputs_per_prompt`).
+        pub num_outputs: u32,
+        pub flow_shift: Option<f64>,
+        /// Guidance of the low-noise expert, for pipelines that have one.
+        pub guidance_scale_2: Option<f64>,
+        /// Frame rate of video outputs; `None` for images.
+        pub fps: Option<u32>,
+        /// Input image file for image-to-video: the first of `image_paths` (what one-image pipelines read).
+        pub image_path: Option<String>,
+        /// Every input image file, in order.
+        pub image_paths: Vec<String>,
+        /// Whether this request runs a second, unconditional branch (classifier-free guidance).
+        pub cfg_enabled: bool,
+        pub output_format: OutputFormat,
+        pub output_quality: Option<u8>,
+        /// Adjustments made while resolving (e.g. a frame count rounded down), for the user to see.
+        pub notes: Vec<String>,
+        /// The values (as JSON) of the request fields the pipeline adds to the batch key
+        /// (`PipelineInfo::extra_batch_key_fields`); the scheduler's business, not the executor's.
+        #[serde(skip)]
+        pub batch_extra: Vec<String> [.skipped()],
+    }
 }
 
 /// Requests with equal keys can share one batched forward pass: everything that changes tensor
@@ -187,16 +194,11 @@ impl ResolvedRequest {
         }
 
         let num_outputs = request.num_outputs_per_prompt.unwrap_or(1);
-        in_range("num_outputs_per_prompt", num_outputs, 1, MAX_OUTPUTS_PER_REQUEST)?;
+        declared_bounds("num_outputs_per_prompt", f64::from(num_outputs))?;
         let num_inference_steps = request.num_inference_steps.unwrap_or(defaults.num_inference_steps);
         in_range("num_inference_steps", num_inference_steps, 1, limits.max_steps)?;
         if let Some(timeout) = request.timeout_seconds {
-            if !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_TIMEOUT_SECONDS) {
-                return Err(ValidationError::new(
-                    "timeout_seconds",
-                    format!("must be a number of seconds > 0 and at most {MAX_TIMEOUT_SECONDS}, got {timeout}"),
-                ));
-            }
+            declared_bounds("timeout_seconds", timeout)?;
         }
         let guidance_scale = request.guidance_scale.unwrap_or(defaults.guidance_scale);
         non_negative("guidance_scale", guidance_scale)?;
@@ -266,7 +268,7 @@ impl ResolvedRequest {
         };
 
         if let Some(quality) = request.output_quality {
-            in_range("output_quality", u32::from(quality), 1, 100)?;
+            declared_bounds("output_quality", f64::from(quality))?;
         }
         let guidance_scale_2 = match (request.guidance_scale_2, info.supports_guidance_scale_2) {
             (Some(_), false) => {
@@ -292,11 +294,11 @@ impl ResolvedRequest {
             (OutputKind::Image, None) => None,
             (OutputKind::Video, requested) => {
                 let fps = requested.or(defaults.fps).unwrap_or(16);
-                in_range("fps", fps, 1, MAX_FPS)?;
+                declared_bounds("fps", f64::from(fps))?;
                 Some(fps)
             }
         };
-        let image_path = resolve_image(request.image_path.as_deref(), info)?;
+        let image_paths = resolve_images(request, info)?;
         let output_format = resolve_output_format(request.output_format, info)?;
 
         Ok(Self {
@@ -314,7 +316,8 @@ impl ResolvedRequest {
             flow_shift,
             guidance_scale_2,
             fps,
-            image_path,
+            image_path: image_paths.first().cloned(),
+            image_paths,
             cfg_enabled,
             output_format,
             output_quality: request.output_quality,
@@ -378,6 +381,31 @@ fn in_range(field: &str, value: u32, min: u32, max: u32) -> Result<(), Validatio
     Ok(())
 }
 
+/// Checks a value against the bounds its field declares in [`GenerationRequest`]'s table (the bounds
+/// that do not depend on the pipeline).
+fn declared_bounds(field: &str, value: f64) -> Result<(), ValidationError> {
+    let Some(bounds) = GenerationRequest::field(field).map(|spec| spec.value) else {
+        return Ok(());
+    };
+    let above_min = |min: f64| if bounds.min_exclusive { value > min } else { value >= min };
+    if value.is_finite() && bounds.min.is_none_or(above_min) && bounds.max.is_none_or(|max| value <= max) {
+        return Ok(());
+    }
+    let lower = match bounds.min {
+        Some(min) if bounds.min_exclusive => format!("> {min}"),
+        Some(min) => format!("at least {min}"),
+        None => String::new(),
+    };
+    let message = match (bounds.min, bounds.max) {
+        (Some(min), Some(max)) if !bounds.min_exclusive => format!("must be between {min} and {max}, got {value}"),
+        (Some(_), Some(max)) => format!("must be {lower} and at most {max}, got {value}"),
+        (Some(_), None) => format!("must be {lower}, got {value}"),
+        (None, Some(max)) => format!("must be at most {max}, got {value}"),
+        (None, None) => format!("must be a finite number, got {value}"),
+    };
+    Err(ValidationError::new(field, message))
+}
+
 fn non_negative(field: &str, value: f64) -> Result<(), ValidationError> {
     if !(value.is_finite() && value >= 0.0) {
         return Err(ValidationError::new(field, format!("must be a finite number >= 0, got {value}")));
@@ -418,20 +446,41 @@ fn resolve_frames(requested: u32, info: &PipelineInfo, notes: &mut Vec<String>) 
     }
 }
 
-fn resolve_image(path: Option<&str>, info: &PipelineInfo) -> Result<Option<String>, ValidationError> {
-    match (info.image_input, path) {
-        (ImageInput::None, Some(_)) => Err(ValidationError::new(
+/// The input images, from `image_path` or `image_paths`, checked against what the pipeline takes.
+fn resolve_images(request: &GenerationRequest, info: &PipelineInfo) -> Result<Vec<String>, ValidationError> {
+    let given: Vec<&String> = match (&request.image_path, &request.image_paths) {
+        (Some(_), Some(_)) => {
+            return Err(ValidationError::new("image_paths", "give image_path or image_paths, not both"))
+        }
+        (Some(path), None) => vec![path],
+        (None, paths) => paths.iter().flatten().collect(),
+    };
+    // Every pipeline here takes at most one image; one that takes several (Qwen-Image-Edit-Plus: 1-3)
+    // will say how many in its `PipelineInfo`.
+    let most = usize::from(info.image_input != ImageInput::None);
+    match (info.image_input, given.len()) {
+        (ImageInput::None, 1..) => Err(ValidationError::new(
             "image",
             format!("{} is {} and takes no input image", info.pipeline_class, info.task),
         )),
-        (ImageInput::Required, None) => Err(ValidationError::new(
+        (ImageInput::Required, 0) => Err(ValidationError::new(
             "image",
             format!("{} generates from an image: an input image is required", info.pipeline_class),
         )),
-        (_, Some(path)) if !std::path::Path::new(path).is_file() => {
-            Err(ValidationError::new("image", format!("input image file {path:?} does not exist")))
-        }
-        (_, path) => Ok(path.map(str::to_string)),
+        (_, count) if count > most => Err(ValidationError::new(
+            "image_paths",
+            format!("{} takes at most {most} input image, got {count}", info.pipeline_class),
+        )),
+        _ => given.into_iter().map(|path| absolute_file(path)).collect(),
+    }
+}
+
+/// An input file by its canonical path: the request names it the same wherever it runs and is
+/// recorded (a relative path means the submitter's working directory, which the engine shares).
+fn absolute_file(path: &str) -> Result<String, ValidationError> {
+    match std::fs::canonicalize(path) {
+        Ok(absolute) if absolute.is_file() => Ok(absolute.to_string_lossy().into_owned()),
+        _ => Err(ValidationError::new("image", format!("input image file {path:?} does not exist"))),
     }
 }
 
@@ -463,7 +512,7 @@ fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{PipelineLimits, SamplingDefaults};
+    use crate::{PipelineLimits, SamplingDefaults, MAX_TIMEOUT_SECONDS};
 
     fn flux_info() -> PipelineInfo {
         PipelineInfo {
@@ -813,6 +862,24 @@ mod tests {
         assert!(resolved.batch_key().has_image);
         let missing = GenerationRequest { image_path: Some("/no/such/image.png".into()), ..req("a") };
         assert_eq!(field_of(missing, &i2v), "image");
+        // A relative path is the working directory's; the request carries the canonical path.
+        let canonical = std::fs::canonicalize(&image).unwrap().to_string_lossy().into_owned();
+        let up = "../".repeat(std::env::current_dir().unwrap().components().count() - 1);
+        for given in [format!("{up}{}", image.trim_start_matches('/')), image.clone()] {
+            let request = GenerationRequest { image_path: Some(given), ..req("a") };
+            assert_eq!(ResolvedRequest::resolve(&request, &i2v).unwrap().image_path, Some(canonical.clone()));
+        }
+        // `image_paths` is the list form; one image fills both resolved fields.
+        let listed = GenerationRequest { image_paths: Some(vec![image.clone()]), ..req("a") };
+        let resolved = ResolvedRequest::resolve(&listed, &i2v).unwrap();
+        assert_eq!((resolved.image_path.clone(), resolved.image_paths), (Some(canonical.clone()), vec![canonical]));
+        let both = GenerationRequest { image_path: Some(image.clone()), ..listed.clone() };
+        assert_eq!(field_of(both, &i2v), "image_paths");
+        let two = GenerationRequest { image_paths: Some(vec![image.clone(), image.clone()]), ..req("a") };
+        let err = ResolvedRequest::resolve(&two, &i2v).unwrap_err();
+        assert_eq!((err.field.as_str(), err.message.contains("at most 1 input image, got 2")), ("image_paths", true));
+        assert_eq!(field_of(GenerationRequest { image_paths: Some(vec![]), ..req("a") }, &i2v), "image");
+        assert_eq!(field_of(listed, &flux_info()), "image");
         let _ = std::fs::remove_file(image);
     }
 

@@ -2,68 +2,64 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sgl_core::declare_fields;
+use sgl_core::fields::{check_bounds, FieldValue, ValueType};
 
-/// The server's own settings (`sgl-diffusion serve` flags); the model's are `sgl_bridge::ModelConfig`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    #[serde(default = "default_host")]
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// When set, every route but `/health` needs `Authorization: Bearer <key>`, content downloads
-    /// included (keys never travel in URLs, where logs and referrers would keep them).
-    #[serde(default)]
-    pub api_key: Option<String>,
-    /// Largest request body accepted, in MiB.
-    #[serde(default = "default_max_body_mb")]
-    pub max_body_mb: u64,
-    /// Origins allowed by CORS; none means CORS is off.
-    #[serde(default)]
-    pub cors_origins: Vec<String>,
-    /// Base of absolute `url` outputs (e.g. `https://images.example.com`); default: the request's Host.
-    #[serde(default)]
-    pub public_url: Option<String>,
-    /// Seconds an output stays downloadable; its files are deleted afterwards.
-    #[serde(default = "default_output_ttl")]
-    pub output_ttl_secs: u64,
-    /// Where `url` outputs are stored; default: a folder under the system temp dir.
-    #[serde(default)]
-    pub output_dir: Option<PathBuf>,
-    /// Extra names the model answers to (e.g. `dall-e-3`).
-    #[serde(default)]
-    pub served_model_names: Vec<String>,
-    /// The model path as the user gave it (a folder or a Hugging Face id), also a served name.
-    #[serde(default)]
-    pub model_path: Option<String>,
-    /// How long a `/health_generate` result is reused, in seconds; also how recent a completed
-    /// request must be for `/health_generate` to answer from it without a probe.
-    #[serde(default = "default_health_generate_ttl")]
-    pub health_generate_ttl_secs: u64,
-    /// Open connections served at once; further ones wait in the listen backlog until one closes.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Seconds a client has to send a request's headers (also how long an idle keep-alive
-    /// connection stays open); then the connection is closed.
-    #[serde(default = "default_header_read_timeout")]
-    pub header_read_timeout_secs: u64,
-    /// Seconds a client has to send a request's body once its headers arrived (408 after).
-    #[serde(default = "default_body_read_timeout")]
-    pub body_read_timeout_secs: u64,
-    /// Largest input image (`input_reference`), in pixels, read from its header before it is decoded.
-    #[serde(default = "default_max_input_pixels")]
-    pub max_input_pixels: u64,
-    /// `/health` answers 503 once a running batch has shown no progress (no denoising step, no
-    /// start or end) for this many seconds.
-    #[serde(default = "default_stall_timeout")]
-    pub stall_timeout_secs: u64,
-    /// Log lines as text (default) or one JSON object per line.
-    #[serde(default)]
-    pub log_format: LogFormat,
-    /// Most finished video jobs kept (with their files); beyond it those closest to expiring are
-    /// deleted first, so that records and disk stay bounded however fast jobs are made.
-    #[serde(default = "default_max_finished_jobs")]
-    pub max_finished_jobs: usize,
+declare_fields! {
+    /// The server's own settings (flags of `sgl-diffusion serve` and the native binary, which both
+    /// derive them from this table); the model's are `sgl_bridge::ModelConfig`. A setting left out
+    /// takes its value from `Default`, which is also the default `--help` shows.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct ServerConfig {
+        /// Address to bind.
+        pub host: String,
+        /// Port to listen on (0: any free port).
+        pub port: u16,
+        /// Require `Authorization: Bearer <key>` on every route but /health, content downloads
+        /// included (keys never travel in URLs, where logs and referrers would keep them).
+        pub api_key: Option<String>,
+        /// Largest request body accepted, in MiB.
+        pub max_body_mb: u64 [.min(1)],
+        /// Allow this browser origin (scheme://host[:port]), or * for any; repeatable; default: CORS
+        /// off.
+        pub cors_origins: Vec<String> [.flag("--cors-origin").repeat()],
+        /// Base of absolute url outputs (e.g. https://images.example.com); default: the request's
+        /// Host.
+        pub public_url: Option<String>,
+        /// Seconds url outputs stay downloadable; their files are deleted afterwards.
+        pub output_ttl_secs: u64 [.flag("--output-ttl")],
+        /// Where url outputs are stored; default: a folder under the system temp dir.
+        pub output_dir: Option<PathBuf>,
+        /// Extra name the model answers to, e.g. dall-e-3 (repeatable); it also answers to its path
+        /// and Hugging Face id.
+        pub served_model_names: Vec<String> [.flag("--served-model-name").repeat()],
+        /// The model path as the user gave it (a folder or a Hugging Face id), also a served name;
+        /// taken from `--model-path`.
+        pub model_path: Option<String> [.no_flag()],
+        /// Seconds a /health_generate result is reused; also how recent a completed request must be
+        /// for /health_generate to answer from it without a probe.
+        pub health_generate_ttl_secs: u64 [.flag("--health-generate-ttl")],
+        /// Connections served at once; further ones wait in the listen backlog until one closes.
+        pub max_connections: usize [.min(1)],
+        /// Seconds a client has to send a request's headers (also how long an idle keep-alive
+        /// connection stays open); then the connection is closed.
+        pub header_read_timeout_secs: u64 [.flag("--header-read-timeout").min(1).max(MAX_TIMEOUT_SECS as i64)],
+        /// Seconds a client has to send a request's body once its headers arrived (408 after).
+        pub body_read_timeout_secs: u64 [.flag("--body-read-timeout").min(1).max(MAX_TIMEOUT_SECS as i64)],
+        /// Largest input image (input_reference), in pixels, read from its header before it is
+        /// decoded.
+        pub max_input_pixels: u64 [.min(1)],
+        /// /health answers 503 once a running batch has shown no progress (no denoising step, no
+        /// start or end) for this many seconds.
+        pub stall_timeout_secs: u64 [.flag("--stall-timeout").min(1)],
+        /// Log lines as text or one JSON object per line; the filter is SGL_DIFFUSION_LOG or RUST_LOG
+        /// (default info).
+        pub log_format: LogFormat,
+        /// Finished video jobs kept with their files; beyond it those closest to expiring are deleted
+        /// first, so that records and disk stay bounded however fast jobs are made.
+        pub max_finished_jobs: usize [.min(1)],
+    }
 }
 
 /// How log lines are written to stderr.
@@ -75,78 +71,43 @@ pub enum LogFormat {
     Json,
 }
 
-/// Longest header or body read timeout accepted (a day).
+impl FieldValue for LogFormat {
+    const TYPE: ValueType = ValueType::choice(&["text", "json"]);
+}
+
+/// Longest header or body read timeout accepted (a day). Deadlines are added to the clock: a day is
+/// longer than any client should take, and far from where the addition would overflow.
 const MAX_TIMEOUT_SECS: u64 = 86_400;
 
-fn default_host() -> String {
-    "127.0.0.1".into()
-}
-
-fn default_port() -> u16 {
-    30000
-}
-
-fn default_max_body_mb() -> u64 {
-    16
-}
-
-fn default_output_ttl() -> u64 {
-    3600
-}
-
-fn default_health_generate_ttl() -> u64 {
-    10
-}
-
-fn default_max_connections() -> usize {
-    512
-}
-
-fn default_header_read_timeout() -> u64 {
-    10
-}
-
-fn default_body_read_timeout() -> u64 {
-    60
-}
-
 /// 50 megapixels: more than any phone camera's photo, and ~150 MB once decoded to RGB.
-fn default_max_input_pixels() -> u64 {
-    50_000_000
-}
+const DEFAULT_MAX_INPUT_PIXELS: u64 = 50_000_000;
 
 /// Ten minutes: longer than any single denoising step, VAE decode or first-shape torch.compile
 /// measured (a Wan2.1-14B 720p step with CFG takes well under a minute on an H100), so only a hang
 /// trips it.
-fn default_stall_timeout() -> u64 {
-    600
-}
-
-fn default_max_finished_jobs() -> usize {
-    crate::jobs::DEFAULT_MAX_FINISHED
-}
+const DEFAULT_STALL_TIMEOUT_SECS: u64 = 600;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            host: default_host(),
-            port: default_port(),
+            host: "127.0.0.1".into(),
+            port: 30000,
             api_key: None,
-            max_body_mb: default_max_body_mb(),
+            max_body_mb: 16,
             cors_origins: Vec::new(),
             public_url: None,
-            output_ttl_secs: default_output_ttl(),
+            output_ttl_secs: 3600,
             output_dir: None,
             served_model_names: Vec::new(),
             model_path: None,
-            health_generate_ttl_secs: default_health_generate_ttl(),
-            max_connections: default_max_connections(),
-            header_read_timeout_secs: default_header_read_timeout(),
-            body_read_timeout_secs: default_body_read_timeout(),
-            max_input_pixels: default_max_input_pixels(),
-            stall_timeout_secs: default_stall_timeout(),
+            health_generate_ttl_secs: 10,
+            max_connections: 512,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 60,
+            max_input_pixels: DEFAULT_MAX_INPUT_PIXELS,
+            stall_timeout_secs: DEFAULT_STALL_TIMEOUT_SECS,
             log_format: LogFormat::default(),
-            max_finished_jobs: default_max_finished_jobs(),
+            max_finished_jobs: crate::jobs::DEFAULT_MAX_FINISHED,
         }
     }
 }
@@ -164,28 +125,10 @@ impl ServerConfig {
         Duration::from_secs(self.body_read_timeout_secs)
     }
 
-    /// Refuses settings the server cannot start with, naming the flag.
+    /// Refuses settings the server cannot start with, naming the flag: the bounds each field
+    /// declares, then what no bound can say.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
-            ("--max-body-mb", self.max_body_mb),
-            ("--max-connections", self.max_connections as u64),
-            ("--header-read-timeout", self.header_read_timeout_secs),
-            ("--body-read-timeout", self.body_read_timeout_secs),
-            ("--max-input-pixels", self.max_input_pixels),
-        ];
-        if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
-            return Err(ConfigError(format!("{flag} must be at least 1")));
-        }
-        // Deadlines are added to the clock: a day is longer than any client should take, and far
-        // from where the addition would overflow.
-        for (flag, secs) in [
-            ("--header-read-timeout", self.header_read_timeout_secs),
-            ("--body-read-timeout", self.body_read_timeout_secs),
-        ] {
-            if secs > MAX_TIMEOUT_SECS {
-                return Err(ConfigError(format!("{flag} must be at most {MAX_TIMEOUT_SECS} seconds, got {secs}")));
-            }
-        }
+        check_bounds(self).map_err(|err| ConfigError(err.0))?;
         for origin in &self.cors_origins {
             cors_origin(origin)?;
         }

@@ -17,6 +17,7 @@ mod logging;
 mod metrics;
 mod openapi;
 mod outputs;
+mod route_body;
 mod routes;
 mod state;
 mod unread_body;
@@ -32,6 +33,7 @@ pub use config::{LogFormat, ServerConfig};
 pub use error::ApiError;
 pub use logging::{init_logging, LOG_ENV_VARS};
 pub use openapi::openapi_json;
+pub use route_body::{RouteBody, RouteFields};
 pub use wire::*;
 
 use crate::jobs::JobStore;

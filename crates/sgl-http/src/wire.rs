@@ -1,15 +1,19 @@
 //! The OpenAI-compatible wire types (request and response bodies), with their OpenAPI schemas.
-//! Generation parameters map onto `sgl_core::GenerationRequest`, which does all validation.
+//! Generation parameters are `sgl_core::GenerationRequest`'s fields, which does all validation; a
+//! route declares only its own (OpenAI) fields here.
 
 use serde::{Deserialize, Serialize};
+use sgl_core::fields::Route;
 use utoipa::ToSchema;
 
-/// `POST /v1/images/generations`. OpenAI's fields plus the engine's sampling extensions.
+use crate::route_body::{RouteBody, RouteFields};
+
+/// `POST /v1/images/generations`: OpenAI's fields plus the engine's sampling fields.
+// OpenAI's own fields only: the engine's fields for the route come from `sgl_core::GenerationRequest`
+// (see `route_body`), in the body and in this schema.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ImageGenerationRequest {
-    /// What to draw.
-    pub prompt: String,
+pub struct ImageFields {
     /// The served model's id, path, Hugging Face id or an alias; default: the served model.
     #[serde(default)]
     pub model: Option<String>,
@@ -41,33 +45,15 @@ pub struct ImageGenerationRequest {
     /// Compression for jpeg/webp, 0-100 (OpenAI's name; `output_quality` is the same).
     #[serde(default)]
     pub output_compression: Option<u8>,
-    #[serde(default)]
-    pub output_quality: Option<u8>,
-    #[serde(default)]
-    pub width: Option<u32>,
-    #[serde(default)]
-    pub height: Option<u32>,
-    #[serde(default)]
-    pub negative_prompt: Option<String>,
-    #[serde(default)]
-    pub num_inference_steps: Option<u32>,
-    #[serde(default)]
-    pub guidance_scale: Option<f64>,
-    #[serde(default)]
-    pub true_cfg_scale: Option<f64>,
-    /// Seed of the request's noise generator (0 to 2^64-1); random when absent.
-    #[serde(default)]
-    #[schema(format = "uint64")]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub max_sequence_length: Option<u32>,
-    #[serde(default)]
-    pub flow_shift: Option<f64>,
-    /// Seconds after which the request is stopped (between two denoising steps if it runs) and
-    /// fails with 504 `deadline_exceeded`; at most the server's `--request-timeout`.
-    #[serde(default)]
-    pub timeout_seconds: Option<f64>,
 }
+
+impl RouteFields for ImageFields {
+    const ROUTE: Route = Route::Images;
+    const SCHEMA_NAME: &'static str = "ImageGenerationRequest";
+}
+
+/// The body of `POST /v1/images/generations`.
+pub type ImageGenerationRequest = RouteBody<ImageFields>;
 
 /// One generated image: inline base64, or a URL to fetch it from.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -165,10 +151,10 @@ pub struct HealthStatus {
 
 /// `POST /v1/videos` (JSON, or multipart/form-data where every field is a string and
 /// `input_reference` may be a file).
+// OpenAI's own fields only, as for images.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct VideoCreateRequest {
-    pub prompt: String,
+pub struct VideoFields {
     #[serde(default)]
     pub model: Option<String>,
     /// Duration; with `fps` it decides the frame count (`seconds * fps + 1`).
@@ -178,37 +164,22 @@ pub struct VideoCreateRequest {
     /// `WIDTHxHEIGHT`; default: the model's.
     #[serde(default)]
     pub size: Option<String>,
-    #[serde(default)]
-    pub fps: Option<u32>,
-    /// Rounded down to what the model supports (4k+1 for Wan).
-    #[serde(default)]
-    pub num_frames: Option<u32>,
-    /// Seed of the job's noise generator (0 to 2^64-1); random when absent.
-    #[serde(default)]
-    #[schema(format = "uint64")]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub negative_prompt: Option<String>,
-    #[serde(default)]
-    pub num_inference_steps: Option<u32>,
-    #[serde(default)]
-    pub guidance_scale: Option<f64>,
-    #[serde(default)]
-    pub guidance_scale_2: Option<f64>,
-    #[serde(default)]
-    pub flow_shift: Option<f64>,
     /// Videos are generated one per job: only 1 is accepted.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
-    /// Seconds after which the request is stopped (between two denoising steps if it runs) and
-    /// the job fails with `deadline_exceeded`; at most the server's `--request-timeout`.
-    #[serde(default)]
-    pub timeout_seconds: Option<f64>,
     /// Image for image-to-video: a `data:image/...;base64,` URL in JSON, or a file in multipart.
     #[serde(default)]
     pub input_reference: Option<String>,
 }
+
+impl RouteFields for VideoFields {
+    const ROUTE: Route = Route::Videos;
+    const SCHEMA_NAME: &'static str = "VideoCreateRequest";
+}
+
+/// The body of `POST /v1/videos`.
+pub type VideoCreateRequest = RouteBody<VideoFields>;
 
 /// `queued → in_progress → completed | failed | cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

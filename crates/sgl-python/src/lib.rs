@@ -6,6 +6,7 @@
 
 mod engine;
 mod errors;
+pub mod fields;
 pub mod serve;
 mod weights;
 
@@ -17,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyRequestHandle>()?;
     errors::register(m)?;
+    fields::register(m)?;
     weights::register(m)?;
     serve::register(m)?;
     Ok(())

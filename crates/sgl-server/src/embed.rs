@@ -1,10 +1,11 @@
 //! The embedded interpreter: made to look like the target environment's, then checked.
 
-use pyo3::exceptions::{PyModuleNotFoundError, PySystemExit};
+use pyo3::exceptions::PyModuleNotFoundError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::environment::Environment;
+use crate::flags::FlagSpec;
 use crate::ServerError;
 
 /// Mirrors the target interpreter: `sys.executable` first (torch.compile and multiprocessing's
@@ -33,11 +34,16 @@ importlib.invalidate_caches()
 /// The modules the server needs, imported up front so a broken environment fails clearly.
 const REQUIRED: [&str; 2] = ["torch", "sgl_diffusion"];
 
-/// What `sgl_diffusion.cli.serve.parse_serve_config` decided.
-pub enum Parsed {
+/// The Python module that declares the flags the binary cannot know (`--config`, SGLang's) and
+/// turns parsed flags into the server config, as `sgl-diffusion serve` does.
+const SERVE_MODULE: &str = "sgl_diffusion.cli.serve";
+
+/// What `config_from_flags` decided.
+pub enum FromFlags {
+    /// The server config (`sgl_python::serve::ServeConfig` as JSON).
     Config(String),
-    /// It printed usage or help and asked to exit with this status.
-    Exit(u8),
+    /// A usage error (`CommandError`): a value out of bounds, a `--config` problem, a feature not built yet.
+    Usage(String),
 }
 
 /// Starts Python (once), mirrors `env` into it and imports torch and sgl_diffusion.
@@ -83,44 +89,45 @@ pub fn prepare(py: Python<'_>, env: &Environment) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Hands the flags to the Python option parser (the one `sgl-diffusion serve` uses).
-pub fn parse_flags(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> Result<Parsed, ServerError> {
-    let parsed = py
-        .import("sgl_diffusion.cli.serve")
-        .and_then(|module| module.getattr("parse_serve_config"))
-        .and_then(|parse| parse.call1((argv,)));
-    match parsed {
+fn python_error(py: Python<'_>, what: &str, err: &PyErr) -> ServerError {
+    err.display(py);
+    ServerError::Python(format!("{what}: {err}"))
+}
+
+/// The serve flags declared in Python, described like the Rust tables' entries.
+pub fn python_flags(py: Python<'_>) -> Result<Vec<FlagSpec>, ServerError> {
+    let json: String = py
+        .import(SERVE_MODULE)
+        .and_then(|module| module.getattr("python_flags_json")?.call0()?.extract())
+        .map_err(|err| python_error(py, "cannot read the Python flags", &err))?;
+    serde_json::from_str(&json).map_err(|err| ServerError::Python(format!("malformed Python flags: {err}")))
+}
+
+/// The server config from the flags clap parsed, through `--config` and the checks `serve` runs.
+pub fn config_from_flags(
+    py: Python<'_>,
+    given: &serde_json::Map<String, serde_json::Value>,
+) -> Result<FromFlags, ServerError> {
+    let given_json = serde_json::Value::Object(given.clone()).to_string();
+    let module = py.import(SERVE_MODULE).map_err(|err| python_error(py, "cannot import the serve command", &err))?;
+    match module.getattr("config_from_flags").and_then(|convert| convert.call1((given_json,))) {
         Ok(config) => config
             .extract::<String>()
-            .map(Parsed::Config)
-            .map_err(|err| ServerError::Python(format!("parse_serve_config returned a non-string: {err}"))),
-        Err(err) if err.is_instance_of::<PySystemExit>(py) => Ok(Parsed::Exit(exit_status(py, &err))),
-        Err(err) => {
-            err.display(py);
-            Err(ServerError::Python(format!("cannot parse the flags: {err}")))
-        }
+            .map(FromFlags::Config)
+            .map_err(|err| ServerError::Python(format!("config_from_flags returned a non-string: {err}"))),
+        Err(err) if is_command_error(py, &err) => Ok(FromFlags::Usage(err.value(py).to_string())),
+        Err(err) => Err(python_error(py, "cannot build the server config", &err)),
     }
 }
 
-/// The status a `SystemExit` asks for, as Python's own exit would compute it.
-fn exit_status(py: Python<'_>, err: &PyErr) -> u8 {
-    let code = match err.value(py).getattr("code") {
-        Ok(code) => code,
-        Err(_) => return 1,
-    };
-    if code.is_none() {
-        return 0;
-    }
-    match code.extract::<i64>() {
-        Ok(status) => (status & 0xff) as u8,
-        Err(_) => {
-            eprintln!("{code}");
-            1
-        }
-    }
+/// Whether `err` is the CLI's usage error (`sgl_diffusion.cli.options.CommandError`).
+fn is_command_error(py: Python<'_>, err: &PyErr) -> bool {
+    py.import("sgl_diffusion.cli.options")
+        .and_then(|module| module.getattr("CommandError"))
+        .is_ok_and(|class| err.value(py).is_instance(&class).unwrap_or(false))
 }
 
-/// Flushes Python's `sys.stdout` and `sys.stderr` (argparse's help, the pipeline's prints): the
+/// Flushes Python's `sys.stdout` and `sys.stderr` (the pipeline's prints, warnings while importing): the
 /// process exits without finalizing Python.
 pub fn flush(py: Python<'_>) {
     if let Ok(sys) = py.import("sys") {

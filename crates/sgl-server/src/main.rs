@@ -5,30 +5,46 @@
 //! `PATH`) and asks its interpreter for its `sys.path` and version before starting Python, then
 //! mirrors it in the embedded interpreter (`sys.executable` included: torch.compile and
 //! multiprocessing start subprocesses through it), imports torch and sgl_diffusion, parses the
-//! flags with sgl_diffusion's own parser and runs the server with the GIL released.
+//! flags with clap from the same declarations as `sgl-diffusion serve` (see [`flags`]) and runs the
+//! server with the GIL released.
 
 mod embed;
 mod environment;
+mod flags;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 
 use _native::serve::ServeConfig;
+use clap::error::ErrorKind;
+use clap::Arg;
 use pyo3::prelude::*;
 use sgl_http::ServeError;
 
-use crate::embed::Parsed;
+use crate::embed::FromFlags;
 use crate::environment::{Source, Target};
+use crate::flags::FlagError;
 
 const PROG: &str = "sgl-diffusion-server";
 
 /// The Python version the binary links against (see build.rs).
 const LINKED_PYTHON: &str = env!("SGL_LINKED_PYTHON_VERSION");
 
-const PYTHON_FLAG_HELP: &str = "\nnative binary:
-  --python PATH         the Python interpreter of the environment to run in (default:
-                        $VIRTUAL_ENV/bin/python, else python3 on PATH); it needs torch and
-                        sgl-diffusion installed and the same Python version as the binary";
+/// `--python PATH`, read before Python starts (see `split_args`); listed in `--help` with the rest.
+fn python_flag() -> Arg {
+    Arg::new("python").long("python").value_name("PATH").help_heading("native binary").help(
+        "The Python interpreter of the environment to run in (default: $VIRTUAL_ENV/bin/python, else python3 on \
+         PATH); it needs torch and sgl-diffusion installed and the same Python version as the binary",
+    )
+}
+
+/// What the command line asks for.
+enum Parsed {
+    /// Serve with this config (`ServeConfig` as JSON).
+    Config(String),
+    /// Help was printed (0), or a usage error (2).
+    Exit(u8),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -56,13 +72,16 @@ pub enum ServerError {
     Import { module: &'static str, interpreter: String, path: Vec<String>, reason: String },
     #[error("{0}")]
     Python(String),
-    #[error("invalid server config from parse_serve_config: {0}")]
+    #[error("invalid server config from config_from_flags: {0}")]
     Config(#[from] serde_json::Error),
+    #[error("{0}")]
+    Flags(#[from] FlagError),
     #[error("{0}")]
     Serve(#[from] ServeError),
 }
 
-/// Splits off the binary's own `--python PATH` / `--python=PATH`; the rest goes to Python's parser.
+/// Splits off the binary's own `--python PATH` / `--python=PATH`: it chooses the Python that declares
+/// the other flags.
 fn split_args(args: impl IntoIterator<Item = OsString>) -> Result<(Option<OsString>, Vec<OsString>), ServerError> {
     let mut python = None;
     let mut rest = Vec::new();
@@ -87,9 +106,32 @@ fn split_args(args: impl IntoIterator<Item = OsString>) -> Result<(Option<OsStri
     Ok((python, rest))
 }
 
+/// Parses the flags: clap, from the Rust tables and the flags Python declares; then Python's
+/// `config_from_flags` for `--config` and the checks `sgl-diffusion serve` runs.
+fn parse_flags(py: Python<'_>, argv: Vec<OsString>) -> Result<Parsed, ServerError> {
+    let mut flags = flags::rust_flags(&_native::fields::tables())?;
+    flags.extend(embed::python_flags(py)?);
+    let mut command = flags::command(PROG, &flags, [python_flag()]);
+    let matches = match command.try_get_matches_from_mut(std::iter::once(OsString::from(PROG)).chain(argv)) {
+        Ok(matches) => matches,
+        Err(err) => {
+            embed::flush(py);
+            let _ = err.print();
+            return Ok(Parsed::Exit(u8::try_from(err.exit_code()).unwrap_or(2)));
+        }
+    };
+    match embed::config_from_flags(py, &flags::given(&matches, &flags))? {
+        FromFlags::Config(json) => Ok(Parsed::Config(json)),
+        FromFlags::Usage(message) => {
+            embed::flush(py);
+            let _ = command.error(ErrorKind::ValueValidation, message).print();
+            Ok(Parsed::Exit(2))
+        }
+    }
+}
+
 fn run() -> Result<ExitCode, ServerError> {
     let (python, argv) = split_args(std::env::args_os().skip(1))?;
-    let wants_help = argv.iter().any(|a| a == "-h" || a == "--help");
     let target = Target::choose(python, std::env::var_os("VIRTUAL_ENV"));
     let env = target.discover()?;
     if env.implementation != "cpython" {
@@ -104,18 +146,13 @@ fn run() -> Result<ExitCode, ServerError> {
         });
     }
     let parsed = Python::attach(|py| {
-        let parsed = embed::prepare(py, &env).and_then(|()| embed::parse_flags(py, argv));
+        let parsed = embed::prepare(py, &env).and_then(|()| parse_flags(py, argv));
         embed::flush(py);
         parsed
     })?;
     let config_json = match parsed {
         Parsed::Config(json) => json,
-        Parsed::Exit(status) => {
-            if status == 0 && wants_help {
-                println!("{PYTHON_FLAG_HELP}");
-            }
-            return Ok(ExitCode::from(status));
-        }
+        Parsed::Exit(status) => return Ok(ExitCode::from(status)),
     };
     let config: ServeConfig = serde_json::from_str(&config_json)?;
     // The GIL is free here: the engine's worker thread takes it to load and run the pipeline.

@@ -13,56 +13,50 @@ from typing import Any
 
 from .. import _native
 from ..api import DiffGenerator, GenerationResult, collect
-from .options import CommandError, add_model_options, add_sglang_options, engine_config, parse_options
-from .serve import SERVER_OPTIONS, server_option_name
+from ..fields import table
+from .flags import add_flags
+from .options import (
+    CommandError,
+    add_model_options,
+    add_sglang_options,
+    engine_config,
+    parse_options,
+    serve_only_fields,
+)
 
-#: The server's options, given to `generate` (SGLang's docs pass them to both commands): each is an error.
-NOT_HERE = {
-    server_option_name(flag): "applies to `sgl-diffusion serve` only: `generate` starts no HTTP server"
-    for flag, _ in SERVER_OPTIONS
-}
+
+def not_here() -> dict[str, str]:
+    """The server's options, given to `generate` (SGLang's docs pass them to both commands): each is an error."""
+    return {
+        field.dest: "applies to `sgl-diffusion serve` only: `generate` starts no HTTP server"
+        for field in serve_only_fields()
+    }
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = commands.add_parser("generate", help="generate images from a prompt")
-    request = parser.add_argument_group("request")
-    request.add_argument("--prompt", help="text prompt (required)")
-    request.add_argument("--negative-prompt", help="needs --true-cfg-scale > 1 on FLUX.1")
-    request.add_argument("--num-inference-steps", type=int)
-    request.add_argument("--seed", type=int, help="default: random (printed)")
-    request.add_argument("--height", type=int)
-    request.add_argument("--width", type=int)
-    request.add_argument("--num-frames", type=int, help="video models: frames (rounded down to 4k+1 for Wan)")
-    request.add_argument("--fps", type=int, help="video models: frames per second of the MP4")
-    request.add_argument("--image-path", help="image-to-video: the input image (first frame)")
-    request.add_argument("--guidance-scale", type=float)
-    request.add_argument("--guidance-scale-2", type=float, help="Wan2.2 A14B: guidance of the low-noise expert")
-    request.add_argument("--flow-shift", type=float, help="video models: timestep shift of the sampler")
-    request.add_argument("--true-cfg-scale", type=float)
-    request.add_argument("--max-sequence-length", type=int)
-    request.add_argument("--num-outputs-per-prompt", type=int)
+    parser = commands.add_parser("generate", help="generate images or videos from a prompt")
+    # Every request field (`sgl_core::GenerationRequest`) is a flag.
+    add_flags(parser, table("request"))
     output = parser.add_argument_group("output")
     output.add_argument("--output-path", help="folder for outputs (default: outputs)")
     output.add_argument("--output-file-name", help="file name (default: from the prompt, time and a hash)")
-    output.add_argument("--output-format", choices=["png", "jpeg", "webp", "mp4"], help="default: png, mp4 for video")
     output.add_argument(
         "--save-output", action=argparse.BooleanOptionalAction, default=None, help="write files (default: yes)"
     )
     output.add_argument("--perf-dump-path", help="write timings and memory as JSON here")
     add_model_options(parser)
     add_sglang_options(parser)
-    serve_only = parser.add_argument_group("serve only (an error here)")
-    for flag, kwargs in SERVER_OPTIONS:
-        serve_only.add_argument(flag, **{**kwargs, "help": argparse.SUPPRESS})
+    add_flags(parser, serve_only_fields(), hidden=True)
     parser.set_defaults(run=lambda args: run(args, parser))
     return parser
 
 
 def checked_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     """The command line and `--config` merged and checked; raises `CommandError` (a usage error)."""
-    options = parse_options(parser, args, NOT_HERE)
-    if not options.get("prompt"):
-        raise CommandError("--prompt is required (on the command line or in --config)")
+    options = parse_options(parser, args, not_here())
+    for field in table("request"):
+        if field.required and not options.get(field.dest):
+            raise CommandError(f"{field.flag} is required (on the command line or in --config)")
     engine_config(options)  # checks the scheduler options' values
     return options
 
@@ -86,29 +80,9 @@ def generate(options: dict[str, Any]) -> int:
     from tqdm import tqdm
 
     generator = DiffGenerator.from_config(engine_config(options))
-    fields = (
-        "prompt",
-        "negative_prompt",
-        "num_inference_steps",
-        "seed",
-        "height",
-        "width",
-        "num_frames",
-        "fps",
-        "guidance_scale",
-        "guidance_scale_2",
-        "flow_shift",
-        "true_cfg_scale",
-        "max_sequence_length",
-        "num_outputs_per_prompt",
-        "output_format",
-    )
-    image_path = options.get("image_path")
+    fields = {field.name: options.get(field.dest) for field in table("request")}
     try:
-        fields_given = {name: options.get(name) for name in fields}
-        if image_path:
-            fields_given["image_path"] = str(Path(image_path).resolve())
-        handle = generator.submit(**fields_given)
+        handle = generator.submit(**fields)
         request = json.loads(handle.request_json)
         for note in request["notes"]:
             print(note, file=sys.stderr)

@@ -1,6 +1,7 @@
 """Command-line options shared by commands, `--config` files, and SGLang Diffusion's options.
 
-Every option has one definition here (SGLang's flags that we only accept by name: `sglang_compat.OPTIONS`). A
+Every option is declared once, on its Rust struct (`ModelConfig`, `EngineConfig`, `ServerConfig`; SGLang's flags that
+we only accept by name are `sglang_compat.OPTIONS`), and its flag is built from that declaration (`flags.py`). A
 `--config` file (JSON or YAML) uses the same names (with `-` or `_`, any of an option's spellings, e.g. `precision`
 for `dit_precision`); an option given on the command line wins over the file. `parse_options` merges both and
 rejects, in one error listing each, every value that asks for a feature not built yet.
@@ -16,62 +17,38 @@ from typing import Any
 
 import yaml
 
-from .. import sglang_compat
-from ..layers.attention import available_attention_backends, check_attention_backend_name
-from ..runtime.cuda_graphs import CUDA_GRAPH_CHOICES
-from ..runtime.device import PRECISIONS
-from ..runtime.options import CFG_BATCHING_CHOICES
-
-#: Options that say how the model is loaded and run (`sgl_bridge::ModelConfig`), in every command.
-MODEL_OPTIONS = (
-    "model_path",
-    "device",
-    "dit_precision",
-    "vae_precision",
-    "attention_backend",
-    "enable_torch_compile",
-    "warmup",
-    "cfg_batching",
-    "cuda_graphs",
-    "vae_tiling",
-    "vae_slicing",
-    "profile",
-    "num_profiled_timesteps",
-    "profile_all_stages",
-    "profile_dir",
-    "text_encoder_precisions",
-)
-
-
-#: Options of the scheduler in every command, by their key in `sgl_bridge::EngineConfig`.
-ENGINE_OPTIONS = {
-    "max_batch_size": "max_batch_size",
-    "batch_delay_ms": "batch_delay_ms",
-    "max_request_cost": "max_request_cost",
-    "max_request_pixels": "max_request_pixels",
-    "request_timeout": "request_timeout_secs",
-}
+from .. import _native, sglang_compat
+from ..fields import Field, table
+from ..layers.attention import check_attention_backend_name
+from .flags import add_flags
 
 
 def model_config(options: dict[str, Any]) -> dict[str, Any]:
-    """The `model` part of the engine config, from parsed options (unset ones left out)."""
-    return {name: options[name] for name in MODEL_OPTIONS if options.get(name) is not None}
+    """The `model` part of the engine config (`sgl_bridge::ModelConfig`), from parsed options (unset ones left
+    out)."""
+    return {field.name: options[field.dest] for field in table("model") if options.get(field.dest) is not None}
 
 
 def engine_config(options: dict[str, Any]) -> dict[str, Any]:
-    """The engine config (`sgl_bridge::EngineConfig`) from parsed options (unset ones left out)."""
-    for name, least in (
-        ("max_batch_size", 1),
-        ("batch_delay_ms", 0),
-        ("max_request_cost", 1),
-        ("max_request_pixels", 1),
-    ):
-        if options.get(name) is not None and options[name] < least:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least {least}")
-    if options.get("request_timeout") is not None and not options["request_timeout"] > 0:
-        raise CommandError("--request-timeout must be a number of seconds > 0")
-    scheduler = {key: options[name] for name, key in ENGINE_OPTIONS.items() if options.get(name) is not None}
-    return {"model": model_config(options), **scheduler}
+    """The engine config (`sgl_bridge::EngineConfig`) from parsed options (unset ones left out), checked by the
+    engine's own rules (the bounds its fields declare): a value out of bounds is a `CommandError` naming the flag."""
+    scheduler = {
+        field.name: options[field.dest]
+        for field in table("engine")
+        if field.cli and options.get(field.dest) is not None
+    }
+    config = {"model": model_config(options), **scheduler}
+    try:
+        _native.check_engine_config(json.dumps(config))
+    except ValueError as err:
+        raise CommandError(str(err).removeprefix("invalid engine config: ")) from err
+    return config
+
+
+def serve_only_fields() -> list[Field]:
+    """The options only `sgl-diffusion serve` (and the native binary) takes: the server's and the engine's
+    serve-only ones (`--max-queue-size`)."""
+    return [field for field in table("engine") if field.serve_only] + [field for field in table("server") if field.cli]
 
 
 class CommandError(Exception):
@@ -79,84 +56,13 @@ class CommandError(Exception):
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model-path", help="diffusers folder or Hugging Face id (local cache); default: built-in tiny model"
+    """The model's options and the scheduler's (but the serve-only ones), from their Rust declarations, and
+    `--config`."""
+    add_flags(parser, table("model"))
+    add_flags(parser, [field for field in table("engine") if not field.serve_only])
+    parser.add_argument_group("config").add_argument(
+        "--config", help="JSON or YAML file with any of these options; the command line wins"
     )
-    group.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present")
-    # `precision` is the DiT's precision in SGLang Diffusion's config files.
-    group.add_argument(
-        "--dit-precision", "--precision", choices=list(PRECISIONS), help="default: bf16 on cuda, fp32 on cpu"
-    )
-    group.add_argument("--vae-precision", choices=list(PRECISIONS), help="default: bf16 on cuda, fp32 on cpu")
-    group.add_argument(
-        "--text-encoder-precisions",
-        nargs="+",
-        choices=list(PRECISIONS),
-        metavar="PRECISION",
-        help="one per text encoder, in model_index.json order (FLUX.1: CLIP T5; Wan: UMT5); default: the DiT's",
-    )
-    group.add_argument(
-        "--attention-backend",
-        help=f"attention kernels (available: {', '.join(available_attention_backends())}; fa3 and fa4 mean fa)",
-    )
-    speed = parser.add_argument_group("speed and profiling")
-    speed.add_argument(
-        "--enable-torch-compile",
-        action="store_true",
-        default=None,
-        help="compile the denoiser's repeated blocks with torch.compile (CUDA; first run of a shape is slow)",
-    )
-    speed.add_argument(
-        "--warmup",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run one short generation at the default size before serving (default: on with torch.compile)",
-    )
-    speed.add_argument(
-        "--cfg-batching",
-        choices=CFG_BATCHING_CHOICES,
-        help="run conditional and unconditional branches in one forward: auto (by shape, default), on, off",
-    )
-    speed.add_argument(
-        "--cuda-graphs",
-        choices=CUDA_GRAPH_CHOICES,
-        help="replay the denoiser's forward as a CUDA graph: auto (small shapes, default), on (every shape), off",
-    )
-    speed.add_argument("--vae-tiling", action="store_true", default=None, help="decode in spatial tiles (less memory)")
-    speed.add_argument(
-        "--vae-slicing", action="store_true", default=None, help="decode one output at a time (less memory)"
-    )
-    speed.add_argument("--profile", action="store_true", default=None, help="write torch profiler traces of each batch")
-    speed.add_argument("--num-profiled-timesteps", type=int, help="denoising steps traced per batch (default 2)")
-    speed.add_argument(
-        "--profile-all-stages",
-        action="store_true",
-        default=None,
-        help="trace every stage (text encoding, decoding), not only denoising steps",
-    )
-    speed.add_argument("--profile-dir", help="folder for profiler traces (default ./profiles)")
-    group.add_argument("--max-batch-size", type=int, help="most images per batched forward (default 1)")
-    group.add_argument("--batch-delay-ms", type=int, help="how long a request waits for batch company (default 0)")
-    group.add_argument(
-        "--max-request-cost",
-        type=int,
-        help="most token-steps (outputs x latent tokens x steps x guidance branches) one request may cost; "
-        "default: 10 requests at the model's defaults",
-    )
-    group.add_argument(
-        "--max-request-pixels",
-        type=int,
-        help="most output pixels (outputs x width x height x frames) one request may ask for; "
-        "default: 10 requests at the model's defaults",
-    )
-    group.add_argument(
-        "--request-timeout",
-        type=float,
-        help="seconds after which a request is stopped between two steps (default: none); "
-        "a request's timeout_seconds may ask for less",
-    )
-    group.add_argument("--config", help="JSON or YAML file with any of these options; the command line wins")
 
 
 def add_sglang_options(parser: argparse.ArgumentParser) -> None:
@@ -223,13 +129,14 @@ def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
         from_file[action.dest] = key
         if values.get(action.dest) is not None and values[action.dest] != action.default:
             continue  # the command line wins
-        values[action.dest] = convert_config_value(action, value, where)
+        values[action.dest] = convert_config_value(action, value, f"--config {where}")
         spelled[action.dest] = where
     return values, spelled
 
 
 def convert_config_value(action: argparse.Action, value: Any, where: str) -> Any:
-    """A value from a config file through the option's type and choices (each item of a list option)."""
+    """A value from a config file (`where` says which: `--config run.yaml: num_gpus`), or a flag the native binary
+    parsed (`--num-gpus`), through the option's type and choices (each item of a list option)."""
     if action.nargs in ("+", "*"):
         items = value if isinstance(value, list) else [value]
         return None if value is None else [convert_config_value_item(action, item, where) for item in items]
@@ -241,8 +148,8 @@ def convert_config_value_item(action: argparse.Action, value: Any, where: str) -
         try:
             value = action.type(value)  # type: ignore[operator]
         except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-            raise CommandError(f"--config {where}: {err}") from err
+            raise CommandError(f"{where}: {err}") from err
     if value is not None and action.choices is not None and value not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        raise CommandError(f"--config {where} must be one of {choices}, got {value!r}")
+        raise CommandError(f"{where} must be one of {choices}, got {value!r}")
     return value

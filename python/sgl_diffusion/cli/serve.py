@@ -1,7 +1,9 @@
 """`sgl-diffusion serve`: the OpenAI-compatible HTTP server (Rust, axum) in front of the engine.
 
-The same option parser serves the native `sgl-diffusion-server` binary, which calls
-`parse_serve_config` so that both take exactly the same flags.
+Its flags are the model's, the scheduler's and the server's, each declared once on its Rust struct (`ModelConfig`,
+`EngineConfig`, `ServerConfig`), plus `--config` and SGLang's flags. The native `sgl-diffusion-server` binary parses
+the same flags in Rust (clap, from the same tables plus `python_flags_json`) and hands what it parsed to
+`config_from_flags`, which merges `--config` and checks everything exactly as this command does.
 """
 
 from __future__ import annotations
@@ -13,81 +15,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _native
-from .options import CommandError, add_model_options, add_sglang_options, engine_config, parse_options
-
-#: The HTTP server's own options. `generate` knows them too, to say that they do not apply there.
-SERVER_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("--host", {"help": "address to bind (default 127.0.0.1)"}),
-    ("--port", {"type": int, "help": "port (default 30000)"}),
-    ("--api-key", {"help": "require Authorization: Bearer <key> on every route but /health"}),
-    ("--max-queue-size", {"type": int, "help": "requests waiting before 429 (default 256)"}),
-    ("--max-body-mb", {"type": int, "help": "largest request body in MiB (default 16)"}),
-    (
-        "--cors-origin",
-        {"action": "append", "help": "allow this browser origin, or * for any (repeatable; default: CORS off)"},
-    ),
-    ("--public-url", {"help": "base of absolute url outputs (default: the request's Host)"}),
-    ("--output-ttl", {"type": int, "help": "seconds url outputs stay downloadable (default 3600)"}),
-    ("--output-dir", {"help": "where url outputs are stored (default: a temp folder)"}),
-    (
-        "--served-model-name",
-        {"action": "append", "help": "extra name the model answers to, e.g. dall-e-3 (repeatable)"},
-    ),
-    ("--health-generate-ttl", {"type": int, "help": "seconds a /health_generate result is reused"}),
-    (
-        "--max-connections",
-        {"type": int, "help": "connections served at once; more wait until one closes (default 512)"},
-    ),
-    (
-        "--header-read-timeout",
-        {
-            "type": int,
-            "help": "seconds a client has to send request headers; idle connections close after it (default 10)",
-        },
-    ),
-    ("--body-read-timeout", {"type": int, "help": "seconds a client has to send a request body (default 60)"}),
-    (
-        "--max-input-pixels",
-        {
-            "type": int,
-            "help": "largest input image (input_reference) in pixels, checked before decoding (default 50000000)",
-        },
-    ),
-    (
-        "--stall-timeout",
-        {"type": int, "help": "/health answers 503 once a running batch shows no progress for this long (default 600)"},
-    ),
-    (
-        "--log-format",
-        {
-            "choices": ["text", "json"],
-            "help": "log lines as text (default) or JSON; the filter is SGL_DIFFUSION_LOG or RUST_LOG (default info)",
-        },
-    ),
-    (
-        "--max-finished-jobs",
-        {
-            "type": int,
-            "help": "finished video jobs kept with their files; beyond it, those closest to expiring go first "
-            "(default 10000)",
-        },
-    ),
+from ..fields import table
+from .flags import add_flags
+from .options import (
+    CommandError,
+    add_model_options,
+    add_sglang_options,
+    convert_config_value,
+    engine_config,
+    parse_options,
+    serve_only_fields,
 )
-
-#: Server flags that must be at least 1, by their config key.
-POSITIVE_SERVER_OPTIONS = (
-    "max_body_mb",
-    "max_connections",
-    "header_read_timeout",
-    "body_read_timeout",
-    "max_input_pixels",
-    "stall_timeout",
-    "max_finished_jobs",
-)
-
-
-def server_option_name(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -99,59 +37,77 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
-    server = parser.add_argument_group("server")
-    for flag, kwargs in SERVER_OPTIONS:
-        server.add_argument(flag, **kwargs)
+    add_flags(parser, serve_only_fields())
     add_sglang_options(parser)
 
 
 def build_config(options: dict[str, Any]) -> dict[str, Any]:
-    """The JSON the Rust side takes (`sgl_python::serve::ServeConfig`)."""
-    server = {
-        "host": options.get("host"),
-        "port": options.get("port"),
-        "api_key": options.get("api_key"),
-        "max_body_mb": options.get("max_body_mb"),
-        "cors_origins": options.get("cors_origin"),
-        "public_url": options.get("public_url"),
-        "output_ttl_secs": options.get("output_ttl"),
-        "output_dir": options.get("output_dir"),
-        "served_model_names": options.get("served_model_name"),
-        "model_path": options.get("model_path"),
-        "health_generate_ttl_secs": options.get("health_generate_ttl"),
-        "max_connections": options.get("max_connections"),
-        "header_read_timeout_secs": options.get("header_read_timeout"),
-        "body_read_timeout_secs": options.get("body_read_timeout"),
-        "max_input_pixels": options.get("max_input_pixels"),
-        "stall_timeout_secs": options.get("stall_timeout"),
-        "log_format": options.get("log_format"),
-        "max_finished_jobs": options.get("max_finished_jobs"),
-    }
-    engine = {**engine_config(options), "max_queue_size": options.get("max_queue_size")}
-    if options.get("max_queue_size") is not None and options["max_queue_size"] < 1:
-        raise CommandError("--max-queue-size must be at least 1")
-    for name in POSITIVE_SERVER_OPTIONS:
-        value = options.get(name)
-        if value is not None and value < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
-    if options.get("port") is not None and not 0 <= options["port"] <= 65535:
-        raise CommandError("--port must be between 0 and 65535")
-    return {
-        "engine": {key: value for key, value in engine.items() if value is not None},
-        "server": {key: value for key, value in server.items() if value is not None},
-    }
+    """The JSON the Rust side takes (`sgl_python::serve::ServeConfig`), checked by the server's and the engine's
+    own rules (a value out of its declared bounds is a `CommandError` naming the flag)."""
+    server = {field.name: options[field.dest] for field in table("server") if options.get(field.dest) is not None}
+    if options.get("model_path") is not None:
+        server["model_path"] = options["model_path"]  # the name the model answers to
+    engine = engine_config(options)
+    try:
+        _native.check_server_config(json.dumps(server))
+    except ValueError as err:
+        raise CommandError(str(err).removeprefix("invalid server config: ")) from err
+    return {"engine": engine, "server": server}
+
+
+def serve_parser(prog: str = "sgl-diffusion-server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="sgl-diffusion HTTP server")
+    configure(parser)
+    return parser
 
 
 def parse_serve_config(argv: Sequence[str]) -> str:
-    """Parses serve flags (for the native binary); exits with a usage error like the CLI does."""
-    parser = argparse.ArgumentParser(prog="sgl-diffusion-server", description="sgl-diffusion HTTP server")
-    configure(parser)
+    """Parses serve flags with this command's parser; exits with a usage error like the CLI does."""
+    parser = serve_parser()
     args = parser.parse_args(list(argv))
     try:
         return json.dumps(build_config(parse_options(parser, args)))
     except CommandError as err:
         parser.error(str(err))
         raise  # parser.error exits; this satisfies type checkers
+
+
+def python_flags_json() -> str:
+    """The serve flags declared in Python (`--config`, SGLang's), as entries shaped like the Rust tables', for the
+    native binary to parse: the rest of its flags it builds from the Rust tables themselves."""
+    rust = {flag for field in [*table("model"), *table("engine"), *table("server")] for flag in field.flags}
+    entries = []
+    for group in serve_parser()._action_groups:
+        for action in group._group_actions:
+            if not action.option_strings or action.dest == "help" or action.option_strings[0] in rust:
+                continue
+            entries.append(
+                {
+                    "name": action.dest,
+                    "flag": action.option_strings[0],
+                    "aliases": action.option_strings[1:],
+                    "help": action.help or "",
+                    "group": group.title,
+                    "kind": "integer" if action.type is int else "choice" if action.choices else "text",
+                    "choices": list(action.choices or ()),
+                    "optional_value": action.nargs == "?",
+                    "metavar": action.metavar,
+                }
+            )
+    return json.dumps(entries)
+
+
+def config_from_flags(given_json: str) -> str:
+    """The server config from the flags the native binary parsed (`{name: value}` of each flag given; values of the
+    flags declared in Python as their text), through `--config` and every check of `parse_serve_config`. Raises
+    `CommandError`."""
+    parser = serve_parser()
+    args = parser.parse_args([])
+    actions = {action.dest: action for action in parser._actions}
+    for name, value in json.loads(given_json).items():
+        action = actions[name]
+        setattr(args, name, convert_config_value(action, value, action.option_strings[0]))
+    return json.dumps(build_config(parse_options(parser, args)))
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

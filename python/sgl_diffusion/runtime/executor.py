@@ -36,8 +36,14 @@ class PipelineExecutor:
                 compile_repeated_blocks(denoiser)
         for denoiser in self.pipeline.denoisers():
             enable_cuda_graphs(denoiser, self.options.cuda_graphs, self.options.device)
-        if self.options.warmup:
-            warm_up(self.pipeline)
+
+    def wants_warmup(self) -> bool:
+        """Whether to run `warm_up` before the first request (`--warmup`; default: with torch.compile)."""
+        return self.options.warmup
+
+    def warm_up(self, request_json: str) -> float:
+        """Runs the warm-up request the core resolved (`sgl_bridge::warmup`); returns the seconds it took."""
+        return warm_up(self.pipeline, Request.from_wire({"id": 0, "request": json.loads(request_json)}))
 
     def info_json(self) -> str:
         """`sgl_core::PipelineInfo` as JSON."""

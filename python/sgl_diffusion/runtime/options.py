@@ -1,8 +1,10 @@
-"""How a model is loaded and run: the Python mirror of `sgl_bridge::ModelConfig`.
+"""How a model is loaded and run: `sgl_bridge::ModelConfig`'s options, resolved for torch.
 
-The Rust side passes the options exactly as the user gave them (`None` = default); this module turns
-them into one validated object that pipelines receive at load time, so a new option is one field
-here instead of one more argument on every `load` signature.
+The options are declared once, on `ModelConfig` (their names, flags, help and choices: `sgl_diffusion.fields`); the
+Rust side passes them exactly as the user gave them (`None` = default), and this module turns them into one validated
+object that pipelines receive at load time (dtypes, the attention backend chosen for the device), so a new option is
+one field here instead of one more argument on every `load` signature. `tests/python/test_fields.py` checks that every
+declared option is read here and that the choices below are the declared ones.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..fields import names
 from ..layers.attention import resolve_attention_backend
 from ..sglang_compat import check_environment
 from .cuda_graphs import CUDA_GRAPH_CHOICES
@@ -63,13 +66,7 @@ class RuntimeOptions:
         Every entry point builds its options here, so this is also where SGLang's environment variables that ask
         for a missing feature (`SGLANG_CACHE_DIT_ENABLED=true`, ...) are refused."""
         check_environment()
-        known = {field.name for field in dataclasses.fields(cls)} | {
-            "dit_precision",
-            "vae_precision",
-            "model_path",
-            "text_encoder_precisions",
-        }
-        unknown = sorted(set(config) - known)
+        unknown = sorted(set(config) - set(names("model")))
         if unknown:
             raise ValueError(f"unknown model options {unknown}")
         device = parse_device(config.get("device"))

@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use base64::Engine as _;
 use serde::Deserialize;
+use serde_json::Value;
 use sgl_core::{GenerationRequest, OutputFormat};
 use sgl_scheduler::SubmitOptions;
 
@@ -44,11 +45,7 @@ pub(crate) fn body_error(err: &(dyn std::error::Error + 'static), limit: usize) 
 
 /// Reads a JSON body within the size limit and `--body-read-timeout`, answering 415 / 413 / 408 /
 /// 400 in the OpenAI format. The whole body must be one JSON value (trailing bytes are a 400).
-pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
-    state: &SharedState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<T, ApiError> {
+pub(crate) async fn read_json(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
     if !has_media_type(headers, "application/json") {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
@@ -58,29 +55,7 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|_| ApiError::body_timeout(timeout))?
         .map_err(|err| body_error(&err, limit))?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::bad_request(format!("the body is not valid JSON: {inner}"))
-        } else if path == "." {
-            missing_field(&inner.to_string())
-                .unwrap_or_else(|| ApiError::bad_request(format!("invalid request body: {inner}")))
-        } else {
-            ApiError::invalid(path, inner.to_string())
-        }
-    })?;
-    de.end().map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))?;
-    Ok(value)
-}
-
-/// serde reports a missing field at the body's root: name it as the field at fault.
-pub(crate) fn missing_field(message: &str) -> Option<ApiError> {
-    let field = message.strip_prefix("missing field `")?.split('`').next()?;
-    let mut err = ApiError::invalid(field, format!("`{field}` is required"));
-    err.code = Some("missing_required_parameter");
-    Some(err)
+    serde_json::from_slice(&bytes).map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))
 }
 
 pub(crate) fn parse_size(size: &str) -> Result<Option<(u32, u32)>, ApiError> {
@@ -112,10 +87,12 @@ enum ResponseFormat {
     Url,
 }
 
-/// OpenAI's image request → the engine's request. OpenAI fields that mean nothing here are accepted
-/// only with their no-op values; anything we cannot honour is a 400 naming the field.
+/// OpenAI's image request → the engine's request: the engine's fields as sent, plus what OpenAI's own
+/// fields ask for. OpenAI fields that mean nothing here are accepted only with their no-op values;
+/// anything we cannot honour is a 400 naming the field.
 fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationRequest, ResponseFormat), ApiError> {
-    let response_format = match body.response_format.as_deref().unwrap_or("b64_json") {
+    let own = &body.own;
+    let response_format = match own.response_format.as_deref().unwrap_or("b64_json") {
         "b64_json" => ResponseFormat::B64Json,
         "url" => ResponseFormat::Url,
         other => {
@@ -125,7 +102,7 @@ fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationReq
             ))
         }
     };
-    match body.background.as_deref() {
+    match own.background.as_deref() {
         None | Some("auto") | Some("opaque") => {}
         Some(other) => {
             return Err(ApiError::invalid(
@@ -134,7 +111,7 @@ fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationReq
             ))
         }
     }
-    if let Some(quality) = body.quality.as_deref() {
+    if let Some(quality) = own.quality.as_deref() {
         if !["auto", "standard", "hd", "low", "medium", "high"].contains(&quality) {
             return Err(ApiError::invalid(
                 "quality",
@@ -142,40 +119,23 @@ fn to_generation_request(body: &ImageGenerationRequest) -> Result<(GenerationReq
             ));
         }
     }
-    if let Some(style) = body.style.as_deref() {
+    if let Some(style) = own.style.as_deref() {
         if !["vivid", "natural"].contains(&style) {
             return Err(ApiError::invalid("style", format!("style must be vivid or natural, got {style:?}")));
         }
     }
-    let (mut width, mut height) = (body.width, body.height);
-    if let Some(size) = body.size.as_deref() {
+    let mut request = body.request.clone();
+    if let Some(size) = own.size.as_deref() {
         if let Some((w, h)) = parse_size(size)? {
-            if width.is_some_and(|v| v != w) || height.is_some_and(|v| v != h) {
+            if request.width.is_some_and(|v| v != w) || request.height.is_some_and(|v| v != h) {
                 return Err(ApiError::invalid("size", "size disagrees with width/height; give one or the other"));
             }
-            (width, height) = (Some(w), Some(h));
+            (request.width, request.height) = (Some(w), Some(h));
         }
     }
-    let request = GenerationRequest {
-        prompt: body.prompt.clone(),
-        negative_prompt: body.negative_prompt.clone(),
-        width,
-        height,
-        num_frames: None,
-        num_inference_steps: body.num_inference_steps,
-        guidance_scale: body.guidance_scale,
-        true_cfg_scale: body.true_cfg_scale,
-        seed: body.seed,
-        max_sequence_length: body.max_sequence_length,
-        num_outputs_per_prompt: Some(body.n.unwrap_or(1)),
-        flow_shift: body.flow_shift,
-        guidance_scale_2: None,
-        fps: None,
-        image_path: None,
-        output_format: Some(parse_output_format(body.output_format.as_deref())?),
-        output_quality: body.output_quality.or(body.output_compression),
-        timeout_seconds: body.timeout_seconds,
-    };
+    request.num_outputs_per_prompt = Some(own.n.unwrap_or(1));
+    request.output_format = Some(parse_output_format(own.output_format.as_deref())?);
+    request.output_quality = request.output_quality.or(own.output_compression);
     Ok((request, response_format))
 }
 
@@ -216,8 +176,8 @@ pub(crate) async fn create_image(
             format!("the served model ({}) makes videos; use /v1/videos", engine.info().pipeline_class),
         ));
     }
-    let body: ImageGenerationRequest = read_json(&state, &headers, body).await?;
-    if let Some(model) = body.model.as_deref() {
+    let body = ImageGenerationRequest::from_value(read_json(&state, &headers, body).await?)?;
+    if let Some(model) = body.own.model.as_deref() {
         let names = state.model_names(&engine);
         if !names.iter().any(|n| n == model) {
             return Err(ApiError::model_not_found(model, &names));
@@ -242,7 +202,7 @@ pub(crate) async fn create_image(
             .map(|o| ImageData {
                 b64_json: Some(base64::engine::general_purpose::STANDARD.encode(&o.bytes)),
                 url: None,
-                revised_prompt: body.prompt.clone(),
+                revised_prompt: body.request.prompt.clone(),
             })
             .collect(),
         ResponseFormat::Url => {
@@ -258,7 +218,7 @@ pub(crate) async fn create_image(
                 .map(|variant| ImageData {
                     b64_json: None,
                     url: Some(format!("{base}/v1/images/{id}/content?variant={variant}")),
-                    revised_prompt: body.prompt.clone(),
+                    revised_prompt: body.request.prompt.clone(),
                 })
                 .collect()
         }
@@ -277,8 +237,8 @@ pub(crate) async fn create_image(
 fn rename_param(mut err: ApiError, body: &ImageGenerationRequest) -> ApiError {
     let renamed = match err.param.as_deref() {
         Some("num_outputs_per_prompt") => Some("n"),
-        Some("width" | "height" | "size") if body.size.is_some() => Some("size"),
-        Some("output_quality") if body.output_quality.is_none() => Some("output_compression"),
+        Some("width" | "height" | "size") if body.own.size.is_some() => Some("size"),
+        Some("output_quality") if body.request.output_quality.is_none() => Some("output_compression"),
         _ => None,
     };
     if let Some(name) = renamed {
@@ -376,24 +336,20 @@ mod tests {
 
     #[test]
     fn openai_fields_we_cannot_honour_are_rejected() {
-        let base = ImageGenerationRequest { prompt: "a".into(), ..Default::default() };
         let cases = [
-            (ImageGenerationRequest { background: Some("transparent".into()), ..base.clone() }, "background"),
-            (ImageGenerationRequest { response_format: Some("gif".into()), ..base.clone() }, "response_format"),
-            (ImageGenerationRequest { output_format: Some("bmp".into()), ..base.clone() }, "output_format"),
-            (ImageGenerationRequest { quality: Some("ultra".into()), ..base.clone() }, "quality"),
-            (ImageGenerationRequest { style: Some("cartoon".into()), ..base.clone() }, "style"),
+            (serde_json::json!({"background": "transparent"}), "background"),
+            (serde_json::json!({"response_format": "gif"}), "response_format"),
+            (serde_json::json!({"output_format": "bmp"}), "output_format"),
+            (serde_json::json!({"quality": "ultra"}), "quality"),
+            (serde_json::json!({"style": "cartoon"}), "style"),
         ];
-        for (request, field) in cases {
-            assert_eq!(to_generation_request(&request).err().and_then(|e| e.param).as_deref(), Some(field));
+        for (mut fields, field) in cases {
+            fields["prompt"] = "a".into();
+            let body = ImageGenerationRequest::from_value(fields).unwrap();
+            assert_eq!(to_generation_request(&body).err().and_then(|e| e.param).as_deref(), Some(field));
         }
-        let ok = ImageGenerationRequest {
-            quality: Some("standard".into()),
-            style: Some("vivid".into()),
-            size: Some("64x32".into()),
-            ..base
-        };
-        let (request, _) = to_generation_request(&ok).ok().unwrap();
-        assert_eq!((request.width, request.height), (Some(64), Some(32)));
+        let ok = serde_json::json!({"prompt": "a", "quality": "standard", "style": "vivid", "size": "64x32", "n": 2});
+        let (request, _) = to_generation_request(&ImageGenerationRequest::from_value(ok).unwrap()).ok().unwrap();
+        assert_eq!((request.width, request.height, request.num_outputs_per_prompt), (Some(64), Some(32), Some(2)));
     }
 }

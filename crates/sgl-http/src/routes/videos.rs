@@ -15,7 +15,7 @@ use sgl_scheduler::{Engine, Event, GenerationError, SubmitOptions};
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::jobs::{is_finished, JobRecord, JobStore, NotFinished, Outcome};
-use crate::routes::images::{body_error, has_media_type, missing_field, new_id, parse_size, read_json};
+use crate::routes::images::{body_error, has_media_type, new_id, parse_size, read_json};
 use crate::routes::request_id;
 use crate::state::{unix_now, SharedState};
 use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoJob, VideoJobList, VideoStatus};
@@ -27,20 +27,10 @@ fn jobs(state: &SharedState) -> Result<&JobStore, ApiError> {
     state.jobs.as_deref().ok_or_else(|| ApiError::not_ready("the video job store is not available"))
 }
 
-/// A form field as the official client sends it: every value is a string.
+/// A form field as the official client sends it: every value is a string; fields that hold
+/// numbers (by the body's schema) become numbers.
 fn form_value(name: &str, text: String) -> serde_json::Value {
-    const NUMERIC: &[&str] = &[
-        "fps",
-        "num_frames",
-        "seed",
-        "num_inference_steps",
-        "guidance_scale",
-        "guidance_scale_2",
-        "flow_shift",
-        "n",
-        "timeout_seconds",
-    ];
-    if NUMERIC.contains(&name) {
+    if VideoCreateRequest::is_numeric(name) {
         if let Ok(number) = text.trim().parse::<serde_json::Number>() {
             return serde_json::Value::Number(number);
         }
@@ -57,8 +47,8 @@ async fn read_create_request(
 ) -> Result<(VideoCreateRequest, Option<Vec<u8>>), ApiError> {
     if has_media_type(request.headers(), "application/json") {
         let (parts, body) = request.into_parts();
-        let mut body: VideoCreateRequest = read_json(state, &parts.headers, body).await?;
-        let image = body.input_reference.take().map(|reference| decode_data_url(&reference)).transpose()?;
+        let mut body = VideoCreateRequest::from_value(read_json(state, &parts.headers, body).await?)?;
+        let image = body.own.input_reference.take().map(|reference| decode_data_url(&reference)).transpose()?;
         return Ok((body, image));
     }
     if !has_media_type(request.headers(), "multipart/form-data") {
@@ -105,15 +95,7 @@ async fn read_form(
             fields.insert(name.clone(), form_value(&name, text));
         }
     }
-    let body = serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|err| {
-        let path = err.path().to_string();
-        let message = err.into_inner().to_string();
-        match missing_field(&message) {
-            Some(missing) if path == "." => missing,
-            _ => ApiError::invalid(if path == "." { "body".into() } else { path }, message),
-        }
-    })?;
-    Ok((body, image))
+    Ok((VideoCreateRequest::from_value(serde_json::Value::Object(fields))?, image))
 }
 
 fn takes_no_image(info: &PipelineInfo) -> ApiError {
@@ -229,45 +211,32 @@ pub(crate) async fn create_video(
     }
     let (body, image) = read_create_request(&state, info, request).await?;
     let names = state.model_names(&engine);
-    if let Some(model) = body.model.as_deref() {
+    if let Some(model) = body.own.model.as_deref() {
         if !names.iter().any(|n| n == model) {
             return Err(ApiError::model_not_found(model, &names));
         }
     }
-    if body.n.is_some_and(|n| n != 1) {
+    if body.own.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "each video job makes one video: n must be 1"));
     }
     // Creation time first, so the job store's id order is creation order.
     let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let id = new_id(&format!("video_{millis:012x}"));
-    let mut request = GenerationRequest {
-        prompt: body.prompt.clone(),
-        negative_prompt: body.negative_prompt.clone(),
-        num_frames: body.num_frames,
-        fps: body.fps,
-        num_inference_steps: body.num_inference_steps,
-        guidance_scale: body.guidance_scale,
-        guidance_scale_2: body.guidance_scale_2,
-        flow_shift: body.flow_shift,
-        seed: body.seed,
-        output_format: Some(OutputFormat::Mp4),
-        timeout_seconds: body.timeout_seconds,
-        ..Default::default()
-    };
-    if let Some(size) = body.size.as_deref() {
+    let mut request = GenerationRequest { output_format: Some(OutputFormat::Mp4), ..body.request.clone() };
+    if let Some(size) = body.own.size.as_deref() {
         if let Some((w, h)) = parse_size(size)? {
             (request.width, request.height) = (Some(w), Some(h));
         }
     }
-    if let Some(seconds) = body.seconds.as_ref().map(parse_seconds).transpose()? {
-        let fps = body.fps.or(info.defaults.fps).unwrap_or(16);
+    if let Some(seconds) = body.own.seconds.as_ref().map(parse_seconds).transpose()? {
+        let fps = request.fps.or(info.defaults.fps).unwrap_or(16);
         let frames = frames_for(seconds, fps, info.limits.max_frames)?;
-        if body.num_frames.is_some_and(|n| n != frames) {
+        if request.num_frames.is_some_and(|n| n != frames) {
             return Err(ApiError::invalid(
                 "seconds",
                 format!(
                     "seconds {seconds} at {fps} fps means {frames} frames, but num_frames is {:?}",
-                    body.num_frames
+                    request.num_frames
                 ),
             ));
         }
@@ -312,7 +281,7 @@ pub(crate) async fn create_video(
     let job = VideoJob {
         id: id.clone(),
         object: "video".into(),
-        model: body.model.clone().unwrap_or_else(|| names.first().cloned().unwrap_or_default()),
+        model: body.own.model.clone().unwrap_or_else(|| names.first().cloned().unwrap_or_default()),
         status: VideoStatus::Queued,
         progress: 0,
         created_at: unix_now(),
@@ -322,7 +291,7 @@ pub(crate) async fn create_video(
         seconds: format_seconds(resolved.num_frames, fps),
         num_frames: resolved.num_frames,
         fps,
-        prompt: body.prompt,
+        prompt: body.request.prompt,
         seed: resolved.seed,
         error: None,
     };
