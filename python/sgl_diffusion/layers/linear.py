@@ -367,3 +367,28 @@ def unfuse_model_projections(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ProjectionFusion):
             m.unfuse_projections()
+
+
+class GeluTanhFeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, keyed ``net.0.proj`` and ``net.2`` like diffusers' ``FeedForward``
+    (FLUX.1 and Qwen-Image checkpoints).
+
+    On CUDA the GELU runs in the first GEMM's epilogue (:func:`linear_gelu_tanh`).
+    """
+
+    class _ProjGelu(nn.Module):
+        def __init__(self, dim_in: int, dim_out: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(dim_in, dim_out)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        # Index 1 is a (parameter-free) dropout slot in the reference; an Identity keeps the output
+        # Linear at index 2 so its checkpoint key is ``net.2``.
+        self.net = nn.ModuleList([self._ProjGelu(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))

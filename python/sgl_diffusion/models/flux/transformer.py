@@ -25,6 +25,7 @@ from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
 from ...layers.fused import gated_residual, norm_modulate, qk_norm_rope
 from ...layers.linear import (
+    GeluTanhFeedForward,
     ProjectionFusion,
     fuse_model_projections,
     linear_gelu_tanh,
@@ -173,30 +174,6 @@ def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tor
     return gated_residual(x, y, gate[:, None], precision="input")
 
 
-class _FeedForward(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, keyed ``net.0.proj`` and ``net.2`` like the checkpoint.
-
-    On CUDA the GELU runs in the first GEMM's epilogue (:func:`~sgl_diffusion.layers.linear.linear_gelu_tanh`).
-    """
-
-    class _ProjGelu(nn.Module):
-        def __init__(self, dim_in: int, dim_out: int) -> None:
-            super().__init__()
-            self.proj = nn.Linear(dim_in, dim_out)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
-
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        # Index 1 is a (parameter-free) dropout slot in the reference; an Identity keeps the output
-        # Linear at index 2 so its checkpoint key is ``net.2``.
-        self.net = nn.ModuleList([self._ProjGelu(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
-
-
 # --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
@@ -319,8 +296,8 @@ class FluxTransformerBlock(nn.Module):
         self.norm1 = _AdaLNModulation(dim, 6)
         self.norm1_context = _AdaLNModulation(dim, 6)
         self.attn = _FluxAttention(dim, heads, head_dim, joint=True)
-        self.ff = _FeedForward(dim)
-        self.ff_context = _FeedForward(dim)
+        self.ff = GeluTanhFeedForward(dim)
+        self.ff_context = GeluTanhFeedForward(dim)
         self.norm = LayerNormNoAffine(dim, eps=1e-6)
 
     def forward(

@@ -30,7 +30,12 @@ from torch import nn
 from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
 from ...layers.fused import gated_residual, norm_modulate, qk_norm_rope
-from ...layers.linear import ProjectionFusion, fuse_model_projections, linear_gelu_tanh, unfuse_model_projections
+from ...layers.linear import (
+    GeluTanhFeedForward,
+    ProjectionFusion,
+    fuse_model_projections,
+    unfuse_model_projections,
+)
 from ...layers.norms import LayerNormNoAffine, RMSNorm
 from .rope import ImagePiece, QwenImageRope
 
@@ -236,30 +241,6 @@ def _gated_residual(x: torch.Tensor, y: torch.Tensor, mod: _Modulation) -> torch
     return gated_residual(x, y, mod.gate, precision="input")
 
 
-class _FeedForward(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, keyed ``net.0.proj`` and ``net.2`` like the checkpoint.
-
-    On CUDA the GELU runs in the first GEMM's epilogue (:func:`~sgl_diffusion.layers.linear.linear_gelu_tanh`).
-    """
-
-    class _ProjGelu(nn.Module):
-        def __init__(self, dim_in: int, dim_out: int) -> None:
-            super().__init__()
-            self.proj = nn.Linear(dim_in, dim_out)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
-
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        # Index 1 is a (parameter-free) dropout slot in the reference; an Identity keeps the output
-        # Linear at index 2 so its checkpoint key is ``net.2``.
-        self.net = nn.ModuleList([self._ProjGelu(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
-
-
 # --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
@@ -384,11 +365,11 @@ class QwenImageTransformerBlock(nn.Module):
         self.img_norm1 = LayerNormNoAffine(dim, _EPS)
         self.attn = _JointAttention(dim, heads, head_dim)
         self.img_norm2 = LayerNormNoAffine(dim, _EPS)
-        self.img_mlp = _FeedForward(dim)
+        self.img_mlp = GeluTanhFeedForward(dim)
         self.txt_mod = _modulation(dim, _BLOCK_MOD_CHUNKS)
         self.txt_norm1 = LayerNormNoAffine(dim, _EPS)
         self.txt_norm2 = LayerNormNoAffine(dim, _EPS)
-        self.txt_mlp = _FeedForward(dim)
+        self.txt_mlp = GeluTanhFeedForward(dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, inputs: _BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
         img_params = self.img_mod(inputs.temb)
