@@ -24,6 +24,7 @@
 #
 # Run on the H200 on 2026-12-05 (benches/results/perf_h200.md): cuda-tests, flux-forward, wan-forward, flux-e2e,
 # wan-e2e, wan-vae, each fitting one command as estimated (cuda-tests 2.5 min, wan-e2e 6 min, wan-vae 3 min).
+# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, one per command.
 # Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
 # shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
 #
@@ -42,6 +43,18 @@
 #   flux-graphs-large   CUDA-graph sweep, FLUX 768² and 1024², batch 1 and 2
 #   wan-graphs          CUDA-graph sweep, Wan 480p with 1, 5 and 9 frames, batch 1 and 2
 #   wan-vae             Wan2.1 VAE decode (wan_vae_decode.py's own timing)
+#   qwen-forward        Qwen-Image transformer forward at 1328² (6889 image + 128 text tokens): ours eager (torch ops,
+#                       fused kernels, packed QKV) and compiled vs diffusers eager and + torch.compile, one set of
+#                       weights shared by both models (two 38 GiB copies do not fit an H100); no CUDA-graph rows
+#                       (ours cannot capture Qwen's img_shapes list argument). Estimate ~4 min on an H100.
+#   qwen-e2e            Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², true CFG 4, negative " ")
+#                       but 20 steps (50 do not fit 5 alternating repetitions with compile in 10 minutes; the .md
+#                       projects ours to 50 steps), ours vs diffusers + torch.compile. First builds the random folder
+#                       (53.7 GiB: transformer 38.1, text encoder 15.4; ~1.5 min), deleting the FLUX/Wan folders first
+#                       for disk room. Estimate ~6.5 min on an H100 (~5 min when the folder is already there).
+#   qwen-e2e-1024       the same at 1024², the size of SGLang's published H100 baseline (12.8 s for 50 steps with
+#                       CFG; shown as a row), ours vs diffusers eager and + torch.compile, 20 steps. Estimate ~6 min
+#                       on an H100 with the folder built (run it after qwen-e2e, on the same warm machine), ~7.5 without.
 # Extra perf.py flags per job go in PERF_ARGS_<JOB> with - replaced by _, e.g.
 #   PERF_ARGS_flux_forward="--cfg-shapes 16 32" PERF_ARGS_wan_e2e="--steps 10"
 #
@@ -58,9 +71,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 export BENCH_COMMIT=${BENCH_COMMIT:-unknown}
 if [[ "$SMOKE" == 1 ]]; then
     PYTHON=${PYTHON:-.venv/bin/python}
-    SMOKE_ARGS=(--tiny --device cpu --work-dir /tmp/sgl-bench-smoke)
+    WORK=/tmp/sgl-bench-smoke
+    SMOKE_ARGS=(--tiny --device cpu --work-dir "$WORK")
 else
     PYTHON=python3
+    WORK=/tmp/sgl-bench  # perf.py's default --work-dir
     SMOKE_ARGS=()
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     # The fused kernels are a separate pure-Python package; the checkout's copy is the one under test.
@@ -69,7 +84,9 @@ else
 fi
 
 date -u
-"$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+# transformers too: the Qwen-Image jobs need 5.x's Qwen2.5-VL (rope_parameters; the lock has 5.25.0).
+"$PYTHON" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'transformers', transformers.__version__)"
 
 # perf.py with the job's flags, the job's PERF_ARGS_ and the smoke flags; a failure is logged, the next
 # job still runs.
@@ -79,6 +96,16 @@ perf() {
     local extra_var="PERF_ARGS_${job//-/_}"
     # shellcheck disable=SC2086  # word splitting of the extra flags is intended
     "$PYTHON" benches/perf.py --out-dir "$OUT" "$@" ${!extra_var:-} "${SMOKE_ARGS[@]}" || echo "$job FAILED"
+}
+
+# Before an e2e job: the random folders of the other families go (the Qwen-Image folder alone is 53.7 GiB of a
+# 64 GiB disk); the job's own stays, so a later job of the same family skips the build.
+make_room() {
+    local keep=$1 folder
+    for folder in "$WORK"/*; do
+        [[ -d "$folder" && "$(basename "$folder")" != "$keep"* ]] && rm -rf "$folder"
+    done
+    df -h "$(dirname "$WORK")" | tail -1
 }
 
 for job in "$@"; do
@@ -92,11 +119,24 @@ for job in "$@"; do
             "$PYTHON" -m pytest -v -rs -p no:cacheprovider -o pythonpath= "${files[@]}" 2>&1 \
                 | tee "$OUT/cuda_tests.log" || echo "cuda-tests FAILED"
             ;;
-        flux-forward | wan-forward | flux-e2e)
+        flux-forward | wan-forward | qwen-forward)
+            perf "$job" --workload "$job"
+            ;;
+        flux-e2e)
+            make_room flux
             perf "$job" --workload "$job"
             ;;
         wan-e2e)
+            make_room wan
             perf "$job" --workload wan-e2e --steps 20 --diffusers compiled
+            ;;
+        qwen-e2e)
+            make_room qwen_image
+            perf "$job" --workload qwen-e2e --steps 20 --diffusers compiled
+            ;;
+        qwen-e2e-1024)
+            make_room qwen_image
+            perf "$job" --workload qwen-e2e --name "$job" --size 1024 --steps 20
             ;;
         flux-graphs-small)
             perf "$job" --workload flux-graphs --name "$job" --graph-shapes 16 32

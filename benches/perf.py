@@ -7,6 +7,10 @@ Workloads (each fits one 10-minute GPU command; `benches/gpu_perf.sh` lists the 
   wan-forward   one Wan2.1-1.3B transformer forward, 832×480×81 (32 760 + 512 tokens), batch 1
   flux-e2e      FLUX.1-dev 1024², 28 steps: text encoding + denoising + VAE decode
   wan-e2e       Wan2.1-1.3B 832×480, 81 frames, CFG 5 (50 steps; `--steps 20` fits 5 repetitions in 10 minutes)
+  qwen-forward  one Qwen-Image transformer forward, 1328² (6889 image + 128 text tokens), batch 1
+  qwen-e2e      Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², 50 steps, true CFG 4 against the
+                negative prompt " "): text encoding + denoising + VAE decode; `--steps` shortens, `--size 1024`
+                matches SGLang's published H100 baseline (1024², 50 steps: 12.8 s), shown in the notes
   wan-vae       Wan2.1 VAE decode of 81 frames at 832×480 (`wan_vae_decode.py`, its own timing: see there)
   flux-graphs   FLUX.1-dev forwards at small shapes (batch 1 and 2): ours eager / compiled, each plain and
                 replayed as a CUDA graph, against diffusers + torch.compile with and without CUDA graphs
@@ -18,6 +22,9 @@ How it measures, so that a skeptic can trust the comparison:
   sides. Where ours replays CUDA graphs (`--cuda-graphs`: in e2e workloads the engine's own rule, elsewhere
   `auto` = at most `AUTO_MAX_TOKENS` tokens, as the engine decides), diffusers gets CUDA graphs too, through
   `torch.compile(mode="reduce-overhead")` of its whole transformer (`compile_with_cuda_graphs`).
+* Ours runs the engine's sampling defaults where the workload says so (qwen-e2e: the request a bare prompt
+  gets for Qwen/Qwen-Image); its runtime options are perf.py's: `--enable-torch-compile` unless `--no-compile`
+  (the engine's own default is off), CFG batching and CUDA graphs `auto` (the engine's defaults).
 * Every variant gets the same warm-up, all before the first timed call: `--warmup` untimed calls (forward
   workloads) or untimed generations of the full request (e2e workloads). Ours' engine warm-up is off.
 * The variants of one group are timed in alternation: `--reps` repetitions, each timing every variant of
@@ -32,9 +39,18 @@ How it measures, so that a skeptic can trust the comparison:
 
 Models are full size with random bf16 weights created on the GPU (forward workloads: the diffusers
 model's weights are copied into ours, so outputs are comparable; end-to-end workloads: a diffusers
-folder is written by `build_random_flux.py` / `build_random_wan.py` and loaded by our real loader,
-and the diffusers pipeline is assembled around *our loaded components' tensors*, with no second
-copy). Results go to DIR/<name>.json and .md (name: `--name`, default the workload) with the card,
+folder is written by `build_random_flux.py` / `build_random_wan.py` / `build_random_qwen_image.py` and
+loaded by our real loader, and the diffusers pipeline is assembled around *our loaded components'
+tensors*, with no second copy).
+
+Qwen-Image is too large for two copies: its transformer has 20.43 B parameters, 38.1 GiB in bf16, and two
+copies (76.1 GiB) leave an 80 GB H100 (about 78 GiB usable) nothing for activations, compilation and the
+CUDA context. So in qwen-forward ours' parameters *are* diffusers' tensors (`load_state_dict(assign=True)`
+of diffusers' state dict: the module trees match key for key, as ours loads diffusers checkpoints by
+name), and nothing is copied. Only the packed-QKV variant makes packed q/k/v weights (+6.3 GiB), and
+unpacking afterwards gives ours its own q/k/v tensors (same values). Our Qwen-Image transformer never
+replays CUDA graphs: `CudaGraphRunner` runs a call with a list argument (`img_shapes`) plainly, and
+1328² (6889 tokens) is above `AUTO_MAX_TOKENS` anyway, so neither side gets CUDA-graph rows there. Results go to DIR/<name>.json and .md (name: `--name`, default the workload) with the card,
 commit, command and date. `--tiny --device cpu` runs the same code on tiny configs (smoke test, no
 timing meaning); add `--compile-backend eager` to take the compiled code paths there too.
 """
@@ -67,7 +83,7 @@ import bench_stats  # a sibling module, found through the path entry above
 
 #: FLOPs per forward (FlopCounterMode counts of ../shared/reference/gpu.md) and the measured H100
 #: ceilings they are compared with (dense bf16 GEMM, cuDNN attention).
-FORWARD_TFLOP = {"flux-forward": (59.5, 14.9), "wan-forward": (82.0, 201.0)}
+FORWARD_TFLOP = {"flux-forward": (59.5, 14.9), "wan-forward": (82.0, 201.0), "qwen-forward": (95.4, 36.3)}
 GEMM_TFLOPS, ATTENTION_TFLOPS = 797.0, 615.0
 
 FLUX_CONFIG: dict[str, Any] = {
@@ -85,6 +101,18 @@ TINY_FLUX = {**FLUX_CONFIG, "num_layers": 1, "num_single_layers": 2, "attention_
              "axes_dims_rope": [4, 6, 6]}  # fmt: skip
 TINY_WAN = {**WAN_CONFIG, "num_attention_heads": 2, "attention_head_dim": 12, "text_dim": 32, "ffn_dim": 32,
             "num_layers": 2, "freq_dim": 16}  # fmt: skip
+#: Qwen/Qwen-Image transformer/config.json.
+QWEN_CONFIG: dict[str, Any] = {
+    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
+}  # fmt: skip
+TINY_QWEN = {**QWEN_CONFIG, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+             "joint_attention_dim": 16, "axes_dims_rope": [8, 4, 4]}  # fmt: skip
+#: qwen-forward's text rows: a detailed prompt of ~120 words after the template crop (the model card's
+#: example prompts run 60-120 words; Qwen2.5-VL's tokenizer gives about one token per English word).
+QWEN_TEXT_TOKENS = 128
+#: 1328² pixels -> 166² latents -> 83² packed 2x2 tokens (the engine's default size for Qwen/Qwen-Image).
+QWEN_LATENT_SIDE = 83
 
 #: Distinct static shapes one compiled function keeps (dynamo's default of 8 is below a graph sweep's).
 RECOMPILE_LIMIT = 64
@@ -318,6 +346,14 @@ def memory_note(device: torch.device) -> str:
     )
 
 
+def max_abs_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max())
+
+
+def max_abs(ref: torch.Tensor) -> float:
+    return max(float(ref.float().abs().max()), 1e-12)
+
+
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
@@ -412,10 +448,22 @@ def shared_twin(module: nn.Module) -> nn.Module:
         if buffer.is_meta:
             owner, _, leaf = name.rpartition(".")
             twin.get_submodule(owner)._buffers[leaf] = source[name]
+    share_plain_tensors(twin, module)
     meta = [name for name, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
     if meta:
         raise RuntimeError(f"{type(module).__name__} twin: tensors left on the meta device: {meta[:5]}")
     return twin.eval().requires_grad_(False)
+
+
+def share_plain_tensors(twin: nn.Module, source: nn.Module) -> None:
+    """Tensors kept as plain attributes, neither parameter nor buffer (diffusers' QwenEmbedRope keeps its
+    complex RoPE tables so, since a buffer would lose their imaginary part under `.to(dtype)`), come out on
+    the meta device when the twin is built there: take the source's."""
+    sources = dict(source.named_modules())
+    for name, module in twin.named_modules():
+        for attribute, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(module, attribute, getattr(sources[name], attribute))
 
 
 def raise_recompile_limit() -> None:
@@ -502,6 +550,17 @@ def forward_inputs(
             "txt_ids": torch.zeros(txt, 3, device=device, dtype=dtype),
             "img_ids": torch.stack(axes, -1).reshape(-1, 3).to(device, dtype),
         }
+    if workload == "qwen-forward":
+        side, txt = (size or 4, 8) if tiny else (size or QWEN_LATENT_SIDE, QWEN_TEXT_TOKENS)
+        cfg = TINY_QWEN if tiny else QWEN_CONFIG
+        # timestep: the sigma-scale t in [0, 1] both models take (the pipelines pass scheduler t / 1000); no
+        # text mask: one prompt, no padding (as either pipeline calls it for a single prompt).
+        return {
+            "hidden_states": randn(batch, side * side, cfg["in_channels"]),
+            "encoder_hidden_states": randn(batch, txt, cfg["joint_attention_dim"]),
+            "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+            "img_shapes": [[(1, side, side)]] * batch,
+        }
     frames, h, w, txt = (size or 3, 8, 8, 16) if tiny else (size or 21, 60, 104, 512)
     cfg = TINY_WAN if tiny else WAN_CONFIG
     return {
@@ -519,6 +578,12 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
         from sgl_diffusion.models.flux import FluxTransformer2DModel as Ours
 
         config = TINY_FLUX if tiny else FLUX_CONFIG
+    elif workload == "qwen-forward":
+        from diffusers import QwenImageTransformer2DModel as Reference
+
+        from sgl_diffusion.models.qwen_image import QwenImageTransformer2DModel as Ours
+
+        config = TINY_QWEN if tiny else QWEN_CONFIG
     else:
         from diffusers import WanTransformer3DModel as Reference
 
@@ -526,15 +591,41 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
 
         config = TINY_WAN if tiny else WAN_CONFIG
     torch.manual_seed(0)
-    with torch.device(device):
-        reference = Reference(**config).to(dtype).eval().requires_grad_(False)
+    if workload in SHARED_WEIGHTS:
+        # Built in the target dtype: Qwen-Image's 20.43 B parameters in fp32 (81.7 GB) would not fit an H100.
+        from build_random_flux import default_dtype_and_device
+
+        with default_dtype_and_device(dtype, device):
+            reference = Reference(**config).eval().requires_grad_(False)
+    else:
+        with torch.device(device):
+            reference = Reference(**config).to(dtype).eval().requires_grad_(False)
     for p in reference.parameters():
         p.data.normal_(0, 0.02)
     with torch.device("meta"):
         ours = Ours.from_config(config)
+    if workload in SHARED_WEIGHTS:
+        # Ours' parameters become diffusers' tensors (no copy: two copies do not fit, see the docstring).
+        ours.load_state_dict(reference.state_dict(), assign=True)
+        if not shares_weights(ours, reference):
+            raise RuntimeError(f"{workload}: ours does not alias diffusers' weights")
+        return reference, ours.eval().requires_grad_(False)
     ours = ours.to_empty(device=device)
     ours.load_state_dict(reference.state_dict())
     return reference, ours.to(dtype).eval().requires_grad_(False)
+
+
+#: Forward workloads whose two models share one set of weight tensors instead of holding a copy each.
+SHARED_WEIGHTS = ("qwen-forward",)
+#: Forward workloads whose model ours cannot replay as a CUDA graph (`CudaGraphRunner` runs calls with a
+#: list argument, Qwen-Image's `img_shapes`, without a graph).
+NO_GRAPHS = {"qwen-forward": "ours' CudaGraphRunner does not capture a call with a list argument (img_shapes)"}
+
+
+def shares_weights(ours: nn.Module, reference: nn.Module) -> bool:
+    """Whether every parameter of ours is the storage of diffusers' parameter of the same name."""
+    theirs = dict(reference.named_parameters())
+    return all(p.data_ptr() == theirs[name].data_ptr() for name, p in ours.named_parameters())
 
 
 class OursSwitches:
@@ -592,7 +683,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     switches.set(True, False)  # the engine's default: packing measured no faster (see --compile-ablations)
     graphs = False
     if args.compile:
-        graphs = wants_graphs(args.cuda_graphs, device, batch_tokens(ours)(inputs))
+        graphs = wants_graphs(args.cuda_graphs, device, batch_tokens(ours)(inputs)) and args.workload not in NO_GRAPHS
         twin = shared_twin(reference) if graphs else None
         compile_blocks_static(reference, args.compile_backend)
         compile_repeated_blocks(ours, backend=args.compile_backend)
@@ -622,11 +713,14 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     rows = measured_rows(measured, "ms", device)
     for row, m in zip(rows, measured.values(), strict=True):
         ms = m.spread.median
+        same = m.variant.name == eager
         row.update(
             {
                 "TFLOP/s": tflop / ms * 1000 if not args.tiny else None,
                 "x floor": ms / floor_ms if not args.tiny else None,
-                "rel L2 vs diffusers eager": None if m.variant.name == eager else rel_l2(m.output, expected),
+                "rel L2 vs diffusers eager": None if same else rel_l2(m.output, expected),
+                "max abs diff": None if same else max_abs_diff(m.output, expected),
+                "max rel diff": None if same else max_abs_diff(m.output, expected) / max_abs(expected),
             }
         )
     record["variants"] = measured_json(measured)
@@ -636,7 +730,16 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
             f"{floor_ms:.1f} ms = linear / {GEMM_TFLOPS:.0f} + attention / {ATTENTION_TFLOPS:.0f} TFLOP/s "
             "(gpu.md's measured H100 ceilings)."
         ),
-        "Both models hold the same random N(0, 0.02) weights (bf16 on the GPU); batch 1.",
+        (
+            "Both models hold the same random N(0, 0.02) weights (bf16 on the GPU); batch 1."
+            if args.workload not in SHARED_WEIGHTS
+            else "Random N(0, 0.02) weights (bf16 on the GPU), one set: ours' parameters are diffusers' tensors "
+            "(two copies of 20.43 B parameters, 2 x 38.1 GiB, do not fit an 80 GB H100); batch 1."
+        ),
+        (
+            "max rel diff = max |ours - diffusers eager| / max |diffusers eager| over all output elements; "
+            "rel L2 = ||ours - ref|| / ||ref||."
+        ),
         scheme_note(args, "call"),
         memory_note(device),
         (
@@ -646,6 +749,8 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
                 f"{args.cuda_graphs}), so diffusers' whole transformer is also compiled with "
                 "mode='reduce-overhead' (CUDA graphs); both copy their output out of the graph."
                 if graphs
+                else f"No CUDA-graph rows: {NO_GRAPHS[args.workload]}."
+                if args.workload in NO_GRAPHS
                 else f"No CUDA-graph rows: ours would not capture this shape (--cuda-graphs {args.cuda_graphs})."
             )
             if args.compile
@@ -672,7 +777,7 @@ def cfg_batching(
         one = forward_inputs(args.workload, args.tiny, device, dtype, batch=1, size=size)
         two = forward_inputs(args.workload, args.tiny, device, dtype, batch=2, size=size)
         hidden = one["hidden_states"]
-        tokens = hidden.shape[1] if args.workload == "flux-forward" else hidden[0, 0].numel() // 4
+        tokens = hidden.shape[1] if args.workload in ("flux-forward", "qwen-forward") else hidden[0, 0].numel() // 4
         group = f"cfg, {tokens} tokens"
         single = f"{group}: 2 x batch 1"
         measured |= alternate(
@@ -780,15 +885,42 @@ def build_folder(args: argparse.Namespace, family: str) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     import build_random_flux
+    import build_random_qwen_image
     import build_random_wan
 
-    builder = build_random_flux if family == "flux" else build_random_wan
+    builder = {"flux": build_random_flux, "wan": build_random_wan, "qwen_image": build_random_qwen_image}[family]
     began = time.perf_counter()
     argv = [str(folder), "--device", args.device.type] + (["--tiny"] if args.tiny else [])
     builder.main(argv)
     free_memory()
     log(f"built {folder} in {time.perf_counter() - began:.1f} s")
     return folder
+
+
+#: qwen-e2e's prompt: words of the fixture tokenizer's corpus, so its token count (29 + the template's 5
+#: closing tokens reach the DiT) is about what Qwen2.5-VL's real tokenizer gives for it.
+QWEN_PROMPT = ("A watercolor painting of a lighthouse at sunset, a small boat sailing across a calm blue lake "
+               "under a starry sky, highly detailed, 4k")  # fmt: skip
+
+#: SGLang's published Qwen-Image baseline (test/server/perf_baselines/h100.json, 2026-06-14, scenario
+#: qwen_image_t2i; ../shared/reference/sglang_digest.md section 10): 1 H100, 1024², 50 steps, the model's
+#: default true CFG, through its HTTP server.
+SGLANG_QWEN = {"size": 1024, "steps": 50, "e2e_ms": 12799, "denoise_ms": 12404, "step_ms": 248.0, "text_ms": 232,
+               "decode_ms": 18}  # fmt: skip
+
+
+def qwen_request(args: argparse.Namespace, pipeline: Any) -> dict[str, Any]:
+    """The request the engine makes of a bare prompt for Qwen/Qwen-Image: its defaults (the loaded
+    pipeline's spec, looked up by that id), guidance decided by the core's rule for true-CFG models
+    (`sgl_core::resolve`: a default negative prompt and true_cfg_scale > 1). `--steps` / `--size` override;
+    `--tiny` runs 64² on the CPU."""
+    d = pipeline.spec.defaults
+    side = 64 if args.tiny else args.size
+    return {"prompt": QWEN_PROMPT, "negative_prompt": d.negative_prompt, "width": side or d.width,
+            "height": side or d.height, "num_frames": d.num_frames,
+            "num_inference_steps": args.steps or d.num_inference_steps, "guidance_scale": d.guidance_scale,
+            "true_cfg_scale": d.true_cfg_scale, "cfg_enabled": d.negative_prompt is not None and d.true_cfg_scale > 1,
+            "fps": None, "max_sequence_length": d.max_sequence_length}  # fmt: skip
 
 
 def e2e_request(args: argparse.Namespace, family: str) -> dict[str, Any]:
@@ -812,13 +944,14 @@ def make_request(fields: dict[str, Any], seed: int):
                    output_format="npy", output_quality=None, notes=(), **fields)  # fmt: skip
 
 
-def ours_executor(args: argparse.Namespace, folder: Path, **options: Any):
+def ours_executor(args: argparse.Namespace, folder: Path, hf_id: str | None = None, **options: Any):
     from sgl_diffusion.runtime.executor import PipelineExecutor
 
     index = json.loads((folder / "model_index.json").read_text())
     config = {
         "model_path": str(folder),
-        "hf_id": None,
+        # A random folder is no known checkpoint; the id picks the model's own defaults (Qwen-Image's).
+        "hf_id": hf_id,
         "pipeline_class": index["_class_name"],
         "options": {"device": args.device.type, **options},
     }
@@ -839,6 +972,22 @@ def diffusers_pipeline(family: str, folder: Path, ours_pipeline, device: torch.d
         extra = {"text_encoder": c.clip, "tokenizer": c.clip_tokenizer, "text_encoder_2": c.t5,
                  "tokenizer_2": c.t5_tokenizer}  # fmt: skip
         pipeline_class, scheduler_class = FluxPipeline, FlowMatchEulerDiscreteScheduler
+    elif family == "qwen_image":
+        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+        # On the meta device: a 38 GiB transformer built for real next to ours' would not fit an 80 GB H100.
+        # Its only non-parameter state, the RoPE tables (plain attributes), is rebuilt for real on the host.
+        config = QwenImageTransformer2DModel.load_config(folder / "transformer")
+        with torch.device("meta"):
+            transformer = QwenImageTransformer2DModel.from_config(config)
+        rope = transformer.pos_embed
+        transformer.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+        transformer.load_state_dict(c.transformer.state_dict(), assign=True)
+        meta = [n for n, t in [*transformer.named_parameters(), *transformer.named_buffers()] if t.is_meta]
+        if meta:
+            raise RuntimeError(f"diffusers' Qwen-Image transformer: tensors left on the meta device: {meta[:5]}")
+        extra = {"text_encoder": c.text_encoder, "tokenizer": c.tokenizer}
+        pipeline_class, scheduler_class = QwenImagePipeline, FlowMatchEulerDiscreteScheduler
     else:
         from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
@@ -848,7 +997,8 @@ def diffusers_pipeline(family: str, folder: Path, ours_pipeline, device: torch.d
         pipeline_class, scheduler_class = WanPipeline, UniPCMultistepScheduler
     # Built on the device (its non-persistent buffers, e.g. Wan's RoPE table, must be real), then its
     # parameters are swapped for our loaded tensors: no second copy stays alive.
-    transformer.load_state_dict(c.transformer.state_dict(), assign=True)
+    if family != "qwen_image":
+        transformer.load_state_dict(c.transformer.state_dict(), assign=True)
     transformer = transformer.to(device=device, dtype=dtype).eval()
     free_memory()
     scheduler = scheduler_class.from_pretrained(folder / "scheduler")
@@ -877,6 +1027,11 @@ def diffusers_kwargs(family: str, fields: dict[str, Any]) -> dict[str, Any]:
         "max_sequence_length": fields["max_sequence_length"],
         "output_type": "np",
     }
+    if family == "qwen_image":
+        # No guidance embedding: diffusers warns about (and ignores) a guidance_scale; true CFG instead.
+        del kwargs["guidance_scale"]
+        kwargs.update(negative_prompt=fields["negative_prompt"],
+                      true_cfg_scale=fields["true_cfg_scale"] if fields["cfg_enabled"] else 1.0)  # fmt: skip
     if family == "wan":
         kwargs.update(negative_prompt=fields["negative_prompt"], num_frames=fields["num_frames"])
     return kwargs
@@ -910,12 +1065,9 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     from sgl_diffusion.runtime.compile import compile_repeated_blocks
     from sgl_diffusion.runtime.cuda_graphs import cuda_graph_runner
 
-    family = "flux" if args.workload == "flux-e2e" else "wan"
+    family = {"flux-e2e": "flux", "wan-e2e": "wan", "qwen-e2e": "qwen_image"}[args.workload]
     device = args.device
     folder = build_folder(args, family)
-    fields = e2e_request(args, family)
-    request = make_request(fields, seed=0)
-    record["request"] = fields
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     notes: list[str] = []
 
@@ -925,8 +1077,11 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     cuda_graphs = args.cuda_graphs if device.type == "cuda" else "auto"
     options = {"enable_torch_compile": engine_compile, "cfg_batching": "auto", "cuda_graphs": cuda_graphs,
                "warmup": False, "vae_slicing": args.vae_slicing}  # fmt: skip
-    executor = ours_executor(args, folder, **options)
+    executor = ours_executor(args, folder, "Qwen/Qwen-Image" if family == "qwen_image" else None, **options)
     pipeline = executor.pipeline
+    fields = qwen_request(args, pipeline) if family == "qwen_image" else e2e_request(args, family)
+    request = make_request(fields, seed=0)
+    record["request"] = fields
     if args.compile and not engine_compile:
         for denoiser in pipeline.denoisers():
             compile_repeated_blocks(denoiser, backend=args.compile_backend)
@@ -997,6 +1152,8 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
                         "median step ms": statistics.median(steps) if steps else None,
                     }
                 )
+            steps = fields["num_inference_steps"]
+            row["s / step (whole request / steps)"] = m.spread.median / 1000 / steps
             if m.variant.name != ours_name:
                 row["PSNR dB vs ours"] = psnr(m.output, reference)
         return rows
@@ -1052,7 +1209,109 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     ]
     if DIFFUSERS_GRAPHS in names:
         notes.append(reduce_overhead_note(device))
+    if family == "qwen_image":
+        sglang_row(rows, ours_name, measured[ours_name], fields["num_inference_steps"], fields["width"])
+        notes += qwen_e2e_notes(args, folder, fields, measured[ours_name], pipeline.c.tokenizer)
     return rows, notes
+
+
+def projected_50_steps(ours: Measured, steps: int) -> float:
+    """Ours' median request time with its denoising loop stretched to SGLang's 50 steps at ours' median step."""
+    all_steps = [ms for d in ours.details for ms in d["steps_ms"]]
+    if not all_steps:
+        return math.nan
+    return ours.spread.median / 1000 + (SGLANG_QWEN["steps"] - steps) * statistics.median(all_steps) / 1000
+
+
+def sglang_row(rows: list[dict[str, Any]], ours_name: str, ours: Measured, steps: int, side: int) -> None:
+    """Adds SGLang's published number as a row of its own (not run here), and ours' 50-step projection."""
+    sg = SGLANG_QWEN
+    for row in rows:
+        if row["variant"] == ours_name:
+            row[f"projected {sg['steps']} steps s"] = projected_50_steps(ours, steps)
+    comparable = "" if side == sg["size"] else f"; not comparable at {side}²"
+    rows.append(
+        {
+            "group": "published",
+            "variant": f"SGLang, 1 H100, {sg['size']}², {sg['steps']} steps, true CFG (h100.json; not run here"
+            f"{comparable})",
+            "median s": sg["e2e_ms"] / 1000,
+            "text s": sg["text_ms"] / 1000,
+            "denoise s": sg["denoise_ms"] / 1000,
+            "decode s": sg["decode_ms"] / 1000,
+            "median step ms": sg["step_ms"],
+            f"projected {sg['steps']} steps s": sg["e2e_ms"] / 1000,
+        }
+    )
+
+
+def qwen_e2e_notes(
+    args: argparse.Namespace, folder: Path, fields: dict[str, Any], ours: Measured, tokenizer: Any
+) -> list[str]:
+    """What qwen-e2e ran (folder, text lengths) and ours against SGLang's published H100 number."""
+    import build_random_qwen_image
+
+    from sgl_diffusion.models.qwen_image.prompt import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+
+    def text_rows(text: str) -> int:  # what the DiT attends to: the templated prompt less the cropped prefix
+        return len(tokenizer(PROMPT_TEMPLATE.format(text)).input_ids) - TEMPLATE_PREFIX_TOKENS
+
+    negative = fields["negative_prompt"]
+    notes = [
+        (
+            "Weights resident on the GPU: ours' transformer 38.1 GiB + text encoder 15.4 GiB (full size) + VAE 0.24 "
+            "GiB; diffusers' pipeline holds the same tensors (no second copy), and so does its compiled twin."
+        ),
+        f"Text rows the transformer sees: prompt {text_rows(fields['prompt'])}"
+        + (f", negative prompt {text_rows(negative)}" if fields["cfg_enabled"] else "")
+        + " (the fixture tokenizer's count; each branch runs unpadded, on both sides).",
+    ]
+    note_file = folder / build_random_qwen_image.NOTE_FILE
+    if note_file.exists():
+        built = json.loads(note_file.read_text())
+        layers, real = built["text_encoder_layers"], built["text_encoder_layers_real"]
+        notes.append(
+            (
+                "Random folder (tiny configs): "
+                if args.tiny
+                else "Random folder: transformer and VAE at the real Qwen-Image config; text encoder Qwen2.5-VL-7B "
+                "size with "
+            )
+            + f"{layers} of {real} text-encoder decoder layers"
+            + (
+                " (all)."
+                if layers == real
+                else f" (**shrunk to fit the disk**: text encoding runs {real - layers} "
+                "fewer layers than the real model; it is ~2 % of a request)."
+            )
+            + f" Tokenizer: {built['tokenizer']}."
+        )
+    steps, side = fields["num_inference_steps"], fields["width"]
+    all_steps = [ms for d in ours.details for ms in d["steps_ms"]]
+    stages = [d["stages_ms"] for d in ours.details] if all_steps else []
+    step_ms = statistics.median(all_steps) if all_steps else math.nan
+    total_s = ours.spread.median / 1000
+    projected = projected_50_steps(ours, steps)
+    sg = SGLANG_QWEN
+    text = (
+        f"SGLang's published H100 number (perf_baselines/h100.json, qwen_image_t2i): {sg['e2e_ms'] / 1000:.1f} s for "
+        f"{sg['size']}², {sg['steps']} steps, true CFG (denoise {sg['denoise_ms'] / 1000:.1f} s, {sg['step_ms']:.0f} ms "
+        f"per step, text {sg['text_ms']} ms, decode {sg['decode_ms']} ms; through its HTTP server). Ours here: "
+        f"{total_s:.2f} s for {side}², {steps} steps ({step_ms:.1f} ms per step, median over steps and repetitions; "
+        f"text {statistics.median(s.get('text_encoding', 0.0) for s in stages):.0f} ms, decode "
+        f"{statistics.median(s.get('decoding', 0.0) for s in stages):.0f} ms)"
+        if stages
+        else "SGLang: no repetition of ours finished"
+    )
+    if stages and steps != sg["steps"]:
+        text += f"; projected to {sg['steps']} steps: {projected:.2f} s"
+    if stages and side == sg["size"]:
+        text += f"; ours / SGLang = {projected / (sg['e2e_ms'] / 1000):.3f}× (per step {step_ms / sg['step_ms']:.3f}×)."
+    elif stages:
+        text += (f". Not comparable with SGLang's {sg['size']}² number ({(side // 16) ** 2} vs "
+                 f"{(sg['size'] // 16) ** 2} image tokens): run with --size {sg['size']} for that.")  # fmt: skip
+    notes.append(text)
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1097,8 +1356,10 @@ def run_wan_vae(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
 WORKLOADS = {
     "flux-forward": run_forward,
     "wan-forward": run_forward,
+    "qwen-forward": run_forward,
     "flux-e2e": run_e2e,
     "wan-e2e": run_e2e,
+    "qwen-e2e": run_e2e,
     "flux-graphs": run_graph_sweep,
     "wan-graphs": run_graph_sweep,
     "wan-vae": run_wan_vae,
@@ -1129,7 +1390,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "workloads 3, e2e 1 generation; wan-vae: its runs, default 3)")  # fmt: skip
     parser.add_argument("--warmup", type=int, help="untimed calls per variant first (default: forward workloads 3, "
                         "e2e 1 full generation)")  # fmt: skip
-    parser.add_argument("--steps", type=int, help="denoising steps for e2e (default: FLUX 28, Wan 50)")
+    parser.add_argument("--steps", type=int, help="denoising steps for e2e (default: FLUX 28, Wan 50, Qwen-Image "
+                        "the engine's default, 50)")  # fmt: skip
+    parser.add_argument("--size", type=int, help="qwen-e2e: image side in pixels (default: the engine's, 1328)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile variants")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of both sides; on the CPU compiled variants run only with "
@@ -1161,7 +1424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compile = False  # inductor's CPU compile of full models is not what this measures
     if args.reps < 1 or args.runs < 1 or args.warmup < 0:
         parser.error("--reps and --runs must be at least 1, --warmup at least 0")
-    if not e2e and args.compile and args.cuda_graphs != "off" and args.warmup < 3:
+    graph_rows = not e2e and args.workload not in NO_GRAPHS and args.cuda_graphs != "off"
+    if graph_rows and args.compile and args.warmup < 3:
         # torch.compile's CUDA graphs run the first call plainly and record the second: fewer warm-up calls
         # would time diffusers' recording against our replays.
         parser.error("CUDA-graph variants need --warmup 3 or more")

@@ -1,0 +1,99 @@
+"""`benches/perf.py`'s Qwen-Image workloads on tiny configs on the CPU (no timing meaning): the code paths the GPU
+jobs take (weights shared between the two models, the engine's defaults for Qwen/Qwen-Image, diffusers' pipeline
+over our loaded tensors, the compiled variants with the eager backend, the SGLang row) keep working, and both
+sides compute the same thing. Also `build_random_qwen_image.py`'s shrinking of the text encoder to fit the disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+BENCHES = Path(__file__).resolve().parents[2] / "benches"
+
+
+def load(name: str) -> ModuleType:
+    # perf.py imports its siblings (bench_stats, the folder builders) by plain name.
+    if str(BENCHES) not in sys.path:
+        sys.path.insert(0, str(BENCHES))
+    return importlib.import_module(name)
+
+
+def run_perf(tmp_path: Path, *argv: str) -> dict:
+    perf = load("perf")
+    out = tmp_path / "out"
+    common = ["--tiny", "--device", "cpu", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
+    common += ["--reps", "1", "--runs", "1", "--warmup", "1", "--compile-backend", "eager"]
+    assert perf.main([*argv, *common]) == 0
+    workload = argv[argv.index("--workload") + 1]
+    assert (out / f"{workload}.md").exists()
+    return json.loads((out / f"{workload}.json").read_text())
+
+
+def test_qwen_forward_shares_weights_and_matches_diffusers(tmp_path: Path) -> None:
+    record = run_perf(tmp_path, "--workload", "qwen-forward")
+    rows = {row["variant"]: row for row in record["rows"]}
+    expected = {
+        "diffusers eager",
+        "ours eager, torch ops",
+        "ours eager, fused kernels",
+        "ours eager, fused kernels, packed QKV",
+        "diffusers + torch.compile",
+        "ours + torch.compile",
+    }
+    assert set(rows) == expected
+    for name, row in rows.items():
+        if name != "diffusers eager":
+            assert row["rel L2 vs diffusers eager"] < 1e-5, name
+            assert row["max rel diff"] < 1e-4, name
+    assert any("ours' parameters are diffusers' tensors" in note for note in record["notes"])
+    assert any("img_shapes" in note for note in record["notes"])
+
+
+def test_qwen_e2e_runs_the_engine_defaults_against_diffusers(tmp_path: Path) -> None:
+    record = run_perf(tmp_path, "--workload", "qwen-e2e", "--steps", "2")
+    request = record["request"]
+    # Qwen/Qwen-Image's card defaults, from the engine (only the size is tiny and the steps shortened).
+    assert (request["negative_prompt"], request["true_cfg_scale"], request["cfg_enabled"]) == (" ", 4.0, True)
+    assert (request["width"], request["num_inference_steps"]) == (64, 2)
+    rows = {row["variant"]: row for row in record["rows"]}
+    assert {"diffusers eager", "diffusers + torch.compile"} <= set(rows)
+    ours = next(row for name, row in rows.items() if name.startswith("ours"))
+    assert ours["median step ms"] > 0 and ours["projected 50 steps s"] > 0
+    assert rows["diffusers eager"]["PSNR dB vs ours"] > 40  # fp32 on the CPU: the same images
+    assert any(row["group"] == "published" and row["median s"] == 12.799 for row in record["rows"])
+    assert any("SGLang" in note and "Not comparable" in note for note in record["notes"])
+
+
+def test_builder_shrinks_the_text_encoder_to_fit_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from sgl_diffusion.testing.qwen_image import qwen_image_tokenizer
+
+    builder = load("build_random_qwen_image")
+    tokenizer = qwen_image_tokenizer()
+
+    def encoder_bytes(layers: int) -> int:
+        config = builder.text_encoder_config(tokenizer, builder.TINY_TEXT, builder.TINY_VISION, layers)
+        return builder.bf16_bytes(lambda: Qwen2_5_VLForConditionalGeneration(config))
+
+    fixed = builder.bf16_bytes(lambda: QwenImageTransformer2DModel(**builder.TINY_TRANSFORMER))
+    fixed += builder.bf16_bytes(lambda: AutoencoderKLQwenImage(**builder.TINY_VAE))
+    # Room for everything but the text encoder's second layer: the build keeps one of its two.
+    monkeypatch.setattr(builder, "free_bytes", lambda path: fixed + encoder_bytes(1) + 1)
+    out = tmp_path / "folder"
+    assert builder.main([str(out), "--tiny", "--device", "cpu", "--margin-gib", "0"]) == 0
+    note = json.loads((out / builder.NOTE_FILE).read_text())
+    assert (note["text_encoder_layers"], note["text_encoder_layers_real"]) == (1, 2)
+    config = json.loads((out / "text_encoder" / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 1
+    with pytest.raises(RuntimeError, match="does not fit"):
+        builder.main([str(tmp_path / "strict"), "--tiny", "--device", "cpu", "--margin-gib", "0", "--no-fit-disk"])
