@@ -10,7 +10,8 @@ Workloads (each fits one 10-minute GPU command; `benches/gpu_perf.sh` lists the 
   qwen-forward  one Qwen-Image transformer forward, 1328² (6889 image + 128 text tokens), batch 1
   qwen-e2e      Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², 50 steps, true CFG 4 against the
                 negative prompt " "): text encoding + denoising + VAE decode; `--steps` shortens, `--size 1024`
-                matches SGLang's published H100 baseline (1024², 50 steps: 12.8 s), shown in the notes
+                matches SGLang's published H100 baseline (1024², 50 steps: 12.8 s), shown as a row (with
+                ours projected to 50 steps: ours' time + the missing steps at ours' median step) and in the notes
   wan-vae       Wan2.1 VAE decode of 81 frames at 832×480 (`wan_vae_decode.py`, its own timing: see there)
   flux-graphs   FLUX.1-dev forwards at small shapes (batch 1 and 2): ours eager / compiled, each plain and
                 replayed as a CUDA graph, against diffusers + torch.compile with and without CUDA graphs
@@ -50,7 +51,10 @@ of diffusers' state dict: the module trees match key for key, as ours loads diff
 name), and nothing is copied. Only the packed-QKV variant makes packed q/k/v weights (+6.3 GiB), and
 unpacking afterwards gives ours its own q/k/v tensors (same values). Our Qwen-Image transformer never
 replays CUDA graphs: `CudaGraphRunner` runs a call with a list argument (`img_shapes`) plainly, and
-1328² (6889 tokens) is above `AUTO_MAX_TOKENS` anyway, so neither side gets CUDA-graph rows there. Results go to DIR/<name>.json and .md (name: `--name`, default the workload) with the card,
+1328² (6889 tokens) is above `AUTO_MAX_TOKENS` anyway, so neither side gets CUDA-graph rows there.
+The e2e folder (53.7 GiB) may not fit a 64 GiB disk: see `build_random_qwen_image.py`.
+
+Results go to DIR/<name>.json and .md (name: `--name`, default the workload) with the card,
 commit, command and date. `--tiny --device cpu` runs the same code on tiny configs (smoke test, no
 timing meaning); add `--compile-backend eager` to take the compiled code paths there too.
 """
