@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Unpack
 
@@ -124,7 +124,7 @@ class DiffGenerator:
         self,
         prompt: str,
         *,
-        image: str | Path | Image.Image | None = None,
+        image: str | Path | Image.Image | Sequence[str | Path | Image.Image] | None = None,
         output_type: OutputType = "pil",
         on_progress: ProgressCallback | None = None,
         **fields: Unpack[RequestFields],
@@ -134,7 +134,8 @@ class DiffGenerator:
         `num_inference_steps`, `seed`, `num_outputs_per_prompt`); unset fields take the model's defaults, an unknown
         name is a `TypeError`.
 
-        `image` is the input image of image-to-video (a path or a PIL image). `output_type` chooses the arrays
+        `image` is the input image of image-to-video or image editing (a path or a PIL image), or a list of them
+        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, in order). `output_type` chooses the arrays
         returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still
         queued or running `timeout_seconds` after submission (at most the engine's `request_timeout`) is stopped
         and raises `DeadlineExceededError`."""
@@ -143,11 +144,12 @@ class DiffGenerator:
         # `output_format` follows from `output_type` (and the model): videos come back as exact arrays and
         # `save` encodes MP4 on demand.
         _check_keywords("generate", fields, set(names("request")) - {"prompt", "output_format"})
-        if image is not None and fields.get("image_path") is not None:
-            raise TypeError("generate() takes an input image as `image` or `image_path`, not both")
+        if image is not None and (fields.get("image_path") is not None or fields.get("image_paths") is not None):
+            raise TypeError("generate() takes input images as `image`, `image_path` or `image_paths`: one of them")
         request: dict[str, Any] = {**fields, "prompt": prompt}
         if image is not None:
-            request["image_path"] = _image_path(image)
+            images = list(image) if isinstance(image, (list, tuple)) else [image]
+            request["image_paths"] = [_image_path(each) for each in images]
         request["output_format"] = "npy" if output_type == "np" or self.info["output"] == "video" else "png"
         result = collect(self.submit(**request), on_progress)
         if self.info["output"] == "video" and output_type == "pil":

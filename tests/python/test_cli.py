@@ -217,16 +217,17 @@ def test_generate_image_to_video_from_an_image_path(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     frames, _ = decode_mp4((tmp_path / "i2v.mp4").read_bytes())
     assert frames.shape == (5, 32, 32, 3)
-    # The list form, `--image-paths` (a relative path is the working directory's), gives the same video; this
-    # model takes one image.
+    # A relative path is the working directory's; `--image-path` repeated gives several images, and this model
+    # takes one.
     small = ["--height", "32", "--width", "32", "--num-frames", "5", "--device", "cpu", "--num-inference-steps", "2"]
     proc = run_cli(
-        "--model-path", str(wan), "--prompt", "a red square", "--image-paths", "first.png", *small,
+        "--model-path", str(wan), "--prompt", "a red square", "--image-path", "first.png", *small,
         "--output-file-name", "listed.mp4", "--output-path", str(tmp_path), "--seed", "1", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     proc = run_cli(
-        "--model-path", str(wan), "--prompt", "a", "--image-paths", "first.png", "first.png", *small, cwd=tmp_path
+        "--model-path", str(wan), "--prompt", "a", "--image-path", "first.png", "--image-path", "first.png", *small,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2 and "image_paths" in proc.stderr and "at most 1 input image, got 2" in proc.stderr
     # The fixture's RoPE table (32 positions per axis) cannot run diffusers' default 832x480: give a size.

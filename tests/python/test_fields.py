@@ -38,7 +38,7 @@ def cli_fields(*tables: str) -> list[Field]:
 
 def test_every_request_field_is_a_generate_flag_of_its_type() -> None:
     actions = option_actions(parser_of("generate"))
-    for field in table("request"):
+    for field in cli_fields("request"):
         action = actions[field.flag]
         assert action.dest == field.name and action.help == field.help, field.name
         assert action.type is {"integer": int, "number": float}.get(field.kind), field.name

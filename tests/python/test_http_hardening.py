@@ -424,7 +424,7 @@ def test_an_unknown_after_cursor_is_a_400_naming_after(video_server: Server) -> 
 
 @pytest.mark.parametrize("side", [12_000, 20_000], ids=["warned-by-pil", "refused-by-pil"])
 def test_a_decompression_bomb_is_an_invalid_image_not_a_failure(tmp_path: Path, side: int) -> None:
-    from sgl_diffusion.pipelines.wan import load_image
+    from sgl_diffusion.pipelines.images import load_image
 
     path = tmp_path / "secret-folder" / "input.png"
     path.parent.mkdir()

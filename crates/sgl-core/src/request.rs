@@ -72,14 +72,14 @@ declare_fields! {
         #[serde(default)]
         pub fps: Option<u32> [.routes(&[Route::Videos]).min(1).max(MAX_FPS as i64)],
         /// Input image file for image-to-video (its first frame). HTTP clients upload the image
-        /// (`input_reference`); the server stores the file.
+        /// (`input_reference`); the server stores the file. On the command line, `--image-path`.
         #[serde(default)]
-        pub image_path: Option<String>,
+        pub image_path: Option<String> [.no_flag()],
         /// Input image files, in order, for models that take several (reference images of image
         /// editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the
-        /// other.
+        /// other. On the command line, one `--image-path` per image.
         #[serde(default)]
-        pub image_paths: Option<Vec<String>>,
+        pub image_paths: Option<Vec<String>> [.flag("--image-path").repeat()],
         /// How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float
         /// arrays); default: png for images, mp4 for videos.
         #[serde(default)]

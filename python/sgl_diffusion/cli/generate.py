@@ -80,7 +80,8 @@ def generate(options: dict[str, Any]) -> int:
     from tqdm import tqdm
 
     generator = DiffGenerator.from_config(engine_config(options))
-    fields = {field.name: options.get(field.dest) for field in table("request")}
+    # Fields without a flag (`image_path`: `--image-path` fills the list form) come from no option.
+    fields = {field.name: options.get(field.dest) for field in table("request") if field.cli}
     try:
         handle = generator.submit(**fields)
         request = json.loads(handle.request_json)

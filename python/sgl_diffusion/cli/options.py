@@ -137,7 +137,8 @@ def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
 def convert_config_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A value from a config file (`where` says which: `--config run.yaml: num_gpus`), or a flag the native binary
     parsed (`--num-gpus`), through the option's type and choices (each item of a list option)."""
-    if action.nargs in ("+", "*"):
+    # A list option: several values after one flag, or one per repeated flag (`--image-path`).
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else [value]
         return None if value is None else [convert_config_value_item(action, item, where) for item in items]
     return convert_config_value_item(action, value, where)

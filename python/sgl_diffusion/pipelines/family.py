@@ -52,9 +52,15 @@ class FamilyAdapter(abc.ABC):
 
     @abc.abstractmethod
     def encode_prompts(
-        self, texts: list[str], max_sequence_length: int, device: torch.device
+        self,
+        texts: list[str],
+        max_sequence_length: int,
+        device: torch.device,
+        owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
-        """The denoiser's text inputs by keyword, one row per text, in the denoiser's dtype."""
+        """The denoiser's text inputs by keyword, one row per text, in the denoiser's dtype. `owners[i]` is
+        the request text i belongs to, for families whose prompt encoding also reads the request (its input
+        images); text-only families ignore it."""
 
     def guidance_inputs(self, rows: Sequence[Request], device: torch.device) -> RowInputs:
         """Inputs both guidance branches take from the request's guidance settings, one row per output

@@ -62,8 +62,13 @@ class FluxAdapter(FamilyAdapter):
         return 2 * (request.height // factor), 2 * (request.width // factor)
 
     def encode_prompts(
-        self, texts: list[str], max_sequence_length: int, device: torch.device
+        self,
+        texts: list[str],
+        max_sequence_length: int,
+        device: torch.device,
+        owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
+        del owners  # the texts alone decide the encoding
         pooled, embeds = self.encode_texts(texts, max_sequence_length, device)
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 

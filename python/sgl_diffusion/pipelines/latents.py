@@ -73,9 +73,16 @@ def _statistics(
     return mean_t, inv_std
 
 
-def normalize_latents(latents: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """VAE latents to the denoiser's scale: `(x - mean) / std` per channel (Wan-style VAE statistics)."""
+def normalize_latents(
+    latents: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, divide: bool = False
+) -> torch.Tensor:
+    """VAE latents to the denoiser's scale: `(x - mean) / std` per channel (Wan-style VAE statistics).
+    Multiplied by 1/std as diffusers' Wan pipelines compute it, or divided by std (`divide`) as its
+    Qwen-Image-Edit pipelines do: the two round differently."""
     mean_t, inv_std = _statistics(latents, mean, std)
+    if divide:
+        std_t = torch.tensor(std).view(mean_t.shape).to(latents.device, latents.dtype)
+        return (latents - mean_t) / std_t
     return (latents - mean_t) * inv_std
 
 

@@ -91,8 +91,13 @@ class QwenImageAdapter(FamilyAdapter):
         return 2 * (request.height // factor), 2 * (request.width // factor)
 
     def encode_prompts(
-        self, texts: list[str], max_sequence_length: int, device: torch.device
+        self,
+        texts: list[str],
+        max_sequence_length: int,
+        device: torch.device,
+        owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
+        del owners  # the texts alone decide the encoding
         # Each distinct text alone, as diffusers encodes a request's prompt and its negative prompt: batched
         # with other texts it would be padded, and the encoder's masked attention changes the last bits. The
         # encoder's share of a request is small next to its denoising steps; the negative prompt that

@@ -15,6 +15,12 @@ from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
+from .qwen_image_edit import (
+    QWEN_IMAGE_EDIT_DEFAULTS,
+    QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+)
 from .spec import SamplingDefaults
 from .wan import WanImageToVideoPipeline, WanPipeline
 
@@ -26,6 +32,8 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     # FastVideo's FastWan folders name their (DMD) pipeline `WanDMDPipeline`.
     FastWanPipeline.pipeline_class: FastWanPipeline,
     QwenImagePipeline.pipeline_class: QwenImagePipeline,
+    QwenImageEditPipeline.pipeline_class: QwenImageEditPipeline,
+    QwenImageEditPlusPipeline.pipeline_class: QwenImageEditPlusPipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
@@ -78,6 +86,9 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     # The model cards' settings (diffusers' __call__ has no negative prompt, so no CFG): see qwen_image.py.
     "Qwen/Qwen-Image": QWEN_IMAGE_DEFAULTS,
     "Qwen/Qwen-Image-2512": QWEN_IMAGE_DEFAULTS,
+    "Qwen/Qwen-Image-Edit": QWEN_IMAGE_EDIT_DEFAULTS,
+    "Qwen/Qwen-Image-Edit-2509": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
+    "Qwen/Qwen-Image-Edit-2511": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
 }  # fmt: skip
 
 

@@ -53,6 +53,9 @@ class SamplingDefaults:
     flow_shift: float | None = None
     fps: int | None = None
     guidance_scale_2: float | None = None
+    #: With input images and no size in the request: the output takes the last image's aspect at this many
+    #: pixels (image editing); None: width and height above.
+    size_from_input_area: int | None = None
 
 
 #: `sgl_core::GuidanceMode`: how a request turns on classifier-free guidance. "classifier_free":
@@ -80,6 +83,8 @@ class PipelineSpec:
     defaults: SamplingDefaults
     output: str = "image"
     image_input: str = "none"
+    #: How many input images a request may carry (when `image_input` is not "none").
+    max_input_images: int = 1
     supports_flow_shift: bool = False
     supports_guidance_scale_2: bool = False
     #: Request fields that requests of one batch must share besides those of `sgl_core::BatchKey` (a
@@ -117,5 +122,6 @@ class PipelineSpec:
             "supports_guidance_scale_2": self.supports_guidance_scale_2,
             "output": self.output,
             "image_input": self.image_input,
+            "max_input_images": self.max_input_images,
             "extra_batch_key_fields": list(self.extra_batch_key_fields),
         }

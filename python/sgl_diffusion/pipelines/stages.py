@@ -77,7 +77,8 @@ class EncodePrompts(AdapterStage):
         requests = state.requests
         cfg = requests[0].cfg_enabled
         texts = [r.prompt for r in requests] + ([r.negative_prompt or "" for r in requests] if cfg else [])
-        encoded = self.adapter.encode_prompts(texts, requests[0].max_sequence_length, state.device)
+        owners = requests + (requests if cfg else [])
+        encoded = self.adapter.encode_prompts(texts, requests[0].max_sequence_length, state.device, owners)
         n = len(requests)
         rows = [requests[owner] for owner in state.row_owner.tolist()]
         conditioning = Conditioning(

@@ -17,7 +17,6 @@ import html
 import json
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-from ..errors import invalid_request
 from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
 from ..models.wan.vae import WanVAEDecoder
@@ -40,6 +38,7 @@ from ..schedulers.flow_match_euler import FlowMatchEulerScheduler
 from .base import BatchState, per_row
 from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
+from .images import load_image
 from .latents import denormalize_latents, draw_noise, normalize_latents
 from .loop import Sampler
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
@@ -252,26 +251,6 @@ def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
     )
 
 
-def load_image(path: str) -> Image.Image:
-    """The input image in RGB. PIL reads the size from the header first: an image over its
-    decompression-bomb bound (about 89 megapixels) is an invalid request, never decoded (a 17 KB PNG
-    can declare 12 000 x 12 000 pixels, 1.9 GB once decoded). Messages reach HTTP clients, so they
-    name the file, never the server's folder it is in."""
-    name = Path(path).name
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise invalid_request("image", f"the input image has too many pixels to decode: {err}") from err
-    except UnidentifiedImageError as err:
-        raise invalid_request("image", f"the input image {name} is not an image that can be read") from err
-    except OSError as err:
-        # An OSError's text quotes the full path (`[Errno 2] No such file: '/srv/...'`); strerror does not.
-        raise invalid_request("image", f"the input image {name} cannot be read: {err.strerror or err}") from err
-
-
 class WanAdapter(FamilyAdapter):
     """Wan under the engine's stages: UMT5 text inputs, float32 latents of the VAE's channels, UniPC or
     flow-match Euler, the A14B expert switch, the image condition (I2V) and per-token timesteps (TI2V-5B)."""
@@ -297,8 +276,13 @@ class WanAdapter(FamilyAdapter):
         )
 
     def encode_prompts(
-        self, texts: list[str], max_sequence_length: int, device: torch.device
+        self,
+        texts: list[str],
+        max_sequence_length: int,
+        device: torch.device,
+        owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
+        del owners  # the texts alone decide the encoding
         return {"encoder_hidden_states": self.encode_texts(texts, max_sequence_length, device).to(self.dtype)}
 
     def encode_texts(self, texts: list[str], seq_len: int, device: torch.device) -> torch.Tensor:

@@ -57,13 +57,20 @@ class FixtureSpec:
     pipeline_class: str
     build: Callable[[], DiffusionPipeline]
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Called with the saved folder: puts files into the published checkpoints' layout where
+    #: ``save_pretrained`` of today's libraries writes them differently.
+    finish: Callable[[pathlib.Path], None] | None = None
 
 
 FIXTURE_REGISTRY: dict[str, FixtureSpec] = {}
 
 
 def register_fixture(
-    name: str, *, pipeline_class: str, call_kwargs: Mapping[str, Any] | None = None
+    name: str,
+    *,
+    pipeline_class: str,
+    call_kwargs: Mapping[str, Any] | None = None,
+    finish: Callable[[pathlib.Path], None] | None = None,
 ) -> Callable[[Callable[[], DiffusionPipeline]], Callable[[], DiffusionPipeline]]:
     """Decorator registering a zero-argument builder that returns an unsaved diffusers pipeline.
 
@@ -81,6 +88,7 @@ def register_fixture(
             pipeline_class=pipeline_class,
             build=fn,
             call_kwargs=MappingProxyType(dict(call_kwargs or {})),
+            finish=finish,
         )
         return fn
 
@@ -293,4 +301,6 @@ def build_fixture(
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
     pipe.save_pretrained(out, **save_kwargs)
+    if spec.finish is not None:
+        spec.finish(out)
     return out

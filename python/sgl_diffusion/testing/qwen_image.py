@@ -17,6 +17,8 @@ parity test to notice a dropped or swapped prompt.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -130,7 +132,7 @@ def qwen_image_vae(seed: int = 0) -> torch.nn.Module:
 def qwen_image_transformer(seed: int = 0, *, zero_cond_t: bool = False) -> torch.nn.Module:
     """Two double-stream blocks, 2 heads of 16 channels, RoPE axes (frame, height, width) = (8, 4, 4).
 
-    ``zero_cond_t=True`` is Qwen-Image-Edit-2511's variant (for an Edit-Plus fixture, which needs torchvision).
+    ``zero_cond_t=True`` is Qwen-Image-Edit-2511's variant.
     """
     from diffusers import QwenImageTransformer2DModel
 
@@ -167,3 +169,77 @@ def _qwen_image() -> DiffusionPipeline:
         tokenizer=tokenizer,
         transformer=qwen_image_transformer(0),
     )
+
+
+#: How the edit oracles are called on their fixtures (the input images are the test's): 3 steps, true CFG.
+_EDIT_CALL: dict[str, Any] = {"num_inference_steps": 3, "true_cfg_scale": 4.0}
+
+#: The tiny processor's pixel bound for the text encoder's copy of an image (the published checkpoints allow
+#: 12845056): at most 256 merged 28x28 patches, so Qwen-Image-Edit's 1024x1024 condition image stays cheap.
+PROCESSOR_MAX_PIXELS = 256 * 28 * 28
+
+
+def qwen_image_processor(tokenizer: Qwen2Tokenizer) -> Any:
+    """The checkpoint's ``processor``: Qwen2-VL image preprocessing with the fixture tokenizer."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ..models.qwen_image.vision import Qwen2VLImageTextProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": PROCESSOR_MAX_PIXELS})
+    return Qwen2VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def published_processor_layout(folder: Path) -> None:
+    """The published Qwen-Image-Edit folders name transformers' ``Qwen2VLProcessor`` for their processor
+    (the fixture builds the torchvision-free subclass, which diffusers records under its own name)."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_path = folder / "processor" / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _edit_pipeline(pipeline_class: str, *, zero_cond_t: bool = False) -> DiffusionPipeline:
+    import diffusers
+
+    tokenizer = qwen_image_tokenizer()
+    return getattr(diffusers, pipeline_class)(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=qwen_image_vae(0),
+        text_encoder=qwen25_vl_text_encoder(tokenizer, 0),
+        tokenizer=tokenizer,
+        processor=qwen_image_processor(tokenizer),
+        transformer=qwen_image_transformer(0, zero_cond_t=zero_cond_t),
+    )
+
+
+@register_fixture(
+    "qwen_image_edit", pipeline_class="QwenImageEditPipeline", call_kwargs=_EDIT_CALL, finish=published_processor_layout
+)
+def _qwen_image_edit() -> DiffusionPipeline:
+    return _edit_pipeline("QwenImageEditPipeline")
+
+
+@register_fixture(
+    "qwen_image_edit_plus",
+    pipeline_class="QwenImageEditPlusPipeline",
+    call_kwargs=_EDIT_CALL,
+    finish=published_processor_layout,
+)
+def _qwen_image_edit_plus() -> DiffusionPipeline:
+    """Qwen-Image-Edit-2509's layout."""
+    return _edit_pipeline("QwenImageEditPlusPipeline")
+
+
+@register_fixture(
+    "qwen_image_edit_2511",
+    pipeline_class="QwenImageEditPlusPipeline",
+    call_kwargs=_EDIT_CALL,
+    finish=published_processor_layout,
+)
+def _qwen_image_edit_2511() -> DiffusionPipeline:
+    """Qwen-Image-Edit-2511: Edit-Plus with ``zero_cond_t`` (reference tokens modulated at timestep 0)."""
+    return _edit_pipeline("QwenImageEditPlusPipeline", zero_cond_t=True)

@@ -10,9 +10,11 @@ run time (a different tokenizer would give a different count, and the model woul
 from __future__ import annotations
 
 __all__ = [
+    "EDIT_PLUS_PROMPT_TEMPLATE",
     "EDIT_PROMPT_TEMPLATE",
     "EDIT_TEMPLATE_PREFIX_TOKENS",
     "MAX_PROMPT_TOKENS",
+    "PICTURE_TEMPLATE",
     "PROMPT_TEMPLATE",
     "TEMPLATE_PREFIX_TOKENS",
     "template_texts",
@@ -35,8 +37,14 @@ EDIT_PROMPT_TEMPLATE = (
     "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-#: Tokens of EDIT_PROMPT_TEMPLATE before ``<|vision_start|>``.
+#: Tokens of EDIT_PROMPT_TEMPLATE before ``<|vision_start|>`` (and of EDIT_PLUS_PROMPT_TEMPLATE before ``{}``).
 EDIT_TEMPLATE_PREFIX_TOKENS = 64
+
+#: Image editing with several reference images (Qwen-Image-Edit-2509/2511, "Edit Plus"): the same system turn;
+#: ``{}`` is one PICTURE_TEMPLATE per reference image, then the user instruction.
+EDIT_PLUS_PROMPT_TEMPLATE = EDIT_PROMPT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
+#: Reference image ``{}`` (counted from 1) in an Edit-Plus prompt.
+PICTURE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
 #: Prompt tokens read after the template prefix (the tokenizer truncates at this + the prefix).
 MAX_PROMPT_TOKENS = 1024

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .prompt import MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+from .prompt import EDIT_TEMPLATE_PREFIX_TOKENS, MAX_PROMPT_TOKENS, PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 
-__all__ = ["QwenPromptEmbeds", "encode_prompts"]
+__all__ = ["QwenPromptEmbeds", "encode_prompt_with_images", "encode_prompts"]
 
 
 @dataclass(frozen=True)
@@ -101,17 +101,64 @@ def encode_prompts(
         use_cache=False,
         logits_to_keep=1,
     )
-    hidden = output.hidden_states[-1]
+    rows = _rows_after_prefix(output.hidden_states[-1], tokens.attention_mask, prefix_tokens)
+    return _embeds([row[:max_sequence_length] for row in rows], dtype)
 
-    # Real tokens of each row (wherever padding sits), minus the template prefix.
-    keep = tokens.attention_mask.bool()
-    rows = [hidden[i][keep[i]][prefix_tokens:][:max_sequence_length] for i in range(len(prompts))]
-    lengths = tuple(int(r.shape[0]) for r in rows)
-    if min(lengths) == 0:
+
+@torch.no_grad()
+def encode_prompt_with_images(
+    text_encoder: Any,
+    processor: Any,
+    text: str,
+    images: Sequence[Any],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    prefix_tokens: int = EDIT_TEMPLATE_PREFIX_TOKENS,
+) -> QwenPromptEmbeds:
+    """Embed one already templated edit prompt with its reference images, as Qwen-Image-Edit(-Plus) does.
+
+    Args:
+        text_encoder: transformers ``Qwen2_5_VLForConditionalGeneration`` (vision tower included).
+        processor: the checkpoint's processor (:mod:`.vision`), which expands each ``<|image_pad|>`` of
+            ``text`` to that image's patch count and turns ``images`` into patches.
+        text: the chat template filled in, one ``<|image_pad|>`` per image in ``images``, in order.
+        images: PIL images, already resized to the size the pipeline conditions on.
+        device, dtype, prefix_tokens: as for :func:`encode_prompts`.
+
+    Returns:
+        One row: the hidden states of every token after the prefix (the image tokens, then the instruction);
+        the reference crops nothing else, so neither does this.
+    """
+    device = torch.device(device) if device is not None else text_encoder.device
+    dtype = dtype or text_encoder.dtype
+    inputs = processor(text=[text], images=list(images), padding=True, return_tensors="pt").to(device)
+    output = text_encoder(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs.get("pixel_values"),
+        image_grid_thw=inputs.get("image_grid_thw"),
+        output_hidden_states=True,
+        use_cache=False,
+        logits_to_keep=1,
+    )
+    return _embeds(_rows_after_prefix(output.hidden_states[-1], inputs["attention_mask"], prefix_tokens), dtype)
+
+
+def _rows_after_prefix(hidden: torch.Tensor, attention_mask: torch.Tensor, prefix_tokens: int) -> list[torch.Tensor]:
+    """Each row's real tokens (wherever padding sits), minus the template prefix."""
+    keep = attention_mask.bool()
+    rows = [hidden[i][keep[i]][prefix_tokens:] for i in range(hidden.shape[0])]
+    if min(int(r.shape[0]) for r in rows) == 0:
         raise ValueError(
             f"a prompt has no tokens after the {prefix_tokens}-token template prefix: the tokenizer does not "
             "split the template as the checkpoint's does"
         )
+    return rows
+
+
+def _embeds(rows: Sequence[torch.Tensor], dtype: torch.dtype) -> QwenPromptEmbeds:
+    lengths = tuple(int(r.shape[0]) for r in rows)
     embeds, mask = _pad_rows(rows, max(lengths))
     all_real = min(lengths) == max(lengths)
     return QwenPromptEmbeds(embeds.to(dtype=dtype), None if all_real else mask, lengths)
