@@ -935,6 +935,15 @@ mod tests {
         let _ = std::fs::remove_file(image);
     }
 
+    #[test]
+    fn pipelines_that_do_not_say_take_one_image_and_the_default_size() {
+        let mut json = serde_json::to_value(flux_info()).unwrap();
+        json.as_object_mut().unwrap().remove("max_input_images");
+        json["defaults"].as_object_mut().unwrap().remove("size_from_input_area");
+        let info: PipelineInfo = serde_json::from_value(json).unwrap();
+        assert_eq!((info.max_input_images, info.defaults.size_from_input_area), (1, None));
+    }
+
     /// A PNG header declaring `width` x `height`, in a file of its own.
     fn png_file(name: &str, width: u32, height: u32) -> String {
         let path = std::env::temp_dir().join(format!("sgl-core-test-{}-{name}.png", std::process::id()));
