@@ -60,12 +60,38 @@ pub type ImageGenerationRequest = RouteBody<ImageFields>;
 /// form into an [`ImageGenerationRequest`] and its image parts (see `routes::edits`).
 pub struct ImageEditRequest;
 
-/// The image parts of an edit form, in the order a request sends them: (name, is a list, is a file, doc).
-pub const EDIT_IMAGE_PARTS: [(&str, bool, bool, &str); 4] = [
-    ("image", false, true, "An input image file (png, jpeg, webp, gif or bmp); repeat it for several."),
-    ("image[]", true, true, "Input image files, as the official client sends a list."),
-    ("url", false, false, "An input image as a data:image/...;base64, URL (http(s) with --allow-remote-urls)."),
-    ("url[]", true, false, "Input images as URLs, as `url`."),
+/// One kind of image part of an edit form.
+pub struct EditImagePart {
+    /// The part's name as clients send it.
+    pub name: &'static str,
+    /// Whether the name is the list form (`image[]`) of the official client.
+    pub list: bool,
+    /// A file upload (else a URL in a text part).
+    pub file: bool,
+    pub doc: &'static str,
+}
+
+/// The image parts of an edit form; a request's images are used in the order its parts came.
+pub const EDIT_IMAGE_PARTS: [EditImagePart; 4] = [
+    EditImagePart {
+        name: "image",
+        list: false,
+        file: true,
+        doc: "An input image file (png, jpeg, webp, gif or bmp); repeat it for several.",
+    },
+    EditImagePart {
+        name: "image[]",
+        list: true,
+        file: true,
+        doc: "Input image files, as the official client sends a list.",
+    },
+    EditImagePart {
+        name: "url",
+        list: false,
+        file: false,
+        doc: "An input image as a data:image/...;base64, URL (http(s) with --allow-remote-urls).",
+    },
+    EditImagePart { name: "url[]", list: true, file: false, doc: "Input images as URLs, as `url`." },
 ];
 
 impl utoipa::PartialSchema for ImageEditRequest {
@@ -82,7 +108,7 @@ impl utoipa::PartialSchema for ImageEditRequest {
              model inpaints."
                 .into(),
         );
-        for (name, list, file, doc) in EDIT_IMAGE_PARTS {
+        for EditImagePart { name, list, file, doc } in EDIT_IMAGE_PARTS {
             let item = ObjectBuilder::new()
                 .schema_type(Type::String)
                 .format(file.then_some(SchemaFormat::KnownFormat(KnownFormat::Binary)));

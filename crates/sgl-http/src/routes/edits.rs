@@ -42,7 +42,7 @@ fn check_model(info: &PipelineInfo) -> Result<(), ApiError> {
 
 /// A part's role by its name; a mask is refused as soon as its headers arrive, never ignored.
 fn part_role(name: &str, info: &PipelineInfo) -> Result<PartRole, ApiError> {
-    if EDIT_IMAGE_PARTS.iter().any(|(part, ..)| *part == name) {
+    if EDIT_IMAGE_PARTS.iter().any(|part| part.name == name) {
         return Ok(PartRole::Image);
     }
     if name.trim_end_matches("[]") == MASK {

@@ -810,3 +810,23 @@ async fn remote_urls_are_fetched_only_with_allow_remote_urls() {
     let (status, error) = send(&small.app, edit(&parts(format!("{big}/a.png")))).await;
     assert_eq!((status, param(&error)), (StatusCode::PAYLOAD_TOO_LARGE, Some("url")), "{error}");
 }
+
+#[tokio::test]
+async fn a_remote_image_that_does_not_arrive_is_a_400_after_the_remote_url_timeout() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = ServerConfig { allow_remote_urls: true, remote_url_timeout_secs: 1, ..Default::default() };
+    let h = harness(config, Some(edit_model()));
+    let url = format!("http://{address}/a.png");
+    let (status, error) =
+        send(&h.app, edit(&[form_part("prompt", None, b"a"), form_part("url", None, url.as_bytes())])).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("url")), "{error}");
+    assert!(message(&error).contains("--remote-url-timeout"), "{error}");
+}
