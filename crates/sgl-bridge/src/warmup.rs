@@ -141,6 +141,7 @@ mod tests {
             supports_guidance_scale_2: false,
             output: OutputKind::Image,
             image_input: ImageInput::None,
+            max_input_images: 1,
             extra_batch_key_fields: Vec::new(),
         }
     }
@@ -158,6 +159,7 @@ mod tests {
             flow_shift: None,
             fps: None,
             guidance_scale_2: None,
+            size_from_input_area: None,
         }
     }
 

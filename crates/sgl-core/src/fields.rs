@@ -112,7 +112,7 @@ impl<T: FieldValue> FieldValue for Vec<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Route {
-    /// `POST /v1/images/generations`.
+    /// `POST /v1/images/generations`, and the form fields of `POST /v1/images/edits`.
     Images,
     /// `POST /v1/videos` (JSON and multipart).
     Videos,

@@ -10,6 +10,7 @@
 
 mod error;
 pub mod fields;
+pub mod input_size;
 mod output;
 mod pipeline;
 mod request;

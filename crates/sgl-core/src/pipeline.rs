@@ -33,11 +33,19 @@ pub struct PipelineInfo {
     pub output: OutputKind,
     /// Whether requests may, must or must not carry an input image (image-to-video).
     pub image_input: ImageInput,
+    /// Most input images one request may carry (where `image_input` allows any): 1 for
+    /// image-to-video, more for editing with several reference images.
+    #[serde(default = "one")]
+    pub max_input_images: u32,
     /// Request fields (by their `GenerationRequest` name) that must also be equal for two requests
     /// to share a batch, beyond the shape fields every pipeline batches by: what a pipeline adds
     /// (e.g. an adapter list) keys batches without a change here.
     #[serde(default)]
     pub extra_batch_key_fields: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,4 +132,9 @@ pub struct SamplingDefaults {
     pub fps: Option<u32>,
     /// Guidance of the low-noise expert (Wan2.2 A14B); `None` where there is none.
     pub guidance_scale_2: Option<f64>,
+    /// Pixel area of the output when a request with input images gives no size: the last input
+    /// image's aspect ratio at this area (see [`crate::input_size`]), instead of `width` x `height`.
+    /// `None`: the default size always.
+    #[serde(default)]
+    pub size_from_input_area: Option<u64>,
 }

@@ -3,6 +3,7 @@ use std::hash::{BuildHasher, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::fields::Fields;
+use crate::input_size::size_from_inputs;
 use crate::{
     declare_fields, FrameRule, GenerationRequest, GuidanceMode, ImageInput, OutputFormat, OutputKind, PipelineInfo,
     PipelineLimits, ValidationError, MAX_PROMPT_CHARS,
@@ -205,8 +206,15 @@ impl ResolvedRequest {
         let true_cfg_scale = request.true_cfg_scale.unwrap_or(defaults.true_cfg_scale);
         non_negative("true_cfg_scale", true_cfg_scale)?;
 
-        let width = request.width.unwrap_or(defaults.width);
-        let height = request.height.unwrap_or(defaults.height);
+        // Images first: where the pipeline sizes outputs from them, the default size is theirs.
+        let image_paths = resolve_images(request, info)?;
+        let (width, height) = match (request.width, request.height) {
+            (None, None) => match size_from_inputs(info, &image_paths)? {
+                Some(size) => check_input_derived_size(size, info)?,
+                None => (defaults.width, defaults.height),
+            },
+            (width, height) => (width.unwrap_or(defaults.width), height.unwrap_or(defaults.height)),
+        };
         check_size("width", width, info)?;
         check_size("height", height, info)?;
         let pixels = u64::from(width) * u64::from(height);
@@ -298,7 +306,6 @@ impl ResolvedRequest {
                 Some(fps)
             }
         };
-        let image_paths = resolve_images(request, info)?;
         let output_format = resolve_output_format(request.output_format, info)?;
 
         Ok(Self {
@@ -427,6 +434,25 @@ fn check_size(field: &str, value: u32, info: &PipelineInfo) -> Result<(), Valida
     Ok(())
 }
 
+/// A size taken from the input images: within the pipeline's limits, or an error that says where it
+/// came from (the client gave no size, so naming `width` alone would puzzle it).
+fn check_input_derived_size((width, height): (u32, u32), info: &PipelineInfo) -> Result<(u32, u32), ValidationError> {
+    let checks = [check_size("width", width, info), check_size("height", height, info)];
+    let pixels = u64::from(width) * u64::from(height);
+    if checks.iter().all(Result::is_ok) && pixels <= info.limits.max_pixels {
+        return Ok((width, height));
+    }
+    let limits = &info.limits;
+    Err(ValidationError::new(
+        "size",
+        format!(
+            "no size was given, and the last input image's aspect ratio gives {width}x{height}, outside what {} \
+             makes (sides multiples of {} between {} and {}, at most {} pixels); give a size",
+            info.pipeline_class, limits.size_multiple, limits.min_size, limits.max_side, limits.max_pixels
+        ),
+    ))
+}
+
 fn resolve_frames(requested: u32, info: &PipelineInfo, notes: &mut Vec<String>) -> Result<u32, ValidationError> {
     let max = info.limits.max_frames;
     match info.limits.frame_rule {
@@ -455,9 +481,10 @@ fn resolve_images(request: &GenerationRequest, info: &PipelineInfo) -> Result<Ve
         (Some(path), None) => vec![path],
         (None, paths) => paths.iter().flatten().collect(),
     };
-    // Every pipeline here takes at most one image; one that takes several (Qwen-Image-Edit-Plus: 1-3)
-    // will say how many in its `PipelineInfo`.
-    let most = usize::from(info.image_input != ImageInput::None);
+    let most = match info.image_input {
+        ImageInput::None => 0,
+        ImageInput::Optional | ImageInput::Required => info.max_input_images as usize,
+    };
     match (info.image_input, given.len()) {
         (ImageInput::None, 1..) => Err(ValidationError::new(
             "image",
@@ -469,7 +496,11 @@ fn resolve_images(request: &GenerationRequest, info: &PipelineInfo) -> Result<Ve
         )),
         (_, count) if count > most => Err(ValidationError::new(
             "image_paths",
-            format!("{} takes at most {most} input image, got {count}", info.pipeline_class),
+            format!(
+                "{} takes at most {most} input image{}, got {count}",
+                info.pipeline_class,
+                if most == 1 { "" } else { "s" }
+            ),
         )),
         _ => given.into_iter().map(|path| absolute_file(path)).collect(),
     }
@@ -549,12 +580,14 @@ mod tests {
                 flow_shift: None,
                 fps: None,
                 guidance_scale_2: None,
+                size_from_input_area: None,
             },
             guidance: GuidanceMode::EmbeddedWithTrueCfg,
             supports_flow_shift: false,
             supports_guidance_scale_2: false,
             output: OutputKind::Image,
             image_input: ImageInput::None,
+            max_input_images: 1,
             extra_batch_key_fields: vec![],
         }
     }
@@ -881,6 +914,88 @@ mod tests {
         assert_eq!(field_of(GenerationRequest { image_paths: Some(vec![]), ..req("a") }, &i2v), "image");
         assert_eq!(field_of(listed, &flux_info()), "image");
         let _ = std::fs::remove_file(image);
+    }
+
+    #[test]
+    fn a_pipeline_says_how_many_input_images_it_takes() {
+        let image = png_file("count", 64, 64);
+        let mut edit = flux_info();
+        edit.image_input = ImageInput::Required;
+        edit.max_input_images = 3;
+        let three = GenerationRequest { image_paths: Some(vec![image.clone(); 3]), ..req("a") };
+        assert_eq!(ResolvedRequest::resolve(&three, &edit).unwrap().image_paths.len(), 3);
+        let four = GenerationRequest { image_paths: Some(vec![image.clone(); 4]), ..req("a") };
+        let err = ResolvedRequest::resolve(&four, &edit).unwrap_err();
+        assert_eq!(err.field, "image_paths");
+        assert!(err.message.contains("at most 3 input images, got 4"), "{}", err.message);
+        // A model that takes no image takes none, whatever its count says.
+        let mut t2i = flux_info();
+        t2i.max_input_images = 3;
+        assert_eq!(field_of(GenerationRequest { image_paths: Some(vec![image.clone()]), ..req("a") }, &t2i), "image");
+        let _ = std::fs::remove_file(image);
+    }
+
+    #[test]
+    fn pipelines_that_do_not_say_take_one_image_and_the_default_size() {
+        let mut json = serde_json::to_value(flux_info()).unwrap();
+        json.as_object_mut().unwrap().remove("max_input_images");
+        json["defaults"].as_object_mut().unwrap().remove("size_from_input_area");
+        let info: PipelineInfo = serde_json::from_value(json).unwrap();
+        assert_eq!((info.max_input_images, info.defaults.size_from_input_area), (1, None));
+    }
+
+    /// A PNG header declaring `width` x `height`, in a file of its own.
+    fn png_file(name: &str, width: u32, height: u32) -> String {
+        let path = std::env::temp_dir().join(format!("sgl-core-test-{}-{name}.png", std::process::id()));
+        let mut header = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        header.extend_from_slice(&width.to_be_bytes());
+        header.extend_from_slice(&height.to_be_bytes());
+        header.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        std::fs::write(&path, header).unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn outputs_take_the_last_input_images_aspect_ratio_when_no_size_is_given() {
+        let (square, wide, tall) =
+            (png_file("square", 500, 500), png_file("wide", 1536, 1024), png_file("tall", 720, 1280));
+        let mut edit = flux_info();
+        edit.image_input = ImageInput::Required;
+        edit.max_input_images = 3;
+        edit.defaults.size_from_input_area = Some(1024 * 1024);
+        let size = |edit: &PipelineInfo, paths: &[&String], width: Option<u32>, height: Option<u32>| {
+            let paths = paths.iter().map(|path| path.to_string()).collect();
+            let request = GenerationRequest { image_paths: Some(paths), width, height, ..req("a") };
+            let resolved = ResolvedRequest::resolve(&request, edit).unwrap();
+            (resolved.width, resolved.height)
+        };
+        assert_eq!(size(&edit, &[&square], None, None), (1024, 1024));
+        assert_eq!(size(&edit, &[&square, &wide], None, None), (1248, 832));
+        assert_eq!(size(&edit, &[&wide, &tall], None, None), (768, 1376));
+        // A size the request gives wins; half a size keeps the model's default for the other half.
+        assert_eq!(size(&edit, &[&wide], Some(512), Some(256)), (512, 256));
+        assert_eq!(size(&edit, &[&wide], Some(512), None), (512, 1024));
+        // Without the rule, or without an image, the default size.
+        edit.image_input = ImageInput::Optional;
+        let r = ResolvedRequest::resolve(&req("a"), &edit).unwrap();
+        assert_eq!((r.width, r.height), (1024, 1024));
+        edit.defaults.size_from_input_area = None;
+        assert_eq!(size(&edit, &[&wide], None, None), (1024, 1024));
+        // A ratio whose size the model cannot make says so, naming size.
+        let sliver = png_file("sliver", 4000, 10);
+        edit.defaults.size_from_input_area = Some(1024 * 1024);
+        let request = GenerationRequest { image_paths: Some(vec![sliver.clone()]), ..req("a") };
+        let err = ResolvedRequest::resolve(&request, &edit).unwrap_err();
+        assert_eq!(err.field, "size");
+        assert!(err.message.contains("aspect ratio"), "{}", err.message);
+        // An unreadable image cannot give its size.
+        let junk = png_file("junk", 64, 64);
+        std::fs::write(&junk, b"not really a png").unwrap();
+        let request = GenerationRequest { image_paths: Some(vec![junk.clone()]), ..req("a") };
+        assert_eq!(field_of(request, &edit), "image");
+        for path in [square, wide, tall, sliver, junk] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn tempfile_path() -> String {

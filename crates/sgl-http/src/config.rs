@@ -47,9 +47,15 @@ declare_fields! {
         pub header_read_timeout_secs: u64 [.flag("--header-read-timeout").min(1).max(MAX_TIMEOUT_SECS as i64)],
         /// Seconds a client has to send a request's body once its headers arrived (408 after).
         pub body_read_timeout_secs: u64 [.flag("--body-read-timeout").min(1).max(MAX_TIMEOUT_SECS as i64)],
-        /// Largest input image (input_reference), in pixels, read from its header before it is
-        /// decoded.
+        /// Largest input image (input_reference, image edits' images), in pixels, read from its header
+        /// before it is decoded.
         pub max_input_pixels: u64 [.min(1)],
+        /// Fetch http(s) image URLs sent as `url` to /v1/images/edits (GET, each at most --max-body-mb,
+        /// within --remote-url-timeout); off: images come as uploads or data: URLs only, and the server
+        /// never reaches out to the network for a client.
+        pub allow_remote_urls: bool,
+        /// Seconds one remote image fetch (--allow-remote-urls) may take, connecting to last byte.
+        pub remote_url_timeout_secs: u64 [.flag("--remote-url-timeout").min(1).max(MAX_TIMEOUT_SECS as i64)],
         /// /health answers 503 once a running batch has shown no progress (no denoising step, no
         /// start or end) for this many seconds.
         pub stall_timeout_secs: u64 [.flag("--stall-timeout").min(1)],
@@ -105,6 +111,8 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 60,
             max_input_pixels: DEFAULT_MAX_INPUT_PIXELS,
+            allow_remote_urls: false,
+            remote_url_timeout_secs: 30,
             stall_timeout_secs: DEFAULT_STALL_TIMEOUT_SECS,
             log_format: LogFormat::default(),
             max_finished_jobs: crate::jobs::DEFAULT_MAX_FINISHED,
@@ -123,6 +131,10 @@ impl ServerConfig {
 
     pub fn body_read_timeout(&self) -> Duration {
         Duration::from_secs(self.body_read_timeout_secs)
+    }
+
+    pub fn remote_url_timeout(&self) -> Duration {
+        Duration::from_secs(self.remote_url_timeout_secs)
     }
 
     /// Refuses settings the server cannot start with, naming the flag: the bounds each field
@@ -201,6 +213,7 @@ mod tests {
             (ServerConfig { body_read_timeout_secs: 0, ..Default::default() }, "--body-read-timeout"),
             (ServerConfig { header_read_timeout_secs: u64::MAX, ..Default::default() }, "--header-read-timeout"),
             (ServerConfig { max_input_pixels: 0, ..Default::default() }, "--max-input-pixels"),
+            (ServerConfig { remote_url_timeout_secs: 0, ..Default::default() }, "--remote-url-timeout"),
             (ServerConfig { cors_origins: vec!["example.com".into()], ..Default::default() }, "--cors-origin"),
             (ServerConfig { public_url: Some("images.example".into()), ..Default::default() }, "--public-url"),
         ];

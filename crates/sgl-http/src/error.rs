@@ -81,6 +81,14 @@ impl ApiError {
         )
     }
 
+    /// A part of the request (an image, however it came) over its stated limit.
+    pub fn too_large(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(truncate_chars(param, MAX_ECHOED_CHARS)),
+            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message)
+        }
+    }
+
     /// The body did not arrive within `--body-read-timeout`.
     pub fn body_timeout(timeout: std::time::Duration) -> Self {
         Self {

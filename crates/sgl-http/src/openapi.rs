@@ -18,7 +18,7 @@ use crate::wire::*;
         create_video, list_videos, get_video, video_content, cancel_video, delete_video, metrics
     ),
     components(schemas(
-        ImageGenerationRequest, ImageGenerationResponse, ImageData, ErrorBody, ErrorDetail, ModelCard, ModelList,
+        ImageGenerationRequest, ImageEditRequest, ImageGenerationResponse, ImageData, ErrorBody, ErrorDetail, ModelCard, ModelList,
         ServedModelInfo, HealthStatus, VideoCreateRequest, VideoJob, VideoJobList, VideoDeleted, VideoStatus,
         VideoError
     )),

@@ -55,6 +55,107 @@ impl RouteFields for ImageFields {
 /// The body of `POST /v1/images/generations`.
 pub type ImageGenerationRequest = RouteBody<ImageFields>;
 
+/// The form of `POST /v1/images/edits` (multipart/form-data only): the fields of
+/// `/v1/images/generations` as text parts, plus the input images. Only a schema: the route reads the
+/// form into an [`ImageGenerationRequest`] and its image parts (see `routes::edits`).
+pub struct ImageEditRequest;
+
+/// One kind of image part of an edit form.
+pub struct EditImagePart {
+    /// The part's name as clients send it.
+    pub name: &'static str,
+    /// Whether the name is the list form (`image[]`) of the official client.
+    pub list: bool,
+    /// A file upload (else a URL in a text part).
+    pub file: bool,
+    pub doc: &'static str,
+}
+
+/// The image parts of an edit form; a request's images are used in the order its parts came.
+pub const EDIT_IMAGE_PARTS: [EditImagePart; 4] = [
+    EditImagePart {
+        name: "image",
+        list: false,
+        file: true,
+        doc: "An input image file (png, jpeg, webp, gif or bmp); repeat it for several.",
+    },
+    EditImagePart {
+        name: "image[]",
+        list: true,
+        file: true,
+        doc: "Input image files, as the official client sends a list.",
+    },
+    EditImagePart {
+        name: "url",
+        list: false,
+        file: false,
+        doc: "An input image as a data:image/...;base64, URL (http(s) with --allow-remote-urls).",
+    },
+    EditImagePart { name: "url[]", list: true, file: false, doc: "Input images as URLs, as `url`." },
+];
+
+impl utoipa::PartialSchema for ImageEditRequest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
+        use utoipa::openapi::RefOr;
+        let RefOr::T(Schema::Object(mut object)) = <ImageGenerationRequest as utoipa::PartialSchema>::schema() else {
+            return <ImageGenerationRequest as utoipa::PartialSchema>::schema();
+        };
+        object.description = Some(
+            "The fields of /v1/images/generations as form fields, plus one or more input images \
+             (`image`/`image[]` files, `url`/`url[]` URLs, used in the order sent). Without `size`, a model \
+             that sizes edits from its input takes the last image's aspect ratio. `mask` is refused: no served \
+             model inpaints."
+                .into(),
+        );
+        for EditImagePart { name, list, file, doc } in EDIT_IMAGE_PARTS {
+            let item = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(file.then_some(SchemaFormat::KnownFormat(KnownFormat::Binary)));
+            let property: Schema = if list {
+                ArrayBuilder::new().items(item).description(Some(doc)).into()
+            } else {
+                item.description(Some(doc)).into()
+            };
+            object.properties.insert(name.to_string(), property.into());
+        }
+        let mask = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .description(Some("Inpainting mask: refused with a 400 (no served model inpaints)."));
+        object.properties.insert("mask".into(), Schema::from(mask).into());
+        RefOr::T(Schema::Object(object))
+    }
+}
+
+impl ToSchema for ImageEditRequest {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("ImageEditRequest")
+    }
+}
+
+/// What an image route (`/v1/images/generations`, `/v1/images/edits`) may answer: the images, or an
+/// error body with one of these statuses.
+pub struct ImageRouteResponses;
+
+impl utoipa::IntoResponses for ImageRouteResponses {
+    fn responses() -> std::collections::BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::Response>> {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::{Ref, ResponseBuilder};
+        let json = |schema: &str| {
+            ResponseBuilder::new()
+                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build())
+                .build()
+                .into()
+        };
+        let mut responses = std::collections::BTreeMap::from([("200".to_string(), json("ImageGenerationResponse"))]);
+        for status in [400, 401, 404, 408, 413, 415, 429, 500, 503, 507] {
+            responses.insert(status.to_string(), json("ErrorBody"));
+        }
+        responses
+    }
+}
+
 /// One generated image: inline base64, or a URL to fetch it from.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ImageData {

@@ -51,12 +51,14 @@ fn info() -> PipelineInfo {
             flow_shift: None,
             fps: None,
             guidance_scale_2: None,
+            size_from_input_area: None,
         },
         guidance: GuidanceMode::EmbeddedWithTrueCfg,
         supports_flow_shift: false,
         supports_guidance_scale_2: false,
         output: OutputKind::Image,
         image_input: ImageInput::None,
+        max_input_images: 1,
         extra_batch_key_fields: vec![],
     }
 }

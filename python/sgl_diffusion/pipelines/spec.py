@@ -53,8 +53,9 @@ class SamplingDefaults:
     flow_shift: float | None = None
     fps: int | None = None
     guidance_scale_2: float | None = None
-    #: With input images and no size in the request: the output takes the last image's aspect at this many
-    #: pixels (image editing); None: width and height above.
+    #: Pixel area of the output when a request with input images gives no size: the last input image's
+    #: aspect ratio at this area (diffusers' `calculate_dimensions`, computed by the Rust core); None: the
+    #: default size always.
     size_from_input_area: int | None = None
 
 
@@ -83,7 +84,8 @@ class PipelineSpec:
     defaults: SamplingDefaults
     output: str = "image"
     image_input: str = "none"
-    #: How many input images a request may carry (when `image_input` is not "none").
+    #: Most input images one request may carry where `image_input` allows any (several reference images
+    #: for editing).
     max_input_images: int = 1
     supports_flow_shift: bool = False
     supports_guidance_scale_2: bool = False
@@ -100,6 +102,8 @@ class PipelineSpec:
         ):
             if value not in allowed:
                 raise ValueError(f"PipelineSpec.{field} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.max_input_images < 1:
+            raise ValueError(f"PipelineSpec.max_input_images must be at least 1, got {self.max_input_images}")
         unknown = sorted(set(self.extra_batch_key_fields) - REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"PipelineSpec.extra_batch_key_fields names no request field: {unknown}")

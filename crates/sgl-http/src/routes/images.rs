@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
 use sgl_core::{GenerationRequest, OutputFormat};
-use sgl_scheduler::SubmitOptions;
+use sgl_scheduler::{Engine, SubmitOptions};
 
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
@@ -18,7 +18,7 @@ use crate::generation::await_result;
 use crate::outputs::content_type;
 use crate::routes::request_id;
 use crate::state::{unix_now, SharedState};
-use crate::wire::{ErrorBody, ImageData, ImageGenerationRequest, ImageGenerationResponse};
+use crate::wire::{ErrorBody, ImageData, ImageGenerationRequest, ImageGenerationResponse, ImageRouteResponses};
 
 /// Whether the request's Content-Type is `expected` (its media type, parameters such as
 /// `charset` aside): `application/jsonp` or `application/json-seq` is not JSON.
@@ -82,7 +82,7 @@ fn parse_output_format(value: Option<&str>) -> Result<OutputFormat, ApiError> {
     }
 }
 
-enum ResponseFormat {
+pub(crate) enum ResponseFormat {
     B64Json,
     Url,
 }
@@ -154,12 +154,7 @@ pub(crate) fn new_id(prefix: &str) -> String {
 /// Text-to-image generation (OpenAI Images API).
 #[utoipa::path(post, path = "/v1/images/generations", tag = "images",
     request_body = ImageGenerationRequest,
-    responses(
-        (status = 200, body = ImageGenerationResponse),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 408, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 429, body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody), (status = 507, body = ErrorBody)),
+    responses(ImageRouteResponses),
     security(("bearer" = [])))]
 pub(crate) async fn create_image(
     State(state): State<SharedState>,
@@ -171,28 +166,67 @@ pub(crate) async fn create_image(
     // What needs no body first: a server that cannot take the request does not read it.
     let engine = state.engine()?;
     if engine.info().output != sgl_core::OutputKind::Image {
-        return Err(ApiError::invalid(
-            "model",
-            format!("the served model ({}) makes videos; use /v1/videos", engine.info().pipeline_class),
-        ));
+        return Err(makes_videos(engine.info()));
     }
     let body = ImageGenerationRequest::from_value(read_json(&state, &headers, body).await?)?;
+    let (request, response_format) = prepare(&state, &engine, &body)?;
+    generate(
+        &state,
+        &engine,
+        ImageCall { headers: &headers, uri: &uri, body: &body, started },
+        request,
+        response_format,
+    )
+    .await
+}
+
+pub(crate) fn makes_videos(info: &sgl_core::PipelineInfo) -> ApiError {
+    ApiError::invalid("model", format!("the served model ({}) makes videos; use /v1/videos", info.pipeline_class))
+}
+
+/// The engine's request for an image body, once the model it names is the served one.
+pub(crate) fn prepare(
+    state: &SharedState,
+    engine: &Engine,
+    body: &ImageGenerationRequest,
+) -> Result<(GenerationRequest, ResponseFormat), ApiError> {
     if let Some(model) = body.own.model.as_deref() {
-        let names = state.model_names(&engine);
+        let names = state.model_names(engine);
         if !names.iter().any(|n| n == model) {
             return Err(ApiError::model_not_found(model, &names));
         }
     }
-    let (request, response_format) = to_generation_request(&body)?;
+    to_generation_request(body)
+}
+
+/// What an image route's answer is built from, beside the engine's request.
+pub(crate) struct ImageCall<'a> {
+    pub headers: &'a HeaderMap,
+    pub uri: &'a Uri,
+    pub body: &'a ImageGenerationRequest,
+    /// When the route began (the answer's `inference_time_s`).
+    pub started: Instant,
+}
+
+/// Submits an image request, awaits it and answers it as OpenAI's Images API does (inline base64 or
+/// urls); every image route ends here.
+pub(crate) async fn generate(
+    state: &SharedState,
+    engine: &Engine,
+    call: ImageCall<'_>,
+    request: GenerationRequest,
+    response_format: ResponseFormat,
+) -> Result<Json<ImageGenerationResponse>, ApiError> {
+    let ImageCall { headers, uri, body, started } = call;
     // Before the generation, so that a request whose url could not be built costs nothing.
     let base = match response_format {
-        ResponseFormat::Url => Some(public_base(&state, &headers, &uri)?),
+        ResponseFormat::Url => Some(public_base(state, headers, uri)?),
         ResponseFormat::B64Json => None,
     };
-    let options = SubmitOptions { request_id: request_id(&headers), ..Default::default() };
+    let options = SubmitOptions { request_id: request_id(headers), ..Default::default() };
     let handle =
-        engine.submit_with(&request, options).map_err(|err| rename_param(ApiError::from_submit(&err), &body))?;
-    let output = await_result(&handle).await?;
+        engine.submit_with(&request, options).map_err(|err| rename_param(ApiError::from_submit(&err), body))?;
+    let output = await_result(&handle).await.map_err(|err| rename_param(err, body))?;
     state.metrics.observe_perf(&output.metadata.perf);
     let id = new_id("img_");
     let data = match response_format {
@@ -239,6 +273,8 @@ fn rename_param(mut err: ApiError, body: &ImageGenerationRequest) -> ApiError {
         Some("num_outputs_per_prompt") => Some("n"),
         Some("width" | "height" | "size") if body.own.size.is_some() => Some("size"),
         Some("output_quality") if body.request.output_quality.is_none() => Some("output_compression"),
+        // Edits: the core's list of input images is the form's `image` parts.
+        Some("image_paths") => Some("image"),
         _ => None,
     };
     if let Some(name) = renamed {
@@ -299,26 +335,6 @@ pub(crate) async fn image_content(
     let (path, format) = state.outputs.get(&id, query.variant).ok_or_else(not_found)?;
     let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
     Ok(([(CONTENT_TYPE, content_type(format))], bytes))
-}
-
-/// Image editing. The served text-to-image models cannot edit; this answers a clear 400.
-#[utoipa::path(post, path = "/v1/images/edits", tag = "images",
-    responses((status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("bearer" = [])))]
-pub(crate) async fn edit_image(State(state): State<SharedState>) -> ApiError {
-    match state.engine() {
-        Ok(engine) => {
-            let info = engine.info();
-            ApiError::invalid(
-                "model",
-                format!(
-                    "the served model ({}) is {} and cannot edit images; use /v1/images/generations",
-                    info.pipeline_class, info.task
-                ),
-            )
-        }
-        Err(err) => err,
-    }
 }
 
 #[cfg(test)]

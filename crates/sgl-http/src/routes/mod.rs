@@ -1,7 +1,10 @@
 //! The router: every route, the API-key check, per-route metrics and the 404 fallback.
 
+mod edits;
+mod form;
 mod health;
 mod images;
+mod input_image;
 mod models;
 mod observability;
 #[cfg(test)]
@@ -24,10 +27,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+pub(crate) use edits::__path_edit_image;
 pub(crate) use health::__path_health;
 pub(crate) use health::__path_health_generate;
 pub(crate) use images::__path_create_image;
-pub(crate) use images::__path_edit_image;
 pub(crate) use images::__path_image_content;
 pub(crate) use models::__path_get_model;
 pub(crate) use models::__path_list_models;
@@ -53,7 +56,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/models/{*model}", get(models::get_model))
         .route("/models", get(models::served_model))
         .route("/v1/images/generations", post(images::create_image))
-        .route("/v1/images/edits", post(images::edit_image))
+        .route("/v1/images/edits", post(edits::edit_image))
         .route("/v1/images/{id}/content", get(images::image_content))
         .route("/v1/videos", post(videos::create_video).get(videos::list_videos))
         .route("/v1/videos/{id}", get(videos::get_video).delete(videos::delete_video))

@@ -30,16 +30,33 @@ const PROMPT: Duration = Duration::from_secs(5);
 const KEY: &str = "secret";
 const ORIGIN: &str = "http://app.example";
 
-/// Completes every request at once with a few bytes of "output".
+/// Completes every request at once with a few bytes of "output" per output asked for; a request with
+/// input images gets, as each output, what it was given: its size, image paths and their contents.
 struct Quick;
+
+fn output_bytes(request: &sgl_core::ResolvedRequest) -> Vec<u8> {
+    use base64::Engine as _;
+    if request.image_paths.is_empty() {
+        return b"output".to_vec();
+    }
+    let images: Vec<String> = request
+        .image_paths
+        .iter()
+        .map(|path| base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap_or_default()))
+        .collect();
+    json!({"size": [request.width, request.height], "paths": request.image_paths, "images": images})
+        .to_string()
+        .into_bytes()
+}
 
 impl BatchExecutor for Quick {
     fn execute(&mut self, batch: &[BatchItem], _: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError> {
         Ok(batch
             .iter()
             .map(|item| {
+                let output = EncodedOutput { format: item.request.output_format, bytes: output_bytes(&item.request) };
                 ItemOutcome::Completed(GenerationOutput {
-                    outputs: vec![EncodedOutput { format: item.request.output_format, bytes: b"output".to_vec() }],
+                    outputs: vec![output; item.request.num_outputs as usize],
                     metadata: OutputMetadata {
                         seed: item.request.seed,
                         batch_size: 1,
@@ -94,12 +111,14 @@ fn image_model() -> PipelineInfo {
             flow_shift: None,
             fps: None,
             guidance_scale_2: None,
+            size_from_input_area: None,
         },
         guidance: GuidanceMode::EmbeddedWithTrueCfg,
         supports_flow_shift: false,
         supports_guidance_scale_2: false,
         output: OutputKind::Image,
         image_input: ImageInput::None,
+        max_input_images: 1,
         extra_batch_key_fields: vec![],
     }
 }
@@ -569,4 +588,245 @@ async fn cors_origin_star_allows_any_origin() {
     let response = h.app.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
+}
+
+// --- image edits ---------------------------------------------------------------------------------------
+
+/// An editing model: 1 to 3 input images, outputs sized from the last one at 96x96 pixels of area.
+fn edit_model() -> PipelineInfo {
+    let mut info = image_model();
+    info.pipeline_class = "EditPipeline".into();
+    info.task = "image-to-image".into();
+    info.image_input = ImageInput::Required;
+    info.max_input_images = 3;
+    info.defaults.width = 64;
+    info.defaults.height = 64;
+    info.defaults.size_from_input_area = Some(96 * 96);
+    info
+}
+
+/// A PNG header of `width` x `height` with a marker after it, so that each image can be told apart.
+fn marked_png(width: u32, height: u32, marker: &[u8]) -> Vec<u8> {
+    let mut png = png_header(width, height);
+    png.extend_from_slice(marker);
+    png
+}
+
+fn data_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn edit(parts: &[Vec<u8>]) -> Request<Body> {
+    post("/v1/images/edits", &multipart_type(), Body::from(form(parts)))
+}
+
+/// What the stand-in engine was given for each output of an edit answer: (size, images).
+fn edit_inputs(answer: &Value) -> Vec<(Value, Vec<Vec<u8>>)> {
+    use base64::Engine as _;
+    let decode = |text: &str| base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+    answer["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            let given: Value = serde_json::from_slice(&decode(item["b64_json"].as_str().unwrap())).unwrap();
+            let images = given["images"].as_array().unwrap().iter().map(|i| decode(i.as_str().unwrap())).collect();
+            (given["size"].clone(), images)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_edit_takes_one_image_and_answers_as_generations_does() {
+    let h = harness(ServerConfig::default(), Some(edit_model()));
+    let image = marked_png(32, 32, b"one");
+    let (status, answer) =
+        send(&h.app, edit(&[form_part("prompt", None, b"a hat"), form_part("image", Some("a.png"), &image)])).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // No size: the (square) image's aspect ratio at the model's area.
+    assert_eq!(edit_inputs(&answer), vec![(json!([96, 96]), vec![image])]);
+    assert_eq!(answer["data"][0]["revised_prompt"], "a hat");
+    assert!(answer["id"].as_str().unwrap().starts_with("img_") && answer["seed"].is_u64(), "{answer}");
+}
+
+#[tokio::test]
+async fn several_images_reach_the_engine_in_the_order_sent_and_are_removed_after() {
+    let h = harness(ServerConfig::default(), Some(edit_model()));
+    let (a, b, c) = (marked_png(32, 32, b"a"), marked_png(64, 64, b"b"), marked_png(192, 64, b"c"));
+    let parts = [
+        form_part("image", Some("a.png"), &a),
+        form_part("prompt", None, b"merge them"),
+        form_part("url", None, data_url(&b).as_bytes()),
+        form_part("image[]", Some("c.png"), &c),
+        form_part("seed", None, b"7"),
+        form_part("num_inference_steps", None, b"3"),
+    ];
+    let (status, answer) = send(&h.app, edit(&parts)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // The last image (3:1) sizes the output: diffusers' rounding of 96x96 pixels at 3:1.
+    assert_eq!(edit_inputs(&answer), vec![(json!([160, 64]), vec![a, b, c])]);
+    assert_eq!(answer["seed"], 7, "numbers parse from form text");
+    // The request's copies of the images are gone once it was answered.
+    let given: Value = {
+        use base64::Engine as _;
+        let text = answer["data"][0]["b64_json"].as_str().unwrap();
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(text).unwrap()).unwrap()
+    };
+    let paths = given["paths"].as_array().unwrap();
+    assert_eq!(paths.len(), 3);
+    let folder = std::path::Path::new(paths[0].as_str().unwrap()).parent().unwrap().to_path_buf();
+    assert!(!folder.exists(), "{folder:?} was left behind");
+}
+
+#[tokio::test]
+async fn an_edit_takes_the_fields_of_generations() {
+    let h = harness(ServerConfig::default(), Some(edit_model()));
+    let image = marked_png(32, 32, b"x");
+    let parts = [
+        form_part("prompt", None, b"a hat"),
+        form_part("image", Some("a.png"), &image),
+        form_part("size", None, b"64x32"),
+        form_part("n", None, b"2"),
+        form_part("response_format", None, b"url"),
+        form_part("output_format", None, b"jpeg"),
+    ];
+    let (status, answer) = send(&h.app, edit(&parts)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let data = answer["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let url = data[1]["url"].as_str().unwrap();
+    assert!(url.contains("/v1/images/img_") && url.ends_with("/content?variant=1"), "{url}");
+    let path = url.split_once("/v1/").map(|(_, rest)| format!("/v1/{rest}")).unwrap();
+    let response = h.app.clone().oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "image/jpeg");
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let given: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(given["size"], json!([64, 32]), "a given size wins over the image's");
+    // Unknown fields are refused by name, as on generations.
+    let (status, error) = send(
+        &h.app,
+        edit(&[
+            form_part("prompt", None, b"a"),
+            form_part("image", Some("a.png"), &image),
+            form_part("fps", None, b"8"),
+        ]),
+    )
+    .await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("fps")), "{error}");
+}
+
+#[tokio::test]
+async fn edits_refuse_what_they_cannot_honour_naming_the_part() {
+    let h = harness(ServerConfig { max_input_pixels: 1_000_000, ..Default::default() }, Some(edit_model()));
+    let image = marked_png(32, 32, b"x");
+    let prompt = || form_part("prompt", None, b"a hat");
+    let cases = [
+        (
+            vec![prompt(), form_part("image", Some("a.png"), &image), form_part("mask", Some("m.png"), &image)],
+            "mask",
+            "does not inpaint",
+        ),
+        (vec![prompt()], "image", "an input image is required"),
+        (vec![prompt(), form_part("image", Some("a.png"), b"GIF89a")], "image", "not a readable image"),
+        (vec![prompt(), form_part("image", Some("a.png"), &image[..12])], "image", "not a readable image"),
+        (vec![prompt(), form_part("image[]", Some("a.png"), &png_header(2000, 2000))], "image", "--max-input-pixels"),
+        (vec![prompt(), form_part("url", None, b"data:image/png;base64,!!")], "url", "base64"),
+        (vec![prompt(), form_part("url[]", None, b"https://example.com/a.png")], "url", "--allow-remote-urls"),
+        (
+            vec![
+                prompt(),
+                form_part("image", Some("a.png"), &image),
+                form_part("image", Some("b.png"), &image),
+                form_part("image", Some("c.png"), &image),
+                form_part("image", Some("d.png"), &image),
+            ],
+            "image",
+            "at most 3 input images, got 4",
+        ),
+        (vec![form_part("image", Some("a.png"), &image)], "prompt", "required"),
+    ];
+    for (parts, field, says) in cases {
+        let (status, error) = send(&h.app, edit(&parts)).await;
+        assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some(field)), "{error}");
+        assert!(message(&error).contains(says), "{says}: {error}");
+    }
+    // Multipart only.
+    let (status, error) = send(&h.app, json_post("/v1/images/edits", &json!({"prompt": "a"}))).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{error}");
+    assert!(message(&error).contains("multipart/form-data"), "{error}");
+}
+
+#[tokio::test]
+async fn an_edit_body_over_the_limit_is_a_413() {
+    let h = harness(ServerConfig { max_body_mb: 1, ..Default::default() }, Some(edit_model()));
+    let big = form(&[form_part("prompt", None, b"a"), form_part("image", Some("a.png"), &[0; 2 << 20])]);
+    let (status, _) = send(&h.app, post("/v1/images/edits", &multipart_type(), chunks(big))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn models_that_do_not_edit_refuse_edits_without_reading_the_body() {
+    for (model, says) in [(image_model(), "does not edit images"), (video_model(ImageInput::Optional), "makes videos")]
+    {
+        let h = harness(ServerConfig::default(), Some(model));
+        let (status, error) = send(&h.app, post("/v1/images/edits", &multipart_type(), stalled(b"--XyZ\r\n"))).await;
+        assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("model")), "{error}");
+        assert!(message(&error).contains(says), "{error}");
+    }
+}
+
+/// A local HTTP server answering `/a.png` with `body` and anything else with 404; its base URL.
+async fn image_server(body: Vec<u8>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let app = Router::new().route("/a.png", axum::routing::get(move || async move { body.clone() }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn remote_urls_are_fetched_only_with_allow_remote_urls() {
+    let image = marked_png(64, 64, b"remote");
+    let base = image_server(image.clone()).await;
+    let parts = |url: String| [form_part("prompt", None, b"a hat"), form_part("url", None, url.as_bytes())];
+    let closed = harness(ServerConfig::default(), Some(edit_model()));
+    let (status, error) = send(&closed.app, edit(&parts(format!("{base}/a.png")))).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("url")), "{error}");
+    assert!(message(&error).contains("--allow-remote-urls"), "{error}");
+
+    let open = harness(ServerConfig { allow_remote_urls: true, ..Default::default() }, Some(edit_model()));
+    let (status, answer) = send(&open.app, edit(&parts(format!("{base}/a.png")))).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(edit_inputs(&answer), vec![(json!([96, 96]), vec![image])]);
+    let (status, error) = send(&open.app, edit(&parts(format!("{base}/missing.png")))).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("url")), "{error}");
+    assert!(message(&error).contains("404"), "{error}");
+    // Over the size bound (--max-body-mb, per fetched image): 413 naming url.
+    let big = image_server(vec![0; (1 << 20) + 1]).await;
+    let small =
+        harness(ServerConfig { allow_remote_urls: true, max_body_mb: 1, ..Default::default() }, Some(edit_model()));
+    let (status, error) = send(&small.app, edit(&parts(format!("{big}/a.png")))).await;
+    assert_eq!((status, param(&error)), (StatusCode::PAYLOAD_TOO_LARGE, Some("url")), "{error}");
+}
+
+#[tokio::test]
+async fn a_remote_image_that_does_not_arrive_is_a_400_after_the_remote_url_timeout() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = ServerConfig { allow_remote_urls: true, remote_url_timeout_secs: 1, ..Default::default() };
+    let h = harness(config, Some(edit_model()));
+    let url = format!("http://{address}/a.png");
+    let (status, error) =
+        send(&h.app, edit(&[form_part("prompt", None, b"a"), form_part("url", None, url.as_bytes())])).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("url")), "{error}");
+    assert!(message(&error).contains("--remote-url-timeout"), "{error}");
 }

@@ -3,11 +3,10 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::Json;
-use base64::Engine as _;
 use serde::Deserialize;
 use sgl_core::{GenerationRequest, ImageInput, OutputFormat, OutputKind, PipelineInfo, ResolvedRequest};
 use sgl_scheduler::{Engine, Event, GenerationError, SubmitOptions};
@@ -15,27 +14,18 @@ use sgl_scheduler::{Engine, Event, GenerationError, SubmitOptions};
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery};
 use crate::jobs::{is_finished, JobRecord, JobStore, NotFinished, Outcome};
-use crate::routes::images::{body_error, has_media_type, new_id, parse_size, read_json};
+use crate::routes::form::{read_form, ImageValue, PartRole};
+use crate::routes::images::{has_media_type, new_id, parse_size, read_json};
+use crate::routes::input_image::{decode_data_url, image_extension};
 use crate::routes::request_id;
 use crate::state::{unix_now, SharedState};
-use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoJob, VideoJobList, VideoStatus};
+use crate::wire::{ErrorBody, VideoCreateRequest, VideoDeleted, VideoFields, VideoJob, VideoJobList, VideoStatus};
 
 /// Largest id page a list request may ask for.
 const MAX_LIST_LIMIT: usize = 100;
 
 fn jobs(state: &SharedState) -> Result<&JobStore, ApiError> {
     state.jobs.as_deref().ok_or_else(|| ApiError::not_ready("the video job store is not available"))
-}
-
-/// A form field as the official client sends it: every value is a string; fields that hold
-/// numbers (by the body's schema) become numbers.
-fn form_value(name: &str, text: String) -> serde_json::Value {
-    if VideoCreateRequest::is_numeric(name) {
-        if let Ok(number) = text.trim().parse::<serde_json::Number>() {
-            return serde_json::Value::Number(number);
-        }
-    }
-    serde_json::Value::String(text)
 }
 
 /// Parses JSON or multipart within `--body-read-timeout`; returns the request and the input image
@@ -48,115 +38,38 @@ async fn read_create_request(
     if has_media_type(request.headers(), "application/json") {
         let (parts, body) = request.into_parts();
         let mut body = VideoCreateRequest::from_value(read_json(state, &parts.headers, body).await?)?;
-        let image = body.own.input_reference.take().map(|reference| decode_data_url(&reference)).transpose()?;
+        let image = body
+            .own
+            .input_reference
+            .take()
+            .map(|reference| decode_data_url(&reference, INPUT_REFERENCE))
+            .transpose()?;
         return Ok((body, image));
     }
     if !has_media_type(request.headers(), "multipart/form-data") {
         return Err(ApiError::unsupported_media_type("application/json or multipart/form-data"));
     }
-    let timeout = state.config.body_read_timeout();
-    tokio::time::timeout(timeout, read_form(state, info, request)).await.map_err(|_| ApiError::body_timeout(timeout))?
+    // An image for a model that takes none is refused before its bytes are read.
+    let role = |name: &str| match name {
+        INPUT_REFERENCE if info.image_input == ImageInput::None => Err(takes_no_image(info)),
+        INPUT_REFERENCE => Ok(PartRole::Image),
+        _ => Ok(PartRole::Field),
+    };
+    let (body, images) = read_form::<VideoFields>(state, request, role).await?;
+    // The last one, as when a JSON body names the field twice.
+    let image = match images.into_iter().last().map(|part| part.value) {
+        Some(ImageValue::File(bytes)) => Some(bytes),
+        Some(ImageValue::Url(url)) => Some(decode_data_url(&url, INPUT_REFERENCE)?),
+        None => None,
+    };
+    Ok((body, image))
 }
 
-/// A multipart form, field by field and each field chunk by chunk, the size limit checked as the
-/// bytes arrive: a huge field costs at most `--max-body-mb` before the 413. An image for a model
-/// that takes none is refused before its bytes are read.
-async fn read_form(
-    state: &SharedState,
-    info: &PipelineInfo,
-    request: Request,
-) -> Result<(VideoCreateRequest, Option<Vec<u8>>), ApiError> {
-    let limit = state.config.max_body_bytes();
-    let mut multipart =
-        Multipart::from_request(request, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut fields = serde_json::Map::new();
-    let mut image = None;
-    let mut total = 0usize;
-    while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(&e, limit))? {
-        let name = field.name().unwrap_or_default().to_string();
-        let is_file = field.file_name().is_some();
-        if name == "input_reference" && info.image_input == ImageInput::None {
-            return Err(takes_no_image(info));
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(&e, limit))? {
-            total += chunk.len();
-            if total > limit {
-                return Err(ApiError::payload_too_large(limit));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        if name == "input_reference" && is_file {
-            image = Some(bytes);
-        } else if name == "input_reference" {
-            image = Some(decode_data_url(&String::from_utf8_lossy(&bytes))?);
-        } else {
-            let text = String::from_utf8(bytes).map_err(|_| ApiError::invalid(name.clone(), "not UTF-8 text"))?;
-            fields.insert(name.clone(), form_value(&name, text));
-        }
-    }
-    Ok((VideoCreateRequest::from_value(serde_json::Value::Object(fields))?, image))
-}
+/// The field (JSON) or form part that carries the input image.
+const INPUT_REFERENCE: &str = "input_reference";
 
 fn takes_no_image(info: &PipelineInfo) -> ApiError {
-    ApiError::invalid("input_reference", format!("{} takes no input image", info.pipeline_class))
-}
-
-fn multipart_error(err: &axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    use axum::http::StatusCode;
-    // axum recognises the limit of its own extractor, not always the limit layer's in the sources.
-    if err.status() == StatusCode::PAYLOAD_TOO_LARGE || body_error(err, limit).status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::payload_too_large(limit)
-    } else {
-        ApiError::bad_request(format!("malformed multipart body: {}", err.body_text()))
-    }
-}
-
-/// `data:image/...;base64,...` → bytes. Remote URLs are not fetched (the server has no need to
-/// reach out to the network on a client's behalf).
-fn decode_data_url(reference: &str) -> Result<Vec<u8>, ApiError> {
-    let invalid = |message: &str| ApiError::invalid("input_reference", message);
-    if reference.starts_with("http://") || reference.starts_with("https://") {
-        return Err(invalid("remote URLs are not fetched; upload the image as a file or send a data: URL"));
-    }
-    let payload = reference
-        .strip_prefix("data:")
-        .and_then(|rest| rest.split_once(";base64,"))
-        .map(|(_, data)| data)
-        .ok_or_else(|| invalid("expected a data:image/...;base64,... URL or an uploaded file"))?;
-    base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
-        .map_err(|_| invalid("the data URL is not valid base64"))
-}
-
-/// The file extension of an input image, from its header, once its size is known to be within
-/// `--max-input-pixels`: the pipeline decodes the whole image, so its pixel count bounds the memory
-/// that costs (a 17 KB PNG can declare 12 000 x 12 000 pixels).
-fn input_image_extension(bytes: &[u8], max_pixels: u64) -> Result<&'static str, ApiError> {
-    let unreadable = || ApiError::invalid("input_reference", "not a readable image (png, jpeg, webp, gif or bmp)");
-    let extension = match imagesize::image_type(bytes).map_err(|_| unreadable())? {
-        imagesize::ImageType::Png => "png",
-        imagesize::ImageType::Jpeg => "jpg",
-        imagesize::ImageType::Webp => "webp",
-        imagesize::ImageType::Gif => "gif",
-        imagesize::ImageType::Bmp => "bmp",
-        _ => return Err(unreadable()),
-    };
-    let size = imagesize::blob_size(bytes).map_err(|_| unreadable())?;
-    let pixels = (size.width as u64).saturating_mul(size.height as u64);
-    if pixels == 0 {
-        return Err(unreadable());
-    }
-    if pixels > max_pixels {
-        return Err(ApiError::invalid(
-            "input_reference",
-            format!(
-                "the input image is {}x{} = {pixels} pixels; at most {max_pixels} are accepted (--max-input-pixels)",
-                size.width, size.height
-            ),
-        ));
-    }
-    Ok(extension)
+    ApiError::invalid(INPUT_REFERENCE, format!("{} takes no input image", info.pipeline_class))
 }
 
 /// `seconds * fps + 1` frames, computed in floating point and checked against the model's longest
@@ -249,7 +162,7 @@ pub(crate) async fn create_video(
             return Err(ApiError::invalid("input_reference", format!("{} needs an input image", info.pipeline_class)))
         }
         (Some(bytes), _) => {
-            let extension = input_image_extension(&bytes, state.config.max_input_pixels)?;
+            let extension = image_extension(&bytes, state.config.max_input_pixels, INPUT_REFERENCE)?;
             let dir = store.job_dir(&id);
             let path = dir.join(format!("input.{extension}"));
             // Fsynced: a queued job must still find its image after a crash (the folder entry is
@@ -526,20 +439,6 @@ pub(crate) async fn delete_video(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn form_strings_become_numbers_where_numbers_belong() {
-        assert_eq!(form_value("fps", "16".into()), serde_json::json!(16));
-        assert_eq!(form_value("guidance_scale", "4.5".into()), serde_json::json!(4.5));
-        assert_eq!(form_value("prompt", "16".into()), serde_json::json!("16"));
-        assert_eq!(form_value("fps", "fast".into()), serde_json::json!("fast"));
-    }
-
-    #[test]
-    fn data_urls_decode_and_remote_urls_are_refused() {
-        assert!(decode_data_url("https://example.com/a.png").is_err());
-        assert_eq!(decode_data_url("data:image/png;base64,aGk=").ok(), Some(b"hi".to_vec()));
-    }
 
     #[test]
     fn durations_are_reported_from_frames() {
