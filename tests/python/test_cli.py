@@ -226,7 +226,15 @@ def test_generate_image_to_video_from_an_image_path(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     proc = run_cli(
-        "--model-path", str(wan), "--prompt", "a", "--image-path", "first.png", "--image-path", "first.png", *small,
+        "--model-path",
+        str(wan),
+        "--prompt",
+        "a",
+        "--image-path",
+        "first.png",
+        "--image-path",
+        "first.png",
+        *small,
         cwd=tmp_path,
     )
     assert proc.returncode == 2 and "image_paths" in proc.stderr and "at most 1 input image, got 2" in proc.stderr

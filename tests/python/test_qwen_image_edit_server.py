@@ -108,15 +108,13 @@ def test_curl_with_a_data_url_and_the_default_size(server: Server, oracle, image
 
 def test_bad_parts_are_400s_naming_them(server: Server, images: list[Path], tmp_path: Path) -> None:
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-    with images[0].open("rb") as image, images[1].open("rb") as mask:
-        with pytest.raises(BadRequestError) as masked:
-            client.images.edit(image=image, mask=mask, prompt="a red fox", extra_body=FAST)
+    with images[0].open("rb") as image, images[1].open("rb") as mask, pytest.raises(BadRequestError) as masked:
+        client.images.edit(image=image, mask=mask, prompt="a red fox", extra_body=FAST)
     assert masked.value.body["param"] == "mask"  # type: ignore[index]
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
-    with not_an_image.open("rb") as bad:
-        with pytest.raises(BadRequestError) as refused:
-            client.images.edit(image=bad, prompt="a red fox", extra_body=FAST)
+    with not_an_image.open("rb") as bad, pytest.raises(BadRequestError) as refused:
+        client.images.edit(image=bad, prompt="a red fox", extra_body=FAST)
     assert refused.value.body["param"] == "image"  # type: ignore[index]
     four = [path.open("rb") for path in [*images, *images]]
     try:
