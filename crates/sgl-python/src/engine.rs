@@ -118,16 +118,16 @@ fn wait_for(
                     }
                 }
             }
-            Ok(Event::Started { .. }) => {}
-            Err(flume::RecvTimeoutError::Timeout) => {
-                if let Err(interrupt) = py.check_signals() {
-                    handle.cancel();
-                    return Err(interrupt);
-                }
-            }
+            Ok(Event::Started { .. }) | Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => {
                 return Err(errors::from_generation(py, &GenerationError::EngineStopped));
             }
+        }
+        // After every event, not only after a quiet interval: steps that arrive faster than the
+        // interval would otherwise hold off Ctrl-C until the request ends.
+        if let Err(interrupt) = py.check_signals() {
+            handle.cancel();
+            return Err(interrupt);
         }
     }
 }
