@@ -306,7 +306,8 @@ class WanAdapter(FamilyAdapter):
         # float32, cast to the prediction's dtype when applied (as diffusers multiplies by a Python float).
         scales = [[r.guidance_scale for r in rows]]
         if self.c.transformer_2 is not None:
-            scales.append([r.guidance_scale_2 or r.guidance_scale for r in rows])
+            # 0 is a scale like any other (the unconditional prediction alone): only None falls back.
+            scales.append([r.guidance_scale if r.guidance_scale_2 is None else r.guidance_scale_2 for r in rows])
         return tuple(torch.tensor(values, dtype=torch.float32, device=device) for values in scales)
 
     def encode_images(self, state: BatchState) -> None:
