@@ -470,6 +470,12 @@ class QwenImage21Transformer2DModel(nn.Module):
         config = cfg if isinstance(cfg, QwenImage21TransformerConfig) else QwenImage21TransformerConfig.from_dict(cfg)
         return cls(config, attention_backend=attention_backend)
 
+    @staticmethod
+    def tokens_per_sample(hidden_states: torch.Tensor) -> int:
+        """Latent tokens of one sample ``(B, N, C)``: what the engine's CFG-batching and CUDA-graph size
+        rules count."""
+        return int(hidden_states.shape[1])
+
     def forward(
         self,
         hidden_states: torch.Tensor,
