@@ -145,7 +145,8 @@ def test_prompt_embeddings_match_diffusers(folder, oracle) -> None:
     pipeline = QwenImage21Pipeline.load(folder, RuntimeOptions.for_device("cpu"), None)
     assert pipeline.adapter.encoder.drop == oracle._drop_idx
     texts = [PROMPT, OTHER_PROMPT, " ", "", PROMPT]
-    encoded = pipeline.adapter.encode_prompts(texts, 1024, torch.device("cpu"))
+    owners = [request(prompt=text) for text in texts]  # text only: no condition images
+    encoded = pipeline.adapter.encode_prompts(texts, 1024, torch.device("cpu"), owners)
     embeds, lengths = encoded["encoder_hidden_states"], encoded["text_lengths"]
     for row, text in enumerate(texts):
         with torch.no_grad():
@@ -216,8 +217,13 @@ def test_defaults_and_limits(engine) -> None:
     defaults = info["defaults"]
     assert (defaults["width"], defaults["height"], defaults["num_inference_steps"]) == (1024, 1024, 40)
     assert (defaults["true_cfg_scale"], defaults["negative_prompt"]) == (1.0, None)
+    # With condition images the output takes the last one's aspect at 1024x1024 pixels, as the reference.
+    assert defaults["size_from_input_area"] == 1024 * 1024
     assert (info["family"], info["task"], info["guidance"], info["pipeline_class"]) == (
-        "qwen_image_21", "text-to-image", "true_cfg", "QwenImage21Pipeline"
+        "qwen_image_21", "text-image-to-image", "true_cfg", "QwenImage21Pipeline"
+    )  # fmt: skip
+    assert (info["image_input"], info["max_input_images"], info["extra_batch_key_fields"]) == (
+        "optional", 4, ["image_paths"]
     )  # fmt: skip
     limits = info["limits"]
     assert (limits["size_multiple"], limits["token_size"], limits["max_sequence_length"]) == (32, 16, 1024)

@@ -17,6 +17,15 @@ Matches diffusers' `QwenImage21Pipeline` on the same weights and seed:
 * the VAE is diffusers' `AutoencoderKLQwenImage21`. It decodes RGBA; the engine's outputs are RGB, so
   the alpha channel is dropped (the RGB channels are the reference's).
 
+Condition images (text-image-to-image; requests with `image_paths`), as the reference takes `image=`: each
+image is read as RGBA and resized to about 1024x1024 pixels at its own aspect (multiples of 32). The text
+encoder sees it (alpha composited over white) at its placeholder in the template, before the prompt; the
+VAE encodes all four channels (the distribution's mode, normalised), and its latent tokens go before the
+noise tokens, each at the encoder's image slots (one slot per 2x2 tokens) in the DiT's joint sequence.
+Negative prompts are encoded with the same images. The output size defaults to the last image's aspect
+at 1024x1024 pixels (the Rust core applies `size_from_input_area`), as the reference's default. Requests
+batch only with requests that bring the very same image files (`image_paths` is an extra batch-key field).
+
 Prompts keep only their real tokens and run grouped by length (`text_lengths.py`), so each output equals
 its request run alone and the reference's.
 """
@@ -32,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage21
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from ..errors import invalid_request
@@ -43,11 +54,12 @@ from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from ..schedulers import FlowMatchEulerScheduler
 from ..schedulers.flow_match_euler import FlowMatchEulerState
-from .base import BatchState
+from .base import BatchState, per_row
 from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
-from .latents import draw_noise
+from .images import load_image, size_at_area
+from .latents import draw_noise, normalize_latents
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
@@ -68,6 +80,28 @@ DIFFUSERS_STEPS = 40
 NO_GUIDANCE_SCALE = 1.0
 #: The model-index key of the author's sampling sigmas (their count is the default step count).
 SAMPLE_SIGMAS = "sample_sigmas"
+#: Pixels of each condition image as the VAE and the text encoder see it, and of the default output with
+#: condition images (the reference's `output_resolution ** 2`).
+CONDITION_AREA = DIFFUSERS_SIZE * DIFFUSERS_SIZE
+#: Condition images per request. The reference sets no bound; each 1024x1024 image adds 4096 DiT tokens
+#: (and 1024 encoder tokens), so one request stays within a few forwards' cost.
+MAX_CONDITION_IMAGES = 4
+#: The conditioning key of each encoder row's image slots (bool, padded with False like the text rows).
+IMAGE_SLOTS = "img_mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionImage:
+    """One condition image resized as the reference resizes it: `pixels` (1, 4, H, W) RGBA in [-1, 1] for the
+    VAE, `resized` (RGBA) for the text encoder."""
+
+    pixels: torch.Tensor
+    resized: Image.Image
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Its (frames, rows, columns) of latent tokens."""
+        return (1, self.pixels.shape[-2] // VAE_SCALE_FACTOR, self.pixels.shape[-1] // VAE_SCALE_FACTOR)
 
 
 @dataclasses.dataclass
@@ -120,6 +154,9 @@ class QwenImage21Adapter(FamilyAdapter):
         self.encoder = Qwen21PromptEncoder(components.text_encoder, components.processor)
         self.by_text_length = ByTextLength(self._forward)
         self.caching = components.transformer.config.causal_condition
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=VAE_SCALE_FACTOR, vae_latent_channels=components.vae.config.z_dim
+        )
 
     @staticmethod
     def latent_size(request: Request) -> tuple[int, int]:
@@ -136,6 +173,21 @@ class QwenImage21Adapter(FamilyAdapter):
                     f"{request.max_sequence_length} (prompts are encoded whole, as the reference pipeline does)",
                 )
 
+    def condition_images(self, request: Request) -> list[ConditionImage]:
+        """The request's condition images, resized as the reference resizes them (one resize from the
+        original feeds the text encoder, another the VAE)."""
+        images = []
+        for path in request.image_paths:
+            image = load_image(path, mode="RGBA")
+            width, height = size_at_area(CONDITION_AREA, image.width / image.height)
+            images.append(
+                ConditionImage(
+                    pixels=self.image_processor.preprocess(image, height=height, width=width),
+                    resized=self.image_processor.resize(image, height=height, width=width),
+                )
+            )
+        return images
+
     def encode_prompts(
         self,
         texts: list[str],
@@ -143,15 +195,48 @@ class QwenImage21Adapter(FamilyAdapter):
         device: torch.device,
         owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
-        del max_sequence_length, owners  # checked in check_requests; nothing is cropped
-        # Each distinct text alone, as the reference encodes a request's prompt and its negative prompt: with
-        # other texts it would be padded, and the encoder's masked attention moves the last bits.
-        rows: dict[str, torch.Tensor] = {}
-        for text in dict.fromkeys(texts):
-            (encoded,) = self.encoder.encode([text], None, device)
-            rows[text] = encoded.embeds.to(self.dtype)
-        embeds, lengths = pad_text_rows([rows[text] for text in texts])
-        return {"encoder_hidden_states": embeds, TEXT_LENGTHS: lengths}
+        del max_sequence_length  # checked in check_requests; nothing is cropped
+        if len(owners) != len(texts):
+            raise ValueError("Qwen-Image 2.1 encodes each text with its request's condition images: pass owners")
+        # Each distinct (text, images) alone, as the reference encodes a request's prompt and its negative
+        # prompt: with other texts it would be padded, and the encoder's masked attention moves the last bits.
+        rows: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        resized: dict[tuple[str, ...], list[Image.Image]] = {}
+        keys = [(text, tuple(owner.image_paths)) for text, owner in zip(texts, owners, strict=True)]
+        for key, owner in zip(keys, owners, strict=True):
+            text, paths = key
+            if key in rows:
+                continue
+            if paths and paths not in resized:
+                resized[paths] = [image.resized for image in self.condition_images(owner)]
+            (encoded,) = self.encoder.encode([text], resized[paths] if paths else None, device)
+            rows[key] = (encoded.embeds.to(self.dtype), encoded.image_slots)
+        embeds, lengths = pad_text_rows([rows[key][0] for key in keys])
+        slots = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        for index, key in enumerate(keys):
+            row_slots = rows[key][1]
+            slots[index, : row_slots.shape[0]] = row_slots
+        return {"encoder_hidden_states": embeds, TEXT_LENGTHS: lengths, IMAGE_SLOTS: slots}
+
+    def encode_images(self, state: BatchState) -> None:
+        """The condition images as normalised VAE latent tokens after one another, and their grids (every
+        request of a batch has the same images: `image_paths` keys batches)."""
+        request = state.requests[0]
+        images = self.condition_images(request)
+        tokens = torch.cat([self.condition_latents(image, state.device) for image in images], dim=1)
+        rows = tokens.expand(len(state.requests), -1, -1)
+        state.set_rows("image_latents", per_row(rows, state.requests))
+        state["condition_shapes"] = [image.shape for image in images]
+
+    def condition_latents(self, image: ConditionImage, device: torch.device) -> torch.Tensor:
+        vae = self.c.vae
+        # In the prompt embeddings' dtype (the transformer's), as the reference encodes.
+        pixels = image.pixels.unsqueeze(2).to(device=device, dtype=self.dtype)  # (1, 4, 1, H, W)
+        encoded = vae.encode(pixels).latent_dist.mode()
+        # (x - mean) / std, divided as the reference divides (not multiplied by 1/std).
+        encoded = normalize_latents(encoded, vae.config.latents_mean, vae.config.latents_std, divide=True)
+        channels, rows, columns = encoded.shape[1], encoded.shape[-2], encoded.shape[-1]
+        return encoded.view(1, channels, rows * columns).transpose(1, 2)
 
     def cfg_scales(self, rows: Sequence[Request], device: torch.device) -> tuple[torch.Tensor, ...]:
         # In the transformer's dtype, as the reference multiplies its predictions by the Python float.
@@ -163,7 +248,7 @@ class QwenImage21Adapter(FamilyAdapter):
         # The reference draws (B, 1, C, H, W) (the VAE's one frame) in the prompt embeddings' dtype, the
         # transformer's whenever it runs at all, then flattens the pixels into tokens (a transposed view).
         noise = draw_noise(state.requests, (1, channels, rows, columns), self.dtype).to(state.device)
-        state["img_shapes"] = [(1, rows, columns)]
+        state["img_shapes"] = [*state.get("condition_shapes", []), (1, rows, columns)]
         state["prefix_caches"] = StepCaches()
         return noise[:, 0].view(noise.shape[0], channels, rows * columns).transpose(1, 2)
 
@@ -197,7 +282,10 @@ class QwenImage21Adapter(FamilyAdapter):
         caches: StepCaches = state["prefix_caches"]
         caches.begin_step(latents.shape[0])
         # The reference casts t to the latent dtype before dividing; keep that rounding.
-        rows = {"hidden_states": latents, "timestep": timestep.expand(latents.shape[0]).to(latents.dtype) / 1000}
+        hidden_states = latents
+        if "image_latents" in state:
+            hidden_states = torch.cat([state["image_latents"], latents], dim=1)
+        rows = {"hidden_states": hidden_states, "timestep": timestep.expand(latents.shape[0]).to(latents.dtype) / 1000}
         return ModelInputs(rows=rows, fixed={"img_shapes": state["img_shapes"], "prefix_caches": caches})
 
     def decode(self, state: BatchState) -> np.ndarray:
@@ -234,10 +322,13 @@ class QwenImage21Pipeline(FamilyPipeline):
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
             family="qwen_image_21",
-            task="text-to-image",
+            task="text-image-to-image",
             guidance_mode="true_cfg",
             limits=limits,
             defaults=defaults,
+            image_input="optional",
+            max_input_images=MAX_CONDITION_IMAGES,
+            extra_batch_key_fields=("image_paths",),
         )
         super().__init__(spec, QwenImage21Adapter(components), options)
         self.c = components
@@ -268,8 +359,9 @@ class QwenImage21Pipeline(FamilyPipeline):
 
 
 def diffusers_defaults(components: QwenImage21Components) -> SamplingDefaults:
-    """QwenImage21Pipeline.__call__'s own defaults: 1024x1024, as many steps as the configured sample sigmas
-    (else 40), no guidance (`true_cfg_scale` 1, no negative prompt)."""
+    """QwenImage21Pipeline.__call__'s own defaults: 1024x1024 (with condition images: the last one's aspect
+    at that area), as many steps as the configured sample sigmas (else 40), no guidance (`true_cfg_scale` 1,
+    no negative prompt)."""
     steps = len(components.sample_sigmas) if components.sample_sigmas else DIFFUSERS_STEPS
     return SamplingDefaults(
         width=DIFFUSERS_SIZE,
@@ -279,4 +371,5 @@ def diffusers_defaults(components: QwenImage21Components) -> SamplingDefaults:
         max_sequence_length=MAX_PROMPT_TOKENS,
         true_cfg_scale=1.0,
         negative_prompt=None,
+        size_from_input_area=CONDITION_AREA,
     )
