@@ -52,7 +52,7 @@ class ToyAdapter(FamilyAdapter):
         self.selected: list[list[bool]] = []
 
     def encode_prompts(
-        self, texts: list[str], max_sequence_length: int, device: torch.device
+        self, texts: list[str], max_sequence_length: int, device: torch.device, owners: Sequence[Request] = ()
     ) -> dict[str, torch.Tensor]:
         return {"encoder_hidden_states": torch.tensor([float(len(text)) for text in texts], device=device)}
 

@@ -40,7 +40,9 @@ def test_every_request_field_is_a_generate_flag_of_its_type() -> None:
     actions = option_actions(parser_of("generate"))
     for field in cli_fields("request"):
         action = actions[field.flag]
-        assert action.dest == field.name and action.help == field.help, field.name
+        # The flag's name on the namespace and in `--config` files (`image_path` for the list field `image_paths`,
+        # whose flag `--image-path` is repeated, as SGLang's docs spell it).
+        assert action.dest == field.dest and action.help == field.help, field.name
         assert action.type is {"integer": int, "number": float}.get(field.kind), field.name
         assert tuple(action.choices or ()) == field.choices, field.name
 
