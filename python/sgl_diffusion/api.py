@@ -125,6 +125,7 @@ class DiffGenerator:
         prompt: str,
         *,
         image: str | Path | Image.Image | Sequence[str | Path | Image.Image] | None = None,
+        last_image: str | Path | Image.Image | None = None,
         output_type: OutputType = "pil",
         on_progress: ProgressCallback | None = None,
         **fields: Unpack[RequestFields],
@@ -135,7 +136,8 @@ class DiffGenerator:
         name is a `TypeError`.
 
         `image` is the input image of image-to-video or image editing (a path or a PIL image), or a list of them
-        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, in order). `output_type` chooses the arrays
+        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, in order). `last_image` is the last
+        frame of first-last-frame image-to-video (Wan2.1-FLF2V, Wan2.2 I2V-A14B), `image` being the first. `output_type` chooses the arrays
         returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still
         queued or running `timeout_seconds` after submission (at most the engine's `request_timeout`) is stopped
         and raises `DeadlineExceededError`."""
@@ -146,7 +148,11 @@ class DiffGenerator:
         _check_keywords("generate", fields, set(names("request")) - {"prompt", "output_format"})
         if image is not None and (fields.get("image_path") is not None or fields.get("image_paths") is not None):
             raise TypeError("generate() takes input images as `image`, `image_path` or `image_paths`: one of them")
+        if last_image is not None and fields.get("last_image_path") is not None:
+            raise TypeError("generate() takes the last frame as `last_image` or `last_image_path`: one of them")
         request: dict[str, Any] = {**fields, "prompt": prompt}
+        if last_image is not None:
+            request["last_image_path"] = _image_path(last_image)
         if image is not None:
             images = list(image) if isinstance(image, (list, tuple)) else [image]
             request["image_paths"] = [_image_path(each) for each in images]

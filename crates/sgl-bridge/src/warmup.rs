@@ -23,6 +23,10 @@ pub fn warmup_request(info: &PipelineInfo, image: Option<&Path>) -> Result<Resol
         // Exact arrays: nothing is encoded that no one will read.
         output_format: Some(OutputFormat::Npy),
         image_path: image.map(|path| path.to_string_lossy().into_owned()),
+        // A checkpoint that needs a last frame gets the same grey frame (the shapes are what warm up).
+        last_image_path: image
+            .filter(|_| info.last_image_input == ImageInput::Required)
+            .map(|path| path.to_string_lossy().into_owned()),
         ..Default::default()
     };
     ResolvedRequest::resolve(&request, info)
@@ -142,6 +146,7 @@ mod tests {
             output: OutputKind::Image,
             image_input: ImageInput::None,
             max_input_images: 1,
+            last_image_input: ImageInput::None,
             extra_batch_key_fields: Vec::new(),
         }
     }

@@ -37,6 +37,10 @@ pub struct PipelineInfo {
     /// image-to-video, more for editing with several reference images.
     #[serde(default = "one")]
     pub max_input_images: u32,
+    /// Whether requests may, must or must not carry a last frame (`last_image_path`): first-last-frame
+    /// checkpoints require one, image-to-video checkpoints that can take one (Wan2.2 I2V-A14B) allow it.
+    #[serde(default = "no_image")]
+    pub last_image_input: ImageInput,
     /// Request fields (by their `GenerationRequest` name) that must also be equal for two requests
     /// to share a batch, beyond the shape fields every pipeline batches by: what a pipeline adds
     /// (e.g. an adapter list) keys batches without a change here.
@@ -46,6 +50,10 @@ pub struct PipelineInfo {
 
 fn one() -> u32 {
     1
+}
+
+fn no_image() -> ImageInput {
+    ImageInput::None
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

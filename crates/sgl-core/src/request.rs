@@ -80,6 +80,10 @@ declare_fields! {
         /// other. On the command line, one `--image-path` per image.
         #[serde(default)]
         pub image_paths: Option<Vec<String>> [.flag("--image-path").repeat()],
+        /// Last-frame image file of first-last-frame image-to-video (Wan2.1-FLF2V, Wan2.2 I2V-A14B):
+        /// the video runs from the input image to this one. HTTP clients upload it (`last_frame`).
+        #[serde(default)]
+        pub last_image_path: Option<String>,
         /// How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float
         /// arrays); default: png for images, mp4 for videos.
         #[serde(default)]

@@ -36,6 +36,8 @@ declare_fields! {
         pub image_path: Option<String>,
         /// Every input image file, in order.
         pub image_paths: Vec<String>,
+        /// Last-frame image file of first-last-frame image-to-video.
+        pub last_image_path: Option<String>,
         /// Whether this request runs a second, unconditional branch (classifier-free guidance).
         pub cfg_enabled: bool,
         pub output_format: OutputFormat,
@@ -208,6 +210,7 @@ impl ResolvedRequest {
 
         // Images first: where the pipeline sizes outputs from them, the default size is theirs.
         let image_paths = resolve_images(request, info)?;
+        let last_image_path = resolve_last_image(request, info, &image_paths)?;
         let (width, height) = match (request.width, request.height) {
             (None, None) => match size_from_inputs(info, &image_paths)? {
                 Some(size) => check_input_derived_size(size, info)?,
@@ -325,6 +328,7 @@ impl ResolvedRequest {
             fps,
             image_path: image_paths.first().cloned(),
             image_paths,
+            last_image_path,
             cfg_enabled,
             output_format,
             output_quality: request.output_quality,
@@ -506,6 +510,37 @@ fn resolve_images(request: &GenerationRequest, info: &PipelineInfo) -> Result<Ve
     }
 }
 
+/// The last frame of first-last-frame image-to-video, checked against what the pipeline takes: it
+/// ends a video that starts from the input image, so it needs one.
+fn resolve_last_image(
+    request: &GenerationRequest,
+    info: &PipelineInfo,
+    image_paths: &[String],
+) -> Result<Option<String>, ValidationError> {
+    const FIELD: &str = "last_image_path";
+    match (info.last_image_input, request.last_image_path.as_deref()) {
+        (ImageInput::None, Some(_)) => Err(ValidationError::new(
+            FIELD,
+            format!(
+                "{} ({}) takes no last frame; first-last-frame checkpoints (Wan2.1-FLF2V, Wan2.2 I2V-A14B) do",
+                info.pipeline_class, info.task
+            ),
+        )),
+        (ImageInput::Required, None) => Err(ValidationError::new(
+            FIELD,
+            format!(
+                "this {} checkpoint generates between a first and a last frame: a last frame is required",
+                info.pipeline_class
+            ),
+        )),
+        (_, Some(_)) if image_paths.is_empty() => {
+            Err(ValidationError::new("image", "a last frame needs an input image (the first frame) too"))
+        }
+        (_, Some(path)) => absolute_file(path).map(Some).map_err(|err| ValidationError::new(FIELD, err.message)),
+        (_, None) => Ok(None),
+    }
+}
+
 /// An input file by its canonical path: the request names it the same wherever it runs and is
 /// recorded (a relative path means the submitter's working directory, which the engine shares).
 fn absolute_file(path: &str) -> Result<String, ValidationError> {
@@ -588,6 +623,7 @@ mod tests {
             output: OutputKind::Image,
             image_input: ImageInput::None,
             max_input_images: 1,
+            last_image_input: ImageInput::None,
             extra_batch_key_fields: vec![],
         }
     }
@@ -914,6 +950,36 @@ mod tests {
         assert_eq!(field_of(GenerationRequest { image_paths: Some(vec![]), ..req("a") }, &i2v), "image");
         assert_eq!(field_of(listed, &flux_info()), "image");
         let _ = std::fs::remove_file(image);
+    }
+
+    #[test]
+    fn a_last_frame_follows_the_pipeline() {
+        let first = png_file("first", 64, 64);
+        let last = png_file("last", 64, 64);
+        let mut i2v = video_info();
+        i2v.image_input = ImageInput::Required;
+        let flf =
+            GenerationRequest { image_path: Some(first.clone()), last_image_path: Some(last.clone()), ..req("a") };
+        // A checkpoint that takes no last frame says so, naming the field.
+        let err = ResolvedRequest::resolve(&flf, &i2v).unwrap_err();
+        assert_eq!((err.field.as_str(), err.message.contains("takes no last frame")), ("last_image_path", true));
+        i2v.last_image_input = ImageInput::Optional;
+        let canonical = std::fs::canonicalize(&last).unwrap().to_string_lossy().into_owned();
+        assert_eq!(ResolvedRequest::resolve(&flf, &i2v).unwrap().last_image_path, Some(canonical));
+        let first_only = GenerationRequest { image_path: Some(first.clone()), ..req("a") };
+        assert_eq!(ResolvedRequest::resolve(&first_only, &i2v).unwrap().last_image_path, None);
+        // A last frame ends a video that starts from the input image.
+        let mut optional_first = i2v.clone();
+        optional_first.image_input = ImageInput::Optional;
+        let alone = GenerationRequest { last_image_path: Some(last.clone()), ..req("a") };
+        assert_eq!(field_of(alone, &optional_first), "image");
+        let missing = GenerationRequest { last_image_path: Some("/no/such/last.png".into()), ..first_only.clone() };
+        assert_eq!(field_of(missing, &i2v), "last_image_path");
+        i2v.last_image_input = ImageInput::Required;
+        assert_eq!(field_of(first_only, &i2v), "last_image_path");
+        for path in [first, last] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     #[test]

@@ -251,7 +251,7 @@ pub struct HealthStatus {
 }
 
 /// `POST /v1/videos` (JSON, or multipart/form-data where every field is a string and
-/// `input_reference` may be a file).
+/// `input_reference` and `last_frame` may be files).
 // OpenAI's own fields only, as for images.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -272,6 +272,10 @@ pub struct VideoFields {
     /// Image for image-to-video: a `data:image/...;base64,` URL in JSON, or a file in multipart.
     #[serde(default)]
     pub input_reference: Option<String>,
+    /// Last frame for first-last-frame image-to-video (with `input_reference` as the first): a
+    /// `data:image/...;base64,` URL in JSON, or a file in multipart.
+    #[serde(default)]
+    pub last_frame: Option<String>,
 }
 
 impl RouteFields for VideoFields {

@@ -59,6 +59,7 @@ fn info() -> PipelineInfo {
         output: OutputKind::Image,
         image_input: ImageInput::None,
         max_input_images: 1,
+        last_image_input: ImageInput::None,
         extra_batch_key_fields: vec![],
     }
 }

@@ -76,6 +76,12 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
         width=1280, height=720, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0,
         max_sequence_length=512, negative_prompt="", flow_shift=5.0,
     ),
+    # First-last-frame (`last_image_path` required): Wan's own FLF2V sampling shift (16) and the guidance of
+    # diffusers' FLF2V example (5.5). The Hub spells this id with a lower-case "diffusers".
+    "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers": SamplingDefaults(
+        width=1280, height=720, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.5,
+        max_sequence_length=512, negative_prompt="", flow_shift=16.0,
+    ),
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers": SamplingDefaults(
         width=1280, height=720, num_frames=81, fps=16, num_inference_steps=40, guidance_scale=3.5,
         guidance_scale_2=3.5, max_sequence_length=512, negative_prompt="", flow_shift=5.0,

@@ -87,6 +87,9 @@ class PipelineSpec:
     #: Most input images one request may carry where `image_input` allows any (several reference images
     #: for editing).
     max_input_images: int = 1
+    #: Whether requests may, must or must not carry a last frame (`last_image_path`, first-last-frame
+    #: image-to-video).
+    last_image_input: str = "none"
     supports_flow_shift: bool = False
     supports_guidance_scale_2: bool = False
     #: Request fields that requests of one batch must share besides those of `sgl_core::BatchKey` (a
@@ -99,6 +102,7 @@ class PipelineSpec:
             ("guidance_mode", self.guidance_mode, GUIDANCE_MODES),
             ("output", self.output, OUTPUT_KINDS),
             ("image_input", self.image_input, IMAGE_INPUTS),
+            ("last_image_input", self.last_image_input, IMAGE_INPUTS),
         ):
             if value not in allowed:
                 raise ValueError(f"PipelineSpec.{field} must be one of {', '.join(allowed)}, got {value!r}")
@@ -127,5 +131,6 @@ class PipelineSpec:
             "output": self.output,
             "image_input": self.image_input,
             "max_input_images": self.max_input_images,
+            "last_image_input": self.last_image_input,
             "extra_batch_key_fields": list(self.extra_batch_key_fields),
         }

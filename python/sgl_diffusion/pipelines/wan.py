@@ -231,8 +231,24 @@ class WanImageToVideoPipeline(WanPipeline):
     @classmethod
     def describe(cls, components: WanComponents, defaults: SamplingDefaults) -> PipelineSpec:
         return dataclasses.replace(
-            super().describe(components, defaults), task="image-to-video", image_input="required"
+            super().describe(components, defaults),
+            task="image-to-video",
+            image_input="required",
+            last_image_input=last_frame_input(components),
         )
+
+
+def last_frame_input(components: WanComponents) -> str:
+    """Whether an image-to-video checkpoint takes a last frame. FLF2V checkpoints (a learned position
+    embedding over two CLIP images, `pos_embed_seq_len`) need one; one without CLIP image tokens (Wan2.2
+    I2V-A14B) reads it only through the frame mask and the VAE condition, so it may; a CLIP one without that
+    embedding cannot take two images' tokens, and TI2V-5B conditions on the first latent frame alone."""
+    if components.expand_timesteps:
+        return "none"
+    config = components.transformer.config
+    if config.image_dim is None:
+        return "optional"
+    return "required" if config.pos_embed_seq_len is not None else "none"
 
 
 def diffusers_defaults(components: WanComponents) -> SamplingDefaults:
@@ -320,10 +336,17 @@ class WanAdapter(FamilyAdapter):
         conditions, tokens = [], []
         for request in requests:
             image = load_image(request.image_path)  # type: ignore[arg-type]  # the stage checked it is set
+            # First-last-frame: the last frame too (the core checked that the checkpoint takes it).
+            last = load_image(request.last_image_path) if request.last_image_path is not None else None
             if c.image_encoder is not None and c.transformer.config.image_dim is not None:
-                tokens.append(self.clip_tokens(image, state.device))
-            pixels = self.video_processor.preprocess(image, height=first.height, width=first.width)
-            conditions.append(self.latent_condition(pixels.to(state.device, torch.float32), first, state.device))
+                # Both frames' tokens side by side; the DiT's image embedder joins them into one row.
+                tokens.append(self.clip_tokens([image] if last is None else [image, last], state.device))
+            frames = [image] if last is None else [image, last]
+            pixels = [
+                self.video_processor.preprocess(frame, height=first.height, width=first.width) for frame in frames
+            ]
+            pixels = [frame.to(state.device, torch.float32) for frame in pixels]
+            conditions.append(self.latent_condition(pixels, request, state.device))
         state.set_rows("condition", per_row(torch.cat(conditions), requests))
         if tokens:
             state.set_rows("image_embeds", per_row(torch.cat(tokens), requests).to(self.dtype))
@@ -332,20 +355,26 @@ class WanAdapter(FamilyAdapter):
             mask[:, :, 0] = 0
             state["first_frame_mask"] = mask
 
-    def clip_tokens(self, image: Image.Image, device: torch.device) -> torch.Tensor:
+    def clip_tokens(self, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+        """CLIP's penultimate hidden states of `images` (one or two frames), as one row: (1, n * tokens, dim)."""
         c = self.c
-        inputs = c.image_processor(images=image, return_tensors="pt").to(device)  # type: ignore[misc]
-        return c.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]  # type: ignore[misc]
+        inputs = c.image_processor(images=images, return_tensors="pt").to(device)  # type: ignore[misc]
+        hidden = c.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2]  # type: ignore[misc]
+        return hidden.reshape(1, -1, hidden.shape[-1])
 
-    def latent_condition(self, pixels: torch.Tensor, request: Request, device: torch.device) -> torch.Tensor:
+    def latent_condition(self, pixels: list[torch.Tensor], request: Request, device: torch.device) -> torch.Tensor:
+        """The VAE condition of the given frames (the first, and the last of first-last-frame), each (1, 3, H, W)."""
         c = self.c
         vae = c.vae
-        image = pixels.unsqueeze(2)  # (1, 3, 1, H, W)
+        image = pixels[0].unsqueeze(2)  # (1, 3, 1, H, W)
         if c.expand_timesteps:
             video = image
         else:
-            # The first frame, then black frames: the VAE sees a whole clip whose start is fixed.
-            video = torch.cat([image, image.new_zeros(1, 3, request.num_frames - 1, *image.shape[-2:])], dim=2)
+            # The given frames where they are, black frames between: the VAE sees a whole clip whose start
+            # (and end) is fixed.
+            given = [frame.unsqueeze(2) for frame in pixels]
+            gap = image.new_zeros(1, 3, request.num_frames - len(given), *image.shape[-2:])
+            video = torch.cat([given[0], gap, *given[1:]], dim=2)
         encoded = vae.encode(video.to(vae.dtype)).latent_dist.mode().to(device, torch.float32)
         encoded = normalize_latents(encoded, vae.config.latents_mean, vae.config.latents_std)
         if c.expand_timesteps:
@@ -353,12 +382,14 @@ class WanAdapter(FamilyAdapter):
         return torch.cat([self.frame_mask(request).to(encoded.device), encoded], dim=1)
 
     def frame_mask(self, request: Request) -> torch.Tensor:
-        """Which pixel frames are given (only the first), folded to latent frames as the DiT expects:
-        (1, scale_temporal, latent_frames, h, w)."""
+        """Which pixel frames are given (the first, and the last of first-last-frame), folded to latent
+        frames as the DiT expects: (1, scale_temporal, latent_frames, h, w)."""
         _, height, width = self.latent_grid(request)
         scale = self.c.scale_temporal
         mask = torch.zeros(1, 1, request.num_frames, height, width)
         mask[:, :, 0] = 1
+        if request.last_image_path is not None:
+            mask[:, :, -1] = 1
         first = mask[:, :, 0:1].repeat_interleave(scale, dim=2)
         mask = torch.cat([first, mask[:, :, 1:]], dim=2)
         return mask.view(1, -1, scale, height, width).transpose(1, 2)

@@ -1,4 +1,4 @@
-"""Wan fixtures (Wan2.1 T2V / I2V, Wan2.2 TI2V-5B, Wan2.2 A14B T2V / I2V), one builder each.
+"""Wan fixtures (Wan2.1 T2V / I2V / FLF2V, Wan2.2 TI2V-5B, Wan2.2 A14B T2V / I2V), one builder each.
 
 Tiny configs with the real shape logic: the z16 VAE with 8x spatial / 4x temporal compression (the
 48-channel residual VAE with patch 2 and 16x spatial for TI2V-5B), UMT5 text encoder, CLIP vision
@@ -171,8 +171,13 @@ def _wan21_t2v() -> DiffusionPipeline:
     )
 
 
-@register_fixture("wan21_i2v", pipeline_class="WanImageToVideoPipeline", call_kwargs=_I2V_CALL)
-def _wan21_i2v() -> DiffusionPipeline:
+#: CLIP tokens per image of the tiny vision encoder: (32 / 8)^2 patches and the class token.
+_CLIP_TOKENS = 17
+
+
+def _wan21_clip_pipeline(**transformer_extra: Any) -> DiffusionPipeline:
+    """Wan2.1 with the CLIP vision encoder: image-to-video, or first-last-frame with a position embedding
+    over two images' tokens."""
     from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -199,8 +204,20 @@ def _wan21_i2v() -> DiffusionPipeline:
         image_processor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
         image_encoder=image_encoder,
         # The real I2V graph: CLIP image tokens through added key/value projections.
-        transformer=_transformer(0, 36, image_dim=8, added_kv_proj_dim=24),
+        transformer=_transformer(0, 36, image_dim=8, added_kv_proj_dim=24, **transformer_extra),
     )
+
+
+@register_fixture("wan21_i2v", pipeline_class="WanImageToVideoPipeline", call_kwargs=_I2V_CALL)
+def _wan21_i2v() -> DiffusionPipeline:
+    return _wan21_clip_pipeline()
+
+
+@register_fixture("wan21_flf2v", pipeline_class="WanImageToVideoPipeline", call_kwargs=_I2V_CALL)
+def _wan21_flf2v() -> DiffusionPipeline:
+    # Wan2.1-FLF2V-14B's layout: a learned position embedding over [first ; last] CLIP tokens (the real
+    # one spans 2 x 257), which makes the checkpoint take both frames.
+    return _wan21_clip_pipeline(pos_embed_seq_len=2 * _CLIP_TOKENS)
 
 
 @register_fixture("wan22_ti2v_5b", pipeline_class="WanPipeline", call_kwargs=_T2V_CALL)

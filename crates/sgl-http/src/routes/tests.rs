@@ -119,6 +119,7 @@ fn image_model() -> PipelineInfo {
         output: OutputKind::Image,
         image_input: ImageInput::None,
         max_input_images: 1,
+        last_image_input: ImageInput::None,
         extra_batch_key_fields: vec![],
     }
 }
@@ -385,6 +386,47 @@ async fn an_input_image_over_the_pixel_bound_is_refused_from_its_header() {
     let junk = form(&[form_part("prompt", None, b"a"), form_part("input_reference", Some("a.png"), b"GIF89a")]);
     let (status, error) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(junk))).await;
     assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("input_reference")), "{error}");
+}
+
+#[tokio::test]
+async fn a_last_frame_goes_where_the_model_takes_one() {
+    let png = png_header(64, 64);
+    let both = || {
+        form(&[
+            form_part("prompt", None, b"a"),
+            form_part("input_reference", Some("a.png"), &png),
+            form_part("last_frame", Some("b.png"), &png),
+        ])
+    };
+    // A model without a last frame refuses the part by its name, multipart and JSON alike.
+    let h = harness(ServerConfig::default(), Some(video_model(ImageInput::Required)));
+    let (status, error) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(both()))).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("last_frame")), "{error}");
+    assert!(message(&error).contains("takes no last frame"), "{error}");
+    use base64::Engine as _;
+    let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
+    let body = json!({"prompt": "a", "input_reference": url, "last_frame": url});
+    let (status, error) = send(&h.app, json_post("/v1/videos", &body)).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("last_frame")), "{error}");
+    // A first-last-frame checkpoint needs it (the core's `last_image_path`, named as the API names it).
+    let mut flf = video_model(ImageInput::Required);
+    flf.last_image_input = ImageInput::Required;
+    let h = harness(ServerConfig::default(), Some(flf));
+    let first_only = form(&[form_part("prompt", None, b"a"), form_part("input_reference", Some("a.png"), &png)]);
+    let (status, error) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(first_only))).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("last_frame")), "{error}");
+    let (status, job) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(both()))).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    let (status, job) = send(&h.app, json_post("/v1/videos", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    // Bytes that are no image are refused naming the part they came in.
+    let junk = form(&[
+        form_part("prompt", None, b"a"),
+        form_part("input_reference", Some("a.png"), &png),
+        form_part("last_frame", Some("b.png"), b"GIF89a"),
+    ]);
+    let (status, error) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(junk))).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("last_frame")), "{error}");
 }
 
 // --- parsing ---------------------------------------------------------------------------------------------

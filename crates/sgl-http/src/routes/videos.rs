@@ -28,23 +28,26 @@ fn jobs(state: &SharedState) -> Result<&JobStore, ApiError> {
     state.jobs.as_deref().ok_or_else(|| ApiError::not_ready("the video job store is not available"))
 }
 
-/// Parses JSON or multipart within `--body-read-timeout`; returns the request and the input image
-/// bytes, if any.
+/// The input frames a video request uploads, as bytes: the first (`input_reference`) and, for
+/// first-last-frame models, the last (`last_frame`).
+#[derive(Default)]
+struct InputFrames {
+    first: Option<Vec<u8>>,
+    last: Option<Vec<u8>>,
+}
+
+/// Parses JSON or multipart within `--body-read-timeout`; returns the request and its input frames.
 async fn read_create_request(
     state: &SharedState,
     info: &PipelineInfo,
     request: Request,
-) -> Result<(VideoCreateRequest, Option<Vec<u8>>), ApiError> {
+) -> Result<(VideoCreateRequest, InputFrames), ApiError> {
     if has_media_type(request.headers(), "application/json") {
         let (parts, body) = request.into_parts();
         let mut body = VideoCreateRequest::from_value(read_json(state, &parts.headers, body).await?)?;
-        let image = body
-            .own
-            .input_reference
-            .take()
-            .map(|reference| decode_data_url(&reference, INPUT_REFERENCE))
-            .transpose()?;
-        return Ok((body, image));
+        let first = body.own.input_reference.take().map(|url| decode_data_url(&url, INPUT_REFERENCE)).transpose()?;
+        let last = body.own.last_frame.take().map(|url| decode_data_url(&url, LAST_FRAME)).transpose()?;
+        return Ok((body, InputFrames { first, last }));
     }
     if !has_media_type(request.headers(), "multipart/form-data") {
         return Err(ApiError::unsupported_media_type("application/json or multipart/form-data"));
@@ -52,24 +55,67 @@ async fn read_create_request(
     // An image for a model that takes none is refused before its bytes are read.
     let role = |name: &str| match name {
         INPUT_REFERENCE if info.image_input == ImageInput::None => Err(takes_no_image(info)),
-        INPUT_REFERENCE => Ok(PartRole::Image),
+        LAST_FRAME if info.last_image_input == ImageInput::None => Err(takes_no_last_frame(info)),
+        INPUT_REFERENCE | LAST_FRAME => Ok(PartRole::Image),
         _ => Ok(PartRole::Field),
     };
     let (body, images) = read_form::<VideoFields>(state, request, role).await?;
-    // The last one, as when a JSON body names the field twice.
-    let image = match images.into_iter().last().map(|part| part.value) {
-        Some(ImageValue::File(bytes)) => Some(bytes),
-        Some(ImageValue::Url(url)) => Some(decode_data_url(&url, INPUT_REFERENCE)?),
-        None => None,
-    };
-    Ok((body, image))
+    // The last part of each name wins, as when a JSON body names a field twice.
+    let mut frames = InputFrames::default();
+    for part in images {
+        let bytes = match part.value {
+            ImageValue::File(bytes) => bytes,
+            ImageValue::Url(url) => decode_data_url(&url, &part.name)?,
+        };
+        if part.name == LAST_FRAME {
+            frames.last = Some(bytes);
+        } else {
+            frames.first = Some(bytes);
+        }
+    }
+    Ok((body, frames))
 }
 
 /// The field (JSON) or form part that carries the input image.
 const INPUT_REFERENCE: &str = "input_reference";
+/// The field (JSON) or form part that carries the last frame of first-last-frame models.
+const LAST_FRAME: &str = "last_frame";
 
 fn takes_no_image(info: &PipelineInfo) -> ApiError {
     ApiError::invalid(INPUT_REFERENCE, format!("{} takes no input image", info.pipeline_class))
+}
+
+fn takes_no_last_frame(info: &PipelineInfo) -> ApiError {
+    ApiError::invalid(
+        LAST_FRAME,
+        format!("{} takes no last frame (first-last-frame checkpoints such as Wan2.1-FLF2V do)", info.pipeline_class),
+    )
+}
+
+/// Stores an uploaded frame in the job's folder as `{stem}.{ext}` after checking it is an image
+/// within `--max-input-pixels`; returns its path. Fsynced: a queued job must still find its image
+/// after a crash (the folder entry is made durable with the job's record).
+async fn store_frame(
+    state: &SharedState,
+    store: &JobStore,
+    id: &str,
+    bytes: Vec<u8>,
+    stem: &str,
+    part: &str,
+) -> Result<String, ApiError> {
+    let extension = image_extension(&bytes, state.config.max_input_pixels, part)?;
+    let dir = store.job_dir(id);
+    let path = dir.join(format!("{stem}.{extension}"));
+    let image_path = path.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        crate::durable::write_atomic(&image_path, &bytes)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|written| written)
+    .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 /// `seconds * fps + 1` frames, computed in floating point and checked against the model's longest
@@ -122,7 +168,7 @@ pub(crate) async fn create_video(
             format!("the served model ({}) makes images; use /v1/images/generations", info.pipeline_class),
         ));
     }
-    let (body, image) = read_create_request(&state, info, request).await?;
+    let (body, frames) = read_create_request(&state, info, request).await?;
     let names = state.model_names(&engine);
     if let Some(model) = body.own.model.as_deref() {
         if !names.iter().any(|n| n == model) {
@@ -155,30 +201,32 @@ pub(crate) async fn create_video(
         }
         request.num_frames = Some(frames);
     }
-    // The image must be a file before the request can be resolved (the core checks it exists).
-    match (image, info.image_input) {
+    // The images must be files before the request can be resolved (the core checks they exist).
+    let InputFrames { first, last } = frames;
+    match (&first, info.image_input) {
         (Some(_), ImageInput::None) => return Err(takes_no_image(info)),
         (None, ImageInput::Required) => {
-            return Err(ApiError::invalid("input_reference", format!("{} needs an input image", info.pipeline_class)))
+            return Err(ApiError::invalid(INPUT_REFERENCE, format!("{} needs an input image", info.pipeline_class)))
         }
-        (Some(bytes), _) => {
-            let extension = image_extension(&bytes, state.config.max_input_pixels, INPUT_REFERENCE)?;
-            let dir = store.job_dir(&id);
-            let path = dir.join(format!("input.{extension}"));
-            // Fsynced: a queued job must still find its image after a crash (the folder entry is
-            // made durable with the job's record).
-            let image_path = path.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&dir)?;
-                crate::durable::write_atomic(&image_path, &bytes)
-            })
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|written| written)
-            .map_err(|e| ApiError::internal(format!("cannot store the image: {e}")))?;
-            request.image_path = Some(path.to_string_lossy().into_owned());
+        _ => {}
+    }
+    if last.is_some() && info.last_image_input == ImageInput::None {
+        return Err(takes_no_last_frame(info));
+    }
+    for (bytes, stem, part) in [(first, "input", INPUT_REFERENCE), (last, "last_frame", LAST_FRAME)] {
+        let Some(bytes) = bytes else { continue };
+        let path = match store_frame(&state, store, &id, bytes, stem, part).await {
+            Ok(path) => path,
+            Err(err) => {
+                discard_job_dir(store, &id).await;
+                return Err(err);
+            }
+        };
+        if part == LAST_FRAME {
+            request.last_image_path = Some(path);
+        } else {
+            request.image_path = Some(path);
         }
-        (None, _) => {}
     }
     // Validate before the job exists; the resolved request fixes the seed and frame count.
     let resolved = match ResolvedRequest::resolve(&request, info) {
@@ -252,7 +300,9 @@ fn video_param(mut err: ApiError) -> ApiError {
     if matches!(err.param.as_deref(), Some("width" | "height")) {
         err.param = Some("size".into());
     } else if err.param.as_deref() == Some("image") {
-        err.param = Some("input_reference".into());
+        err.param = Some(INPUT_REFERENCE.into());
+    } else if err.param.as_deref() == Some("last_image_path") {
+        err.param = Some(LAST_FRAME.into());
     }
     err
 }

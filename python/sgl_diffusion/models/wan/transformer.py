@@ -340,7 +340,8 @@ class _WanImageEmbedding(nn.Module):
 
     With ``pos_embed_seq_len`` (first-last-frame checkpoints) a learned ``pos_embed`` is added after
     pairing consecutive batch rows into one sequence (``(2B, L, C) -> (B, 2L, C)``), the reference's layout
-    for [first image ; last image].
+    for [first image ; last image]. Rows that are already pairs (``(B, 2L, C)``, what the pipeline passes so
+    that each request keeps one row through batching and CFG) are taken as they are.
     """
 
     def __init__(self, in_dim: int, out_dim: int, pos_embed_seq_len: int | None) -> None:
@@ -357,7 +358,9 @@ class _WanImageEmbedding(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             _, seq, dim = image.shape
-            image = image.reshape(-1, 2 * seq, dim) + self.pos_embed
+            if seq != self.pos_embed.shape[1]:
+                image = image.reshape(-1, 2 * seq, dim)
+            image = image + self.pos_embed
         return self.norm2(self.ff(self.norm1(image)))
 
 
