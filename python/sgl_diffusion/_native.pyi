@@ -77,9 +77,11 @@ class RequestFields(TypedDict, total=False):
     fps: int | None
     """Frames per second of a video output (at most 120)."""
     image_path: str | None
-    """Input image file for image-to-video (its first frame). HTTP clients upload the image (`input_reference`); the server stores the file."""
+    """Input image file for image-to-video (its first frame). HTTP clients upload the image (`input_reference`); the server stores the file. On the command line, `--image-path`."""
     image_paths: list[str] | None
-    """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other."""
+    """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other. On the command line, one `--image-path` per image."""
+    prior_token_ids: list[int] | None
+    """The image tokens of an autoregressive prior, given instead of sampled (GLM-Image): one codebook id per 16x16 pixel patch of the output, row by row, as diffusers' `prior_token_ids`."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"] | None
     """How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float arrays); default: png for images, mp4 for videos."""
     output_quality: int | None
@@ -158,6 +160,8 @@ class ResolvedRequest(Protocol):
     """Input image file for image-to-video: the first of `image_paths` (what one-image pipelines read)."""
     image_paths: tuple[str, ...]
     """Every input image file, in order."""
+    prior_token_ids: tuple[int, ...]
+    """Prior image tokens given with the request (empty: the pipeline samples its own)."""
     cfg_enabled: bool
     """Whether this request runs a second, unconditional branch (classifier-free guidance)."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"]

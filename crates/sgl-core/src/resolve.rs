@@ -36,6 +36,8 @@ declare_fields! {
         pub image_path: Option<String>,
         /// Every input image file, in order.
         pub image_paths: Vec<String>,
+        /// Prior image tokens given with the request (empty: the pipeline samples its own).
+        pub prior_token_ids: Vec<u32>,
         /// Whether this request runs a second, unconditional branch (classifier-free guidance).
         pub cfg_enabled: bool,
         pub output_format: OutputFormat,
@@ -325,6 +327,7 @@ impl ResolvedRequest {
             fps,
             image_path: image_paths.first().cloned(),
             image_paths,
+            prior_token_ids: request.prior_token_ids.clone().unwrap_or_default(),
             cfg_enabled,
             output_format,
             output_quality: request.output_quality,

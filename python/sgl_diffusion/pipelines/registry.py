@@ -14,6 +14,7 @@ from .base import StagedPipeline
 from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
+from .glm_image import GLM_IMAGE_DEFAULTS, GlmImagePipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
 from .qwen_image_edit import (
     QWEN_IMAGE_EDIT_DEFAULTS,
@@ -34,6 +35,7 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     QwenImagePipeline.pipeline_class: QwenImagePipeline,
     QwenImageEditPipeline.pipeline_class: QwenImageEditPipeline,
     QwenImageEditPlusPipeline.pipeline_class: QwenImageEditPlusPipeline,
+    GlmImagePipeline.pipeline_class: GlmImagePipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
@@ -89,6 +91,8 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "Qwen/Qwen-Image-Edit": QWEN_IMAGE_EDIT_DEFAULTS,
     "Qwen/Qwen-Image-Edit-2509": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
     "Qwen/Qwen-Image-Edit-2511": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
+    # 1024x1024, 50 steps, guidance 1.5 (diffusers' defaults, the model card's settings): see glm_image.py.
+    "zai-org/GLM-Image": GLM_IMAGE_DEFAULTS,
 }  # fmt: skip
 
 
