@@ -82,6 +82,8 @@ class RequestFields(TypedDict, total=False):
     """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other. On the command line, one `--image-path` per image."""
     last_image_path: str | None
     """Last-frame image file of first-last-frame image-to-video (Wan2.1-FLF2V, Wan2.2 I2V-A14B): the video runs from the input image to this one. HTTP clients upload it (`last_frame`)."""
+    prior_token_ids: list[int] | None
+    """The image tokens of an autoregressive prior, given instead of sampled (GLM-Image): one codebook id per 16x16 pixel patch of the output, row by row, as diffusers' `prior_token_ids`."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"] | None
     """How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float arrays); default: png for images, mp4 for videos."""
     output_quality: int | None
@@ -162,6 +164,8 @@ class ResolvedRequest(Protocol):
     """Every input image file, in order."""
     last_image_path: str | None
     """Last-frame image file of first-last-frame image-to-video."""
+    prior_token_ids: tuple[int, ...]
+    """Prior image tokens given with the request (empty: the pipeline samples its own)."""
     cfg_enabled: bool
     """Whether this request runs a second, unconditional branch (classifier-free guidance)."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"]

@@ -84,6 +84,10 @@ declare_fields! {
         /// the video runs from the input image to this one. HTTP clients upload it (`last_frame`).
         #[serde(default)]
         pub last_image_path: Option<String>,
+        /// The image tokens of an autoregressive prior, given instead of sampled (GLM-Image): one
+        /// codebook id per 16x16 pixel patch of the output, row by row, as diffusers' `prior_token_ids`.
+        #[serde(default)]
+        pub prior_token_ids: Option<Vec<u32>> [.no_flag()],
         /// How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float
         /// arrays); default: png for images, mp4 for videos.
         #[serde(default)]

@@ -38,6 +38,8 @@ declare_fields! {
         pub image_paths: Vec<String>,
         /// Last-frame image file of first-last-frame image-to-video.
         pub last_image_path: Option<String>,
+        /// Prior image tokens given with the request (empty: the pipeline samples its own).
+        pub prior_token_ids: Vec<u32>,
         /// Whether this request runs a second, unconditional branch (classifier-free guidance).
         pub cfg_enabled: bool,
         pub output_format: OutputFormat,
@@ -329,6 +331,7 @@ impl ResolvedRequest {
             image_path: image_paths.first().cloned(),
             image_paths,
             last_image_path,
+            prior_token_ids: request.prior_token_ids.clone().unwrap_or_default(),
             cfg_enabled,
             output_format,
             output_quality: request.output_quality,

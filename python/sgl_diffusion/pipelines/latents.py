@@ -86,7 +86,14 @@ def normalize_latents(
     return (latents - mean_t) * inv_std
 
 
-def denormalize_latents(latents: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Inverse of `normalize_latents`, before decoding: `x * std + mean`, computed as diffusers does."""
+def denormalize_latents(
+    latents: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, multiply: bool = False
+) -> torch.Tensor:
+    """Inverse of `normalize_latents`, before decoding: `x * std + mean`, computed as diffusers' Wan-style
+    pipelines do (dividing by 1/std), or multiplying by std (`multiply`) as its GLM-Image pipeline does: the two
+    round differently."""
     mean_t, inv_std = _statistics(latents, mean, std)
+    if multiply:
+        std_t = torch.tensor(std).view(mean_t.shape).to(latents.device, latents.dtype)
+        return latents * std_t + mean_t
     return latents / inv_std + mean_t

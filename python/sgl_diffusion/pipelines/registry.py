@@ -14,6 +14,7 @@ from .base import StagedPipeline
 from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
+from .glm_image import GLM_IMAGE_DEFAULTS, GlmImagePipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
 from .qwen_image_21 import QwenImage21Pipeline
 from .qwen_image_edit import (
@@ -38,6 +39,7 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     # Qwen/Qwen-Image-2.1: no card defaults beyond diffusers' `__call__` ones, which depend on the folder's
     # `sample_sigmas` (their count is the step count), so the id takes its folder's (qwen_image_21.py).
     QwenImage21Pipeline.pipeline_class: QwenImage21Pipeline,
+    GlmImagePipeline.pipeline_class: GlmImagePipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
@@ -99,6 +101,8 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "Qwen/Qwen-Image-Edit": QWEN_IMAGE_EDIT_DEFAULTS,
     "Qwen/Qwen-Image-Edit-2509": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
     "Qwen/Qwen-Image-Edit-2511": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
+    # 1024x1024, 50 steps, guidance 1.5 (diffusers' defaults, the model card's settings): see glm_image.py.
+    "zai-org/GLM-Image": GLM_IMAGE_DEFAULTS,
 }  # fmt: skip
 
 

@@ -92,6 +92,9 @@ class PipelineSpec:
     last_image_input: str = "none"
     supports_flow_shift: bool = False
     supports_guidance_scale_2: bool = False
+    #: Whether requests may bring `prior_token_ids` (image tokens of an autoregressive prior, GLM-Image); other
+    #: pipelines refuse the field.
+    takes_prior_token_ids: bool = False
     #: Request fields that requests of one batch must share besides those of `sgl_core::BatchKey` (a
     #: pipeline whose tensor shapes depend on another field names it here); the Rust core adds their values to
     #: the batch key.

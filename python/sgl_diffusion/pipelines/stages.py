@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import invalid_request
 from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from .base import BatchState, ProgressFn, Stage, per_row
@@ -57,8 +58,13 @@ class CheckBatch(AdapterStage):
     def __init__(self, adapter: FamilyAdapter, spec: PipelineSpec) -> None:
         super().__init__(adapter)
         self.key_fields = (*BATCH_KEY_FIELDS, *spec.extra_batch_key_fields)
+        self.spec = spec
 
     def run(self, state: BatchState) -> None:
+        if not self.spec.takes_prior_token_ids and any(r.prior_token_ids for r in state.requests):
+            raise invalid_request(
+                "prior_token_ids", f"{self.spec.pipeline_class} has no autoregressive prior to give tokens to"
+            )
         self.adapter.check_requests(state.requests)
         for field in self.key_fields:
             shared_value(state.requests, field)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer, T5Tokenizer
 
 __all__ = [
     "CLIP_BOS",
@@ -40,6 +40,7 @@ __all__ = [
     "corpus_word_counts",
     "learn_bpe",
     "pretokenize",
+    "tiny_byte_level_tokenizer",
     "tiny_clip_tokenizer",
     "tiny_qwen2_tokenizer",
     "tiny_t5_tokenizer",
@@ -283,4 +284,39 @@ def tiny_qwen2_tokenizer(
         pad_token="<|endoftext|>",
         additional_special_tokens=[s for s in QWEN2_SPECIAL_TOKENS if s not in ("<|im_end|>", "<|endoftext|>")],
         model_max_length=model_max_length,
+    )
+
+
+def tiny_byte_level_tokenizer(
+    specials: Sequence[str],
+    corpus: Iterable[str] = CORPUS,
+    *,
+    templates: Sequence[str] = (),
+    model_max_length: int = 32768,
+    **special_tokens: object,
+) -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE tokenizer (Qwen2's pre-tokenizer: GLM-4 style) kept as ``tokenizer.json``.
+
+    Ids: the 256 byte characters, one per merge learned from ``corpus`` and ``templates`` (with the specials
+    cut out), then ``specials`` in order. ``special_tokens`` are the tokenizer's keyword arguments naming them
+    (``bos_token=...``, ``extra_special_tokens={...}``). The class is transformers' plain fast tokenizer, which
+    saves and reloads ``tokenizer.json`` verbatim (v5 rebuilds Llama-style classes from vocab and merges).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    alphabet = list(bytes_to_unicode().values())
+    pre_tokenizer = Qwen2Tokenizer(vocab=_bpe_vocab(alphabet, []), merges=[]).backend_tokenizer.pre_tokenizer
+    texts = [*corpus, *_without_special_tokens(templates, specials)] if specials else [*corpus, *templates]
+    base = Tokenizer(models.BPE(vocab=_bpe_vocab(alphabet, []), merges=[]))
+    base.pre_tokenizer = pre_tokenizer
+    merges = learn_bpe(corpus_word_counts(pretokenize(base, texts)))
+    backend = Tokenizer(models.BPE(vocab=_bpe_vocab(alphabet, merges), merges=merges))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        **special_tokens,  # type: ignore[arg-type]
     )
