@@ -61,7 +61,7 @@ class RequestFields(TypedDict, total=False):
     num_inference_steps: int | None
     """Denoising steps; default: the model's."""
     guidance_scale: float | None
-    """Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free guidance (on when > 1) of the others."""
+    """Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free guidance of the others (on when > 1; Z-Image: on when > 0, adding this multiple of the conditional minus the unconditional prediction to the conditional one)."""
     true_cfg_scale: float | None
     """True classifier-free guidance of guidance-distilled models (FLUX.1): on when > 1, with a `negative_prompt` to guide against."""
     seed: int | None
@@ -72,14 +72,18 @@ class RequestFields(TypedDict, total=False):
     """Outputs of this prompt, 1-10, each from its own noise (OpenAI's `n`)."""
     flow_shift: float | None
     """Timestep shift of the sampler (video models); FLUX.1 derives its own from the size."""
+    cfg_normalization: float | None
+    """Caps the norm of the guided prediction at this multiple of the conditional prediction's norm (Z-Image's CFG renormalisation); 0, the default, leaves it uncapped."""
+    cfg_truncation: float | None
+    """Turns classifier-free guidance off for the steps whose normalised time (1 - t/1000) is above this value (Z-Image's CFG truncation); the default 1 keeps it on for every step."""
     guidance_scale_2: float | None
     """Guidance of the low-noise expert (Wan2.2 A14B); default: the model's, else `guidance_scale`."""
     fps: int | None
     """Frames per second of a video output (at most 120)."""
     image_path: str | None
-    """Input image file for image-to-video (its first frame). HTTP clients upload the image (`input_reference`); the server stores the file."""
+    """Input image file for image-to-video (its first frame). HTTP clients upload the image (`input_reference`); the server stores the file. On the command line, `--image-path`."""
     image_paths: list[str] | None
-    """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other."""
+    """Input image files, in order, for models that take several (reference images of image editing: Qwen-Image-Edit-Plus takes 1-3); `image_path` is the one-image form, give one or the other. On the command line, one `--image-path` per image."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"] | None
     """How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float arrays); default: png for images, mp4 for videos."""
     output_quality: int | None
@@ -152,6 +156,10 @@ class ResolvedRequest(Protocol):
     flow_shift: float | None
     guidance_scale_2: float | None
     """Guidance of the low-noise expert, for pipelines that have one."""
+    cfg_normalization: float | None
+    """CFG renormalisation cap (0: none), for pipelines whose guidance takes it (Z-Image)."""
+    cfg_truncation: float | None
+    """CFG truncation point in normalised time (1: none), for pipelines whose guidance takes it."""
     fps: int | None
     """Frame rate of video outputs; `None` for images."""
     image_path: str | None
