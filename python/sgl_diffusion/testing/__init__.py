@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import qwen_image as _qwen_image  # noqa: F401  (registers the Qwen-Image fixture)
 from . import wan as _wan  # noqa: F401  (registers the Wan fixtures)
+from . import z_image as _z_image  # noqa: F401  (registers the Z-Image fixture)
 from .fixtures import (
     FIXTURE_REGISTRY,
     FixtureSpec,
