@@ -23,6 +23,7 @@ from .qwen_image_edit import (
 )
 from .spec import SamplingDefaults
 from .wan import WanImageToVideoPipeline, WanPipeline
+from .z_image import Z_IMAGE_TURBO_DEFAULTS, ZImagePipeline
 
 #: Native pipelines by diffusers pipeline class.
 PIPELINES: dict[str, type[FamilyPipeline]] = {
@@ -34,6 +35,7 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     QwenImagePipeline.pipeline_class: QwenImagePipeline,
     QwenImageEditPipeline.pipeline_class: QwenImageEditPipeline,
     QwenImageEditPlusPipeline.pipeline_class: QwenImageEditPlusPipeline,
+    ZImagePipeline.pipeline_class: ZImagePipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
@@ -89,6 +91,8 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "Qwen/Qwen-Image-Edit": QWEN_IMAGE_EDIT_DEFAULTS,
     "Qwen/Qwen-Image-Edit-2509": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
     "Qwen/Qwen-Image-Edit-2511": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
+    # The model card's settings (1024x1024, 9 steps, no CFG): see z_image.py.
+    "Tongyi-MAI/Z-Image-Turbo": Z_IMAGE_TURBO_DEFAULTS,
 }  # fmt: skip
 
 
