@@ -186,6 +186,14 @@ def test_latents_after_the_loop_match_diffusers(folders, diffusers_z, cfg_batchi
         torch.testing.assert_close(state["latents"], expected, rtol=0, atol=1e-5)
 
 
+def test_a_request_without_the_guidance_fields_is_refused(folders) -> None:
+    # The core fills cfg_normalization / cfg_truncation for Z-Image; a request built around it must bring them.
+    pipeline = ZImagePipeline.load(folders["model"], RuntimeOptions.for_device("cpu"), None)
+    with pytest.raises(InvalidRequestError) as refused:
+        pipeline.run([request(cfg_truncation=None)], lambda step, total: [])
+    assert refused.value.field == "cfg_truncation"
+
+
 def test_text_embeddings_match_diffusers(folders, diffusers_z) -> None:
     pipeline = ZImagePipeline.load(folders["model"], RuntimeOptions.for_device("cpu"), None)
     texts = [PROMPT, LONG_PROMPT, "", PROMPT]

@@ -37,7 +37,7 @@ def server(z_image_dir: Path) -> Iterator[Server]:
 def test_models_report_the_family(server: Server) -> None:
     card = httpx.get(f"{server.base_url}/v1/models", timeout=30).json()["data"][0]
     assert (card["family"], card["task"], card["task_type"]) == ("z_image", "text-to-image", "T2I")
-    assert card["pipeline_class"] == "ZImagePipeline"
+    assert (card["pipeline_class"], card["pipeline_name"]) == ("ZImagePipeline", "z_image_pipeline")
 
 
 def test_openai_client_gets_diffusers_image(server: Server, z_image_dir: Path) -> None:

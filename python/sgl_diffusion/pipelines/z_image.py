@@ -29,6 +29,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, Qwen3Model
 
+from ..errors import invalid_request
 from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
 from ..models.z_image import ZImageTransformer2DModel, encode_prompts
 from ..models.z_image.transformer import SEQ_MULTIPLE, padded_length
@@ -93,6 +94,14 @@ class ZImageAdapter(FamilyAdapter):
         self.dtype = components.transformer.cap_embedder[1].weight.dtype
         # Rows whose captions the model pads to the same multiple of 32 run together, as in the reference.
         self.by_text_length = ByTextLength(self._prediction, bucket=padded_length, lengths_key="caption_lengths")
+
+    def check_requests(self, requests: Sequence[Request]) -> None:
+        # The core fills both for this family's guidance mode (0: no cap, 1: every step guided); a request
+        # built around the core without them would fail deep in the loop instead.
+        for request in requests:
+            for field in ("cfg_normalization", "cfg_truncation"):
+                if getattr(request, field) is None:
+                    raise invalid_request(field, "must be a number for Z-Image (0 and 1 leave guidance as it is)")
 
     def latent_size(self, request: Request) -> tuple[int, int]:
         """Latent height and width: 8x VAE compression, and even for the 2x2 patches."""
