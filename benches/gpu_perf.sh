@@ -24,7 +24,8 @@
 #
 # Run on the H200 on 2026-12-05 (benches/results/perf_h200.md): cuda-tests, flux-forward, wan-forward, flux-e2e,
 # wan-e2e, wan-vae, each fitting one command as estimated (cuda-tests 2.5 min, wan-e2e 6 min, wan-vae 3 min).
-# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, one per command.
+# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, one per
+# command.
 # Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
 # shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
 #
@@ -55,6 +56,13 @@
 #   qwen-e2e-1024       the same at 1024², the size of SGLang's published H100 baseline (12.8 s for 50 steps with
 #                       CFG; shown as a row), ours vs diffusers eager and + torch.compile, 20 steps. Estimate ~6 min
 #                       on an H100 with the folder built (run it after qwen-e2e, on the same warm machine), ~7.5 without.
+#   zimage-e2e          Z-Image-Turbo at the engine's defaults for Tongyi-MAI/Z-Image-Turbo (1024², 9 steps, no CFG:
+#                       the request of SGLang's published H100 number, 0.91 s, shown as a row with its CI baseline's
+#                       1.069 s), full-size config with random weights: ours (torch.compile, CUDA graphs auto: 4096
+#                       image tokens are captured) vs diffusers eager and + torch.compile (reduce-overhead, as ours
+#                       captures). First builds the random folder (19 GiB: transformer 11.5, text encoder 7.5),
+#                       deleting the other families' folders first. Estimate ~6 min on an H100 (compilation of both
+#                       sides dominates).
 # Extra perf.py flags per job go in PERF_ARGS_<JOB> with - replaced by _, e.g.
 #   PERF_ARGS_flux_forward="--cfg-shapes 16 32" PERF_ARGS_wan_e2e="--steps 10"
 #
@@ -137,6 +145,10 @@ for job in "$@"; do
         qwen-e2e-1024)
             make_room qwen_image
             perf "$job" --workload qwen-e2e --name "$job" --size 1024 --steps 20
+            ;;
+        zimage-e2e)
+            make_room z_image
+            perf "$job" --workload zimage-e2e
             ;;
         flux-graphs-small)
             perf "$job" --workload flux-graphs --name "$job" --graph-shapes 16 32

@@ -12,6 +12,9 @@ Workloads (each fits one 10-minute GPU command; `benches/gpu_perf.sh` lists the 
                 negative prompt " "): text encoding + denoising + VAE decode; `--steps` shortens, `--size 1024`
                 matches SGLang's published H100 baseline (1024², 50 steps: 12.8 s), shown as a row (with
                 ours projected to 50 steps: ours' time + the missing steps at ours' median step) and in the notes
+  zimage-e2e    Z-Image-Turbo at the engine's defaults for Tongyi-MAI/Z-Image-Turbo (1024², 9 steps, no CFG): text
+                encoding + denoising + VAE decode, full-size config with random weights; SGLang's published H100
+                number (0.91 s) as a row and in the notes
   wan-vae       Wan2.1 VAE decode of 81 frames at 832×480 (`wan_vae_decode.py`, its own timing: see there)
   flux-graphs   FLUX.1-dev forwards at small shapes (batch 1 and 2): ours eager / compiled, each plain and
                 replayed as a CUDA graph, against diffusers + torch.compile with and without CUDA graphs
@@ -24,7 +27,7 @@ How it measures, so that a skeptic can trust the comparison:
   `auto` = at most `AUTO_MAX_TOKENS` tokens, as the engine decides), diffusers gets CUDA graphs too, through
   `torch.compile(mode="reduce-overhead")` of its whole transformer (`compile_with_cuda_graphs`).
 * Ours runs the engine's sampling defaults where the workload says so (qwen-e2e: the request a bare prompt
-  gets for Qwen/Qwen-Image); its runtime options are perf.py's: `--enable-torch-compile` unless `--no-compile`
+  gets for Qwen/Qwen-Image; zimage-e2e: for Tongyi-MAI/Z-Image-Turbo); its runtime options are perf.py's: `--enable-torch-compile` unless `--no-compile`
   (the engine's own default is off), CFG batching and CUDA graphs `auto` (the engine's defaults).
 * Every variant gets the same warm-up, all before the first timed call: `--warmup` untimed calls (forward
   workloads) or untimed generations of the full request (e2e workloads). Ours' engine warm-up is off.
@@ -40,7 +43,8 @@ How it measures, so that a skeptic can trust the comparison:
 
 Models are full size with random bf16 weights created on the GPU (forward workloads: the diffusers
 model's weights are copied into ours, so outputs are comparable; end-to-end workloads: a diffusers
-folder is written by `build_random_flux.py` / `build_random_wan.py` / `build_random_qwen_image.py` and
+folder is written by `build_random_flux.py` / `build_random_wan.py` / `build_random_qwen_image.py` /
+`build_random_z_image.py` and
 loaded by our real loader, and the diffusers pipeline is assembled around *our loaded components'
 tensors*, with no second copy).
 
@@ -485,6 +489,7 @@ def compile_with_cuda_graphs(model: nn.Module, backend: str) -> nn.Module:
     unconditional forward runs). With another `backend` than inductor the mode is ignored: CPU smoke tests.
     """
     raise_recompile_limit()
+    build_lazy_rope_tables(model)
     compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False, backend=backend)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -492,6 +497,18 @@ def compile_with_cuda_graphs(model: nn.Module, backend: str) -> nn.Module:
 
     model.forward = forward  # an instance attribute: the pipeline keeps calling `model(...)` as before
     return model
+
+
+def build_lazy_rope_tables(model: nn.Module) -> None:
+    """diffusers' Z-Image transformer builds its RoPE tables (a plain `RopeEmbedder` object's `freqs_cis`) on its
+    first call, inside a `torch.device("cpu")` context that dynamo cannot trace (fullgraph fails: "Unsupported
+    context manager"). Build them the same way beforehand, on the model's device, so the whole forward compiles."""
+    rope = getattr(model, "rope_embedder", None)
+    if rope is None or getattr(rope, "freqs_cis", ()) is not None:
+        return
+    device = next(model.parameters()).device
+    tables = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+    rope.freqs_cis = [table.to(device) for table in tables]
 
 
 def reduce_overhead_note(device: torch.device) -> str:
@@ -891,8 +908,14 @@ def build_folder(args: argparse.Namespace, family: str) -> Path:
     import build_random_flux
     import build_random_qwen_image
     import build_random_wan
+    import build_random_z_image
 
-    builder = {"flux": build_random_flux, "wan": build_random_wan, "qwen_image": build_random_qwen_image}[family]
+    builder = {
+        "flux": build_random_flux,
+        "wan": build_random_wan,
+        "qwen_image": build_random_qwen_image,
+        "z_image": build_random_z_image,
+    }[family]
     began = time.perf_counter()
     argv = [str(folder), "--device", args.device.type] + (["--tiny"] if args.tiny else [])
     builder.main(argv)
@@ -911,6 +934,34 @@ QWEN_PROMPT = ("A watercolor painting of a lighthouse at sunset, a small boat sa
 #: default true CFG, through its HTTP server.
 SGLANG_QWEN = {"size": 1024, "steps": 50, "e2e_ms": 12799, "denoise_ms": 12404, "step_ms": 248.0, "text_ms": 232,
                "decode_ms": 18}  # fmt: skip
+
+
+#: Z-Image-Turbo's published SGLang numbers on 1 H100 at 1024², 9 steps (the model card's request):
+#: ../shared/reference/gpu.md's end-to-end anchor (0.91 s), and the CI baseline of test/server/perf_baselines/h100.json
+#: (2026-06-14, scenario zimage_image_t2i, through its HTTP server; sglang_digest.md section 10), which also splits
+#: the stages.
+SGLANG_ZIMAGE = {"size": 1024, "steps": 9, "e2e_ms": 910}
+SGLANG_ZIMAGE_CI = {"size": 1024, "steps": 9, "e2e_ms": 1069, "denoise_ms": 772, "step_ms": 85.3, "text_ms": 131,
+                    "decode_ms": 134}  # fmt: skip
+#: The known ids whose model-card defaults the e2e workloads run (the random folders are no known checkpoint).
+ENGINE_IDS = {"qwen_image": "Qwen/Qwen-Image", "z_image": "Tongyi-MAI/Z-Image-Turbo"}
+
+
+def card_request(args: argparse.Namespace, pipeline: Any) -> dict[str, Any]:
+    """The request the engine makes of a bare prompt for the pipeline's known id (`ENGINE_IDS`): its defaults
+    (the loaded pipeline's spec), guidance decided by the core's rule for its guidance mode. `--steps` /
+    `--size` override; `--tiny` runs 64² on the CPU."""
+    if pipeline.spec.family == "qwen_image":
+        return qwen_request(args, pipeline)
+    d = pipeline.spec.defaults
+    side = 64 if args.tiny else args.size
+    # Z-Image: classifier_free_above_zero (`sgl_core::resolve`): CFG for guidance_scale > 0; the neutral
+    # cfg_normalization / cfg_truncation the core fills in for this family.
+    return {"prompt": QWEN_PROMPT, "negative_prompt": d.negative_prompt, "width": side or d.width,
+            "height": side or d.height, "num_frames": d.num_frames,
+            "num_inference_steps": args.steps or d.num_inference_steps, "guidance_scale": d.guidance_scale,
+            "true_cfg_scale": d.true_cfg_scale, "cfg_enabled": d.guidance_scale > 0, "cfg_normalization": 0.0,
+            "cfg_truncation": 1.0, "fps": None, "max_sequence_length": d.max_sequence_length}  # fmt: skip
 
 
 def qwen_request(args: argparse.Namespace, pipeline: Any) -> dict[str, Any]:
@@ -992,6 +1043,15 @@ def diffusers_pipeline(family: str, folder: Path, ours_pipeline, device: torch.d
             raise RuntimeError(f"diffusers' Qwen-Image transformer: tensors left on the meta device: {meta[:5]}")
         extra = {"text_encoder": c.text_encoder, "tokenizer": c.tokenizer}
         pipeline_class, scheduler_class = QwenImagePipeline, FlowMatchEulerDiscreteScheduler
+    elif family == "z_image":
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+        with torch.device(device):
+            transformer = ZImageTransformer2DModel.from_config(
+                ZImageTransformer2DModel.load_config(folder / "transformer")
+            )
+        extra = {"text_encoder": c.text_encoder, "tokenizer": c.tokenizer}
+        pipeline_class, scheduler_class = ZImagePipeline, FlowMatchEulerDiscreteScheduler
     else:
         from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
@@ -1069,7 +1129,7 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     from sgl_diffusion.runtime.compile import compile_repeated_blocks
     from sgl_diffusion.runtime.cuda_graphs import cuda_graph_runner
 
-    family = {"flux-e2e": "flux", "wan-e2e": "wan", "qwen-e2e": "qwen_image"}[args.workload]
+    family = {"flux-e2e": "flux", "wan-e2e": "wan", "qwen-e2e": "qwen_image", "zimage-e2e": "z_image"}[args.workload]
     device = args.device
     folder = build_folder(args, family)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -1081,9 +1141,9 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     cuda_graphs = args.cuda_graphs if device.type == "cuda" else "auto"
     options = {"enable_torch_compile": engine_compile, "cfg_batching": "auto", "cuda_graphs": cuda_graphs,
                "warmup": False, "vae_slicing": args.vae_slicing}  # fmt: skip
-    executor = ours_executor(args, folder, "Qwen/Qwen-Image" if family == "qwen_image" else None, **options)
+    executor = ours_executor(args, folder, ENGINE_IDS.get(family), **options)
     pipeline = executor.pipeline
-    fields = qwen_request(args, pipeline) if family == "qwen_image" else e2e_request(args, family)
+    fields = card_request(args, pipeline) if family in ENGINE_IDS else e2e_request(args, family)
     request = make_request(fields, seed=0)
     record["request"] = fields
     if args.compile and not engine_compile:
@@ -1214,39 +1274,54 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     if DIFFUSERS_GRAPHS in names:
         notes.append(reduce_overhead_note(device))
     if family == "qwen_image":
-        sglang_row(rows, ours_name, measured[ours_name], fields["num_inference_steps"], fields["width"])
+        sglang_row(rows, ours_name, measured[ours_name], fields["num_inference_steps"], fields["width"], SGLANG_QWEN,
+                   "h100.json", "true CFG")  # fmt: skip
         notes += qwen_e2e_notes(args, folder, fields, measured[ours_name], pipeline.c.tokenizer)
+    if family == "z_image":
+        for published, source in ((SGLANG_ZIMAGE, "gpu.md anchor"), (SGLANG_ZIMAGE_CI, "h100.json CI baseline")):
+            sglang_row(rows, ours_name, measured[ours_name], fields["num_inference_steps"], fields["width"], published,
+                       source, "no CFG")  # fmt: skip
+        notes += zimage_e2e_notes(fields, measured[ours_name], pipeline)
     return rows, notes
 
 
-def projected_50_steps(ours: Measured, steps: int) -> float:
-    """Ours' median request time with its denoising loop stretched to SGLang's 50 steps at ours' median step."""
+def projected_50_steps(ours: Measured, steps: int, published_steps: int = SGLANG_QWEN["steps"]) -> float:
+    """Ours' median request time with its denoising loop stretched to SGLang's step count (50 for Qwen-Image)
+    at ours' median step."""
     all_steps = [ms for d in ours.details for ms in d["steps_ms"]]
     if not all_steps:
         return math.nan
-    return ours.spread.median / 1000 + (SGLANG_QWEN["steps"] - steps) * statistics.median(all_steps) / 1000
+    return ours.spread.median / 1000 + (published_steps - steps) * statistics.median(all_steps) / 1000
 
 
-def sglang_row(rows: list[dict[str, Any]], ours_name: str, ours: Measured, steps: int, side: int) -> None:
-    """Adds SGLang's published number as a row of its own (not run here), and ours' 50-step projection."""
-    sg = SGLANG_QWEN
+def sglang_row(
+    rows: list[dict[str, Any]],
+    ours_name: str,
+    ours: Measured,
+    steps: int,
+    side: int,
+    sg: dict[str, Any],
+    source: str,
+    guidance: str,
+) -> None:
+    """Adds SGLang's published number `sg` as a row of its own (not run here), and ours' projection to its
+    step count. Stage columns where the source splits them."""
     for row in rows:
         if row["variant"] == ours_name:
-            row[f"projected {sg['steps']} steps s"] = projected_50_steps(ours, steps)
+            row[f"projected {sg['steps']} steps s"] = projected_50_steps(ours, steps, sg["steps"])
     comparable = "" if side == sg["size"] else f"; not comparable at {side}²"
-    rows.append(
-        {
-            "group": "published",
-            "variant": f"SGLang, 1 H100, {sg['size']}², {sg['steps']} steps, true CFG (h100.json; not run here"
-            f"{comparable})",
-            "median s": sg["e2e_ms"] / 1000,
-            "text s": sg["text_ms"] / 1000,
-            "denoise s": sg["denoise_ms"] / 1000,
-            "decode s": sg["decode_ms"] / 1000,
-            "median step ms": sg["step_ms"],
-            f"projected {sg['steps']} steps s": sg["e2e_ms"] / 1000,
-        }
-    )
+    row = {
+        "group": "published",
+        "variant": f"SGLang, 1 H100, {sg['size']}², {sg['steps']} steps, {guidance} ({source}; not run here"
+        f"{comparable})",
+        "median s": sg["e2e_ms"] / 1000,
+    }
+    for column, key, scale in (("text s", "text_ms", 1000), ("denoise s", "denoise_ms", 1000),
+                               ("decode s", "decode_ms", 1000), ("median step ms", "step_ms", 1)):  # fmt: skip
+        if key in sg:
+            row[column] = sg[key] / scale
+    row[f"projected {sg['steps']} steps s"] = sg["e2e_ms"] / 1000
+    rows.append(row)
 
 
 def qwen_e2e_notes(
@@ -1318,6 +1393,50 @@ def qwen_e2e_notes(
     return notes
 
 
+def zimage_e2e_notes(fields: dict[str, Any], ours: Measured, pipeline: Any) -> list[str]:
+    """What zimage-e2e ran (caption lengths) and ours against SGLang's published H100 numbers."""
+    from sgl_diffusion.models.z_image.text_encoder import chat_prompt
+    from sgl_diffusion.models.z_image.transformer import padded_length
+
+    tokenizer = pipeline.c.tokenizer
+
+    def caption(text: str) -> str:  # the templated prompt's real tokens, and what the DiT pads them to
+        tokens = min(len(tokenizer(chat_prompt(tokenizer, text)).input_ids), fields["max_sequence_length"])
+        return f"{tokens} tokens (padded to {padded_length(tokens)})"
+
+    notes = [
+        (
+            "Weights resident on the GPU: ours' transformer 11.5 GiB + text encoder (Qwen3-4B size) 7.5 GiB + FLUX VAE "
+            "0.16 GiB; diffusers' pipeline holds the same tensors (no second copy), and so does its compiled twin."
+        ),
+        f"Caption the transformer sees: prompt {caption(fields['prompt'])}"
+        + (f", negative prompt {caption(fields['negative_prompt'] or '')}" if fields["cfg_enabled"] else "")
+        + " (the fixture tokenizer's count, in its Qwen3 chat template).",
+    ]
+    steps, side = fields["num_inference_steps"], fields["width"]
+    all_steps = [ms for d in ours.details for ms in d["steps_ms"]]
+    if not all_steps:
+        return [*notes, "SGLang: no repetition of ours finished"]
+    stages = [d["stages_ms"] for d in ours.details]
+    step_ms, total_s = statistics.median(all_steps), ours.spread.median / 1000
+    ci = SGLANG_ZIMAGE_CI
+    text = (
+        f"SGLang's published H100 numbers for Z-Image-Turbo at {ci['size']}², {ci['steps']} steps: "
+        f"{SGLANG_ZIMAGE['e2e_ms'] / 1000:.2f} s (gpu.md anchor); {ci['e2e_ms'] / 1000:.3f} s in its CI baseline "
+        f"(h100.json: denoise {ci['denoise_ms']} ms, {ci['step_ms']} ms per step, text {ci['text_ms']} ms, decode "
+        f"{ci['decode_ms']} ms; through its HTTP server). Ours here: {total_s:.3f} s for {side}², {steps} steps "
+        f"({step_ms:.1f} ms per step, median over steps and repetitions; text "
+        f"{statistics.median(s.get('text_encoding', 0.0) for s in stages):.0f} ms, decode "
+        f"{statistics.median(s.get('decoding', 0.0) for s in stages):.0f} ms)"
+    )
+    if side == ci["size"] and steps == ci["steps"]:
+        text += (f"; ours / SGLang = {total_s / (SGLANG_ZIMAGE['e2e_ms'] / 1000):.3f}× (anchor), "
+                 f"{total_s / (ci['e2e_ms'] / 1000):.3f}× (CI; per step {step_ms / ci['step_ms']:.3f}×).")  # fmt: skip
+    else:
+        text += f". Not comparable with SGLang's {ci['size']}², {ci['steps']}-step numbers."
+    return [*notes, text]
+
+
 # --------------------------------------------------------------------------------------------------
 # VAE workload
 # --------------------------------------------------------------------------------------------------
@@ -1364,6 +1483,7 @@ WORKLOADS = {
     "flux-e2e": run_e2e,
     "wan-e2e": run_e2e,
     "qwen-e2e": run_e2e,
+    "zimage-e2e": run_e2e,
     "flux-graphs": run_graph_sweep,
     "wan-graphs": run_graph_sweep,
     "wan-vae": run_wan_vae,
@@ -1395,8 +1515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed calls per variant first (default: forward workloads 3, "
                         "e2e 1 full generation)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="denoising steps for e2e (default: FLUX 28, Wan 50, Qwen-Image "
-                        "the engine's default, 50)")  # fmt: skip
-    parser.add_argument("--size", type=int, help="qwen-e2e: image side in pixels (default: the engine's, 1328)")
+                        "and Z-Image the engine's defaults, 50 and 9)")  # fmt: skip
+    parser.add_argument("--size", type=int, help="qwen-e2e / zimage-e2e: image side in pixels (default: the "
+                        "engine's, 1328 / 1024)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile variants")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of both sides; on the CPU compiled variants run only with "

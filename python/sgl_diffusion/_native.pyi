@@ -61,7 +61,7 @@ class RequestFields(TypedDict, total=False):
     num_inference_steps: int | None
     """Denoising steps; default: the model's."""
     guidance_scale: float | None
-    """Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free guidance (on when > 1) of the others."""
+    """Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free guidance of the others (on when > 1; Z-Image: on when > 0, adding this multiple of the conditional minus the unconditional prediction to the conditional one)."""
     true_cfg_scale: float | None
     """True classifier-free guidance of guidance-distilled models (FLUX.1): on when > 1, with a `negative_prompt` to guide against."""
     seed: int | None
@@ -72,6 +72,10 @@ class RequestFields(TypedDict, total=False):
     """Outputs of this prompt, 1-10, each from its own noise (OpenAI's `n`)."""
     flow_shift: float | None
     """Timestep shift of the sampler (video models); FLUX.1 derives its own from the size."""
+    cfg_normalization: float | None
+    """Caps the norm of the guided prediction at this multiple of the conditional prediction's norm (Z-Image's CFG renormalisation); 0, the default, leaves it uncapped."""
+    cfg_truncation: float | None
+    """Turns classifier-free guidance off for the steps whose normalised time (1 - t/1000) is above this value (Z-Image's CFG truncation); the default 1 keeps it on for every step."""
     guidance_scale_2: float | None
     """Guidance of the low-noise expert (Wan2.2 A14B); default: the model's, else `guidance_scale`."""
     fps: int | None
@@ -156,6 +160,10 @@ class ResolvedRequest(Protocol):
     flow_shift: float | None
     guidance_scale_2: float | None
     """Guidance of the low-noise expert, for pipelines that have one."""
+    cfg_normalization: float | None
+    """CFG renormalisation cap (0: none), for pipelines whose guidance takes it (Z-Image)."""
+    cfg_truncation: float | None
+    """CFG truncation point in normalised time (1: none), for pipelines whose guidance takes it."""
     fps: int | None
     """Frame rate of video outputs; `None` for images."""
     image_path: str | None

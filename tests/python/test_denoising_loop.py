@@ -275,6 +275,26 @@ def test_rows_of_one_text_length_run_together_without_padding() -> None:
         ByTextLength(denoiser)(**{**inputs, "hidden_states": hidden[:2]})
 
 
+def test_rows_of_one_length_bucket_run_together_with_their_own_lengths() -> None:
+    """With a bucket (Z-Image: the model pads captions to a multiple of 32 itself), rows whose lengths share a
+    bucket run as one forward, cut to the group's longest row, and the forward learns each row's length."""
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def denoiser(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, lengths: tuple[int, ...]):
+        calls.append((tuple(encoder_hidden_states.shape[:2]), lengths))
+        return hidden_states * torch.tensor(lengths, dtype=hidden_states.dtype).view(-1, 1)
+
+    padded, lengths = pad_text_rows([torch.ones(n, 2) for n in (5, 40, 3, 33)])
+    hidden = torch.ones(4, 1)
+    inputs = {"hidden_states": hidden, "encoder_hidden_states": padded, TEXT_LENGTHS: lengths}
+    by_bucket = ByTextLength(denoiser, bucket=lambda n: -(-n // 32), lengths_key="lengths")
+    out = by_bucket(**inputs)
+    assert calls == [((2, 5), (5, 3)), ((2, 40), (40, 33))]
+    torch.testing.assert_close(out[:, 0], torch.tensor([5.0, 40.0, 3.0, 33.0]))
+    with pytest.raises(ValueError, match="go together"):
+        ByTextLength(denoiser, bucket=lambda n: n)
+
+
 def test_dmd_state_renoises_from_each_requests_own_generator_and_drops_cancelled_ones() -> None:
     generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     state = DmdState((1000, 500), (1.0, 0.5), generators, outputs=[1, 2], device=torch.device("cpu"))

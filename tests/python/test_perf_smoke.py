@@ -1,7 +1,7 @@
-"""`benches/perf.py`'s Qwen-Image workloads on tiny configs on the CPU (no timing meaning): the code paths the GPU
-jobs take (weights shared between the two models, the engine's defaults for Qwen/Qwen-Image, diffusers' pipeline
-over our loaded tensors, the compiled variants with the eager backend, the SGLang row) keep working, and both
-sides compute the same thing. Also `build_random_qwen_image.py`'s shrinking of the text encoder to fit the disk.
+"""`benches/perf.py`'s Qwen-Image and Z-Image workloads on tiny configs on the CPU (no timing meaning): the code paths
+the GPU jobs take (weights shared between the two models, the engine's defaults for Qwen/Qwen-Image and
+Tongyi-MAI/Z-Image-Turbo, diffusers' pipeline over our loaded tensors, the compiled variants with the eager backend,
+the SGLang rows) keep working, and both sides compute the same thing. Also `build_random_qwen_image.py`'s shrinking of the text encoder to fit the disk.
 """
 
 from __future__ import annotations
@@ -70,6 +70,27 @@ def test_qwen_e2e_runs_the_engine_defaults_against_diffusers(tmp_path: Path) -> 
     assert rows["diffusers eager"]["PSNR dB vs ours"] > 40  # fp32 on the CPU: the same images
     assert any(row["group"] == "published" and row["median s"] == 12.799 for row in record["rows"])
     assert any("SGLang" in note and "Not comparable" in note for note in record["notes"])
+
+
+def test_zimage_e2e_runs_the_engine_defaults_against_diffusers(tmp_path: Path) -> None:
+    # `--cuda-graphs on`: the variants the GPU job gets at 1024² (ours captures there), so diffusers' whole
+    # transformer is compiled with fullgraph (its lazily built RoPE tables must be built first).
+    record = run_perf(tmp_path, "--workload", "zimage-e2e", "--steps", "3", "--cuda-graphs", "on")
+    request = record["request"]
+    # Tongyi-MAI/Z-Image-Turbo's card defaults, from the engine (only the size is tiny and the steps shortened).
+    assert (request["guidance_scale"], request["cfg_enabled"], request["max_sequence_length"]) == (0.0, False, 512)
+    assert (request["width"], request["height"], request["num_inference_steps"]) == (64, 64, 3)
+    rows = {row["variant"]: row for row in record["rows"]}
+    compiled = "diffusers + torch.compile, CUDA graphs (reduce-overhead)"
+    assert {"diffusers eager", compiled} <= set(rows)
+    ours = next(row for name, row in rows.items() if name.startswith("ours"))
+    assert ours["median step ms"] > 0 and ours["projected 9 steps s"] > 0
+    for name in ("diffusers eager", compiled):
+        assert rows[name]["PSNR dB vs ours"] > 40, name  # fp32 on the CPU: the same images
+    published = [row["median s"] for row in record["rows"] if row.get("group") == "published"]
+    assert published == [0.91, 1.069]
+    assert any("SGLang" in note and "Not comparable" in note for note in record["notes"])
+    assert any("Caption the transformer sees" in note for note in record["notes"])
 
 
 def test_builder_shrinks_the_text_encoder_to_fit_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

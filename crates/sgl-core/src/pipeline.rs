@@ -121,6 +121,10 @@ pub enum GuidanceMode {
     /// No guidance embedding; classifier-free guidance through `true_cfg_scale > 1` with a negative
     /// prompt (Qwen-Image). `guidance_scale` feeds nothing.
     TrueCfg,
+    /// Classifier-free guidance counted from the conditional prediction (Z-Image): on when
+    /// `guidance_scale > 0`, the prediction is `cond + guidance_scale * (cond - uncond)`; takes
+    /// `cfg_normalization` and `cfg_truncation`.
+    ClassifierFreeAboveZero,
 }
 
 /// The model's own sampling defaults; a request overrides any of them.

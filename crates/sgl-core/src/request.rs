@@ -45,7 +45,8 @@ declare_fields! {
         #[serde(default)]
         pub num_inference_steps: Option<u32> [.routes(ALL_ROUTES)],
         /// Guidance strength: the embedded guidance of distilled models (FLUX.1), classifier-free
-        /// guidance (on when > 1) of the others.
+        /// guidance of the others (on when > 1; Z-Image: on when > 0, adding this multiple of the
+        /// conditional minus the unconditional prediction to the conditional one).
         #[serde(default)]
         pub guidance_scale: Option<f64> [.routes(ALL_ROUTES)],
         /// True classifier-free guidance of guidance-distilled models (FLUX.1): on when > 1, with a
@@ -65,6 +66,14 @@ declare_fields! {
         /// Timestep shift of the sampler (video models); FLUX.1 derives its own from the size.
         #[serde(default)]
         pub flow_shift: Option<f64> [.routes(ALL_ROUTES)],
+        /// Caps the norm of the guided prediction at this multiple of the conditional prediction's
+        /// norm (Z-Image's CFG renormalisation); 0, the default, leaves it uncapped.
+        #[serde(default)]
+        pub cfg_normalization: Option<f64> [.routes(&[Route::Images]).min(0)],
+        /// Turns classifier-free guidance off for the steps whose normalised time (1 - t/1000) is
+        /// above this value (Z-Image's CFG truncation); the default 1 keeps it on for every step.
+        #[serde(default)]
+        pub cfg_truncation: Option<f64> [.routes(&[Route::Images]).min(0)],
         /// Guidance of the low-noise expert (Wan2.2 A14B); default: the model's, else `guidance_scale`.
         #[serde(default)]
         pub guidance_scale_2: Option<f64> [.routes(&[Route::Videos])],

@@ -30,6 +30,10 @@ declare_fields! {
         pub flow_shift: Option<f64>,
         /// Guidance of the low-noise expert, for pipelines that have one.
         pub guidance_scale_2: Option<f64>,
+        /// CFG renormalisation cap (0: none), for pipelines whose guidance takes it (Z-Image).
+        pub cfg_normalization: Option<f64>,
+        /// CFG truncation point in normalised time (1: none), for pipelines whose guidance takes it.
+        pub cfg_truncation: Option<f64>,
         /// Frame rate of video outputs; `None` for images.
         pub fps: Option<u32>,
         /// Input image file for image-to-video: the first of `image_paths` (what one-image pipelines read).
@@ -161,6 +165,7 @@ impl PipelineInfo {
         let d = &self.defaults;
         let cfg = match self.guidance {
             GuidanceMode::ClassifierFree => d.guidance_scale > 1.0,
+            GuidanceMode::ClassifierFreeAboveZero => d.guidance_scale > 0.0,
             GuidanceMode::EmbeddedWithTrueCfg | GuidanceMode::TrueCfg => {
                 d.negative_prompt.is_some() && d.true_cfg_scale > 1.0
             }
@@ -278,7 +283,9 @@ impl ResolvedRequest {
                 }
             }
             GuidanceMode::ClassifierFree => guidance_scale > 1.0,
+            GuidanceMode::ClassifierFreeAboveZero => guidance_scale > 0.0,
         };
+        let (cfg_normalization, cfg_truncation) = resolve_cfg_shaping(request, info)?;
 
         if let Some(quality) = request.output_quality {
             declared_bounds("output_quality", f64::from(quality))?;
@@ -327,6 +334,8 @@ impl ResolvedRequest {
             num_outputs,
             flow_shift,
             guidance_scale_2,
+            cfg_normalization,
+            cfg_truncation,
             fps,
             image_path: image_paths.first().cloned(),
             image_paths,
@@ -365,6 +374,39 @@ fn true_cfg(
             format!("true_cfg_scale {true_cfg_scale} > 1 needs a negative_prompt to guide against"),
         )),
     }
+}
+
+/// `cfg_normalization` and `cfg_truncation` with their neutral defaults (0: no cap, 1: every step guided)
+/// for pipelines whose guidance takes them, `None` for the others; asking another pipeline for either is an
+/// error naming the field, as it would change nothing.
+fn resolve_cfg_shaping(
+    request: &GenerationRequest,
+    info: &PipelineInfo,
+) -> Result<(Option<f64>, Option<f64>), ValidationError> {
+    let fields =
+        [("cfg_normalization", request.cfg_normalization, 0.0), ("cfg_truncation", request.cfg_truncation, 1.0)];
+    let takes_them = info.guidance == GuidanceMode::ClassifierFreeAboveZero;
+    let mut resolved = [None, None];
+    for (slot, (field, value, neutral)) in resolved.iter_mut().zip(fields) {
+        match (value, takes_them) {
+            (Some(_), false) => {
+                return Err(ValidationError::new(
+                    field,
+                    format!(
+                        "{}'s guidance has no {field}; it applies to Z-Image's classifier-free guidance",
+                        info.pipeline_class
+                    ),
+                ))
+            }
+            (Some(value), true) => {
+                declared_bounds(field, value)?;
+                *slot = Some(value);
+            }
+            (None, true) => *slot = Some(neutral),
+            (None, false) => {}
+        }
+    }
+    Ok((resolved[0], resolved[1]))
 }
 
 /// The JSON text of each named field of `request` (`null` for a field it leaves out or does not have),
@@ -869,6 +911,42 @@ mod tests {
         let on = ResolvedRequest::resolve(&GenerationRequest { guidance_scale: Some(5.0), ..req("a") }, &wan).unwrap();
         let off = ResolvedRequest::resolve(&GenerationRequest { guidance_scale: Some(1.0), ..req("a") }, &wan).unwrap();
         assert!(on.cfg_enabled && !off.cfg_enabled);
+    }
+
+    #[test]
+    fn guidance_above_zero_switches_on_any_positive_scale() {
+        // Z-Image: cond + s * (cond - uncond) runs for every s > 0 (diffusers' ZImagePipeline rule).
+        let mut info = flux_info();
+        info.guidance = GuidanceMode::ClassifierFreeAboveZero;
+        info.defaults.guidance_scale = 0.0;
+        let off = ResolvedRequest::resolve(&req("a"), &info).unwrap();
+        assert!(!off.cfg_enabled);
+        assert_eq!((off.cfg_normalization, off.cfg_truncation), (Some(0.0), Some(1.0)));
+        assert_eq!(info.default_request_cost().branches, 1);
+        let on = GenerationRequest { guidance_scale: Some(0.5), cfg_truncation: Some(0.6), ..req("a") };
+        let on = ResolvedRequest::resolve(&on, &info).unwrap();
+        assert!(on.cfg_enabled);
+        assert_eq!(on.cfg_truncation, Some(0.6));
+        info.defaults.guidance_scale = 4.0;
+        assert_eq!(info.default_request_cost().branches, 2);
+        let negative = GenerationRequest { cfg_normalization: Some(-1.0), ..req("a") };
+        assert_eq!(field_of(negative, &info), "cfg_normalization");
+    }
+
+    #[test]
+    fn cfg_shaping_only_where_the_guidance_takes_it() {
+        for info in [flux_info(), video_info()] {
+            let r = ResolvedRequest::resolve(&req("a"), &info).unwrap();
+            assert_eq!((r.cfg_normalization, r.cfg_truncation), (None, None));
+            let err = ResolvedRequest::resolve(&GenerationRequest { cfg_truncation: Some(0.5), ..req("a") }, &info)
+                .unwrap_err();
+            assert_eq!(err.field, "cfg_truncation");
+            assert!(err.message.contains("Z-Image"), "{}", err.message);
+            assert_eq!(
+                field_of(GenerationRequest { cfg_normalization: Some(1.0), ..req("a") }, &info),
+                "cfg_normalization"
+            );
+        }
     }
 
     #[test]

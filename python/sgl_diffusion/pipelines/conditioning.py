@@ -49,7 +49,10 @@ class Conditioning:
 @dataclasses.dataclass(frozen=True)
 class ModelInputs:
     """One step's denoiser inputs besides the prompt's: `rows` are batch-first (latents, timesteps, image
-    tokens), `fixed` have no batch dimension (position ids) and are the same for every row and branch."""
+    tokens), `fixed` have no batch dimension (position ids) and are the same for every row and branch.
+    `guidance` holds the step's settings for the guider, never passed to the denoiser (Z-Image: which rows
+    are still guided at this timestep)."""
 
     rows: RowInputs
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    guidance: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -26,7 +26,7 @@ from ..schedulers.flow_match_euler import FlowMatchEulerState
 from .base import BatchState
 from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
-from .latents import draw_noise, latent_image_ids, pack_latents, unpack_latents
+from .latents import decode_images, draw_noise, latent_image_ids, pack_latents, unpack_latents
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 
 #: FLUX.1's CLIP tokenizer length; T5 takes `max_sequence_length` (at most 512).
@@ -121,11 +121,7 @@ class FluxAdapter(FamilyAdapter):
         vae = self.c.vae
         latents = unpack_latents(state["latents"], *self.latent_size(state.requests[0]))
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        latents = latents.to(vae.dtype)
-        # One row at a time: bounded activation memory, and each image is independent of its batch.
-        images = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
-        pixels = (torch.cat(images) * 0.5 + 0.5).clamp(0, 1)
-        return pixels.cpu().permute(0, 2, 3, 1).float().numpy()
+        return decode_images(vae, latents.to(vae.dtype))
 
 
 class FluxPipeline(FamilyPipeline):

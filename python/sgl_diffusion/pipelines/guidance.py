@@ -10,6 +10,8 @@ combines the branches. The loop calls `guider.predict(...)` every step and knows
   family decides when it builds the `Conditioning`.
 * `NormPreservingCFG`: the same, rescaled so each token's prediction keeps the conditional branch's norm
   (diffusers' `QwenImagePipeline` true CFG).
+* `ConditionalOffsetCFG`: `cond + scale * (cond - uncond)` in float32, with a per-row norm cap and per-step
+  switch-off (diffusers' `ZImagePipeline`, its `cfg_normalization` and `cfg_truncation`).
 """
 
 from __future__ import annotations
@@ -118,3 +120,59 @@ class NormPreservingCFG(ClassifierFreeGuidance):
         positive_norm = torch.norm(positive, dim=-1, keepdim=True)
         combined_norm = torch.norm(combined, dim=-1, keepdim=True)
         return combined * (positive_norm / combined_norm)
+
+
+class ConditionalOffsetCFG(Guider):
+    """Classifier-free guidance counted from the conditional prediction, as diffusers' `ZImagePipeline` runs it:
+    per row, `cond + scale * (cond - uncond)` in float32 (a scale of 0 is the conditional prediction, so the
+    engine turns guidance on for any scale above 0).
+
+    The step's `inputs.guidance` says per row (CPU tensors, so deciding never waits for the GPU):
+
+    * `"active"` (bool): whether the row is still guided at this step (`cfg_truncation` ends guidance late in
+      the schedule); an inactive row takes its conditional prediction, and a step without active rows skips
+      the unconditional forward;
+    * `"normalization"` (float): above 0, the result's norm over the whole sample is capped at this multiple
+      of the conditional prediction's norm (`cfg_normalization`); 0 leaves it as it is.
+
+    The per-sample norms are taken one row at a time, as the reference does, so their rounding matches.
+    """
+
+    def __init__(self, batched: bool) -> None:
+        self.batched = batched
+
+    def predict(self, denoiser: Denoiser, inputs: ModelInputs, conditioning: Conditioning, expert: int) -> torch.Tensor:
+        if conditioning.negative is None:
+            raise ValueError("classifier-free guidance needs the negative prompts' inputs; the conditioning has none")
+        active: torch.Tensor = inputs.guidance["active"]
+        if not bool(active.any()):
+            return denoiser(**inputs.rows, **conditioning.shared, **conditioning.positive, **inputs.fixed).float()
+        positive, negative = guided_forward(
+            denoiser,
+            rows={**inputs.rows, **conditioning.shared},
+            cond=conditioning.positive,
+            uncond=conditioning.negative,
+            fixed=inputs.fixed,
+            batched=self.batched,
+        )
+        positive, negative = positive.float(), negative.float()
+        scale = conditioning.cfg_scales[expert].view(-1, *([1] * (positive.ndim - 1))).float()
+        guided = positive + scale * (positive - negative)
+        caps: torch.Tensor = inputs.guidance["normalization"]
+        if bool((caps > 0).any()):
+            guided = torch.stack(
+                [
+                    self._cap_norm(cond, row, cap) if cap > 0 else row
+                    for cond, row, cap in zip(positive, guided, caps.tolist(), strict=True)
+                ]
+            )
+        if not bool(active.all()):
+            guided = torch.where(active.to(guided.device).view_as(scale), guided, positive)
+        return guided
+
+    @staticmethod
+    def _cap_norm(positive: torch.Tensor, guided: torch.Tensor, cap: float) -> torch.Tensor:
+        """`guided` scaled down to `cap` times `positive`'s norm where it is longer (no host sync)."""
+        limit = torch.linalg.vector_norm(positive) * cap
+        norm = torch.linalg.vector_norm(guided)
+        return torch.where(norm > limit, guided * (limit / norm), guided)

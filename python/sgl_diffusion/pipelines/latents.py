@@ -1,4 +1,5 @@
-"""Latent code families share: per-request noise, FLUX-style 2x2 packing, Wan-style VAE statistics.
+"""Latent code families share: per-request noise, FLUX-style 2x2 packing, Wan-style VAE statistics, and
+decoding with a 2D VAE (FLUX.1's `AutoencoderKL`, which Z-Image uses too).
 
 Kept in one module so that a family built from several of them (Qwen-Image: FLUX-style packing over a
 Wan-style VAE) takes each from here instead of from another family.
@@ -7,7 +8,9 @@ Wan-style VAE) takes each from here instead of from another family.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..runtime.request import Request
@@ -97,3 +100,12 @@ def denormalize_latents(
         std_t = torch.tensor(std).view(mean_t.shape).to(latents.device, latents.dtype)
         return latents * std_t + mean_t
     return latents / inv_std + mean_t
+
+
+def decode_images(vae: Any, latents: torch.Tensor) -> np.ndarray:
+    """Latents already in the VAE's scale and dtype, `(B, C, H, W)`, to float32 pixels `(B, H, W, 3)` in
+    [0, 1] with a 2D VAE (`AutoencoderKL`). One row at a time: bounded activation memory, and each image is
+    independent of its batch."""
+    images = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
+    pixels = (torch.cat(images) * 0.5 + 0.5).clamp(0, 1)
+    return pixels.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -25,6 +25,7 @@ from .qwen_image_edit import (
 )
 from .spec import SamplingDefaults
 from .wan import WanImageToVideoPipeline, WanPipeline
+from .z_image import Z_IMAGE_TURBO_DEFAULTS, ZImagePipeline
 
 #: Native pipelines by diffusers pipeline class.
 PIPELINES: dict[str, type[FamilyPipeline]] = {
@@ -40,6 +41,7 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     # `sample_sigmas` (their count is the step count), so the id takes its folder's (qwen_image_21.py).
     QwenImage21Pipeline.pipeline_class: QwenImage21Pipeline,
     GlmImagePipeline.pipeline_class: GlmImagePipeline,
+    ZImagePipeline.pipeline_class: ZImagePipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved
@@ -103,6 +105,8 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "Qwen/Qwen-Image-Edit-2511": QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
     # 1024x1024, 50 steps, guidance 1.5 (diffusers' defaults, the model card's settings): see glm_image.py.
     "zai-org/GLM-Image": GLM_IMAGE_DEFAULTS,
+    # The model card's settings (1024x1024, 9 steps, no CFG): see z_image.py.
+    "Tongyi-MAI/Z-Image-Turbo": Z_IMAGE_TURBO_DEFAULTS,
 }  # fmt: skip
 
 

@@ -62,8 +62,9 @@ class SamplingDefaults:
 #: `sgl_core::GuidanceMode`: how a request turns on classifier-free guidance. "classifier_free":
 #: `guidance_scale > 1`; "embedded_with_true_cfg": the model takes `guidance_scale` as an input
 #: (guidance-distilled) and runs true CFG with `true_cfg_scale` against a negative prompt; "true_cfg": true CFG
-#: the same way, with no guidance input (Qwen-Image).
-GUIDANCE_MODES = ("classifier_free", "embedded_with_true_cfg", "true_cfg")
+#: the same way, with no guidance input (Qwen-Image); "classifier_free_above_zero": `guidance_scale > 0`, the
+#: scale counted from the conditional prediction, with `cfg_normalization` and `cfg_truncation` (Z-Image).
+GUIDANCE_MODES = ("classifier_free", "embedded_with_true_cfg", "true_cfg", "classifier_free_above_zero")
 #: `sgl_core::OutputKind`: the stages leave `images` (B×H×W×3) or `videos` (B×T×H×W×3) in the state.
 OUTPUT_KINDS = ("image", "video")
 #: `sgl_core::ImageInput`: whether requests may, must or must not carry an input image.

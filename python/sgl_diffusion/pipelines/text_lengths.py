@@ -14,11 +14,18 @@ groups the rows by length and runs each group on its own tokens only, with no at
 
 The price: a batch whose prompts differ in length runs one forward per distinct length. Two rows of one
 length (the outputs of one request, a prompt and a negative prompt of equal length) still share a forward.
+
+A model that pads every caption itself to a multiple of some size, with a learned pad token rather than a
+mask (Z-Image: 32), gives rows of different lengths the same sequence once padded. Such a family groups rows
+by that padded length (`bucket`) and the model gets each row's own length (`lengths_key`): rows that the
+model lays out alike then share a forward, as in the reference pipeline (a prompt and a short negative
+prompt, for one), still without any mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 
@@ -48,11 +55,34 @@ class ByTextLength:
     Called with the guider's keyword inputs, which include `TEXT_LENGTHS` and the padded text under
     `text_key`. Every other tensor input must be batch-first (one row per output and branch); inputs that
     are no tensors (Qwen-Image's `img_shapes`) reach every group unchanged.
+
+    With `bucket`, rows whose lengths fall in one bucket (`bucket(length)` equal) run together: the text is
+    cut to the group's longest row, and the forward gets the group's row lengths, a tuple of ints, under
+    `lengths_key` (a model that pads each row to the bucket itself, see the module docstring).
     """
 
-    def __init__(self, forward: Denoiser, text_key: str = "encoder_hidden_states") -> None:
+    def __init__(
+        self,
+        forward: Denoiser,
+        text_key: str = "encoder_hidden_states",
+        *,
+        bucket: Callable[[int], int] | None = None,
+        lengths_key: str | None = None,
+    ) -> None:
+        if (bucket is None) != (lengths_key is None):
+            raise ValueError("bucket and lengths_key go together: the model must learn each row's length")
         self.forward = forward
         self.text_key = text_key
+        self.bucket = bucket
+        self.lengths_key = lengths_key
+
+    def _call(self, inputs: dict[str, object], text: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        # Contiguous, as the reference passes its unpadded embeddings (a strided view could take another
+        # matmul path).
+        inputs[self.text_key] = text[:, : max(lengths)].contiguous()
+        if self.lengths_key is not None:
+            inputs[self.lengths_key] = tuple(lengths)
+        return self.forward(**inputs)
 
     def __call__(self, **inputs: object) -> torch.Tensor:
         lengths = inputs.pop(TEXT_LENGTHS)
@@ -60,20 +90,20 @@ class ByTextLength:
         if not isinstance(lengths, torch.Tensor) or not isinstance(text, torch.Tensor):
             raise TypeError(f"{TEXT_LENGTHS} and {self.text_key} must be tensors")
         rows = text.shape[0]
+        row_lengths = lengths.tolist()
         groups: dict[int, list[int]] = {}
-        for row, length in enumerate(lengths.tolist()):
-            groups.setdefault(length, []).append(row)
+        for row, length in enumerate(row_lengths):
+            key = length if self.bucket is None else self.bucket(length)
+            groups.setdefault(key, []).append(row)
         if len(groups) == 1:
-            (length,) = groups
-            # Contiguous, as the reference passes its unpadded embeddings (a strided view could take
-            # another matmul path).
-            return self.forward(**{**inputs, self.text_key: text[:, :length].contiguous()})
+            return self._call(dict(inputs), text, row_lengths)
         predictions = []
-        for length, members in groups.items():
+        for members in groups.values():
             rows_of_group = self._selector(members, text.device)
             group = {key: self._rows(key, value, rows_of_group, rows) for key, value in inputs.items()}
-            group[self.text_key] = group[self.text_key][:, :length].contiguous()  # type: ignore[index]
-            predictions.append((rows_of_group, self.forward(**group)))
+            group_text = cast(torch.Tensor, group[self.text_key])
+            prediction = self._call(group, group_text, [row_lengths[row] for row in members])
+            predictions.append((rows_of_group, prediction))
         first = predictions[0][1]
         output = first.new_empty((rows, *first.shape[1:]))
         for rows_of_group, prediction in predictions:

@@ -12,6 +12,7 @@ from . import glm_image as _glm_image  # noqa: F401  (registers the GLM-Image fi
 from . import qwen_image as _qwen_image  # noqa: F401  (registers the Qwen-Image fixture)
 from . import qwen_image_21 as _qwen_image_21  # noqa: F401  (registers the Qwen-Image 2.1 fixture)
 from . import wan as _wan  # noqa: F401  (registers the Wan fixtures)
+from . import z_image as _z_image  # noqa: F401  (registers the Z-Image fixture)
 from .fixtures import (
     FIXTURE_REGISTRY,
     FixtureSpec,

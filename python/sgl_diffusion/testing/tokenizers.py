@@ -43,6 +43,7 @@ __all__ = [
     "tiny_byte_level_tokenizer",
     "tiny_clip_tokenizer",
     "tiny_qwen2_tokenizer",
+    "tiny_qwen3_tokenizer",
     "tiny_t5_tokenizer",
     "unigram_pieces",
 ]
@@ -98,6 +99,21 @@ QWEN2_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
+)
+#: Qwen3 adds its reasoning markers after Qwen2's specials.
+QWEN3_THINK_TOKENS: tuple[str, ...] = ("<think>", "</think>")
+#: A minimal Qwen3 chat template: the turns of the real one (no system prompt, tools or reasoning history),
+#: and its `enable_thinking` switch, which closes an empty reasoning block when it is false.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
 )
 T5_CHAR_SCORE = -15.0
 
@@ -257,24 +273,29 @@ def _without_special_tokens(texts: Iterable[str], specials: Sequence[str]) -> li
 
 
 def tiny_qwen2_tokenizer(
-    corpus: Iterable[str] = CORPUS, *, templates: Sequence[str] = (), model_max_length: int = 32768
+    corpus: Iterable[str] = CORPUS,
+    *,
+    templates: Sequence[str] = (),
+    model_max_length: int = 32768,
+    extra_special_tokens: Sequence[str] = (),
 ) -> Qwen2Tokenizer:
     """A tiny Qwen2 / Qwen2.5-VL tokenizer: byte-level BPE with Qwen2's pre-tokenizer, then the specials.
 
     ``templates`` are prompt templates whose token counts a pipeline hard-codes (Qwen-Image crops the first
     34 tokens of its chat template): learning merges from them makes each template word one token, as the
     real 151k vocabulary does, so the crop lands on the same boundary. Ids: the 256 byte characters, one per
-    merge, then :data:`QWEN2_SPECIAL_TOKENS`. ``<|im_end|>`` is eos and ``<|endoftext|>`` pad, as in
-    Qwen2.5-VL's tokenizer_config.json.
+    merge, then :data:`QWEN2_SPECIAL_TOKENS`, then ``extra_special_tokens`` (Qwen3's reasoning markers).
+    ``<|im_end|>`` is eos and ``<|endoftext|>`` pad, as in Qwen2.5-VL's tokenizer_config.json.
     """
     from transformers import Qwen2Tokenizer
 
+    specials = (*QWEN2_SPECIAL_TOKENS, *extra_special_tokens)
     alphabet = list(bytes_to_unicode().values())
     base = Qwen2Tokenizer(vocab=_bpe_vocab(alphabet, []), merges=[])
-    texts = [*corpus, *_without_special_tokens(templates, QWEN2_SPECIAL_TOKENS)]
+    texts = [*corpus, *_without_special_tokens(templates, specials)]
     merges = learn_bpe(corpus_word_counts(pretokenize(base.backend_tokenizer, texts)))
     vocab = _bpe_vocab(alphabet, merges)
-    for special in QWEN2_SPECIAL_TOKENS:
+    for special in specials:
         vocab[special] = len(vocab)
     return Qwen2Tokenizer(
         vocab=vocab,
@@ -282,7 +303,7 @@ def tiny_qwen2_tokenizer(
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=[s for s in QWEN2_SPECIAL_TOKENS if s not in ("<|im_end|>", "<|endoftext|>")],
+        additional_special_tokens=[s for s in specials if s not in ("<|im_end|>", "<|endoftext|>")],
         model_max_length=model_max_length,
     )
 
@@ -320,3 +341,12 @@ def tiny_byte_level_tokenizer(
         model_max_length=model_max_length,
         **special_tokens,  # type: ignore[arg-type]
     )
+
+
+def tiny_qwen3_tokenizer(corpus: Iterable[str] = CORPUS, *, templates: Sequence[str] = ()) -> Qwen2Tokenizer:
+    """A tiny Qwen3 tokenizer (Z-Image, FLUX.2-klein): Qwen2's byte-level BPE and specials, then ``<think>`` and
+    ``</think>``, with a chat template (:data:`QWEN3_CHAT_TEMPLATE`) that honours ``enable_thinking``. Qwen3's
+    real tokenizer is a ``Qwen2Tokenizer`` too."""
+    tokenizer = tiny_qwen2_tokenizer(corpus, templates=templates, extra_special_tokens=QWEN3_THINK_TOKENS)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
