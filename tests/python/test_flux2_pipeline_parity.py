@@ -1,5 +1,8 @@
 """Our FLUX.2 pipelines against diffusers' Flux2Pipeline / Flux2KleinPipeline on tiny fixtures, fp32 on CPU.
 
+Reference images (multi-image conditioning) go through `generate(image=...)` and the CLI's repeated
+`--image-path`, against diffusers' `image=` list.
+
 Three fixtures: FLUX.2-dev (Mistral3 prompts, embedded guidance), FLUX.2-klein in klein-4B's step-distilled
 layout (Qwen3 prompts, no guidance) and klein-base (classifier-free guidance against the empty prompt). The
 engines go through `DiffGenerator` (the Rust scheduler, resolver and executor) on the saved folders; the
@@ -10,12 +13,14 @@ same folders, for the model cards' defaults.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sgl_diffusion import DiffGenerator, InvalidRequestError
 from sgl_diffusion.api import collect
@@ -37,8 +42,32 @@ BATCHED_ATOL = 1e-5
 #: the random 30-layer encoder and the tiny VAE damp it): 100x the bound above.
 EFFECT = 1e-3
 
+#: What another reference image (or none) does at 64x48 on these fixtures (measured 0.013 to 0.029).
+IMAGE_EFFECT = 1e-3
+
 DEV_ID = "black-forest-labs/FLUX.2-dev"
 KLEIN_ID = "black-forest-labs/FLUX.2-klein-4B"
+
+
+def write_image(path: Path, width: int, height: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    # Smooth-ish content so resizing is not all aliasing: a gradient plus noise.
+    gradient = np.linspace(0, 200, width, dtype=np.float64)[None, :, None]
+    pixels = np.clip(gradient + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("flux2_images")
+    # Landscape 3:2 (cropped to the 16-pixel grid: 120 -> 112), portrait, and one over 1024x1024 pixels (shrunk
+    # to that area at its aspect, Lanczos, then cropped).
+    return [
+        write_image(root / "wide.png", 120, 80, 1),
+        write_image(root / "tall.jpg", 72, 100, 2),
+        write_image(root / "large.png", 1100, 1000, 3),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +131,10 @@ def diffusers_klein(folders: dict[str, Path]):
     return pipes
 
 
-def reference(pipe, prompt: str, seed: int, output_type: str = "np", **kwargs: object):
+def reference(pipe, prompt: str, seed: int, output_type: str = "np", images: list[Path] = (), **kwargs: object):
     generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(prompt=prompt, generator=generator, output_type=output_type, **{**SMALL, **kwargs}).images
+    pil = [Image.open(path).convert("RGB") for path in images] or None
+    return pipe(prompt=prompt, image=pil, generator=generator, output_type=output_type, **{**SMALL, **kwargs}).images
 
 
 def ours(gen: DiffGenerator, prompt: str, seed: int, **kwargs: object) -> list[np.ndarray]:
@@ -276,3 +306,85 @@ def test_klein_defaults_and_refusals(klein_engine) -> None:
     with pytest.raises(InvalidRequestError) as negative:
         klein_engine.generate(PROMPT, negative_prompt="blurry", **KLEIN_SMALL)
     assert negative.value.field == "negative_prompt"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference images
+# --------------------------------------------------------------------------------------------------
+
+#: The fixtures and how each runs: dev with its embedded guidance, klein distilled, klein base with CFG.
+REFERENCE_CASES = {
+    "flux2_dev": {"guidance_scale": 4.0, "num_inference_steps": 3},
+    "flux2_klein": {"num_inference_steps": 4},
+    "flux2_klein_base": {"guidance_scale": 4.0, "num_inference_steps": 4},
+}
+
+
+@pytest.mark.parametrize("fixture", list(REFERENCE_CASES))
+def test_reference_images_match_diffusers(folders, images, fixture: str) -> None:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folders[fixture])
+    pipe.set_progress_bar_config(disable=True)
+    settings = {**SMALL, **REFERENCE_CASES[fixture], "height": 48, "width": 64}
+    gen = DiffGenerator.from_pretrained(folders[fixture], device="cpu", cfg_batching="off")
+    try:
+        plain = ours(gen, PROMPT, 5, **settings)[0]
+        previous = plain
+        for count in (1, 2, 3):
+            chosen = images[:count]
+            mine = gen.generate(PROMPT, seed=5, output_type="np", image=[str(p) for p in chosen], **settings).images
+            np.testing.assert_array_equal(mine[0], reference(pipe, PROMPT, 5, images=chosen, **settings)[0])
+            # Each image acts: with one more, the image differs.
+            assert np.abs(mine[0] - previous).max() > IMAGE_EFFECT
+            previous = mine[0]
+    finally:
+        gen.shutdown()
+
+
+def test_reference_requests_batch_and_match_running_alone(batching_engine, dev_engine, images) -> None:
+    # Same images (the batch key), different prompts, seeds and guidance; two outputs for one of them.
+    with_images = {**SMALL, "height": 48, "width": 64, "image_paths": [str(p) for p in images[:2]]}
+    fields = [
+        {"prompt": PROMPT, "seed": 1},
+        {"prompt": OTHER_PROMPT, "seed": 2, "guidance_scale": 2.5, "num_outputs_per_prompt": 2},
+    ]
+    handles = [batching_engine.submit(**{**with_images, "output_format": "npy", **f}) for f in fields]
+    results = [collect(handle) for handle in handles]
+    for request_fields, result in zip(fields, results, strict=True):
+        alone = ours(dev_engine, **{**with_images, **request_fields})
+        assert result.batch_size == 2
+        for batched, solo in zip(result.images, alone, strict=True):
+            assert np.abs(batched - solo).max() <= BATCHED_ATOL
+
+
+def test_bad_reference_images_are_refused(klein_engine, images, tmp_path: Path) -> None:
+    small = write_image(tmp_path / "small.png", 48, 96, 4)
+    strip = write_image(tmp_path / "strip.png", 640, 72, 5)
+    for path, says in ((small, "at least 64"), (strip, "8:1")):
+        with pytest.raises(InvalidRequestError, match=says) as refused:
+            klein_engine.generate(PROMPT, image=str(path), **KLEIN_SMALL)
+        assert refused.value.field == "image"
+    # klein takes up to 4 reference images (dev up to 10).
+    assert klein_engine.info["max_input_images"] == 4
+    with pytest.raises(InvalidRequestError) as too_many:
+        klein_engine.generate(PROMPT, image=[str(images[0])] * 5, **KLEIN_SMALL)
+    assert too_many.value.field == "image_paths"
+
+
+def test_cli_takes_reference_images(folders, images, diffusers_dev, tmp_path: Path) -> None:
+    from sgl_diffusion.runtime.encode import to_uint8
+
+    command = [
+        shutil.which("sgl-diffusion") or "sgl-diffusion", "generate",
+        "--model-path", str(folders["flux2_dev"]), "--prompt", PROMPT,
+        "--image-path", str(images[0]), "--image-path", str(images[1]),
+        "--width", "64", "--height", "48", "--num-inference-steps", "3", "--max-sequence-length", "64",
+        "--seed", "5", "--device", "cpu", "--output-path", str(tmp_path), "--output-file-name", "edit.png",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "edit.png") as png:
+        pixels = np.asarray(png.convert("RGB"))
+    expected = reference(diffusers_dev, PROMPT, 5, images=images[:2], guidance_scale=4.0, width=64, height=48)
+    np.testing.assert_array_equal(pixels, to_uint8(expected[0]))

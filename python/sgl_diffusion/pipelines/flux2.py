@@ -17,12 +17,21 @@ They match diffusers' `Flux2Pipeline` / `Flux2KleinPipeline` on the same weights
   `guidance_scale > 1`;
 * decoding denormalises the packed latents with the VAE's BatchNorm running statistics, unpacks the 2x2
   patches and decodes with diffusers' `AutoencoderKLFlux2`.
+
+Reference images (multi-image conditioning; `generate(image=...)`, `--image-path`, `POST /v1/images/edits`),
+for both: each image (at least 64 pixels a side, aspect at most 8:1) is shrunk to at most 1024x1024 pixels
+at its own aspect, centre-cropped to multiples of 16, VAE-encoded (the distribution's mode), patchified and
+normalised with the BatchNorm statistics; its tokens follow the generated image's in the DiT's sequence, with
+time coordinate 10 for the first image, 20 for the second, ...; only the generated tokens' prediction steps.
+The prompt encoding does not see the images. Requests batch only with requests that bring the very same
+image files (`image_paths` is an extra batch-key field).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +39,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from PIL import Image
 from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from ..errors import invalid_request
@@ -47,9 +58,11 @@ from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from ..schedulers import FlowMatchEulerScheduler
 from ..schedulers.flow_match_euler import FlowMatchEulerState
-from .base import BatchState
+from .base import BatchState, per_row
 from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
+from .guidance import Denoiser
+from .images import load_image
 from .latents import draw_noise
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 
@@ -62,6 +75,19 @@ DIFFUSERS_STEPS = 50
 DIFFUSERS_GUIDANCE_SCALE = 4.0
 #: Step-distilled klein models run without guidance; 1.0 is the neutral value of the field.
 NO_GUIDANCE_SCALE = 1.0
+#: Reference images larger than this many pixels are shrunk to it (at their aspect) before encoding.
+REFERENCE_MAX_AREA = 1024 * 1024
+#: The reference pipelines' bounds on an input image (`Flux2ImageProcessor.check_image_input`).
+REFERENCE_MIN_SIDE = 64
+REFERENCE_MAX_ASPECT = 8
+#: Time coordinate of reference image i's tokens: 10 * (i + 1) (the generated image sits at 0).
+REFERENCE_TIME_STEP = 10
+#: Reference images per request: BFL documents up to 4 for klein and recommends at most 6 for dev, whose
+#: open reference code takes up to 10.
+DEV_MAX_IMAGES = 10
+KLEIN_MAX_IMAGES = 4
+#: The fixed denoiser input naming how many trailing image tokens are reference images (not the model's).
+REFERENCE_TOKENS = "reference_tokens"
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -131,6 +157,31 @@ def batch_norm_statistics(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, t
     return mean, std
 
 
+def reference_pixels(path: str, image_processor: Flux2ImageProcessor) -> torch.Tensor:
+    """An input image as the reference pipelines prepare it: (1, 3, H, W) in [-1, 1], H and W multiples of 16."""
+    image = load_image(path)
+    width, height = image.size
+    if min(width, height) < REFERENCE_MIN_SIDE:
+        raise invalid_request(
+            "image",
+            f"an input image is {width}x{height}; FLUX.2 takes images of at least {REFERENCE_MIN_SIDE} pixels a side",
+        )
+    if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
+        raise invalid_request(
+            "image", f"an input image is {width}x{height}; FLUX.2 takes aspect ratios up to {REFERENCE_MAX_ASPECT}:1"
+        )
+    if width * height > REFERENCE_MAX_AREA:
+        # Both sides scaled by sqrt(area ratio) and truncated, Lanczos-resampled, as the reference does.
+        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+        width, height = image.size
+    multiple = image_processor.config.vae_scale_factor
+    # The processor centre-crops to the 16-pixel grid ("crop" mode of Flux2ImageProcessor: no resampling).
+    return image_processor.preprocess(
+        image, height=height // multiple * multiple, width=width // multiple * multiple, resize_mode="crop"
+    )
+
+
 @dataclasses.dataclass
 class Flux2Components:
     tokenizer: Any
@@ -149,6 +200,8 @@ class Flux2Adapter(FamilyAdapter):
     def __init__(self, components: Flux2Components) -> None:
         self.c = components
         self.dtype = components.transformer.x_embedder.weight.dtype
+        # 8x VAE, then 2x2 patches: images are prepared on a 16-pixel grid.
+        self.image_processor = Flux2ImageProcessor(vae_scale_factor=components.vae_scale_factor * 2)
 
     def latent_grid(self, request: Request) -> tuple[int, int]:
         """Rows and columns of packed tokens: 8x VAE compression, then 2x2 patches."""
@@ -189,6 +242,32 @@ class Flux2Adapter(FamilyAdapter):
         # In the transformer's dtype, as the reference multiplies its predictions by the Python float.
         return (torch.tensor([r.guidance_scale for r in rows], dtype=self.dtype, device=device),)
 
+    def encode_images(self, state: BatchState) -> None:
+        """Each request's reference images as packed, normalised VAE tokens one after another, and their
+        position ids (every request of a batch has the same images: `image_paths` keys batches)."""
+        encoded: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        for request in state.requests:
+            paths = tuple(request.image_paths)
+            if paths not in encoded:
+                encoded[paths] = self.reference_tokens(paths, state.device)
+        tokens = torch.cat([encoded[tuple(request.image_paths)][0] for request in state.requests])
+        state.set_rows("image_latents", per_row(tokens, state.requests).to(self.dtype))
+        state["image_ids"] = encoded[tuple(state.requests[0].image_paths)][1]
+
+    def reference_tokens(self, paths: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, N, C) tokens of the images at `paths`, in order, and their (N, 4) position ids."""
+        vae = self.c.vae
+        tokens, ids = [], []
+        for index, path in enumerate(paths):
+            pixels = reference_pixels(path, self.image_processor).to(device=device, dtype=vae.dtype)
+            latents = patchify(vae.encode(pixels).latent_dist.mode())
+            mean, std = batch_norm_statistics(vae, latents)
+            latents = (latents - mean) / std
+            tokens.append(pack_tokens(latents))
+            time = REFERENCE_TIME_STEP * (index + 1)
+            ids.append(image_position_ids(latents.shape[2], latents.shape[3], time, device))
+        return torch.cat(tokens, dim=1), torch.cat(ids)
+
     def initial_latents(self, state: BatchState) -> torch.Tensor:
         rows, columns = self.latent_grid(state.requests[0])
         channels = self.c.transformer.config.in_channels
@@ -209,10 +288,30 @@ class Flux2Adapter(FamilyAdapter):
     def experts(self) -> list[torch.nn.Module]:
         return [self.c.transformer]
 
+    def denoiser(self, expert: int) -> Denoiser:
+        model = self.experts[expert]
+
+        def generated_tokens_only(**inputs: object) -> torch.Tensor:
+            # The DiT predicts every image token; the step needs the generated image's (the leading ones).
+            references = inputs.pop(REFERENCE_TOKENS, 0)
+            prediction = model(**inputs)
+            return prediction[:, : prediction.shape[1] - references] if references else prediction  # type: ignore[operator]
+
+        return generated_tokens_only
+
     def model_inputs(self, state: BatchState, latents: torch.Tensor, timestep: torch.Tensor) -> ModelInputs:
         # diffusers casts t to the latent dtype before dividing; keep that rounding.
         rows = {"hidden_states": latents, "timestep": timestep.expand(latents.shape[0]).to(latents.dtype) / 1000}
-        return ModelInputs(rows=rows, fixed={"img_ids": state["latent_ids"], "txt_ids": state["text_ids"]})
+        fixed = {"img_ids": state["latent_ids"], "txt_ids": state["text_ids"]}
+        if "image_latents" in state:
+            references = state["image_latents"]
+            rows["hidden_states"] = torch.cat([latents, references], dim=1)
+            fixed = {
+                **fixed,
+                "img_ids": torch.cat([fixed["img_ids"], state["image_ids"]]),
+                REFERENCE_TOKENS: references.shape[1],
+            }
+        return ModelInputs(rows=rows, fixed=fixed)
 
     def decode(self, state: BatchState) -> np.ndarray:
         vae = self.c.vae
@@ -271,6 +370,7 @@ class _Flux2FamilyPipeline(FamilyPipeline):
     text_encoder_name: ClassVar[str]
     prompt_format: ClassVar[PromptFormat]
     guidance_mode: ClassVar[str]
+    max_input_images: ClassVar[int]
 
     def __init__(
         self, components: Flux2Components, adapter: Flux2Adapter, options: RuntimeOptions, defaults: SamplingDefaults
@@ -294,6 +394,10 @@ class _Flux2FamilyPipeline(FamilyPipeline):
             guidance_mode=self.guidance_mode,
             limits=limits,
             defaults=defaults,
+            image_input="optional",
+            max_input_images=self.max_input_images,
+            # The reference images' token counts shape the batch's sequence.
+            extra_batch_key_fields=("image_paths",),
         )
         super().__init__(spec, adapter, options)
         self.c = components
@@ -334,6 +438,7 @@ class Flux2Pipeline(_Flux2FamilyPipeline):
     text_encoder_class = Mistral3ForConditionalGeneration
     text_encoder_name = "text_encoder (Mistral3)"
     prompt_format = MISTRAL_PROMPT
+    max_input_images = DEV_MAX_IMAGES
     # The guidance scale feeds the embedding; the reference has no negative prompt, so true CFG is refused
     # (DevAdapter.check_requests).
     guidance_mode = "embedded_with_true_cfg"
@@ -355,6 +460,7 @@ class Flux2KleinPipeline(_Flux2FamilyPipeline):
     text_encoder_class = Qwen3ForCausalLM
     text_encoder_name = "text_encoder (Qwen3)"
     prompt_format = KLEIN_PROMPT
+    max_input_images = KLEIN_MAX_IMAGES
     guidance_mode = "classifier_free"
 
     def __init__(
