@@ -342,6 +342,21 @@ def test_reference_images_match_diffusers(folders, images, fixture: str) -> None
         gen.shutdown()
 
 
+def test_without_a_size_the_output_takes_the_first_images(klein_engine, diffusers_klein, images) -> None:
+    # The reference's rule (applied by the Rust core): the first image's prepared size, here 120x80 -> 112x80;
+    # the second image does not count.
+    assert klein_engine.info["defaults"]["size_from_first_input_max_area"] == 1024 * 1024
+    chosen = [str(images[0]), str(images[1])]
+    mine = klein_engine.generate(PROMPT, seed=2, output_type="np", image=chosen, max_sequence_length=64).images
+    assert mine[0].shape == (80, 112, 3)
+    # diffusers without a size either (not through `reference`, which passes SMALL's).
+    expected = diffusers_klein["flux2_klein"](
+        prompt=PROMPT, image=[Image.open(p).convert("RGB") for p in images[:2]], num_inference_steps=4,
+        max_sequence_length=64, generator=torch.Generator("cpu").manual_seed(2), output_type="np",
+    ).images  # fmt: skip
+    np.testing.assert_array_equal(mine[0], expected[0])
+
+
 def test_reference_requests_batch_and_match_running_alone(batching_engine, dev_engine, images) -> None:
     # Same images (the batch key), different prompts, seeds and guidance; two outputs for one of them.
     with_images = {**SMALL, "height": 48, "width": 64, "image_paths": [str(p) for p in images[:2]]}

@@ -23,8 +23,10 @@ for both: each image (at least 64 pixels a side, aspect at most 8:1) is shrunk t
 at its own aspect, centre-cropped to multiples of 16, VAE-encoded (the distribution's mode), patchified and
 normalised with the BatchNorm statistics; its tokens follow the generated image's in the DiT's sequence, with
 time coordinate 10 for the first image, 20 for the second, ...; only the generated tokens' prediction steps.
-The prompt encoding does not see the images. Requests batch only with requests that bring the very same
-image files (`image_paths` is an extra batch-key field).
+The prompt encoding does not see the images. A request with images and no size gets the first image's
+prepared size (`SamplingDefaults.size_from_first_input_max_area`, applied by the Rust core), as the reference
+does. Requests batch only with requests that bring the very same image files (`image_paths` is an extra
+batch-key field).
 """
 
 from __future__ import annotations
@@ -485,6 +487,7 @@ def _diffusers_defaults(components: Flux2Components, guidance_scale: float) -> S
         num_inference_steps=DIFFUSERS_STEPS,
         guidance_scale=guidance_scale,
         max_sequence_length=MAX_PROMPT_TOKENS,
+        size_from_first_input_max_area=REFERENCE_MAX_AREA,
     )
 
 
@@ -500,11 +503,15 @@ def klein_diffusers_defaults(components: Flux2Components, distilled: bool) -> Sa
     return _diffusers_defaults(components, NO_GUIDANCE_SCALE if distilled else DIFFUSERS_GUIDANCE_SCALE)
 
 
-#: black-forest-labs/FLUX.2-dev's model card: 1024x1024, 50 steps, embedded guidance 4.0.
+#: black-forest-labs/FLUX.2-dev's model card: 1024x1024, 50 steps, embedded guidance 4.0. With reference images
+#: and no size, the output takes the first image's size (at most 1024x1024 pixels), as the reference does.
 FLUX2_DEV_DEFAULTS = SamplingDefaults(
-    width=1024, height=1024, num_inference_steps=50, guidance_scale=4.0, max_sequence_length=MAX_PROMPT_TOKENS
+    width=1024,
+    height=1024,
+    num_inference_steps=50,
+    guidance_scale=4.0,
+    max_sequence_length=MAX_PROMPT_TOKENS,
+    size_from_first_input_max_area=REFERENCE_MAX_AREA,
 )
 #: black-forest-labs/FLUX.2-klein-4B's (and -9B's) model card: step-distilled, 1024x1024, 4 steps, guidance 1.0.
-FLUX2_KLEIN_DEFAULTS = SamplingDefaults(
-    width=1024, height=1024, num_inference_steps=4, guidance_scale=1.0, max_sequence_length=MAX_PROMPT_TOKENS
-)
+FLUX2_KLEIN_DEFAULTS = dataclasses.replace(FLUX2_DEV_DEFAULTS, num_inference_steps=4, guidance_scale=1.0)
