@@ -135,8 +135,8 @@ class DiffGenerator:
         name is a `TypeError`.
 
         `image` is the input image of image-to-video or image editing (a path or a PIL image), or a list of them
-        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, in order). `output_type` chooses the arrays
-        returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still
+        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, FLUX.2: up to 10, klein 4; in
+        order). `output_type` chooses the arrays returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still
         queued or running `timeout_seconds` after submission (at most the engine's `request_timeout`) is stopped
         and raises `DeadlineExceededError`."""
         if output_type not in ("pil", "np"):
