@@ -17,8 +17,8 @@ from ..errors import invalid_request
 __all__ = ["load_image", "size_at_area"]
 
 
-def load_image(path: str) -> Image.Image:
-    """The input image in RGB. PIL reads the size from the header first: an image over its
+def load_image(path: str, mode: str = "RGB") -> Image.Image:
+    """The input image in `mode` (RGB; RGBA for models whose VAE reads alpha). PIL reads the size from the header first: an image over its
     decompression-bomb bound (about 89 megapixels) is an invalid request, never decoded (a 17 KB PNG
     can declare 12 000 x 12 000 pixels, 1.9 GB once decoded). Messages reach HTTP clients, so they
     name the file, never the server's folder it is in."""
@@ -27,7 +27,7 @@ def load_image(path: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return image.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise invalid_request("image", f"the input image has too many pixels to decode: {err}") from err
     except UnidentifiedImageError as err:

@@ -16,6 +16,7 @@ from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipe
 from .flux import FluxPipeline
 from .flux2 import FLUX2_DEV_DEFAULTS, FLUX2_KLEIN_DEFAULTS, Flux2KleinPipeline, Flux2Pipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
+from .qwen_image_21 import QwenImage21Pipeline
 from .qwen_image_edit import (
     QWEN_IMAGE_EDIT_DEFAULTS,
     QWEN_IMAGE_EDIT_PLUS_DEFAULTS,
@@ -37,6 +38,9 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     QwenImagePipeline.pipeline_class: QwenImagePipeline,
     QwenImageEditPipeline.pipeline_class: QwenImageEditPipeline,
     QwenImageEditPlusPipeline.pipeline_class: QwenImageEditPlusPipeline,
+    # Qwen/Qwen-Image-2.1: no card defaults beyond diffusers' `__call__` ones, which depend on the folder's
+    # `sample_sigmas` (their count is the step count), so the id takes its folder's (qwen_image_21.py).
+    QwenImage21Pipeline.pipeline_class: QwenImage21Pipeline,
 }
 
 #: Known checkpoints whose sampler the folder's `_class_name` may not tell (e.g. a FastWan copy saved

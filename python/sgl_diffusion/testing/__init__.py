@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import flux2 as _flux2  # noqa: F401  (registers the FLUX.2 fixtures)
 from . import qwen_image as _qwen_image  # noqa: F401  (registers the Qwen-Image fixture)
+from . import qwen_image_21 as _qwen_image_21  # noqa: F401  (registers the Qwen-Image 2.1 fixture)
 from . import wan as _wan  # noqa: F401  (registers the Wan fixtures)
 from .fixtures import (
     FIXTURE_REGISTRY,
