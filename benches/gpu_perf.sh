@@ -24,7 +24,7 @@
 #
 # Run on the H200 on 2026-12-05 (benches/results/perf_h200.md): cuda-tests, flux-forward, wan-forward, flux-e2e,
 # wan-e2e, wan-vae, each fitting one command as estimated (cuda-tests 2.5 min, wan-e2e 6 min, wan-vae 3 min).
-# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, one per
+# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, flux2-forward, one per
 # command.
 # Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
 # shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
@@ -48,6 +48,13 @@
 #                       fused kernels, packed QKV) and compiled vs diffusers eager and + torch.compile, one set of
 #                       weights shared by both models (two 38 GiB copies do not fit an H100); no CUDA-graph rows
 #                       (ours cannot capture Qwen's img_shapes list argument). Estimate ~4 min on an H100.
+#   flux2-forward       FLUX.2-dev transformer forward at 1024² (4096 image + 512 text tokens): ours eager (torch ops,
+#                       fused kernels, packed QKV) and compiled vs diffusers eager and + torch.compile, + CUDA graphs on
+#                       both sides (4096 tokens: ours' `auto` captures), one set of weights shared by both models (32.22 B
+#                       parameters, 60.0 GiB in bf16: two copies do not fit an H100). Estimate ~6 min on an H100 (random
+#                       init of 60 GiB, ~0.4 s per eager forward, compiles of both sides and diffusers' whole-model
+#                       reduce-overhead graph); if the graph pools do not fit beside the weights, run it again with
+#                       PERF_ARGS_flux2_forward="--cuda-graphs off".
 #   qwen-e2e            Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², true CFG 4, negative " ")
 #                       but 20 steps (50 do not fit 5 alternating repetitions with compile in 10 minutes; the .md
 #                       projects ours to 50 steps), ours vs diffusers + torch.compile. First builds the random folder
@@ -127,7 +134,7 @@ for job in "$@"; do
             "$PYTHON" -m pytest -v -rs -p no:cacheprovider -o pythonpath= "${files[@]}" 2>&1 \
                 | tee "$OUT/cuda_tests.log" || echo "cuda-tests FAILED"
             ;;
-        flux-forward | wan-forward | qwen-forward)
+        flux-forward | wan-forward | qwen-forward | flux2-forward)
             perf "$job" --workload "$job"
             ;;
         flux-e2e)

@@ -8,6 +8,7 @@ Workloads (each fits one 10-minute GPU command; `benches/gpu_perf.sh` lists the 
   flux-e2e      FLUX.1-dev 1024², 28 steps: text encoding + denoising + VAE decode
   wan-e2e       Wan2.1-1.3B 832×480, 81 frames, CFG 5 (50 steps; `--steps 20` fits 5 repetitions in 10 minutes)
   qwen-forward  one Qwen-Image transformer forward, 1328² (6889 image + 128 text tokens), batch 1
+  flux2-forward one FLUX.2-dev transformer forward, 1024² (4096 image + 512 text tokens), batch 1
   qwen-e2e      Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², 50 steps, true CFG 4 against the
                 negative prompt " "): text encoding + denoising + VAE decode; `--steps` shortens, `--size 1024`
                 matches SGLang's published H100 baseline (1024², 50 steps: 12.8 s), shown as a row (with
@@ -58,6 +59,11 @@ replays CUDA graphs: `CudaGraphRunner` runs a call with a list argument (`img_sh
 1328² (6889 tokens) is above `AUTO_MAX_TOKENS` anyway, so neither side gets CUDA-graph rows there.
 The e2e folder (53.7 GiB) may not fit a 64 GiB disk: see `build_random_qwen_image.py`.
 
+FLUX.2-dev is larger still: 32.22 B parameters, 60.0 GiB in bf16, so flux2-forward shares one set of weights
+the same way. Its text is always 512 rows (the pipelines pad every prompt to `max_sequence_length`), its
+forward takes the embedded guidance, and ours' `auto` captures 4096 tokens, so it has CUDA-graph rows on both
+sides (the graph pools hold one forward's activations, a few GiB beside the weights).
+
 Results go to DIR/<name>.json and .md (name: `--name`, default the workload) with the card,
 commit, command and date. `--tiny --device cpu` runs the same code on tiny configs (smoke test, no
 timing meaning); add `--compile-backend eager` to take the compiled code paths there too.
@@ -91,7 +97,13 @@ import bench_stats  # a sibling module, found through the path entry above
 
 #: FLOPs per forward (FlopCounterMode counts of ../shared/reference/gpu.md) and the measured H100
 #: ceilings they are compared with (dense bf16 GEMM, cuDNN attention).
-FORWARD_TFLOP = {"flux-forward": (59.5, 14.9), "wan-forward": (82.0, 201.0), "qwen-forward": (95.4, 36.3)}
+FORWARD_TFLOP = {
+    "flux-forward": (59.5, 14.9),
+    "wan-forward": (82.0, 201.0),
+    "qwen-forward": (95.4, 36.3),
+    # FlopCounterMode over ours on the meta device at 1024² with 512 text rows (aten.mm and aten.bmm).
+    "flux2-forward": (253.4, 29.2),
+}
 GEMM_TFLOPS, ATTENTION_TFLOPS = 797.0, 615.0
 
 FLUX_CONFIG: dict[str, Any] = {
@@ -116,6 +128,16 @@ QWEN_CONFIG: dict[str, Any] = {
 }  # fmt: skip
 TINY_QWEN = {**QWEN_CONFIG, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
              "joint_attention_dim": 16, "axes_dims_rope": [8, 4, 4]}  # fmt: skip
+#: black-forest-labs/FLUX.2-dev transformer/config.json (= diffusers' Flux2Transformer2DModel defaults).
+FLUX2_CONFIG: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128,
+    "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "guidance_embeds": True,
+}  # fmt: skip
+TINY_FLUX2 = {**FLUX2_CONFIG, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+              "num_attention_heads": 2, "joint_attention_dim": 48, "axes_dims_rope": [4, 4, 4, 4]}  # fmt: skip
+#: flux2-forward's text rows: FLUX.2-dev pads every prompt to max_sequence_length, 512 by default.
+FLUX2_TEXT_TOKENS = 512
 #: qwen-forward's text rows: a detailed prompt of ~120 words after the template crop (the model card's
 #: example prompts run 60-120 words; Qwen2.5-VL's tokenizer gives about one token per English word).
 QWEN_TEXT_TOKENS = 128
@@ -571,6 +593,20 @@ def forward_inputs(
             "txt_ids": torch.zeros(txt, 3, device=device, dtype=dtype),
             "img_ids": torch.stack(axes, -1).reshape(-1, 3).to(device, dtype),
         }
+    if workload == "flux2-forward":
+        from sgl_diffusion.pipelines.flux2 import image_position_ids, text_position_ids
+
+        side, txt = (size or 8, 16) if tiny else (size or 64, FLUX2_TEXT_TOKENS)
+        cfg = TINY_FLUX2 if tiny else FLUX2_CONFIG
+        # The ids the pipelines build: (0, row, column, 0) per image token, (0, 0, 0, index) per text row.
+        return {
+            "hidden_states": randn(batch, side * side, cfg["in_channels"]),
+            "encoder_hidden_states": randn(batch, txt, cfg["joint_attention_dim"]),
+            "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+            "guidance": torch.full((batch,), 4.0, device=device, dtype=torch.float32),
+            "img_ids": image_position_ids(side, side, 0, device),
+            "txt_ids": text_position_ids(txt, device),
+        }
     if workload == "qwen-forward":
         side, txt = (size or 4, 8) if tiny else (size or QWEN_LATENT_SIDE, QWEN_TEXT_TOKENS)
         cfg = TINY_QWEN if tiny else QWEN_CONFIG
@@ -605,6 +641,12 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
         from sgl_diffusion.models.qwen_image import QwenImageTransformer2DModel as Ours
 
         config = TINY_QWEN if tiny else QWEN_CONFIG
+    elif workload == "flux2-forward":
+        from diffusers import Flux2Transformer2DModel as Reference
+
+        from sgl_diffusion.models.flux2 import Flux2Transformer2DModel as Ours
+
+        config = TINY_FLUX2 if tiny else FLUX2_CONFIG
     else:
         from diffusers import WanTransformer3DModel as Reference
 
@@ -613,7 +655,8 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
         config = TINY_WAN if tiny else WAN_CONFIG
     torch.manual_seed(0)
     if workload in SHARED_WEIGHTS:
-        # Built in the target dtype: Qwen-Image's 20.43 B parameters in fp32 (81.7 GB) would not fit an H100.
+        # Built in the target dtype: Qwen-Image's 20.43 B parameters in fp32 (81.7 GB) would not fit an H100, nor
+        # FLUX.2-dev's 32.22 B (128.9 GB).
         from build_random_flux import default_dtype_and_device
 
         with default_dtype_and_device(dtype, device):
@@ -636,8 +679,11 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
     return reference, ours.to(dtype).eval().requires_grad_(False)
 
 
-#: Forward workloads whose two models share one set of weight tensors instead of holding a copy each.
-SHARED_WEIGHTS = ("qwen-forward",)
+#: Forward workloads whose two models share one set of weight tensors instead of holding a copy each, and why.
+SHARED_WEIGHTS = {
+    "qwen-forward": "two copies of 20.43 B parameters, 2 x 38.1 GiB, do not fit an 80 GB H100",
+    "flux2-forward": "two copies of 32.22 B parameters, 2 x 60.0 GiB, do not fit an 80 GB H100",
+}
 #: Forward workloads whose model ours cannot replay as a CUDA graph (`CudaGraphRunner` runs calls with a
 #: list argument, Qwen-Image's `img_shapes`, without a graph).
 NO_GRAPHS = {"qwen-forward": "ours' CudaGraphRunner does not capture a call with a list argument (img_shapes)"}
@@ -755,7 +801,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
             "Both models hold the same random N(0, 0.02) weights (bf16 on the GPU); batch 1."
             if args.workload not in SHARED_WEIGHTS
             else "Random N(0, 0.02) weights (bf16 on the GPU), one set: ours' parameters are diffusers' tensors "
-            "(two copies of 20.43 B parameters, 2 x 38.1 GiB, do not fit an 80 GB H100); batch 1."
+            f"({SHARED_WEIGHTS[args.workload]}); batch 1."
         ),
         (
             "max rel diff = max |ours - diffusers eager| / max |diffusers eager| over all output elements; "
@@ -798,7 +844,8 @@ def cfg_batching(
         one = forward_inputs(args.workload, args.tiny, device, dtype, batch=1, size=size)
         two = forward_inputs(args.workload, args.tiny, device, dtype, batch=2, size=size)
         hidden = one["hidden_states"]
-        tokens = hidden.shape[1] if args.workload in ("flux-forward", "qwen-forward") else hidden[0, 0].numel() // 4
+        packed = ("flux-forward", "qwen-forward", "flux2-forward")
+        tokens = hidden.shape[1] if args.workload in packed else hidden[0, 0].numel() // 4
         group = f"cfg, {tokens} tokens"
         single = f"{group}: 2 x batch 1"
         measured |= alternate(
@@ -1480,6 +1527,7 @@ WORKLOADS = {
     "flux-forward": run_forward,
     "wan-forward": run_forward,
     "qwen-forward": run_forward,
+    "flux2-forward": run_forward,
     "flux-e2e": run_e2e,
     "wan-e2e": run_e2e,
     "qwen-e2e": run_e2e,

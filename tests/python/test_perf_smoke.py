@@ -1,7 +1,8 @@
-"""`benches/perf.py`'s Qwen-Image and Z-Image workloads on tiny configs on the CPU (no timing meaning): the code paths
-the GPU jobs take (weights shared between the two models, the engine's defaults for Qwen/Qwen-Image and
+"""`benches/perf.py`'s Qwen-Image, Z-Image and FLUX.2 workloads on tiny configs on the CPU (no timing meaning): the
+code paths the GPU jobs take (weights shared between the two models, the engine's defaults for Qwen/Qwen-Image and
 Tongyi-MAI/Z-Image-Turbo, diffusers' pipeline over our loaded tensors, the compiled variants with the eager backend,
-the SGLang rows) keep working, and both sides compute the same thing. Also `build_random_qwen_image.py`'s shrinking of the text encoder to fit the disk.
+the SGLang rows) keep working, and both sides compute the same thing. Also `build_random_qwen_image.py`'s shrinking
+of the text encoder to fit the disk.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def run_perf(tmp_path: Path, *argv: str) -> dict:
     out = tmp_path / "out"
     common = ["--tiny", "--device", "cpu", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")]
     common += ["--reps", "1", "--runs", "1", "--warmup", "1", "--compile-backend", "eager"]
-    assert perf.main([*argv, *common]) == 0
+    # The test's own flags last: they win over the common ones.
+    assert perf.main([*common, *argv]) == 0
     workload = argv[argv.index("--workload") + 1]
     assert (out / f"{workload}.md").exists()
     return json.loads((out / f"{workload}.json").read_text())
@@ -55,6 +57,27 @@ def test_qwen_forward_shares_weights_and_matches_diffusers(tmp_path: Path) -> No
             assert row["max rel diff"] < 1e-4, name
     assert any("ours' parameters are diffusers' tensors" in note for note in record["notes"])
     assert any("img_shapes" in note for note in record["notes"])
+
+
+def test_flux2_forward_shares_weights_and_matches_diffusers(tmp_path: Path) -> None:
+    # Three warm-up calls: the workload has CUDA-graph variants (none run on the CPU, but the rule holds).
+    record = run_perf(tmp_path, "--workload", "flux2-forward", "--warmup", "3")
+    rows = {row["variant"]: row for row in record["rows"]}
+    expected = {
+        "diffusers eager",
+        "ours eager, torch ops",
+        "ours eager, fused kernels",
+        "ours eager, fused kernels, packed QKV",
+        "diffusers + torch.compile",
+        "ours + torch.compile",
+    }
+    assert set(rows) == expected
+    for name, row in rows.items():
+        if name != "diffusers eager":
+            assert row["rel L2 vs diffusers eager"] < 1e-5, name
+            assert row["max rel diff"] < 1e-4, name
+    assert any("32.22 B parameters" in note for note in record["notes"])
+    assert record["tflop_per_forward"] > 0
 
 
 def test_qwen_e2e_runs_the_engine_defaults_against_diffusers(tmp_path: Path) -> None:

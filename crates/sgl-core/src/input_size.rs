@@ -1,9 +1,14 @@
 //! The output size of a request that gives none but carries input images, for pipelines that declare
-//! `SamplingDefaults::size_from_input_area`: the last input image's aspect ratio at that pixel area.
+//! one of two rules:
 //!
-//! The arithmetic is diffusers' `calculate_dimensions(target_area, ratio)` of the image-editing
-//! pipelines, to the bit (Python's `round` is round-half-to-even), so a request served here gets the
-//! size the reference pipeline would pick for the same image.
+//! * `SamplingDefaults::size_from_input_area`: the last input image's aspect ratio at that pixel area
+//!   (diffusers' `calculate_dimensions(target_area, ratio)` of the Qwen-Image editing pipelines, to the
+//!   bit: Python's `round` is round-half-to-even);
+//! * `SamplingDefaults::size_from_first_input_max_area`: the first input image's own size, shrunk to at
+//!   most that area at its aspect ratio, floored to the size multiple (diffusers' FLUX.2 pipelines:
+//!   `_resize_to_target_area`, then `// 16 * 16`).
+//!
+//! Either way a request served here gets the size the reference pipeline would pick for the same images.
 
 use crate::{PipelineInfo, ValidationError};
 
@@ -33,14 +38,34 @@ pub fn image_dimensions(path: &str) -> Result<(u32, u32), ValidationError> {
     }
 }
 
+/// An image's own size, scaled down to at most `max_area` pixels at its aspect ratio where it is larger
+/// (each side times `sqrt(max_area / area)`, truncated, as diffusers' `int(side * scale)`), then each side
+/// floored to `size_multiple`.
+pub fn size_within_area((width, height): (u32, u32), max_area: u64, size_multiple: u32) -> (u32, u32) {
+    let pixels = u64::from(width) * u64::from(height);
+    let (width, height) = if pixels > max_area {
+        let scale = (max_area as f64 / (f64::from(width) * f64::from(height))).sqrt();
+        // Saturating casts of positive finite values: truncation, as Python's int().
+        ((f64::from(width) * scale) as u32, (f64::from(height) * scale) as u32)
+    } else {
+        (width, height)
+    };
+    let multiple = size_multiple.max(1);
+    (width / multiple * multiple, height / multiple * multiple)
+}
+
 /// The output size a request that gives neither width nor height gets from its input images, where
 /// the pipeline sizes outputs that way; `None` where the model's default size holds.
 pub fn size_from_inputs(info: &PipelineInfo, image_paths: &[String]) -> Result<Option<(u32, u32)>, ValidationError> {
-    let (Some(area), Some(last)) = (info.defaults.size_from_input_area, image_paths.last()) else {
-        return Ok(None);
-    };
-    let (width, height) = image_dimensions(last)?;
-    Ok(Some(size_for_area(area, f64::from(width) / f64::from(height), info.limits.size_multiple)))
+    let defaults = &info.defaults;
+    if let (Some(area), Some(last)) = (defaults.size_from_input_area, image_paths.last()) {
+        let (width, height) = image_dimensions(last)?;
+        return Ok(Some(size_for_area(area, f64::from(width) / f64::from(height), info.limits.size_multiple)));
+    }
+    if let (Some(max_area), Some(first)) = (defaults.size_from_first_input_max_area, image_paths.first()) {
+        return Ok(Some(size_within_area(image_dimensions(first)?, max_area, info.limits.size_multiple)));
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -68,6 +93,18 @@ mod tests {
     fn sides_are_floored_to_the_size_multiple() {
         // 1248 is a multiple of 32 but not of 64.
         assert_eq!(size_for_area(MEGAPIXEL, 1.5, 64), (1216, 832));
+    }
+
+    #[test]
+    fn first_input_sizes_are_shrunk_to_the_area_and_floored() {
+        // What diffusers' Flux2Pipeline picks: the image's own size under 1 MP, floored to 16 ...
+        assert_eq!(size_within_area((120, 80), MEGAPIXEL, 16), (112, 80));
+        assert_eq!(size_within_area((1024, 1024), MEGAPIXEL, 16), (1024, 1024));
+        // ... and above it, each side times sqrt(1 MP / area), truncated, then floored.
+        // 1100 x 1000: scale 0.97635..., sides 1073.98 -> 1073 -> 1072 and 976.35 -> 976.
+        assert_eq!(size_within_area((1100, 1000), MEGAPIXEL, 16), (1072, 976));
+        // 4000 x 3000: scale 0.29560..., sides 1182.4 -> 1182 -> 1168 and 886.8 -> 886 -> 880.
+        assert_eq!(size_within_area((4000, 3000), MEGAPIXEL, 16), (1168, 880));
     }
 
     #[test]

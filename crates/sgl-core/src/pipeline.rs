@@ -149,4 +149,10 @@ pub struct SamplingDefaults {
     /// `None`: the default size always.
     #[serde(default)]
     pub size_from_input_area: Option<u64>,
+    /// Largest pixel area of the output when a request with input images gives no size, for pipelines
+    /// that size outputs like their first input image (FLUX.2): that image's own size, shrunk to this
+    /// area at its aspect ratio where larger, floored to `size_multiple` (see [`crate::input_size`]).
+    /// `None`: no such rule. A pipeline sets at most one of the two rules.
+    #[serde(default)]
+    pub size_from_first_input_max_area: Option<u64>,
 }

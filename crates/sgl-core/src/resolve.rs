@@ -495,7 +495,7 @@ fn check_input_derived_size((width, height): (u32, u32), info: &PipelineInfo) ->
     Err(ValidationError::new(
         "size",
         format!(
-            "no size was given, and the last input image's aspect ratio gives {width}x{height}, outside what {} \
+            "no size was given, and the input image's aspect ratio gives {width}x{height}, outside what {} \
              makes (sides multiples of {} between {} and {}, at most {} pixels); give a size",
             info.pipeline_class, limits.size_multiple, limits.min_size, limits.max_side, limits.max_pixels
         ),
@@ -661,6 +661,7 @@ mod tests {
                 fps: None,
                 guidance_scale_2: None,
                 size_from_input_area: None,
+                size_from_first_input_max_area: None,
             },
             guidance: GuidanceMode::EmbeddedWithTrueCfg,
             supports_flow_shift: false,
@@ -1083,12 +1084,41 @@ mod tests {
     }
 
     #[test]
+    fn outputs_take_the_first_input_images_size_where_the_pipeline_says_so() {
+        let (wide, large, tall) =
+            (png_file("first-wide", 120, 80), png_file("first-large", 4000, 3000), png_file("first-tall", 72, 100));
+        let mut flux2 = flux_info();
+        flux2.image_input = ImageInput::Optional;
+        flux2.max_input_images = 4;
+        flux2.defaults.size_from_first_input_max_area = Some(1024 * 1024);
+        let size = |paths: &[&String], width: Option<u32>| {
+            let paths = paths.iter().map(|path| path.to_string()).collect();
+            let request = GenerationRequest { image_paths: Some(paths), width, ..req("a") };
+            let resolved = ResolvedRequest::resolve(&request, &flux2).unwrap();
+            (resolved.width, resolved.height)
+        };
+        // The first image's size on the 16-pixel grid, shrunk to 1 MP where larger; later images do not count.
+        assert_eq!(size(&[&wide, &large], None), (112, 80));
+        assert_eq!(size(&[&large, &tall], None), (1168, 880));
+        assert_eq!(size(&[&tall], None), (64, 96));
+        // A size the request gives wins; text-to-image keeps the default.
+        assert_eq!(size(&[&wide], Some(512)), (512, 1024));
+        let r = ResolvedRequest::resolve(&req("a"), &flux2).unwrap();
+        assert_eq!((r.width, r.height), (1024, 1024));
+        for path in [wide, large, tall] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    #[test]
     fn pipelines_that_do_not_say_take_one_image_and_the_default_size() {
         let mut json = serde_json::to_value(flux_info()).unwrap();
         json.as_object_mut().unwrap().remove("max_input_images");
         json["defaults"].as_object_mut().unwrap().remove("size_from_input_area");
+        json["defaults"].as_object_mut().unwrap().remove("size_from_first_input_max_area");
         let info: PipelineInfo = serde_json::from_value(json).unwrap();
         assert_eq!((info.max_input_images, info.defaults.size_from_input_area), (1, None));
+        assert_eq!(info.defaults.size_from_first_input_max_area, None);
     }
 
     /// A PNG header declaring `width` x `height`, in a file of its own.

@@ -52,6 +52,7 @@ fn info() -> PipelineInfo {
             fps: None,
             guidance_scale_2: None,
             size_from_input_area: None,
+            size_from_first_input_max_area: None,
         },
         guidance: GuidanceMode::EmbeddedWithTrueCfg,
         supports_flow_shift: false,

@@ -54,6 +54,7 @@ __all__ = [
     "ENV_VAR",
     "fused_kernels_enabled",
     "gated_residual",
+    "joint_qk_norm_rope",
     "norm_modulate",
     "qk_norm_rope",
     "set_fused_kernels",
@@ -157,6 +158,39 @@ def qk_norm_rope(
     if _KERNELS_INSTALLED:
         return _qk_norm_rope_mod.qk_norm_rope_reference(x, weight, cos, sin, eps=eps, norm_over=norm_over, out=out)
     return _unfused_qk_norm_rope(x, weight, cos, sin, eps=eps, norm_over=norm_over, out=out)
+
+
+def joint_qk_norm_rope(
+    txt: torch.Tensor,
+    img: torch.Tensor,
+    txt_weight: torch.Tensor,
+    img_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    head_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """``rope(cat(rms(txt), rms(img)))`` for the q (or k) projections ``(B, T, H*Dh)`` and ``(B, N, H*Dh)``
+    of a joint-attention block, as ``(B, T + N, H, Dh)``: each stream normed per head with its own weight,
+    then rotated by its rows of the ``[text, image]`` tables ``(T + N, Dh)``.
+
+    RoPE acts on each token independently, so rotating each stream with its rows equals rotating the
+    concatenation (what FLUX-style references compute); writing both straight into their slices of one
+    buffer saves the concatenation's copy.
+    """
+    n_txt = txt.shape[1]
+    batch, n_img, inner = img.shape
+    joint = img.new_empty(batch, n_txt + n_img, inner // head_dim, head_dim)
+    qk_norm_rope(
+        txt.unflatten(-1, (-1, head_dim)), txt_weight, cos[:n_txt], sin[:n_txt], eps=eps, norm_over="head",
+        out=joint[:, :n_txt],
+    )  # fmt: skip
+    qk_norm_rope(
+        img.unflatten(-1, (-1, head_dim)), img_weight, cos[n_txt:], sin[n_txt:], eps=eps, norm_over="head",
+        out=joint[:, n_txt:],
+    )  # fmt: skip
+    return joint
 
 
 # --------------------------------------------------------------------------------------------------

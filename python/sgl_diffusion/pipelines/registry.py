@@ -14,6 +14,7 @@ from .base import StagedPipeline
 from .family import FamilyPipeline
 from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipeline
 from .flux import FluxPipeline
+from .flux2 import FLUX2_DEV_DEFAULTS, FLUX2_KLEIN_DEFAULTS, Flux2KleinPipeline, Flux2Pipeline
 from .glm_image import GLM_IMAGE_DEFAULTS, GlmImagePipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
 from .qwen_image_21 import QwenImage21Pipeline
@@ -30,6 +31,8 @@ from .z_image import Z_IMAGE_TURBO_DEFAULTS, ZImagePipeline
 #: Native pipelines by diffusers pipeline class.
 PIPELINES: dict[str, type[FamilyPipeline]] = {
     FluxPipeline.pipeline_class: FluxPipeline,
+    Flux2Pipeline.pipeline_class: Flux2Pipeline,
+    Flux2KleinPipeline.pipeline_class: Flux2KleinPipeline,
     WanPipeline.pipeline_class: WanPipeline,
     WanImageToVideoPipeline.pipeline_class: WanImageToVideoPipeline,
     # FastVideo's FastWan folders name their (DMD) pipeline `WanDMDPipeline`.
@@ -60,6 +63,10 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "black-forest-labs/FLUX.1-schnell": SamplingDefaults(
         width=1024, height=1024, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256
     ),
+    # FLUX.2: see flux2.py. klein-9B shares klein-4B's pipeline, layout and card settings (a larger Qwen3).
+    "black-forest-labs/FLUX.2-dev": FLUX2_DEV_DEFAULTS,
+    "black-forest-labs/FLUX.2-klein-4B": FLUX2_KLEIN_DEFAULTS,
+    "black-forest-labs/FLUX.2-klein-9B": FLUX2_KLEIN_DEFAULTS,
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": SamplingDefaults(
         width=832, height=480, num_frames=81, fps=16, num_inference_steps=50, guidance_scale=5.0,
         max_sequence_length=512, negative_prompt="", flow_shift=3.0,

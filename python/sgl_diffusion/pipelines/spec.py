@@ -57,6 +57,16 @@ class SamplingDefaults:
     #: aspect ratio at this area (diffusers' `calculate_dimensions`, computed by the Rust core); None: the
     #: default size always.
     size_from_input_area: int | None = None
+    #: Largest pixel area of the output when a request with input images gives no size, for pipelines that
+    #: size outputs like their first input image (FLUX.2): its own size, shrunk to this area where larger,
+    #: floored to `size_multiple` (computed by the Rust core); None: no such rule. At most one of the two rules.
+    size_from_first_input_max_area: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size_from_input_area is not None and self.size_from_first_input_max_area is not None:
+            raise ValueError(
+                "SamplingDefaults takes one input-size rule: size_from_input_area or size_from_first_input_max_area"
+            )
 
 
 #: `sgl_core::GuidanceMode`: how a request turns on classifier-free guidance. "classifier_free":

@@ -35,13 +35,16 @@ __all__ = [
     "CLIP_BOS",
     "CLIP_EOS",
     "CORPUS",
+    "MISTRAL_SPECIAL_TOKENS",
     "QWEN2_SPECIAL_TOKENS",
+    "QWEN3_CHAT_TEMPLATE",
     "bytes_to_unicode",
     "corpus_word_counts",
     "learn_bpe",
     "pretokenize",
     "tiny_byte_level_tokenizer",
     "tiny_clip_tokenizer",
+    "tiny_mistral_tokenizer",
     "tiny_qwen2_tokenizer",
     "tiny_qwen3_tokenizer",
     "tiny_t5_tokenizer",
@@ -102,18 +105,18 @@ QWEN2_SPECIAL_TOKENS: tuple[str, ...] = (
 )
 #: Qwen3 adds its reasoning markers after Qwen2's specials.
 QWEN3_THINK_TOKENS: tuple[str, ...] = ("<think>", "</think>")
-#: A minimal Qwen3 chat template: the turns of the real one (no system prompt, tools or reasoning history),
-#: and its `enable_thinking` switch, which closes an empty reasoning block when it is false.
+#: A minimal Qwen3 chat template: the turns of the real one (string or text-part content; no system prompt, tools
+#: or reasoning history), and its `enable_thinking` switch, which closes an empty reasoning block when it is false.
 QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set content = message['content'] %}"
+    "{%- else %}{%- set content = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 T5_CHAR_SCORE = -15.0
 
@@ -350,3 +353,69 @@ def tiny_qwen3_tokenizer(corpus: Iterable[str] = CORPUS, *, templates: Sequence[
     tokenizer = tiny_qwen2_tokenizer(corpus, templates=templates, extra_special_tokens=QWEN3_THINK_TOKENS)
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
+
+
+#: Control tokens of Mistral's tekken vocabulary, in its id order (they come first, from id 0): the ones a
+#: Mistral Small 3.1 chat (system prompt, instructions, images) renders.
+MISTRAL_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+)
+
+#: Mistral Small 3.1's chat template, for the conversations FLUX.2-dev renders: BOS, the system prompt, then
+#: each user turn as an instruction (text parts joined; image parts as ``[IMG]``).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set content = message['content'] %}"
+    "{%- else %}{%- set content = namespace(text='') %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{%- set content.text = content.text + part['text'] %}"
+    "{%- else %}{%- set content.text = content.text + '[IMG]' %}{%- endif %}"
+    "{%- endfor %}{%- set content = content.text %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + content + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + content + '[/INST]' }}"
+    "{%- else %}{{- content + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def tiny_mistral_tokenizer(corpus: Iterable[str] = CORPUS, *, templates: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A tiny Mistral (tekken-style) tokenizer: byte-level BPE with the control tokens first, then the 256
+    byte characters, then one token per merge; :data:`MISTRAL_CHAT_TEMPLATE`.
+
+    Built and saved as a plain ``PreTrainedTokenizerFast`` (transformers 5's ``TokenizersBackend``), which
+    keeps ``tokenizer.json`` as it is: loading a byte-level vocabulary as ``LlamaTokenizerFast`` would
+    rebuild its pre-tokenizer and change the ids. ``templates`` (system prompts) are learned from, so each
+    of their words is one token, as in the real 131k vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    texts = [*corpus, *templates]
+    words = [word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text)]
+    merges = learn_bpe(corpus_word_counts(words))
+    vocab = _bpe_vocab([*MISTRAL_SPECIAL_TOKENS, *bytes_to_unicode().values()], merges)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(MISTRAL_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+        model_max_length=131072,
+    )

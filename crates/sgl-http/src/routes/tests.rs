@@ -112,6 +112,7 @@ fn image_model() -> PipelineInfo {
             fps: None,
             guidance_scale_2: None,
             size_from_input_area: None,
+            size_from_first_input_max_area: None,
         },
         guidance: GuidanceMode::EmbeddedWithTrueCfg,
         supports_flow_shift: false,

@@ -12,7 +12,6 @@ Shapes used below: ``B`` batch, ``L`` image tokens, ``T`` text tokens, ``D`` inn
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -23,7 +22,8 @@ from torch import nn
 
 from ...config_dict import config_from_dict
 from ...layers.attention import attention, resolve_attention_backend
-from ...layers.fused import gated_residual, norm_modulate, qk_norm_rope
+from ...layers.embeddings import TIME_PROJ_DIM, TimestepMLP, sinusoidal_embedding
+from ...layers.fused import gated_residual, joint_qk_norm_rope, norm_modulate, qk_norm_rope
 from ...layers.linear import (
     GeluTanhFeedForward,
     ProjectionFusion,
@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FluxTransformer2DModel", "FluxTransformerConfig"]
 
-# Sinusoidal width fed to the timestep/guidance MLPs (fixed by the architecture, not in config.json).
-_TIME_PROJ_DIM = 256
 _ROPE_THETA = 10000.0
 
 
@@ -88,31 +86,6 @@ class FluxTransformerConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(values: torch.Tensor, dim: int = _TIME_PROJ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """``(B,) -> (B, dim)`` float32 embedding laid out as ``[cos | sin]``.
-
-    Frequencies are ``max_period ** (-i / (dim/2))`` for ``i < dim/2`` (no frequency offset), which
-    is what FLUX's time/guidance projections use.
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device)
-    freqs = torch.exp(exponent / half)
-    args = values[:, None].float() * freqs[None, :]
-    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
-
-
-class _MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (keys ``linear_1``, ``linear_2``)."""
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, out_dim)
-        self.linear_2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class _TimeTextEmbed(nn.Module):
     """``temb = mlp_t(sin(t)) [+ mlp_g(sin(g))] + mlp_text(pooled)`` -> ``(B, D)``.
 
@@ -122,10 +95,10 @@ class _TimeTextEmbed(nn.Module):
 
     def __init__(self, dim: int, pooled_dim: int, with_guidance: bool) -> None:
         super().__init__()
-        self.timestep_embedder = _MLPEmbedder(_TIME_PROJ_DIM, dim)
+        self.timestep_embedder = TimestepMLP(TIME_PROJ_DIM, dim)
         if with_guidance:
-            self.guidance_embedder = _MLPEmbedder(_TIME_PROJ_DIM, dim)
-        self.text_embedder = _MLPEmbedder(pooled_dim, dim)
+            self.guidance_embedder = TimestepMLP(TIME_PROJ_DIM, dim)
+        self.text_embedder = TimestepMLP(pooled_dim, dim)
         self.with_guidance = with_guidance
 
     def forward(
@@ -207,6 +180,7 @@ class _FluxAttention(ProjectionFusion):
         inner = heads * head_dim
         self.norm_q = RMSNorm(head_dim, eps)
         self.norm_k = RMSNorm(head_dim, eps)
+        self._qk = {"head_dim": head_dim, "eps": eps}
         self.to_q = nn.Linear(dim, inner)
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
@@ -239,28 +213,6 @@ class _FluxAttention(ProjectionFusion):
         k = self._norm_rope(k, self.norm_k, rope)
         return attention(q, k, self._heads(v), backend=backend)
 
-    def _joint_norm_rope(
-        self,
-        img_x: torch.Tensor,
-        txt_x: torch.Tensor,
-        img_norm: RMSNorm,
-        txt_norm: RMSNorm,
-        rope: RopeTables,
-    ) -> torch.Tensor:
-        """``rope(cat(txt_norm(txt), img_norm(img)))`` for q or k, built in place in one buffer.
-
-        RoPE acts on each token independently, so rotating each stream with its rows of the
-        ``[text, image]`` tables equals rotating the concatenation; writing both straight into their
-        slices of the joint tensor saves the concatenation's copy.
-        """
-        n_txt = txt_x.shape[1]
-        batch, n_img, inner = img_x.shape
-        joint = img_x.new_empty(batch, n_txt + n_img, inner // self.head_dim, self.head_dim)
-        cos, sin = rope
-        self._norm_rope(txt_x, txt_norm, (cos[:n_txt], sin[:n_txt]), out=joint[:, :n_txt])
-        self._norm_rope(img_x, img_norm, (cos[n_txt:], sin[n_txt:]), out=joint[:, n_txt:])
-        return joint
-
     def forward_joint(
         self, img: torch.Tensor, txt: torch.Tensor, rope: RopeTables, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,8 +221,9 @@ class _FluxAttention(ProjectionFusion):
         # q/k norm weights.
         img_q, img_k, img_v = self.project(img, "qkv")
         txt_q, txt_k, txt_v = self.project(txt, "add_qkv")
-        q = self._joint_norm_rope(img_q, txt_q, self.norm_q, self.norm_added_q, rope)
-        k = self._joint_norm_rope(img_k, txt_k, self.norm_k, self.norm_added_k, rope)
+        # Each stream has its own q/k norm weights (all with the same eps).
+        q = joint_qk_norm_rope(txt_q, img_q, self.norm_added_q.weight, self.norm_q.weight, *rope, **self._qk)
+        k = joint_qk_norm_rope(txt_k, img_k, self.norm_added_k.weight, self.norm_k.weight, *rope, **self._qk)
         v = torch.cat((self._heads(txt_v), self._heads(img_v)), dim=1)
         out = attention(q, k, v, backend=backend)
         n_txt = txt.shape[1]
