@@ -143,6 +143,7 @@ mod tests {
             image_input: ImageInput::None,
             max_input_images: 1,
             extra_batch_key_fields: Vec::new(),
+            max_batch_requests: None,
         }
     }
 

@@ -589,6 +589,7 @@ mod tests {
             image_input: ImageInput::None,
             max_input_images: 1,
             extra_batch_key_fields: vec![],
+            max_batch_requests: None,
         }
     }
 

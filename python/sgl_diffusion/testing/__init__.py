@@ -8,6 +8,7 @@ or ``python -m sgl_diffusion.testing flux1_dev /tmp/flux1_dev``.
 
 from __future__ import annotations
 
+from . import diffusers_backend as _diffusers_backend  # noqa: F401  (registers SD3, PixArt-Sigma, CogVideoX)
 from . import qwen_image as _qwen_image  # noqa: F401  (registers the Qwen-Image fixture)
 from . import wan as _wan  # noqa: F401  (registers the Wan fixtures)
 from .fixtures import (

@@ -120,6 +120,7 @@ fn image_model() -> PipelineInfo {
         image_input: ImageInput::None,
         max_input_images: 1,
         extra_batch_key_fields: vec![],
+        max_batch_requests: None,
     }
 }
 
