@@ -14,8 +14,15 @@ stage calls `pipe(...)` with the request's fields; the spec the core reads is de
 
 Per-step progress and cancellation go through `callback_on_step_end` (or the legacy `callback`): the callback reports
 the step and, when the request is cancelled (or past its deadline), raises `_Cancelled`, which leaves `__call__` at once
-(setting `pipe._interrupt` would only skip the remaining steps' work and still decode). Noise comes from a CPU
-`torch.Generator` seeded with the request's seed, as the native pipelines draw it.
+(setting `pipe._interrupt` would only skip the remaining steps' work and still decode). The same callback, with a
+forward pre-hook on the denoiser, shows the loop's hooks (`--profile`) and the perf recorder each step
+(`DiffusersCall`). Noise comes from a CPU `torch.Generator` seeded with the request's seed, as the native pipelines
+draw it.
+
+Loading: `--dit-precision` is every component's dtype but the VAE's, `--vae-precision` (`cast_vae_inputs`);
+`--vae-path` goes through the shared VAE loader (`loading/vae.py`) and in as the `vae` component;
+`--diffusers-attention-backend`, `--vae-tiling` / `--vae-slicing` act on the loaded pipeline; `diffusers_kwargs` splits
+into `from_pretrained` and `__call__` keywords (`split_diffusers_kwargs`).
 
 Batching: one request per batch, declared in the spec (`PipelineSpec.max_batch_requests = 1`, which the Rust
 scheduler honours whatever `--max-batch-size` says). A diffusers `__call__` takes one prompt list with one generator
