@@ -1,7 +1,7 @@
 # Type stubs for the Rust extension module (crates/sgl-python). tests/python/test_native_stub.py
 # checks that this file and the compiled module name the same things, and writes its generated part.
 from collections.abc import Callable
-from typing import Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 __version__: str
 
@@ -101,6 +101,16 @@ class EngineOptions(TypedDict, total=False):
 
     device: str | None
     """cuda (default when present), cuda:N or cpu."""
+    vae_path: str | None
+    """A VAE to use instead of the model's own: a VAE folder (config.json + safetensors) or a model folder (its vae/), a Hugging Face id in the local cache, or one .safetensors file loaded into the model's own VAE architecture. It must fit the model's latents."""
+    backend: Literal["auto", "native", "sglang", "diffusers"] | None
+    """Which implementation runs the model: auto (default: the native pipeline when the model's class has one, else diffusers), native (or its alias sglang: native only, an error when there is none) or diffusers (diffusers' own pipeline, any model)."""
+    trust_remote_code: bool | None
+    """Run pipeline code shipped in the model folder (custom diffusers pipelines); off by default."""
+    diffusers_attention_backend: str | None
+    """Attention of a diffusers pipeline's transformer, by diffusers' dispatcher names (native, flash, sage, xformers, ...); default: diffusers' own."""
+    diffusers_kwargs: dict[str, Any] | None
+    """Keyword arguments of a diffusers pipeline (a `--config` mapping): names of its `__call__`'s parameters go to every call, the others to `from_pretrained`."""
     dit_precision: Literal["fp32", "fp16", "bf16"] | None
     """Precision of the DiT; default: bf16 on cuda, fp32 on cpu."""
     vae_precision: Literal["fp32", "fp16", "bf16"] | None

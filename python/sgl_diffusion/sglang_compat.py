@@ -10,7 +10,8 @@ Every name parses here. A value is either honoured (it asks for nothing we lack,
   the CLI also runs it while parsing, to fail before loading anything.
 
 Options that SGLang has and we implement (`--dit-precision` with its config alias `precision`,
-`--text-encoder-precisions`, `--vae-tiling`, `--profile`, ...) are ordinary options, declared on `sgl_bridge::ModelConfig`
+`--text-encoder-precisions`, `--vae-tiling`, `--vae-path`, `--profile`, the diffusers backend's `--backend`, `--trust-remote-code`,
+`--diffusers-attention-backend` and `diffusers_kwargs`, ...) are ordinary options, declared on `sgl_bridge::ModelConfig`
 (their flags: `cli/flags.py`); attention
 backend names (`fa3`, `sage_attn_3`, ...) live in `layers/attention.py`.
 """
@@ -128,11 +129,8 @@ def _vae_config_problem(value: Any) -> str | None:
     return "; ".join(problems) or None
 
 
-_DIFFUSERS_BACKEND = "the diffusers backend (running a diffusers pipeline through diffusers itself)"
-
 #: SGLang's flags and config keys that have no option of our own. Kept in the order of its docs.
 OPTIONS: tuple[SGLangOption, ...] = (
-    _unset("vae_path", "loading the VAE from another checkpoint (it loads from the model's vae/ folder)"),
     _unset("lora_path", "LoRA adapters"),
     _unset("lora_nickname", "LoRA adapters", metavar="NAME"),
     _degree("num_gpus", "multi-GPU inference", "GPUs to use: 1 (more is not supported yet)"),
@@ -167,22 +165,6 @@ OPTIONS: tuple[SGLangOption, ...] = (
         "DiffGenerator.generate(...).images / .frames)",
         "not supported yet: the command line writes files (--output-path)",
     ),
-    SGLangOption(
-        "backend",
-        {"choices": ("auto", "sglang", "native", "diffusers")},
-        "auto (default), sglang and native all mean the native pipelines; diffusers is not supported yet",
-        lambda v: _DIFFUSERS_BACKEND if v == "diffusers" else None,
-        "auto, sglang or native",
-    ),
-    _unset("diffusers_attention_backend", _DIFFUSERS_BACKEND, metavar="NAME"),
-    SGLangOption(
-        "diffusers_kwargs",
-        _JSON,
-        f"{_DIFFUSERS_BACKEND}: not supported yet (only {{}} is accepted)",
-        lambda v: _DIFFUSERS_BACKEND + ": diffusers_kwargs" if v else None,
-        "leave it unset or {}",
-    ),
-    _off("trust_remote_code", "custom pipeline code from the checkpoint (the diffusers backend)"),
     _off("cache_dit", "Cache-DiT step caching"),
     _off("enable_teacache", "TeaCache step caching"),
 )

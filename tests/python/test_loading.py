@@ -114,8 +114,15 @@ def test_unsupported_pipelines_and_backends_fail_clearly(flux_dir: Path, tmp_pat
     index = json.loads((other / "model_index.json").read_text())
     index["_class_name"] = "SomeOtherPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(_native.ModelLoadError, match="SomeOtherPipeline.*supported: FluxPipeline"):
+    # --backend auto tries diffusers for a class with no native family; it has none of that name either.
+    with pytest.raises(
+        _native.ModelLoadError, match="SomeOtherPipeline: diffusers has no pipeline class .*FluxPipeline"
+    ):
         DiffGenerator.from_pretrained(other, device="cpu")
+    with pytest.raises(
+        _native.ModelLoadError, match="SomeOtherPipeline, which has no native .*supported: .*FluxPipeline"
+    ):
+        DiffGenerator.from_pretrained(other, device="cpu", backend="native")
     with pytest.raises(_native.ModelLoadError, match="'vsa' is not available yet"):
         DiffGenerator.from_pretrained(flux_dir, device="cpu", attention_backend="vsa")
     with pytest.raises(ValueError, match="available: torch_sdpa"):

@@ -7,6 +7,10 @@ use sgl_scheduler::BatchingConfig;
 
 /// Precisions a model's parts may run in.
 const PRECISIONS: &[&str] = &["fp32", "fp16", "bf16"];
+/// Which implementation runs the model; `sglang` is SGLang's name for `native`.
+const BACKENDS: &[&str] = &["auto", "native", "sglang", "diffusers"];
+/// The `--help` heading of the diffusers backend's options.
+const DIFFUSERS: &str = "diffusers backend";
 /// A speed option's three settings.
 const AUTO_ON_OFF: &[&str] = &["auto", "on", "off"];
 /// The `--help` heading of the speed and profiling options.
@@ -29,6 +33,28 @@ declare_fields! {
         /// cuda (default when present), cuda:N or cpu.
         #[serde(default)]
         pub device: Option<String>,
+        /// A VAE to use instead of the model's own: a VAE folder (config.json + safetensors) or a
+        /// model folder (its vae/), a Hugging Face id in the local cache, or one .safetensors file
+        /// loaded into the model's own VAE architecture. It must fit the model's latents.
+        #[serde(default)]
+        pub vae_path: Option<String>,
+        /// Which implementation runs the model: auto (default: the native pipeline when the model's
+        /// class has one, else diffusers), native (or its alias sglang: native only, an error when
+        /// there is none) or diffusers (diffusers' own pipeline, any model).
+        #[serde(default)]
+        pub backend: Option<String> [.choices(BACKENDS).group(DIFFUSERS)],
+        /// Run pipeline code shipped in the model folder (custom diffusers pipelines); off by
+        /// default.
+        #[serde(default)]
+        pub trust_remote_code: Option<bool> [.group(DIFFUSERS)],
+        /// Attention of a diffusers pipeline's transformer, by diffusers' dispatcher names (native,
+        /// flash, sage, xformers, ...); default: diffusers' own.
+        #[serde(default)]
+        pub diffusers_attention_backend: Option<String> [.group(DIFFUSERS)],
+        /// Keyword arguments of a diffusers pipeline (a `--config` mapping): names of its
+        /// `__call__`'s parameters go to every call, the others to `from_pretrained`.
+        #[serde(default)]
+        pub diffusers_kwargs: Option<serde_json::Map<String, serde_json::Value>> [.group(DIFFUSERS)],
         /// Precision of the DiT; default: bf16 on cuda, fp32 on cpu.
         #[serde(default)]
         pub dit_precision: Option<String> [.choices(PRECISIONS).aliases(&["--precision"])],

@@ -148,6 +148,7 @@ mod tests {
             max_input_images: 1,
             last_image_input: ImageInput::None,
             extra_batch_key_fields: Vec::new(),
+            max_batch_requests: None,
         }
     }
 

@@ -100,6 +100,11 @@ field_value! {
     PathBuf => ValueType::of(ValueKind::Text),
 }
 
+/// A free-form mapping (`diffusers_kwargs`): a `--config` key, no flag.
+impl FieldValue for serde_json::Map<String, serde_json::Value> {
+    const TYPE: ValueType = ValueType::of(ValueKind::Object);
+}
+
 impl<T: FieldValue> FieldValue for Option<T> {
     const TYPE: ValueType = ValueType { optional: true, ..T::TYPE };
 }

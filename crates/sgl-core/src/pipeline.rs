@@ -46,6 +46,10 @@ pub struct PipelineInfo {
     /// (e.g. an adapter list) keys batches without a change here.
     #[serde(default)]
     pub extra_batch_key_fields: Vec<String>,
+    /// Most requests one batch may hold, whatever `--max-batch-size` allows: 1 for a pipeline that
+    /// runs requests one at a time (the diffusers backend). `None`: no bound of its own.
+    #[serde(default)]
+    pub max_batch_requests: Option<u32>,
 }
 
 fn one() -> u32 {

@@ -102,8 +102,10 @@ impl Engine {
                     .unwrap_or_else(|_| Err(ExecError::internal("the model loader panicked")));
                 match loaded {
                     Ok((executor, info)) => {
+                        // The pipeline's own bound (one request at a time for the diffusers backend).
+                        let max_requests = info.max_batch_requests.map_or(usize::MAX, |most| most.max(1) as usize);
                         let _ = ready_tx.send(Ok(info));
-                        run_worker(executor, &worker_queue, &config, &worker_stats);
+                        run_worker(executor, &worker_queue, &config, max_requests, &worker_stats);
                     }
                     Err(err) => {
                         worker_queue.close();
@@ -271,9 +273,10 @@ fn run_worker<E: BatchExecutor>(
     mut executor: E,
     queue: &RequestQueue,
     config: &BatchingConfig,
+    max_requests: usize,
     stats: &Arc<SchedulerStats>,
 ) {
-    while let Some(batch) = queue.next_batch(config.max_batch_size, config.batch_delay) {
+    while let Some(batch) = queue.next_batch(config.max_batch_size, max_requests, config.batch_delay) {
         let now = Instant::now();
         let live: Vec<Pending> = batch
             .into_iter()

@@ -173,8 +173,9 @@ impl RequestQueue {
     }
 
     /// Blocks until a request is queued, then gathers compatible requests for up to `delay` or until
-    /// `max_images` images are collected. Returns `None` once the queue is closed and empty.
-    pub(crate) fn next_batch(&self, max_images: u32, delay: Duration) -> Option<Vec<Pending>> {
+    /// `max_images` images (or `max_requests` requests) are collected. Returns `None` once the queue
+    /// is closed and empty.
+    pub(crate) fn next_batch(&self, max_images: u32, max_requests: usize, delay: Duration) -> Option<Vec<Pending>> {
         let mut state = self.lock();
         let head = loop {
             if let Some(head) = state.waiting.pop_front() {
@@ -191,7 +192,7 @@ impl RequestQueue {
         let deadline = Instant::now() + delay;
         loop {
             let mut index = 0;
-            while index < state.waiting.len() && images < max_images {
+            while index < state.waiting.len() && images < max_images && batch.len() < max_requests {
                 let fits = state.waiting.get(index).is_some_and(|p| p.key == key && images + p.images() <= max_images);
                 if fits {
                     if let Some(pending) = state.waiting.remove(index) {
@@ -203,7 +204,8 @@ impl RequestQueue {
                 }
             }
             let now = Instant::now();
-            if images >= max_images || now >= deadline || state.closed {
+            // A full batch (by images or by requests) waits for no more company.
+            if images >= max_images || batch.len() >= max_requests || now >= deadline || state.closed {
                 return Some(batch);
             }
             state = self

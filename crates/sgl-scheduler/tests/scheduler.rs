@@ -62,6 +62,7 @@ fn info() -> PipelineInfo {
         max_input_images: 1,
         last_image_input: ImageInput::None,
         extra_batch_key_fields: vec![],
+        max_batch_requests: None,
     }
 }
 
@@ -163,6 +164,22 @@ fn compatible_requests_share_one_batch() {
     }
     assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["p0", "p1", "p2", "p3"]]);
     assert_eq!(engine.stats().batch_sizes(), vec![(4, 1)]);
+}
+
+#[test]
+fn a_pipeline_that_runs_one_request_at_a_time_gets_batches_of_one_without_delay() {
+    let recorder = Recorder::default();
+    let for_worker = recorder.clone();
+    let one_at_a_time = PipelineInfo { max_batch_requests: Some(1), ..info() };
+    let engine = Engine::start(batching(8, 60_000), move || Ok((for_worker, one_at_a_time))).unwrap();
+    let start = Instant::now();
+    let handles: Vec<_> = ["a", "b", "c"].iter().map(|p| engine.submit(&req(p)).unwrap()).collect();
+    for handle in &handles {
+        assert_eq!(handle.wait().unwrap().metadata.batch_size, 1);
+    }
+    assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["a"], vec!["b"], vec!["c"]]);
+    // A batch that is full at one request waits for no company (the delay is a minute).
+    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 #[test]

@@ -77,11 +77,16 @@ fn read_pipeline_class(dir: &Path) -> Result<String, WeightsError> {
     let text = std::fs::read_to_string(&path).map_err(|e| WeightsError::io(&path, e))?;
     let index: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| WeightsError::BadModelIndex { path: path.clone(), reason: e.to_string() })?;
-    index
-        .get("_class_name")
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| WeightsError::BadModelIndex { path, reason: "no `_class_name` string".into() })
+    // A custom pipeline (code shipped in the folder) names `[module, class]`: the class is what loaders match.
+    let class = match index.get("_class_name") {
+        Some(serde_json::Value::String(class)) => Some(class.clone()),
+        Some(serde_json::Value::Array(parts)) if parts.len() == 2 => parts[1].as_str().map(str::to_string),
+        _ => None,
+    };
+    class.ok_or_else(|| WeightsError::BadModelIndex {
+        path,
+        reason: "no `_class_name` string (or `[module, class]` pair)".into(),
+    })
 }
 
 #[cfg(test)]
@@ -111,6 +116,16 @@ mod tests {
         assert_eq!(find_snapshot(&cache, "black-forest-labs/FLUX.1-dev"), Some(repo.join("snapshots").join("abc123")));
         assert_eq!(find_snapshot(&cache, "black-forest-labs/missing"), None);
         assert_eq!(find_snapshot(&cache, "not-an-id"), None);
+    }
+
+    #[test]
+    fn a_custom_pipeline_names_its_class_after_its_module() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("model_index.json"), r#"{"_class_name": ["my_pipeline", "MyPipeline"]}"#)
+            .unwrap();
+        assert_eq!(resolve_model(tmp.path().to_str().unwrap()).unwrap().pipeline_class, "MyPipeline");
+        std::fs::write(tmp.path().join("model_index.json"), r#"{"_class_name": ["only_one"]}"#).unwrap();
+        assert!(resolve_model(tmp.path().to_str().unwrap()).unwrap_err().to_string().contains("_class_name"));
     }
 
     #[test]

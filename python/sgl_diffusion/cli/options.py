@@ -119,7 +119,15 @@ def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
     # Every spelling of an option is a key: `dit_precision` and `precision`, `sp_degree` and `sp_size`.
     known = {flag.lstrip("-").replace("-", "_"): action for action in actions for flag in action.option_strings}
     from_file: dict[str, str] = {}
+    # Mapping options (`diffusers_kwargs`) have no flag: only a config file gives them.
+    mappings = {field.name for field in table("model") if field.kind == "object" and not field.cli}
     for key, value in load_config_file(args.config).items():
+        if key in mappings:
+            if not isinstance(value, dict):
+                raise CommandError(f"--config {args.config}: {key} must be a mapping, got {value!r}")
+            values[key] = value
+            spelled[key] = f"{args.config}: {key}"
+            continue
         action = known.get(key)
         if action is None:
             raise CommandError(f"--config {args.config}: unknown option {key!r}")

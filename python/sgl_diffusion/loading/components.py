@@ -39,10 +39,10 @@ def read_config(component_dir: Path) -> dict[str, Any]:
 
 
 def _stream_state_dict(
-    component_dir: Path, device: torch.device, dtype_of: Callable[[str], torch.dtype], skip: Callable[[str], bool]
+    files: list[str], device: torch.device, dtype_of: Callable[[str], torch.dtype], skip: Callable[[str], bool]
 ) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for file in _native.component_weight_files(str(component_dir)):
+    for file in files:
         # safe_open reads each tensor straight onto `device`; only one source tensor is alive at a time.
         with safe_open(file, framework="pt", device=str(device)) as weights:
             for name in weights.keys():  # noqa: SIM118 (safe_open is not a Mapping)
@@ -69,7 +69,11 @@ def _own_cpu_memory(model: M) -> M:
     return model
 
 
-def _assign_weights(model: M, component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
+def assign_weights(
+    model: M, component_dir: Path, device: torch.device, dtype: torch.dtype, files: list[str] | None = None
+) -> M:
+    """Loads a model built on the meta device from `component_dir`'s safetensors (or `files`, e.g. one file that
+    `--vae-path` names), strictly by name."""
     # Models may keep some parameters in float32 whatever the target precision (Wan keeps its
     # modulation tables and norms in fp32, as diffusers does), and may name checkpoint keys that the
     # reference loader drops.
@@ -82,7 +86,9 @@ def _assign_weights(model: M, component_dir: Path, device: torch.device, dtype: 
     def skip(name: str) -> bool:
         return any(part in ignored for part in name.split("."))
 
-    state = _stream_state_dict(component_dir, device, dtype_of, skip)
+    if files is None:
+        files = _native.component_weight_files(str(component_dir))
+    state = _stream_state_dict(files, device, dtype_of, skip)
     expected = set(model.state_dict().keys())
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
@@ -103,7 +109,7 @@ def load_native_model(
     config = read_config(component_dir)
     with torch.device("meta"):
         model = factory(config)
-    return _assign_weights(model, component_dir, device, dtype)
+    return assign_weights(model, component_dir, device, dtype)
 
 
 def load_diffusers_model(cls: type[M], component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:
@@ -111,7 +117,7 @@ def load_diffusers_model(cls: type[M], component_dir: Path, device: torch.device
     config = cls.load_config(str(component_dir))  # type: ignore[attr-defined]
     with torch.device("meta"):
         model = cls.from_config(config)  # type: ignore[attr-defined]
-    return _assign_weights(model, component_dir, device, dtype)
+    return assign_weights(model, component_dir, device, dtype)
 
 
 def load_transformers_model(cls: type[M], component_dir: Path, device: torch.device, dtype: torch.dtype) -> M:

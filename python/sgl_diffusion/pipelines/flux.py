@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.flux import FluxTransformer2DModel
 from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
@@ -162,7 +162,7 @@ class FluxPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> FluxTransformer2DModel:
             return FluxTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKL, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKL, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         # Text encoders run in the DiT's precision (bf16 on GPU, as the reference checkpoints ship) unless

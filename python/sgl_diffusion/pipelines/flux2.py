@@ -46,7 +46,7 @@ from PIL import Image
 from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from ..errors import invalid_request
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.flux2 import (
     KLEIN_PROMPT,
     MISTRAL_PROMPT,
@@ -409,7 +409,7 @@ class _Flux2FamilyPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> Flux2Transformer2DModel:
             return Flux2Transformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKLFlux2, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKLFlux2, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         (text_encoder_dtype,) = options.text_encoder_dtypes_for((cls.text_encoder_name,))

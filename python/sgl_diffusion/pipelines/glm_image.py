@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoProcessor, AutoTokenizer, GlmImageForConditionalGeneration, T5EncoderModel
 
 from ..errors import invalid_request
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.glm_image import GlmImageTransformer2DModel
 from ..models.glm_image.prior import PRIOR_TOKEN_PIXELS, sample_prior_tokens
 from ..runtime.options import RuntimeOptions
@@ -275,7 +275,7 @@ class GlmImagePipeline(FamilyPipeline):
         def build_transformer(config: dict) -> GlmImageTransformer2DModel:
             return GlmImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKL, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKL, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         glyph_dtype, prior_dtype = options.text_encoder_dtypes_for(

@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.qwen_image import QwenImageTransformer2DModel, encode_prompts
 from ..models.qwen_image.prompt import MAX_PROMPT_TOKENS
 from ..runtime.options import RuntimeOptions
@@ -200,7 +200,7 @@ class QwenImagePipeline(FamilyPipeline):
         def build_transformer(config: dict) -> QwenImageTransformer2DModel:
             return QwenImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKLQwenImage, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKLQwenImage, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen2.5-VL)",))

@@ -46,7 +46,7 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from ..errors import invalid_request
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.qwen_image_21 import PrefixCache, QwenImage21Transformer2DModel
 from ..models.qwen_image_21.text_encoder import Qwen21PromptEncoder
 from ..models.qwen_image_21.vision import Qwen3VLImageTextProcessor, load_image_text_processor
@@ -338,7 +338,7 @@ class QwenImage21Pipeline(FamilyPipeline):
         def build_transformer(config: dict) -> QwenImage21Transformer2DModel:
             return QwenImage21Transformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKLQwenImage21, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKLQwenImage21, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen3-VL)",))

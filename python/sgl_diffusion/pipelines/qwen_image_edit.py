@@ -33,7 +33,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from ..errors import invalid_request
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.qwen_image import QwenImageTransformer2DModel
 from ..models.qwen_image.prompt import EDIT_PLUS_PROMPT_TEMPLATE, EDIT_PROMPT_TEMPLATE, PICTURE_TEMPLATE
 from ..models.qwen_image.text_encoder import encode_prompt_with_images
@@ -265,7 +265,7 @@ class QwenImageEditPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> QwenImageTransformer2DModel:
             return QwenImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKLQwenImage, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKLQwenImage, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen2.5-VL)",))

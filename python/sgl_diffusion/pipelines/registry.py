@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..loading import track_vae_path
 from ..runtime.options import RuntimeOptions
 from .base import StagedPipeline
 from .family import FamilyPipeline
@@ -121,18 +122,47 @@ def supported_pipeline_classes() -> list[str]:
     return sorted(PIPELINES)
 
 
+def native_pipeline(pipeline_class: str, hf_id: str | None) -> type[FamilyPipeline] | None:
+    """The native pipeline of a checkpoint (by its Hugging Face id, else its class), or None."""
+    pipeline = PIPELINES_BY_ID.get(hf_id) if hf_id else None
+    return pipeline or PIPELINES.get(pipeline_class)
+
+
 def load_pipeline(
     model_dir: Path,
     pipeline_class: str,
     hf_id: str | None,
     options: RuntimeOptions,
 ) -> StagedPipeline:
-    pipeline = PIPELINES_BY_ID.get(hf_id) if hf_id else None
-    pipeline = pipeline or PIPELINES.get(pipeline_class)
+    """Loads the checkpoint with the backend `--backend` picks: auto (native when the class has a native family, else
+    diffusers), native / sglang (native only), diffusers (diffusers' own pipeline, whatever the class)."""
+    defaults = KNOWN_MODELS.get(hf_id) if hf_id else None
+    pipeline = native_pipeline(pipeline_class, hf_id)
+    if options.backend == "diffusers" or (options.backend == "auto" and pipeline is None):
+        # Imported here: diffusers' pipeline machinery loads only for models that run through it.
+        from .diffusers_backend import DiffusersPipeline
+
+        with track_vae_path(options.vae_path, pipeline_class):
+            return DiffusersPipeline.load(model_dir, options, defaults)
     if pipeline is None:
         raise ValueError(
-            f"{model_dir} is a {pipeline_class}, which has no native implementation yet; "
-            f"supported: {', '.join(supported_pipeline_classes())}"
+            f"{model_dir} is a {pipeline_class}, which has no native implementation yet "
+            f"(--backend {options.backend}); supported: {', '.join(supported_pipeline_classes())}; "
+            "--backend auto or diffusers runs it through diffusers"
         )
-    defaults = KNOWN_MODELS.get(hf_id) if hf_id else None
-    return pipeline.load(model_dir, options, defaults)
+    given = [
+        name
+        for name, value in (
+            ("diffusers_kwargs", options.diffusers_kwargs),
+            ("--trust-remote-code", options.trust_remote_code),
+            ("--diffusers-attention-backend", options.diffusers_attention_backend),
+        )
+        if value
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: an option of the diffusers backend, and {pipeline_class} runs natively "
+            "(--backend diffusers runs it through diffusers)"
+        )
+    with track_vae_path(options.vae_path, pipeline_class):
+        return pipeline.load(model_dir, options, defaults)

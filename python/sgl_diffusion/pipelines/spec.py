@@ -110,6 +110,9 @@ class PipelineSpec:
     #: pipeline whose tensor shapes depend on another field names it here); the Rust core adds their values to
     #: the batch key.
     extra_batch_key_fields: tuple[str, ...] = ()
+    #: Most requests one batch may hold (`sgl_core::PipelineInfo::max_batch_requests`): 1 for a pipeline that runs
+    #: requests one at a time (the diffusers backend); None: as many as `--max-batch-size` allows.
+    max_batch_requests: int | None = None
 
     def __post_init__(self) -> None:
         for field, value, allowed in (
@@ -122,6 +125,8 @@ class PipelineSpec:
                 raise ValueError(f"PipelineSpec.{field} must be one of {', '.join(allowed)}, got {value!r}")
         if self.max_input_images < 1:
             raise ValueError(f"PipelineSpec.max_input_images must be at least 1, got {self.max_input_images}")
+        if self.max_batch_requests is not None and self.max_batch_requests < 1:
+            raise ValueError(f"PipelineSpec.max_batch_requests must be at least 1, got {self.max_batch_requests}")
         unknown = sorted(set(self.extra_batch_key_fields) - REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"PipelineSpec.extra_batch_key_fields names no request field: {unknown}")
@@ -147,4 +152,5 @@ class PipelineSpec:
             "max_input_images": self.max_input_images,
             "last_image_input": self.last_image_input,
             "extra_batch_key_fields": list(self.extra_batch_key_fields),
+            "max_batch_requests": self.max_batch_requests,
         }

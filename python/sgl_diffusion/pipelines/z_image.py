@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, Qwen3Model
 
 from ..errors import invalid_request
-from ..loading import load_diffusers_model, load_native_model, load_transformers_model, read_config
+from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.z_image import ZImageTransformer2DModel, encode_prompts
 from ..models.z_image.transformer import SEQ_MULTIPLE, padded_length
 from ..runtime.options import RuntimeOptions
@@ -236,7 +236,7 @@ class ZImagePipeline(FamilyPipeline):
         def build_transformer(config: dict) -> ZImageTransformer2DModel:
             return ZImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_diffusers_model(AutoencoderKL, model_dir / "vae", options.device, options.vae_dtype)
+        vae = load_vae(AutoencoderKL, model_dir, options.vae_path, options.device, options.vae_dtype)
         if options.vae_tiling:
             vae.enable_tiling()
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen3)",))

@@ -22,6 +22,8 @@ from .cuda_graphs import CUDA_GRAPH_CHOICES
 from .device import parse_device, parse_precision
 
 CFG_BATCHING_CHOICES = ("auto", "on", "off")
+#: `--backend`: which implementation runs the model (`pipelines/registry.py`); SGLang's `sglang` means `native`.
+BACKEND_CHOICES = ("auto", "native", "sglang", "diffusers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,14 @@ class RuntimeOptions:
     profile_dir: Path = Path("profiles")
     #: One precision per text encoder (`--text-encoder-precisions`); `None`: the DiT's precision.
     text_encoder_dtypes: tuple[torch.dtype, ...] | None = None
+    #: `--vae-path`: a VAE in place of the model's own (`loading/vae.py`); None: the model's `vae/`.
+    vae_path: Path | None = None
+    #: `--backend`, with `sglang` read as its alias `native`: auto, native or diffusers.
+    backend: str = "auto"
+    #: The diffusers backend's options (`pipelines/diffusers_backend.py`).
+    trust_remote_code: bool = False
+    diffusers_attention_backend: str | None = None
+    diffusers_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def text_encoder_dtypes_for(self, encoders: tuple[str, ...]) -> tuple[torch.dtype, ...]:
         """The precision of each of a pipeline's text encoders, named in `model_index.json` order."""
@@ -89,6 +99,12 @@ class RuntimeOptions:
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"num_profiled_timesteps must be a positive integer, got {steps!r}")
         warmup = config.get("warmup")
+        backend = config.get("backend") or "auto"
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+        diffusers_kwargs = config.get("diffusers_kwargs") or {}
+        if not isinstance(diffusers_kwargs, dict):
+            raise TypeError(f"diffusers_kwargs must be a mapping, got {diffusers_kwargs!r}")
         text_encoder_precisions = config.get("text_encoder_precisions")
         if text_encoder_precisions is not None and (
             isinstance(text_encoder_precisions, str) or not text_encoder_precisions
@@ -116,4 +132,9 @@ class RuntimeOptions:
             text_encoder_dtypes=None
             if text_encoder_precisions is None
             else tuple(parse_precision("text_encoder_precisions", name) for name in text_encoder_precisions),
+            vae_path=Path(config["vae_path"]) if config.get("vae_path") else None,
+            backend="native" if backend == "sglang" else backend,
+            trust_remote_code=bool(config.get("trust_remote_code") or False),
+            diffusers_attention_backend=config.get("diffusers_attention_backend"),
+            diffusers_kwargs=dict(diffusers_kwargs),
         )

@@ -8,6 +8,7 @@ or ``python -m sgl_diffusion.testing flux1_dev /tmp/flux1_dev``.
 
 from __future__ import annotations
 
+from . import diffusers_backend as _diffusers_backend  # noqa: F401  (registers SD3, PixArt-Sigma, CogVideoX)
 from . import flux2 as _flux2  # noqa: F401  (registers the FLUX.2 fixtures)
 from . import glm_image as _glm_image  # noqa: F401  (registers the GLM-Image fixture)
 from . import qwen_image as _qwen_image  # noqa: F401  (registers the Qwen-Image fixture)

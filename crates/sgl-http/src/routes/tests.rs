@@ -122,6 +122,7 @@ fn image_model() -> PipelineInfo {
         max_input_images: 1,
         last_image_input: ImageInput::None,
         extra_batch_key_fields: vec![],
+        max_batch_requests: None,
     }
 }
 
