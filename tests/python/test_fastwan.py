@@ -194,3 +194,32 @@ def test_what_dmd_cannot_honour_is_an_error(fastwan21: DiffGenerator, fields: di
     assert info.value.field == field
     if field == "num_inference_steps":
         assert "must be 3" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("hf_id", "fixture", "defaults"),
+    [
+        ("FastVideo/FastWan2.1-T2V-14B-480P-Diffusers", "wan21_t2v", (832, 480, 81, 16)),
+        ("FastVideo/FastWan2.1-T2V-14B-Diffusers", "wan21_t2v", (832, 480, 81, 16)),
+        ("FastVideo/FastWan2.2-TI2V-5B-Diffusers", "wan22_ti2v_5b", (1280, 704, 121, 24)),
+    ],
+)
+def test_every_fastwan_id_runs_dmd_with_its_card(
+    folders: dict[str, Path], tmp_path: Path, hf_id: str, fixture: str, defaults: tuple[int, ...]
+) -> None:
+    # A plain `WanPipeline` folder in the local cache under the id: the id alone selects DMD and the card.
+    repo = tmp_path / "hub" / ("models--" + hf_id.replace("/", "--"))
+    shutil.copytree(folders[fixture], repo / "snapshots" / "x")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("x")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        gen = DiffGenerator.from_pretrained(hf_id, device="cpu")
+    try:
+        info = gen.info
+        assert info["pipeline_class"] == "WanDMDPipeline" and info["hf_id"] == hf_id
+        card = info["defaults"]
+        assert (card["width"], card["height"], card["num_frames"], card["fps"]) == defaults
+        assert (card["num_inference_steps"], card["guidance_scale"]) == (3, 1.0)
+    finally:
+        gen.shutdown()

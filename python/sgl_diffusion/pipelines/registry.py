@@ -52,7 +52,12 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
 #: as a plain `WanPipeline`): the id picks the native pipeline.
 PIPELINES_BY_ID: dict[str, type[FamilyPipeline]] = {
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FastWanPipeline,
+    # The 14B student FastVideo registers (480p), and the id its model card links the preview under.
+    "FastVideo/FastWan2.1-T2V-14B-480P-Diffusers": FastWanPipeline,
+    "FastVideo/FastWan2.1-T2V-14B-Diffusers": FastWanPipeline,
     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FastWanPipeline,
+    # Trained with video sparse attention (VSA), like FastWan2.1: dense attention approximates it.
+    "FastVideo/FastWan2.2-TI2V-5B-Diffusers": FastWanPipeline,
 }
 
 #: Known checkpoints' own sampling defaults, by Hugging Face id.
@@ -104,7 +109,10 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     ),
     # DMD-distilled: 3 fixed timesteps (1000, 757, 522), no CFG (see fastwan.py).
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": FASTWAN21_DEFAULTS,
+    "FastVideo/FastWan2.1-T2V-14B-480P-Diffusers": FASTWAN21_DEFAULTS,
+    "FastVideo/FastWan2.1-T2V-14B-Diffusers": FASTWAN21_DEFAULTS,
     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers": FASTWAN22_TI2V_5B_DEFAULTS,
+    "FastVideo/FastWan2.2-TI2V-5B-Diffusers": FASTWAN22_TI2V_5B_DEFAULTS,
     # The model cards' settings (diffusers' __call__ has no negative prompt, so no CFG): see qwen_image.py.
     "Qwen/Qwen-Image": QWEN_IMAGE_DEFAULTS,
     "Qwen/Qwen-Image-2512": QWEN_IMAGE_DEFAULTS,
