@@ -33,7 +33,8 @@ MEDIUM: dict[str, Any] = {"size": "256x256", "num_frames": 33, "fps": 8, "num_in
 #: steps within a few tens of milliseconds.
 SLOW: dict[str, Any] = {"size": "256x256", "num_frames": 33, "fps": 8, "num_inference_steps": 1000}
 READY_TIMEOUT = 300
-FINISH_TIMEOUT = 120
+#: Generous: the drain runs a medium job and a batch of five on 2 CPU cores that other work may share.
+FINISH_TIMEOUT = 300
 UNFINISHED = {"queued", "in_progress"}
 FINISHED_CAP = 3
 
