@@ -23,12 +23,15 @@ import contextvars
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from .. import _native
 from .components import assign_weights
+
+if TYPE_CHECKING:
+    from ..runtime.options import RuntimeOptions
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -156,6 +159,15 @@ def _check_tensors(model: torch.nn.Module, files: list[str], given: str, archite
     ]
     if problems:
         raise ValueError(f"{given} does not fit {architecture}, a {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_pipeline_vae(cls: type[M], model_dir: Path, options: RuntimeOptions) -> M:
+    """A native family's VAE as the run's options ask: `model_dir/vae` or `--vae-path`, in `--vae-precision`,
+    tiled with `--vae-tiling`."""
+    vae = load_vae(cls, model_dir, options.vae_path, options.device, options.vae_dtype)
+    if options.vae_tiling:
+        vae.enable_tiling()  # type: ignore[attr-defined]
+    return vae
 
 
 def load_vae(

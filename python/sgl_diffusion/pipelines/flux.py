@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.flux import FluxTransformer2DModel
 from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
@@ -27,7 +27,7 @@ from .base import BatchState
 from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .latents import decode_images, draw_noise, latent_image_ids, pack_latents, unpack_latents
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 
 #: FLUX.1's CLIP tokenizer length; T5 takes `max_sequence_length` (at most 512).
 CLIP_MAX_LENGTH = 77
@@ -129,17 +129,13 @@ class FluxPipeline(FamilyPipeline):
 
     def __init__(self, components: FluxComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         token = components.vae_scale_factor * 2  # 8x VAE, then 2x2 latent packing
-        limits = PipelineLimits(
-            size_multiple=token,
-            min_size=token,
+        limits = image_limits(
+            token=token,
             # FLUX computes RoPE from position ids (no table), so only the pixel bound limits a side.
             max_side=MAX_PIXELS // token,
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=tokenizer_limit(components.t5_tokenizer, T5_MAX_LENGTH),
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=token,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -162,9 +158,7 @@ class FluxPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> FluxTransformer2DModel:
             return FluxTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKL, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKL, model_dir, options)
         # Text encoders run in the DiT's precision (bf16 on GPU, as the reference checkpoints ship) unless
         # --text-encoder-precisions says otherwise.
         clip_dtype, t5_dtype = options.text_encoder_dtypes_for(("text_encoder (CLIP)", "text_encoder_2 (T5)"))

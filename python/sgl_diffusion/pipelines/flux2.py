@@ -46,7 +46,7 @@ from PIL import Image
 from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from ..errors import invalid_request
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.flux2 import (
     KLEIN_PROMPT,
     MISTRAL_PROMPT,
@@ -66,7 +66,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image
 from .latents import draw_noise
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 
 #: Largest image we accept (4 MP, what FLUX.2 is published for); RoPE comes from position ids (no table), so
 #: only the pixel bound limits a side.
@@ -378,16 +378,12 @@ class _Flux2FamilyPipeline(FamilyPipeline):
         self, components: Flux2Components, adapter: Flux2Adapter, options: RuntimeOptions, defaults: SamplingDefaults
     ) -> None:
         token = components.vae_scale_factor * 2  # 8x VAE, then 2x2 latent patches
-        limits = PipelineLimits(
-            size_multiple=token,
-            min_size=token,
+        limits = image_limits(
+            token=token,
             max_side=MAX_PIXELS // token,
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=tokenizer_limit(components.tokenizer, MAX_PROMPT_TOKENS),
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=token,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -409,9 +405,7 @@ class _Flux2FamilyPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> Flux2Transformer2DModel:
             return Flux2Transformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKLFlux2, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKLFlux2, model_dir, options)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for((cls.text_encoder_name,))
         return Flux2Components(
             tokenizer=load_chat_tokenizer(model_dir / "tokenizer"),

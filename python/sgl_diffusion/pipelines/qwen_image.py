@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.qwen_image import QwenImageTransformer2DModel, encode_prompts
 from ..models.qwen_image.prompt import MAX_PROMPT_TOKENS
 from ..runtime.options import RuntimeOptions
@@ -37,7 +37,7 @@ from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser, Guider, NoGuidance, NormPreservingCFG
 from .latents import denormalize_latents, draw_noise, pack_latents, unpack_latents
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: Largest image we accept (4 MP). Qwen-Image's published sizes reach 1.8 MP (1328x1328, 1664x928); its
@@ -168,16 +168,12 @@ class QwenImagePipeline(FamilyPipeline):
 
     def __init__(self, components: QwenImageComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         token = components.vae_scale_factor * 2  # 8x VAE, then 2x2 latent packing
-        limits = PipelineLimits(
-            size_multiple=token,
-            min_size=token,
+        limits = image_limits(
+            token=token,
             max_side=MAX_SIDE,
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=tokenizer_limit(components.tokenizer, MAX_PROMPT_TOKENS),
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=token,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -200,9 +196,7 @@ class QwenImagePipeline(FamilyPipeline):
         def build_transformer(config: dict) -> QwenImageTransformer2DModel:
             return QwenImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKLQwenImage, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKLQwenImage, model_dir, options)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen2.5-VL)",))
         components = QwenImageComponents(
             tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),

@@ -46,7 +46,7 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from ..errors import invalid_request
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.qwen_image_21 import PrefixCache, QwenImage21Transformer2DModel
 from ..models.qwen_image_21.text_encoder import Qwen21PromptEncoder
 from ..models.qwen_image_21.vision import Qwen3VLImageTextProcessor, load_image_text_processor
@@ -60,7 +60,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image, size_at_area
 from .latents import draw_noise, normalize_latents
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults
+from .spec import PipelineSpec, SamplingDefaults, image_limits
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: The VAE compresses 16x and the DiT reads latents unpatched: one token per 16x16 pixels (diffusers'
@@ -308,16 +308,13 @@ class QwenImage21Pipeline(FamilyPipeline):
     pipeline_class = "QwenImage21Pipeline"
 
     def __init__(self, components: QwenImage21Components, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
-        limits = PipelineLimits(
-            size_multiple=SIZE_MULTIPLE,
-            min_size=SIZE_MULTIPLE,
+        limits = image_limits(
+            token=VAE_SCALE_FACTOR,
             max_side=MAX_SIDE,
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=MAX_PROMPT_TOKENS,
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=VAE_SCALE_FACTOR,
+            size_multiple=SIZE_MULTIPLE,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -338,9 +335,7 @@ class QwenImage21Pipeline(FamilyPipeline):
         def build_transformer(config: dict) -> QwenImage21Transformer2DModel:
             return QwenImage21Transformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKLQwenImage21, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKLQwenImage21, model_dir, options)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen3-VL)",))
         sigmas = json.loads((model_dir / "model_index.json").read_text()).get(SAMPLE_SIGMAS)
         components = QwenImage21Components(

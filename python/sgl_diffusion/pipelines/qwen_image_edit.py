@@ -33,7 +33,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from ..errors import invalid_request
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.qwen_image import QwenImageTransformer2DModel
 from ..models.qwen_image.prompt import EDIT_PLUS_PROMPT_TEMPLATE, EDIT_PROMPT_TEMPLATE, PICTURE_TEMPLATE
 from ..models.qwen_image.text_encoder import encode_prompt_with_images
@@ -56,7 +56,7 @@ from .qwen_image import (
     QwenImageAdapter,
     QwenImageComponents,
 )
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, pad_text_rows
 
 #: Pixels of each reference image as the VAE sees it, and the default output's (diffusers' 1024 * 1024).
@@ -235,16 +235,12 @@ class QwenImageEditPipeline(FamilyPipeline):
         self, components: QwenImageEditComponents, options: RuntimeOptions, defaults: SamplingDefaults
     ) -> None:
         token = components.vae_scale_factor * 2
-        limits = PipelineLimits(
-            size_multiple=token,
-            min_size=token,
+        limits = image_limits(
+            token=token,
             max_side=MAX_SIDE,
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=tokenizer_limit(components.tokenizer, MAX_EDIT_PROMPT_TOKENS),
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=token,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -265,9 +261,7 @@ class QwenImageEditPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> QwenImageTransformer2DModel:
             return QwenImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKLQwenImage, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKLQwenImage, model_dir, options)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen2.5-VL)",))
         # The processor's tokenizer is the one the reference encodes with (the folder also has `tokenizer/`).
         processor = load_image_text_processor(model_dir / "processor")

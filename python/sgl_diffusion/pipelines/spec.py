@@ -31,6 +31,25 @@ class PipelineLimits:
     frames_per_latent: int = 1
 
 
+def image_limits(
+    *, token: int, max_side: int, max_pixels: int, max_sequence_length: int, max_steps: int, size_multiple: int = 0
+) -> PipelineLimits:
+    """The limits of a one-frame (image) pipeline whose latent token covers `token` pixels a side; sizes step by
+    `size_multiple` (by default one token) and start there."""
+    step = size_multiple or token
+    return PipelineLimits(
+        size_multiple=step,
+        min_size=step,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        max_frames=1,
+        frame_rule="single",
+        max_sequence_length=max_sequence_length,
+        max_steps=max_steps,
+        token_size=token,
+    )
+
+
 def tokenizer_limit(tokenizer: Any, reference_limit: int) -> int:
     """The longest prompt a tokenizer's config allows, at most the reference pipeline's own bound. Tokenizers
     saved without `model_max_length` report a huge sentinel (transformers' VERY_LARGE_INTEGER)."""

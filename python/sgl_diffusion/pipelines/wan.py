@@ -28,7 +28,7 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
 from ..models.wan.vae import WanVAEDecoder
 from ..runtime.options import RuntimeOptions
@@ -183,9 +183,7 @@ class WanPipeline(FamilyPipeline):
             return (index.get(component) or [None])[0] is not None
 
         has_second_expert = present("transformer_2")
-        vae = load_vae(AutoencoderKLWan, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKLWan, model_dir, options)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (UMT5)",))
         components = WanComponents(
             tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),

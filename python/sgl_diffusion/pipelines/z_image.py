@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, Qwen3Model
 
 from ..errors import invalid_request
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.z_image import ZImageTransformer2DModel, encode_prompts
 from ..models.z_image.transformer import SEQ_MULTIPLE, padded_length
 from ..runtime.options import RuntimeOptions
@@ -42,7 +42,7 @@ from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import ConditionalOffsetCFG, Guider, NoGuidance
 from .latents import decode_images, draw_noise
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: Largest image we accept (4 MP); Z-Image-Turbo's published sizes stay near 1 MP (up to 2048 px a side).
@@ -209,16 +209,12 @@ class ZImagePipeline(FamilyPipeline):
         # RoPE tables bound the image's token grid and, through the caption's padded length, the prompt.
         _, rows_in_table, columns_in_table = config.axes_lens
         longest_caption = (config.axes_lens[0] - 2) // SEQ_MULTIPLE * SEQ_MULTIPLE
-        limits = PipelineLimits(
-            size_multiple=token,
-            min_size=token,
+        limits = image_limits(
+            token=token,
             max_side=min(MAX_SIDE, token * min(rows_in_table, columns_in_table)),
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=tokenizer_limit(components.tokenizer, longest_caption),
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=token,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -236,9 +232,7 @@ class ZImagePipeline(FamilyPipeline):
         def build_transformer(config: dict) -> ZImageTransformer2DModel:
             return ZImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKL, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKL, model_dir, options)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for(("text_encoder (Qwen3)",))
         components = ZImageComponents(
             tokenizer=AutoTokenizer.from_pretrained(str(model_dir / "tokenizer")),
