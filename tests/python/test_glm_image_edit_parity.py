@@ -23,6 +23,7 @@ from sgl_diffusion.api import collect
 from sgl_diffusion.models.glm_image.prior import encode_prior_images
 from sgl_diffusion.pipelines.glm_image import MAX_INPUT_IMAGES, GlmImagePipeline
 from sgl_diffusion.runtime.options import RuntimeOptions
+from sgl_diffusion.runtime.request import Request
 from sgl_diffusion.testing import build_fixture
 from sgl_diffusion.testing.glm_image import patch_reference_image_tokens
 
@@ -236,9 +237,7 @@ def test_cli_takes_input_images(folder, diffusers_glm, images, tmp_path: Path) -
     np.testing.assert_array_equal(pixels, to_uint8(reference(diffusers_glm, PROMPT, 5, images)[0]))
 
 
-def _request(**fields: object):
-    from sgl_diffusion.runtime.request import Request
-
+def _request(**fields: object) -> Request:
     base = {
         "id": 1, "prompt": PROMPT, "negative_prompt": None, "width": 96, "height": 64, "num_frames": 1,
         "num_inference_steps": 3, "guidance_scale": 1.5, "true_cfg_scale": 1.0, "seed": 3,
