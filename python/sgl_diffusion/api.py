@@ -136,9 +136,9 @@ class DiffGenerator:
         name is a `TypeError`.
 
         `image` is the input image of image-to-video or image editing (a path or a PIL image), or a list of them
-        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, FLUX.2: up to 10, klein 4; in
-        order). `last_image` is the last frame of first-last-frame image-to-video (Wan2.1-FLF2V, Wan2.2 I2V-A14B),
-        `image` being the first. `output_type` chooses the arrays
+        for models that take several (Qwen-Image-Edit-Plus: 1-3 reference images, FLUX.2: up to 10, klein 4,
+        GLM-Image 4; in order). `last_image` is the last frame of first-last-frame image-to-video (Wan2.1-FLF2V,
+        Wan2.2 I2V-A14B), `image` being the first. `output_type` chooses the arrays
         returned ("pil" or "np"); `on_progress(step, total)` is called after each denoising step. A request still
         queued or running `timeout_seconds` after submission (at most the engine's `request_timeout`) is stopped
         and raises `DeadlineExceededError`."""

@@ -14,7 +14,12 @@ import torch
 from sgl_diffusion.pipelines.base import BatchState
 from sgl_diffusion.pipelines.conditioning import Conditioning, ModelInputs
 from sgl_diffusion.pipelines.family import FamilyAdapter, FamilyPipeline
-from sgl_diffusion.pipelines.guidance import ClassifierFreeGuidance, NoGuidance, NormPreservingCFG
+from sgl_diffusion.pipelines.guidance import (
+    ClassifierFreeGuidance,
+    ConditionalOffsetCFG,
+    NoGuidance,
+    NormPreservingCFG,
+)
 from sgl_diffusion.pipelines.hooks import LoopHooks, StepContext
 from sgl_diffusion.pipelines.spec import PipelineLimits, PipelineSpec, SamplingDefaults
 from sgl_diffusion.pipelines.text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
@@ -247,6 +252,40 @@ def test_guiders_run_one_forward_per_branch_or_one_for_both() -> None:
     torch.testing.assert_close(batched, split, rtol=0, atol=0)
     torch.testing.assert_close(batched[:, 0], torch.tensor([1 + 2.0 * 1, 1 + 0.5 * 2]))  # expert 1's scales
     torch.testing.assert_close(plain[:, 0], torch.tensor([2.0, 3.0]))
+
+
+def test_conditional_only_inputs_reach_only_the_conditional_forward() -> None:
+    """`ModelInputs.cond_only` (GLM-Image's input-image keys and values): the conditional forward gets them,
+    the unconditional one does not, and a guider that would stack the branches runs them apart."""
+    calls: list[tuple[int, bool]] = []
+
+    def denoiser(hidden_states: torch.Tensor, text: torch.Tensor, memory: list[torch.Tensor] | None = None):
+        calls.append((hidden_states.shape[0], memory is not None))
+        return hidden_states * text.view(-1, 1) + (0.0 if memory is None else memory[0])
+
+    conditioning = Conditioning(
+        positive={"text": torch.tensor([2.0, 3.0])},
+        negative={"text": torch.tensor([1.0, 1.0])},
+        cfg_scales=(torch.tensor([4.0, 4.0]),),
+    )
+    inputs = ModelInputs(rows={"hidden_states": torch.ones(2, 3)}, cond_only={"memory": [torch.full((3,), 10.0)]})
+    expected_cfg = 1 + 4.0 * (torch.tensor([2.0, 3.0]) + 10.0 - 1)  # uncond 1 + 4 * (cond - uncond)
+    for batched in (True, False):
+        calls.clear()
+        guided = ClassifierFreeGuidance(batched=batched).predict(denoiser, inputs, conditioning, expert=0)
+        assert calls == [(2, True), (2, False)]
+        torch.testing.assert_close(guided[:, 0], expected_cfg)
+    calls.clear()
+    plain = NoGuidance().predict(denoiser, inputs, conditioning, expert=0)
+    assert calls == [(2, True)]
+    torch.testing.assert_close(plain[:, 0], torch.tensor([12.0, 13.0]))
+    # Z-Image's guider too, on the steps it guides and on those it does not.
+    guidance = {"active": torch.tensor([True, True]), "normalization": torch.zeros(2)}
+    for active in (True, False):
+        calls.clear()
+        step = dataclasses.replace(inputs, guidance={**guidance, "active": torch.tensor([active, active])})
+        ConditionalOffsetCFG(batched=True).predict(denoiser, step, conditioning, expert=0)
+        assert calls == ([(2, True), (2, False)] if active else [(2, True)])
 
 
 def test_rows_of_one_text_length_run_together_without_padding() -> None:

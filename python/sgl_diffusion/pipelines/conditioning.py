@@ -50,9 +50,14 @@ class Conditioning:
 class ModelInputs:
     """One step's denoiser inputs besides the prompt's: `rows` are batch-first (latents, timesteps, image
     tokens), `fixed` have no batch dimension (position ids) and are the same for every row and branch.
-    `guidance` holds the step's settings for the guider, never passed to the denoiser (Z-Image: which rows
-    are still guided at this timestep)."""
+    `cond_only` have no batch dimension either but reach only the conditional branch (the prompts'), which
+    the unconditional branch runs without (GLM-Image's keys and values of the input images: diffusers
+    reads them in the conditional forward and skips them in the unconditional one). The two branches then
+    differ in more than their rows, so a guider runs them as two forwards while there are any, even where
+    it would stack them. `guidance` holds the step's settings for the guider, never passed to the denoiser
+    (Z-Image: which rows are still guided at this timestep)."""
 
     rows: RowInputs
     fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cond_only: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     guidance: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""GLM-Image text-to-image (zai-org/GLM-Image): its family adapter and pipeline.
+"""GLM-Image (zai-org/GLM-Image), text-to-image and image editing: its family adapter and pipeline.
 
 Matches diffusers' `GlmImagePipeline` on the same weights and seed:
 
@@ -15,6 +15,22 @@ Matches diffusers' `GlmImagePipeline` on the same weights and seed:
 * noise drawn per request from a CPU generator in the latent layout (B, 16, H/8, W/8), flow-match Euler on
   GLM-Image's schedule (integer timesteps 1000 -> 1 as the model's time, sigmas shifted by
   `mu = sqrt(tokens / 256) * max_shift + base_shift`), and the VAE's per-channel latent statistics.
+
+Image editing (`generate(image=...)`, `--image-path`, `POST /v1/images/edits`; diffusers' `image=`): a request's
+input images (up to `MAX_INPUT_IMAGES`) come before its prompt in the prior's prompt; the prior's vision
+encoder and codebook give each its image tokens (`encode_prior_images`), and the prior samples only the
+target grid. For the DiT each image is VAE-encoded (the distribution's mode, normalised) and run once at
+timestep 0 with its own prior tokens; every block's keys and values of those tokens (diffusers' KV cache) are
+put in front of the generated image's in the conditional branch only (`ModelInputs.cond_only`): the
+unconditional branch sees neither the images nor the prior tokens, so the two branches always run as two
+forwards. The image is VAE-encoded at the size of its prior grid (16 pixels per upsampled prior token): the
+reference encodes it at its own size floored to 16 pixels, the same size wherever the reference runs (it
+fails where the two grids disagree: sides whose remainder modulo 32 is 16 or more, or images the processor
+rescales into its pixel bounds). A request with images and no size gets the first image's size, floored to 32
+pixels (`SamplingDefaults.size_from_first_input_max_area`, applied by the Rust core): the reference's
+`height or image_height` (its own code samples the prior before it gets there and fails without a size; the
+model card says to give one). Requests batch only with requests that bring the very same image files
+(`image_paths` is an extra batch-key field): the images' keys and values are computed once per batch.
 """
 
 from __future__ import annotations
@@ -29,12 +45,15 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, GlmImageForConditionalGeneration, T5EncoderModel
 
 from ..errors import invalid_request
 from ..loading import load_native_model, load_transformers_model, load_vae, read_config
 from ..models.glm_image import GlmImageTransformer2DModel
-from ..models.glm_image.prior import PRIOR_TOKEN_PIXELS, sample_prior_tokens
+from ..models.glm_image.prior import PRIOR_TOKEN_PIXELS, PriorImages, encode_prior_images, sample_prior_tokens
+from ..models.glm_image.transformer import LayerKV
 from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from ..schedulers import FlowMatchEulerScheduler
@@ -43,7 +62,8 @@ from .base import BatchState, per_row
 from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
-from .latents import denormalize_latents, draw_noise
+from .images import load_image
+from .latents import denormalize_latents, draw_noise, normalize_latents
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
@@ -57,14 +77,21 @@ DIFFUSERS_GUIDANCE_SCALE = 1.5
 DIFFUSERS_MAX_SEQUENCE_LENGTH = 2048
 #: The conditioning key of each row's "prior tokens dropped" flag (True in the unconditional branch).
 PRIOR_TOKEN_DROP = "prior_token_drop"
+#: Input images one request may bring for editing. The reference sets no bound; each image lengthens the
+#: prior's prompt and the DiT's attention keys by its tokens, and the model card shows one or two.
+MAX_INPUT_IMAGES = 4
+#: The processor's bound on an input image's aspect ratio (its `smart_resize` refuses longer ones).
+MAX_INPUT_ASPECT = 4
 
 #: zai-org/GLM-Image: the model card's settings are diffusers' defaults (1024x1024, 50 steps, guidance 1.5).
+#: With input images and no size, the output takes the first image's size (see the module docstring).
 GLM_IMAGE_DEFAULTS = SamplingDefaults(
     width=1024,
     height=1024,
     num_inference_steps=DIFFUSERS_STEPS,
     guidance_scale=DIFFUSERS_GUIDANCE_SCALE,
     max_sequence_length=DIFFUSERS_MAX_SEQUENCE_LENGTH,
+    size_from_first_input_max_area=MAX_PIXELS,
 )
 
 #: The quotes whose contents the glyph encoder renders, in the reference's order of search.
@@ -91,12 +118,15 @@ class GlmImageComponents:
 
 class GlmImageAdapter(FamilyAdapter):
     """GLM-Image under the engine's stages: glyph rows of each prompt's own length, prior tokens per request,
-    unpacked (B, C, H, W) latents, classifier-free guidance with the prior dropped in the unconditional branch."""
+    unpacked (B, C, H, W) latents, classifier-free guidance with the prior (and the input images' keys and
+    values) dropped in the unconditional branch."""
 
     def __init__(self, components: GlmImageComponents) -> None:
         self.c = components
         self.dtype = components.transformer.image_projector.proj.weight.dtype
         self.by_text_length = ByTextLength(self._forward)
+        # The reference prepares input images for the VAE with this (PIL Lanczos resize, then [-1, 1]).
+        self.image_processor = VaeImageProcessor(vae_scale_factor=components.vae_scale_factor)
 
     def _forward(self, **inputs: Any) -> torch.Tensor:
         # The reference guides in float32 whatever the model's dtype.
@@ -164,8 +194,11 @@ class GlmImageAdapter(FamilyAdapter):
         # float32, as the reference combines float32 predictions with the Python float.
         return (torch.tensor([r.guidance_scale for r in rows], dtype=torch.float32, device=device),)
 
-    def prior_tokens(self, requests: Sequence[Request], device: torch.device) -> torch.Tensor:
-        """`(requests, tokens)`: each request's own prior tokens, or those the prior samples from its seed."""
+    def prior_tokens(
+        self, requests: Sequence[Request], device: torch.device, images: PriorImages | None = None
+    ) -> torch.Tensor:
+        """`(requests, tokens)`: each request's own prior tokens, or those the prior samples from its seed
+        (after the batch's input `images`, when editing)."""
         height, width = requests[0].height, requests[0].width
         tokens = torch.empty(len(requests), self.prior_token_count(requests[0]), dtype=torch.long, device=device)
         sampled = [i for i, r in enumerate(requests) if not r.prior_token_ids]
@@ -181,14 +214,67 @@ class GlmImageAdapter(FamilyAdapter):
                 height,
                 width,
                 device,
+                images,
             ).to(device)
         return tokens
+
+    def input_images(self, request: Request) -> list[Image.Image]:
+        """The request's input images, refused (field `image`) where the prior's processor cannot read them."""
+        image_processor = self.c.processor.image_processor
+        smallest = image_processor.patch_size * image_processor.merge_size
+        images = [load_image(path) for path in request.image_paths]
+        for image in images:
+            short, long = sorted(image.size)
+            if short < smallest:
+                raise invalid_request(
+                    "image",
+                    f"an input image is {image.width}x{image.height}; GLM-Image takes images of at least "
+                    f"{smallest} pixels a side",
+                )
+            if long / short > MAX_INPUT_ASPECT:
+                raise invalid_request(
+                    "image",
+                    f"an input image is {image.width}x{image.height}; GLM-Image takes aspect ratios up to "
+                    f"{MAX_INPUT_ASPECT}:1",
+                )
+        return images
+
+    def encode_images(self, state: BatchState) -> None:
+        """The batch's input images (every request of a batch has the same: `image_paths` keys batches) as the
+        prior reads them, and every DiT block's keys and values of their tokens."""
+        images = encode_prior_images(self.c.prior, self.c.processor, self.input_images(state.requests[0]), state.device)
+        state["prior_images"] = images
+        state["condition_kv"] = self.condition_kv(images, state.device)
+
+    def condition_kv(self, images: PriorImages, device: torch.device) -> list[LayerKV]:
+        """Per DiT block, the keys and values of the input images' tokens, one image after the other (the
+        reference's KV-cache "write" pass): each image VAE-encoded at its prior grid's size, normalised, and
+        run at timestep 0 with its own prior tokens and no text."""
+        vae = self.c.vae
+        per_image = []
+        for index, image in enumerate(images.images):
+            rows, columns = images.dit_grid(index)
+            height, width = rows * self.token_pixels, columns * self.token_pixels
+            pixels = self.image_processor.preprocess(image, height=height, width=width)
+            latents = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
+            # (x - mean) / std in the DiT's dtype, divided as the reference divides.
+            latents = normalize_latents(
+                latents.to(self.dtype), vae.config.latents_mean, vae.config.latents_std, divide=True
+            )
+            size = torch.tensor([[height, width]], dtype=torch.float32, device=device)
+            prior = images.tokens[index].to(device).unsqueeze(0)
+            per_image.append(self.c.transformer.condition_kv(latents, prior, size))
+        return [
+            (torch.cat([kv[0] for kv in layer], dim=1), torch.cat([kv[1] for kv in layer], dim=1))
+            for layer in zip(*per_image, strict=True)
+        ]
 
     def initial_latents(self, state: BatchState) -> torch.Tensor:
         requests = state.requests
         request = requests[0]
         # The prior is the per-request seeded part of GLM-Image's starting state, with the noise.
-        state.set_rows("prior_token_id", per_row(self.prior_tokens(requests, state.device), requests))
+        prior = self.prior_tokens(requests, state.device, state.get("prior_images"))
+        state.set_rows("prior_token_id", per_row(prior, requests))
         rows = int(state.row_owner.shape[0])
         # The reference builds the size conditions in the prompt embeddings' (the transformer's) dtype.
         size = torch.tensor([[request.height, request.width]], dtype=self.dtype, device=state.device)
@@ -228,7 +314,10 @@ class GlmImageAdapter(FamilyAdapter):
             "target_size": state["target_size"],
             "crop_coords": state["crop_coords"],
         }
-        return ModelInputs(rows=rows)
+        # The input images' keys and values: the conditional branch reads them, the unconditional one runs
+        # without them (the reference's KV cache in "read", then "skip" mode).
+        cond_only = {"condition_kv": state["condition_kv"]} if "condition_kv" in state else {}
+        return ModelInputs(rows=rows, cond_only=cond_only)
 
     def decode(self, state: BatchState) -> np.ndarray:
         vae = self.c.vae
@@ -265,6 +354,10 @@ class GlmImagePipeline(FamilyPipeline):
             guidance_mode="classifier_free",
             limits=limits,
             defaults=defaults,
+            image_input="optional",
+            max_input_images=MAX_INPUT_IMAGES,
+            # The input images' keys and values are computed once per batch and set the attention's length.
+            extra_batch_key_fields=("image_paths",),
             takes_prior_token_ids=True,
         )
         super().__init__(spec, GlmImageAdapter(components), options)

@@ -1,7 +1,9 @@
 """Guiders: how one denoising step turns a batch's conditioning into one prediction.
 
 A guider runs the denoiser once per guidance branch (or once over both, stacked along the batch) and
-combines the branches. The loop calls `guider.predict(...)` every step and knows nothing of CFG.
+combines the branches. The loop calls `guider.predict(...)` every step and knows nothing of CFG. Inputs
+that only the conditional branch takes (`ModelInputs.cond_only`) reach only its forward, and keep the two
+branches in forwards of their own.
 
 * `NoGuidance`: one forward with the prompts.
 * `ClassifierFreeGuidance`: `uncond + scale * (cond - uncond)` with a per-row scale, one per expert. This
@@ -50,15 +52,18 @@ def guided_forward(
     uncond: Mapping[str, torch.Tensor | None],
     fixed: Mapping[str, Any],
     batched: bool,
+    cond_only: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The denoiser's conditional and unconditional predictions.
 
     `rows` are batch-first inputs both branches share (latents, timesteps), `cond`/`uncond` the
     batch-first inputs that differ (prompt embeddings), `fixed` inputs without a batch dimension
-    (position ids). Batched, the branches are stacked along the batch dimension into one forward.
+    (position ids), `cond_only` inputs without a batch dimension that only the conditional branch takes
+    (`ModelInputs.cond_only`). Batched, the branches are stacked along the batch dimension into one
+    forward, unless there are `cond_only` inputs: then the branches' sequences differ and they run apart.
     """
-    if not batched:
-        return forward(**rows, **cond, **fixed), forward(**rows, **uncond, **fixed)
+    if not batched or cond_only:
+        return forward(**rows, **cond, **fixed, **(cond_only or {})), forward(**rows, **uncond, **fixed)
     stacked_rows = {key: None if value is None else torch.cat([value, value]) for key, value in rows.items()}
     stacked = {key: torch.cat([cond[key], uncond[key]]) for key in cond}  # type: ignore[list-item]
     both = forward(**stacked_rows, **stacked, **fixed)
@@ -78,7 +83,9 @@ class NoGuidance(Guider):
     """One forward with the prompts' inputs."""
 
     def predict(self, denoiser: Denoiser, inputs: ModelInputs, conditioning: Conditioning, expert: int) -> torch.Tensor:
-        return denoiser(**inputs.rows, **conditioning.shared, **conditioning.positive, **inputs.fixed)
+        return denoiser(
+            **inputs.rows, **conditioning.shared, **conditioning.positive, **inputs.fixed, **inputs.cond_only
+        )
 
 
 class ClassifierFreeGuidance(Guider):
@@ -100,6 +107,7 @@ class ClassifierFreeGuidance(Guider):
             uncond=conditioning.negative,
             fixed=inputs.fixed,
             batched=self.batched,
+            cond_only=inputs.cond_only,
         )
         return self.combine(positive, negative, conditioning.cfg_scales[expert])
 
@@ -146,7 +154,8 @@ class ConditionalOffsetCFG(Guider):
             raise ValueError("classifier-free guidance needs the negative prompts' inputs; the conditioning has none")
         active: torch.Tensor = inputs.guidance["active"]
         if not bool(active.any()):
-            return denoiser(**inputs.rows, **conditioning.shared, **conditioning.positive, **inputs.fixed).float()
+            conditional = {**inputs.rows, **conditioning.shared, **conditioning.positive, **inputs.fixed}
+            return denoiser(**conditional, **inputs.cond_only).float()
         positive, negative = guided_forward(
             denoiser,
             rows={**inputs.rows, **conditioning.shared},
@@ -154,6 +163,7 @@ class ConditionalOffsetCFG(Guider):
             uncond=conditioning.negative,
             fixed=inputs.fixed,
             batched=self.batched,
+            cond_only=inputs.cond_only,
         )
         positive, negative = positive.float(), negative.float()
         scale = conditioning.cfg_scales[expert].view(-1, *([1] * (positive.ndim - 1))).float()

@@ -91,13 +91,14 @@ def glm_image_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def glm_image_processor(tokenizer: PreTrainedTokenizerFast) -> Any:
-    """``GlmImageProcessor``: the torchvision-free image processor (patch 32, so an input image's prior grid,
-    upsampled 2x, lands on the DiT's 16-pixel tokens) with the fixture tokenizer and chat template."""
+    """``GlmImageProcessor``: the torchvision-free image processor with the fixture tokenizer and chat template.
+    Patch 16 (merge 1) as the real one: the processor halves an input image before patching, so one token of
+    its grid covers 32 pixels of the image, and that grid upsampled 2x lands on the DiT's 16-pixel tokens."""
     from transformers import GlmImageProcessor
     from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
 
     image_processor = GlmImageImageProcessorPil(
-        patch_size=32,
+        patch_size=16,
         temporal_patch_size=1,
         merge_size=1,
         min_pixels=32 * 32,
@@ -135,7 +136,7 @@ def glm_image_prior(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> torch.
             "hidden_size": 32,
             "num_heads": 2,
             "image_size": 256,
-            "patch_size": 32,
+            "patch_size": 16,
             "intermediate_size": 32,
         },
         vq_config={"embed_dim": 32, "num_embeddings": CODEBOOK, "latent_channels": 32},
@@ -240,3 +241,33 @@ def _glm_image() -> DiffusionPipeline:
         transformer=glm_image_transformer(0),
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
     )
+
+
+def patch_reference_image_tokens(pipe: DiffusionPipeline) -> None:
+    """Lets diffusers' ``GlmImagePipeline`` (0.42.1) tokenize input images under transformers 5, in place.
+
+    Its image-to-image path concatenates the prior's per-image feature maps (``get_image_features(...)
+    .pooler_output``, a list of ``(hidden, rows, columns)`` maps in transformers 5) along their first axis and
+    hands the result to ``get_image_tokens``, which wants the list: the codebook's convolution then sees one
+    channel and raises. The two methods are wrapped so that the pipeline's own call passes each image's
+    features packed as ``(rows * columns, hidden)`` (what its concatenation expects) and ``get_image_tokens``
+    unpacks them by the grids it is given, back to transformers' maps. The tokens are then those the prior's
+    own forward puts in place of the images (``generate``'s calls, by keyword, are left alone)."""
+    prior = pipe.vision_language_encoder
+    features, tokens = prior.get_image_features, prior.get_image_tokens
+
+    def packed_features(*args: Any, **kwargs: Any) -> Any:
+        output = features(*args, **kwargs)
+        if args:  # the pipeline's positional call, not generate's
+            output.pooler_output = [each.flatten(1).T for each in output.pooler_output]
+        return output
+
+    def unpacked_tokens(hidden_states: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        sizes = image_grid_thw.prod(dim=-1).tolist()
+        maps = [
+            packed.T.reshape(-1, int(grid[1]), int(grid[2]))
+            for packed, grid in zip(torch.split(hidden_states, sizes), image_grid_thw, strict=True)
+        ]
+        return tokens(maps)
+
+    prior.get_image_features, prior.get_image_tokens = packed_features, unpacked_tokens

@@ -4,6 +4,11 @@ The prior is transformers' ``GlmImageForConditionalGeneration`` (an LLM; its ``g
 text-to-image request it samples a small preview grid of image tokens, then the target grid (one token per 32
 pixels); the target grid's tokens, upsampled 2x (nearest), are the DiT's prior tokens (one per 16 pixels).
 
+Image-to-image (editing): the request's input images come first in the prompt. The prior's vision encoder and
+VQ codebook turn each into image tokens on its own 32-pixel grid (:func:`encode_prior_images`: the ids the
+prior's forward puts in place of the images' placeholders; upsampled 2x they are also the DiT's prior tokens
+of that image), and the prior samples only the target grid, no preview.
+
 Seeds. diffusers' ``GlmImagePipeline`` seeds torch's global generator with the request generator's seed and
 samples with the checkpoint's ``generation_config`` (its temperature / top-k / top-p warpers, then one
 ``torch.multinomial`` per step over the batch's rows). A request therefore gets the tokens its seed gives
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation import (
     EpsilonLogitsWarper,
@@ -36,8 +42,18 @@ from transformers.generation import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-__all__ = ["PriorGrid", "RowSampler", "prior_grid", "sample_prior_tokens", "sampling_warpers", "upsample_tokens"]
+__all__ = [
+    "PriorGrid",
+    "PriorImages",
+    "RowSampler",
+    "encode_prior_images",
+    "prior_grid",
+    "sample_prior_tokens",
+    "sampling_warpers",
+    "upsample_tokens",
+]
 
 #: Pixels per prior token (the processor's factor).
 PRIOR_TOKEN_PIXELS = 32
@@ -45,8 +61,8 @@ PRIOR_TOKEN_PIXELS = 32
 
 @dataclasses.dataclass(frozen=True)
 class PriorGrid:
-    """What one text-to-image generation samples: ``max_new_tokens`` tokens, of which the target grid's
-    ``rows x columns`` start at ``offset`` (after the preview grid)."""
+    """What one generation samples: ``max_new_tokens`` tokens, of which the target grid's ``rows x columns``
+    start at ``offset`` (after the preview grid, in text-to-image)."""
 
     rows: int
     columns: int
@@ -54,10 +70,14 @@ class PriorGrid:
     max_new_tokens: int
 
 
-def prior_grid(image_grid_thw: torch.Tensor) -> PriorGrid:
-    """The sampling plan of one text-to-image prompt from its processor grids ``[[1, h, w], [1, ph, pw]]``
-    (target, then preview; the prior samples the preview first)."""
+def prior_grid(image_grid_thw: torch.Tensor, text_to_image: bool = True) -> PriorGrid:
+    """The sampling plan of one prompt from its processor grids: text-to-image ``[[1, h, w], [1, ph, pw]]``
+    (target, then preview; the prior samples the preview first); image-to-image the input images' grids, then
+    the target's ``[1, h, w]`` (the prior samples the target grid alone)."""
     sizes = [int(t * h * w) for t, h, w in image_grid_thw.tolist()]
+    if not text_to_image:
+        _, rows, columns = (int(v) for v in image_grid_thw[-1].tolist())
+        return PriorGrid(rows=rows, columns=columns, offset=0, max_new_tokens=sizes[-1] + 1)
     _, rows, columns = (int(v) for v in image_grid_thw[0].tolist())
     return PriorGrid(rows=rows, columns=columns, offset=sum(sizes[1:]), max_new_tokens=sum(sizes) + 1)
 
@@ -126,14 +146,53 @@ class RowSampler(LogitsProcessor):
         return only.scatter_(1, chosen, 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class PriorImages:
+    """A request's input images as the prior reads them, encoded once for every generation over them.
+
+    ``images`` are the pictures themselves (the prompt's chat template places them), ``grids`` are the processor's ``(1, rows, columns)`` per image (32-pixel tokens of the image as the
+    processor resizes it), ``features`` the vision encoder's output (``pooler_output``: one ``(hidden, rows,
+    columns)`` map per image, what ``generate`` would compute from the pixels), ``tokens`` each image's codebook
+    ids upsampled 2x to the DiT's 16-pixel grid, ``(2 rows * 2 columns,)``."""
+
+    images: tuple[Image.Image, ...]
+    grids: torch.Tensor
+    features: BaseModelOutputWithPooling
+    tokens: tuple[torch.Tensor, ...]
+
+    def dit_grid(self, index: int) -> tuple[int, int]:
+        """Image ``index``'s ``(rows, columns)`` of DiT tokens (its prior grid upsampled 2x)."""
+        _, rows, columns = (int(v) for v in self.grids[index].tolist())
+        return 2 * rows, 2 * columns
+
+
+@torch.inference_mode()
+def encode_prior_images(model: Any, processor: Any, images: Sequence[Image.Image], device: torch.device) -> PriorImages:
+    """The prior's view of a request's input images (see :class:`PriorImages`), in the prompt's order."""
+    processed = processor.image_processor(images=list(images), return_tensors="pt")
+    pixel_values = processed["pixel_values"].to(device)
+    grids = processed["image_grid_thw"].to(device)
+    features = model.get_image_features(pixel_values, grids, return_dict=True)
+    # Each image's map through the VQ codebook, as the prior's forward tokenizes its input images (diffusers
+    # 0.42.1 concatenates the maps along their channels first, which transformers 5's get_image_tokens cannot
+    # read: these are the tokens it was written to get).
+    codes = model.get_image_tokens(features.pooler_output).view(-1)
+    per_image = torch.split(codes, grids.prod(dim=-1).tolist())
+    tokens = tuple(upsample_tokens(ids, int(grid[1]), int(grid[2])) for ids, grid in zip(per_image, grids, strict=True))
+    return PriorImages(images=tuple(images), grids=grids, features=features, tokens=tokens)
+
+
 def _generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
     # diffusers seeds torch's default generator of the device that samples (`torch.manual_seed`, and
     # `torch.cuda.manual_seed` on CUDA): a fresh generator of that device with the same seed draws the same.
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
-def _encode(processor: Any, prompt: str, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
-    messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
+def _encode(
+    processor: Any, prompt: str, height: int, width: int, device: torch.device, images: Sequence[Image.Image] = ()
+) -> dict[str, torch.Tensor]:
+    content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
+    messages = [[{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]]
     inputs = processor.apply_chat_template(
         messages,
         tokenize=True,
@@ -155,10 +214,16 @@ def sample_prior_tokens(
     height: int,
     width: int,
     device: torch.device,
+    images: PriorImages | None = None,
 ) -> torch.Tensor:
-    """The DiT's prior tokens ``(len(prompts), (height / 16) * (width / 16))`` for text-to-image prompts, each
-    as diffusers samples it for that prompt and seed alone. Prompts of one token length share a ``generate``."""
-    encoded = [_encode(processor, prompt, height, width, device) for prompt in prompts]
+    """The DiT's prior tokens ``(len(prompts), (height / 16) * (width / 16))``, each as diffusers samples it
+    for that prompt and seed alone. Prompts of one token length share a ``generate``.
+
+    Image-to-image: every prompt is read after the same input ``images`` (:func:`encode_prior_images`), whose
+    features are given to ``generate`` instead of their pixels: the vision encoder runs once per request's
+    images, not once per generation."""
+    pictures = () if images is None else images.images
+    encoded = [_encode(processor, prompt, height, width, device, pictures) for prompt in prompts]
     groups: dict[int, list[int]] = {}
     for index, inputs in enumerate(encoded):
         groups.setdefault(int(inputs["input_ids"].shape[-1]), []).append(index)
@@ -172,8 +237,14 @@ def sample_prior_tokens(
 
     tokens: list[torch.Tensor | None] = [None] * len(prompts)
     for members in groups.values():
-        batch = {key: torch.cat([encoded[i][key] for i in members]) for key in encoded[members[0]]}
-        plan = prior_grid(encoded[members[0]]["image_grid_thw"])
+        batch: dict[str, Any] = {
+            key: torch.cat([encoded[i][key] for i in members]) for key in encoded[members[0]] if key != "pixel_values"
+        }
+        if images is not None:
+            # The features of each row's images, in the rows' order (one copy of the list per row).
+            maps = list(images.features.pooler_output) * len(members)
+            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=maps)}
+        plan = prior_grid(encoded[members[0]]["image_grid_thw"], text_to_image=images is None)
         sampler = RowSampler(warpers, _generators([seeds[i] for i in members], device))
         neutral.max_new_tokens = plan.max_new_tokens
         # generate's sampling step draws from torch's global generator too (always the one finite token):
