@@ -50,7 +50,7 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, GlmImageForConditionalGeneration, T5EncoderModel
 
 from ..errors import invalid_request
-from ..loading import load_native_model, load_transformers_model, load_vae, read_config
+from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.glm_image import GlmImageTransformer2DModel
 from ..models.glm_image.prior import PRIOR_TOKEN_PIXELS, PriorImages, encode_prior_images, sample_prior_tokens
 from ..models.glm_image.transformer import LayerKV
@@ -64,7 +64,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image
 from .latents import denormalize_latents, draw_noise, normalize_latents
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: Largest image we accept (4 MP): GLM-Image's published sizes reach 2048 on a side.
@@ -335,17 +335,14 @@ class GlmImagePipeline(FamilyPipeline):
 
     def __init__(self, components: GlmImageComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         token = components.vae_scale_factor * components.transformer.config.patch_size
-        limits = PipelineLimits(
-            # The prior's grid: one token per 32 pixels (the DiT's 16-pixel tokens upsample it 2x).
-            size_multiple=PRIOR_TOKEN_PIXELS,
-            min_size=PRIOR_TOKEN_PIXELS,
+        limits = image_limits(
+            token=token,
             max_side=MAX_SIDE,
             max_pixels=MAX_PIXELS,
-            max_frames=1,
-            frame_rule="single",
             max_sequence_length=tokenizer_limit(components.glyph_tokenizer, DIFFUSERS_MAX_SEQUENCE_LENGTH),
             max_steps=components.scheduler.config.num_train_timesteps,
-            token_size=token,
+            # The prior's grid: one token per 32 pixels (the DiT's 16-pixel tokens upsample it 2x).
+            size_multiple=PRIOR_TOKEN_PIXELS,
         )
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
@@ -368,9 +365,7 @@ class GlmImagePipeline(FamilyPipeline):
         def build_transformer(config: dict) -> GlmImageTransformer2DModel:
             return GlmImageTransformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_vae(AutoencoderKL, model_dir, options.vae_path, options.device, options.vae_dtype)
-        if options.vae_tiling:
-            vae.enable_tiling()
+        vae = load_pipeline_vae(AutoencoderKL, model_dir, options)
         glyph_dtype, prior_dtype = options.text_encoder_dtypes_for(
             ("text_encoder (ByT5 glyphs)", "vision_language_encoder (AR prior)")
         )
