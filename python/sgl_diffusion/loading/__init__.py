@@ -1,9 +1,10 @@
 """Loading checkpoint components straight onto their device in their target precision."""
 
 from .components import load_diffusers_model, load_native_model, load_transformers_model, read_config
-from .vae import load_pipeline_vae, load_vae, track_vae_path
+from .vae import OtherVae, load_pipeline_vae, load_vae, track_vae_path
 
 __all__ = [
+    "OtherVae",
     "load_diffusers_model",
     "load_native_model",
     "load_pipeline_vae",

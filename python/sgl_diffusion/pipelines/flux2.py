@@ -16,7 +16,10 @@ They match diffusers' `Flux2Pipeline` / `Flux2KleinPipeline` on the same weights
   guidance, the base models with classifier-free guidance against the empty prompt when
   `guidance_scale > 1`;
 * decoding denormalises the packed latents with the VAE's BatchNorm running statistics, unpacks the 2x2
-  patches and decodes with diffusers' `AutoencoderKLFlux2`.
+  patches and decodes with diffusers' `AutoencoderKLFlux2`;
+* or, with `--vae-path` naming fal's tiny autoencoder (`fal/FLUX.2-Tiny-AutoEncoder`,
+  `models/flux2/tiny_autoencoder.py`), the packed latents go to it as they are: it was trained on the
+  denoiser's normalised, patchified latents and encodes reference images into them too (`Flux2Codec`).
 
 Reference images (multi-image conditioning; `generate(image=...)`, `--image-path`, `POST /v1/images/edits`),
 for both: each image (at least 64 pixels a side, aspect at most 8:1) is shrunk to at most 1024x1024 pixels
@@ -46,7 +49,8 @@ from PIL import Image
 from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from ..errors import invalid_request
-from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
+from ..loading import OtherVae, load_native_model, load_pipeline_vae, load_transformers_model, read_config
+from ..loading.vae import latent_interface
 from ..models.flux2 import (
     KLEIN_PROMPT,
     MISTRAL_PROMPT,
@@ -56,6 +60,7 @@ from ..models.flux2 import (
     load_chat_tokenizer,
 )
 from ..models.flux2.text_encoder import MAX_PROMPT_TOKENS
+from ..models.flux2.tiny_autoencoder import Flux2TinyAutoEncoder
 from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from ..schedulers import FlowMatchEulerScheduler
@@ -159,6 +164,55 @@ def batch_norm_statistics(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, t
     return mean, std
 
 
+class Flux2Codec:
+    """Pixels <-> the denoiser's latents: (B, 128, h, w), 32 VAE channels in 2x2 patches, normalised by the
+    BatchNorm running statistics of FLUX.2's VAE. With FLUX.2's own `AutoencoderKLFlux2` (32 channels at 8x) the
+    patches and the statistics are applied here; subclasses take other VAEs."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        self.vae = vae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype  # type: ignore[return-value]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per VAE latent along a side, before the 2x2 patches (8 for every FLUX.2 VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)  # type: ignore[union-attr]
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] in the VAE's dtype -> (B, 128, H/16, W/16): the distribution's mode, in
+        2x2 patches, normalised."""
+        latents = patchify(self.vae.encode(pixels).latent_dist.mode())  # type: ignore[operator]
+        mean, std = batch_norm_statistics(self.vae, latents)
+        return (latents - mean) / std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 128, h, w) in the denoiser's dtype -> (B, 3, 16h, 16w) nominally in [-1, 1]: denormalised in that
+        dtype (as the reference does), unpatchified, decoded in the VAE's."""
+        mean, std = batch_norm_statistics(self.vae, latents)
+        latents = unpatchify(latents * std + mean).to(self.vae.dtype)  # type: ignore[arg-type]
+        return self.vae.decode(latents, return_dict=False)[0]  # type: ignore[operator]
+
+
+class Flux2TinyCodec(Flux2Codec):
+    """fal's `Flux2TinyAutoEncoder`: its latents are the denoiser's, so they pass as they are (no BatchNorm
+    statistics, no 2x2 unpatchify); its inner autoencoder is the 8x step, its extra convolution the patch."""
+
+    vae: Flux2TinyAutoEncoder
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.spatial_compression // 2
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype))
+
+
 def reference_pixels(path: str, image_processor: Flux2ImageProcessor) -> torch.Tensor:
     """An input image as the reference pipelines prepare it: (1, 3, H, W) in [-1, 1], H and W multiples of 16."""
     image = load_image(path)
@@ -189,7 +243,8 @@ class Flux2Components:
     tokenizer: Any
     text_encoder: Mistral3ForConditionalGeneration | Qwen3ForCausalLM
     transformer: Flux2Transformer2DModel
-    vae: AutoencoderKLFlux2
+    vae: AutoencoderKLFlux2 | Flux2TinyAutoEncoder
+    codec: Flux2Codec
     scheduler: FlowMatchEulerScheduler
     vae_scale_factor: int
     prompt_format: PromptFormat
@@ -258,13 +313,11 @@ class Flux2Adapter(FamilyAdapter):
 
     def reference_tokens(self, paths: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, N, C) tokens of the images at `paths`, in order, and their (N, 4) position ids."""
-        vae = self.c.vae
+        codec = self.c.codec
         tokens, ids = [], []
         for index, path in enumerate(paths):
-            pixels = reference_pixels(path, self.image_processor).to(device=device, dtype=vae.dtype)
-            latents = patchify(vae.encode(pixels).latent_dist.mode())
-            mean, std = batch_norm_statistics(vae, latents)
-            latents = (latents - mean) / std
+            pixels = reference_pixels(path, self.image_processor).to(device=device, dtype=codec.dtype)
+            latents = codec.encode(pixels)
             tokens.append(pack_tokens(latents))
             time = REFERENCE_TIME_STEP * (index + 1)
             ids.append(image_position_ids(latents.shape[2], latents.shape[3], time, device))
@@ -316,12 +369,9 @@ class Flux2Adapter(FamilyAdapter):
         return ModelInputs(rows=rows, fixed=fixed)
 
     def decode(self, state: BatchState) -> np.ndarray:
-        vae = self.c.vae
         latents = unpack_tokens(state["latents"], *self.latent_grid(state.requests[0]))
-        mean, std = batch_norm_statistics(vae, latents)
-        latents = unpatchify(latents * std + mean).to(vae.dtype)
         # One row at a time: bounded activation memory, and each image is independent of its batch.
-        images = [vae.decode(row.unsqueeze(0), return_dict=False)[0] for row in latents]
+        images = [self.c.codec.decode(row.unsqueeze(0)) for row in latents]
         pixels = (torch.cat(images) * 0.5 + 0.5).clamp(0, 1)
         return pixels.cpu().permute(0, 2, 3, 1).float().numpy()
 
@@ -405,7 +455,17 @@ class _Flux2FamilyPipeline(FamilyPipeline):
         def build_transformer(config: dict) -> Flux2Transformer2DModel:
             return Flux2Transformer2DModel.from_config(config, attention_backend=options.attention_backend)
 
-        vae = load_pipeline_vae(AutoencoderKLFlux2, model_dir, options)
+        # What the denoiser hands a VAE that takes its latents as they are: the own VAE's in 2x2 patches.
+        own = latent_interface(read_config(model_dir / "vae"))
+        packed = {
+            "latent channels": own["latent channels"] * 4,
+            "spatial compression": own["spatial compression"] * 2,
+            "temporal compression": 1,
+        }
+        vae = load_pipeline_vae(
+            AutoencoderKLFlux2, model_dir, options, others=(OtherVae(Flux2TinyAutoEncoder, packed),)
+        )
+        codec = Flux2TinyCodec(vae) if isinstance(vae, Flux2TinyAutoEncoder) else Flux2Codec(vae)
         (text_encoder_dtype,) = options.text_encoder_dtypes_for((cls.text_encoder_name,))
         return Flux2Components(
             tokenizer=load_chat_tokenizer(model_dir / "tokenizer"),
@@ -415,10 +475,10 @@ class _Flux2FamilyPipeline(FamilyPipeline):
             transformer=load_native_model(
                 build_transformer, model_dir / "transformer", options.device, options.dit_dtype
             ),
-            vae=vae,
+            vae=vae,  # type: ignore[arg-type]
+            codec=codec,
             scheduler=FlowMatchEulerScheduler.from_config(read_config(model_dir / "scheduler")),
-            # diffusers: 2 ** (len(block_out_channels) - 1), 8 for every FLUX.2 VAE.
-            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+            vae_scale_factor=codec.vae_scale_factor,
             prompt_format=cls.prompt_format,
         )
 

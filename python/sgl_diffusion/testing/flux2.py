@@ -13,10 +13,15 @@ system prompt and chat template one token, as the real vocabularies do, so the p
 The DiT's text-key RMSNorm weights are scaled after the random init (:data:`TEXT_KEY_SCALE`), as the
 Qwen-Image and Wan fixtures do: with random weights the image queries attend almost uniformly over the 64
 text rows (most of them padding and the system prompt), and a different prompt barely moved the image.
+
+:func:`build_flux2_tiny_autoencoder` writes a random fal/FLUX.2-Tiny-AutoEncoder folder (for ``--vae-path``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -224,3 +229,91 @@ def _flux2_klein() -> DiffusionPipeline:
 def _flux2_klein_base() -> DiffusionPipeline:
     """FLUX.2-klein-base-4B's layout: not distilled, classifier-free guidance against the empty prompt."""
     return _klein(is_distilled=False)
+
+
+#: fal/FLUX.2-Tiny-AutoEncoder's ``config.json`` as published (keys, ``_class_name``, the ``auto_map`` to its
+#: remote-code module, the block counts), but 8 channels wide instead of 64. The latent side (128 channels:
+#: 32 x 2x2 patches, at 16x) is what makes it fit FLUX.2, so it stays.
+TINY_AUTOENCODER_CONFIG: dict[str, Any] = {
+    "_class_name": "Flux2TinyAutoEncoder",
+    "_diffusers_version": "0.35.2",
+    "auto_map": {"AutoModel": "flux2_tiny_autoencoder.Flux2TinyAutoEncoder"},
+    "act_fn": "silu",
+    "decoder_block_out_channels": [8, 8, 8, 8],
+    "encoder_block_out_channels": [8, 8, 8, 8],
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 128,
+    "latent_magnitude": 3.0,
+    "latent_shift": 0.5,
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "out_channels": 3,
+    "scaling_factor": 0.13025,
+    "upsampling_scaling_factor": 2,
+}
+#: The tiny autoencoder's weights file, as the published folder names it.
+TINY_AUTOENCODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+#: Multiplies the inner autoencoder's convolution weights: at PyTorch's default init each of its ~20 layers
+#: shrinks the signal, and the decoded images barely depended on the latents (0.002 between two latents).
+TINY_AUTOENCODER_GAIN = 1.8
+#: Added to the decoder's last bias (its output x maps to pixels 2x - 1): the random decoder's output sat near 0,
+#: so nearly every pixel was clamped at 0; centred at 0.5 the images span the range and differences show.
+TINY_AUTOENCODER_OUTPUT_SHIFT = 0.5
+
+
+def _tiny_autoencoder_tree(config: dict[str, Any]) -> torch.nn.Module:
+    """The published module tree, built here from its description rather than from our model class, so the
+    files it saves check our key names: ``tiny_vae`` (diffusers' ``AutoencoderTiny`` with a quarter of the latent
+    channels), ``extra_encoder`` / ``extra_decoder`` (4x4 stride-2 convolution / transposed convolution) and
+    ``residual_encoder`` / ``residual_decoder`` (conv 3x3, GroupNorm(8), SiLU, conv 3x3)."""
+    from diffusers import AutoencoderTiny
+    from torch import nn
+
+    wide = config["latent_channels"]
+    inner = wide // 4
+    tree = nn.Module()
+    tree.tiny_vae = AutoencoderTiny(
+        in_channels=config["in_channels"],
+        out_channels=config["out_channels"],
+        encoder_block_out_channels=tuple(config["encoder_block_out_channels"]),
+        decoder_block_out_channels=tuple(config["decoder_block_out_channels"]),
+        act_fn=config["act_fn"],
+        latent_channels=inner,
+        upsampling_scaling_factor=config["upsampling_scaling_factor"],
+        num_encoder_blocks=tuple(config["num_encoder_blocks"]),
+        num_decoder_blocks=tuple(config["num_decoder_blocks"]),
+    )
+    tree.extra_encoder = nn.Conv2d(inner, wide, kernel_size=4, stride=2, padding=1)
+    tree.extra_decoder = nn.ConvTranspose2d(wide, inner, kernel_size=4, stride=2, padding=1)
+    for name, channels in (("residual_encoder", wide), ("residual_decoder", inner)):
+        branch = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.GroupNorm(8, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        )
+        setattr(tree, name, branch)
+    return tree
+
+
+def build_flux2_tiny_autoencoder(out_dir: str | os.PathLike[str], seed: int = 0) -> pathlib.Path:
+    """A random fal/FLUX.2-Tiny-AutoEncoder in its published on-disk layout (``config.json`` +
+    ``diffusion_pytorch_model.safetensors``; the real folder also holds the remote-code module its ``auto_map``
+    names, which nothing here runs), for ``--vae-path`` with the FLUX.2 fixtures. Deterministic per ``seed``."""
+    from safetensors.torch import save_file
+
+    out = pathlib.Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output directory {out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    tree = seeded_component(seed, lambda: _tiny_autoencoder_tree(TINY_AUTOENCODER_CONFIG))
+    with torch.no_grad():
+        for module in tree.tiny_vae.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(TINY_AUTOENCODER_GAIN)
+        tree.tiny_vae.decoder.layers[-1].bias.add_(TINY_AUTOENCODER_OUTPUT_SHIFT)
+    state = {name: tensor.contiguous() for name, tensor in tree.state_dict().items()}
+    save_file(state, str(out / TINY_AUTOENCODER_WEIGHTS), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(TINY_AUTOENCODER_CONFIG, indent=2, sort_keys=True) + "\n")
+    return out
