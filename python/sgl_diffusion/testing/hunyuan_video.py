@@ -45,7 +45,13 @@ SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 7.0}
 
 BOS = "<|begin_of_text|>"
 #: Llama-3's special tokens the template uses, in id order after the learned vocabulary.
-LLAMA_SPECIAL_TOKENS: tuple[str, ...] = (BOS, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA_SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS,
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
 
 
 def llama_tokenizer() -> PreTrainedTokenizerFast:
