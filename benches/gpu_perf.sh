@@ -24,8 +24,8 @@
 #
 # Run on the H200 on 2026-12-05 (benches/results/perf_h200.md): cuda-tests, flux-forward, wan-forward, flux-e2e,
 # wan-e2e, wan-vae, each fitting one command as estimated (cuda-tests 2.5 min, wan-e2e 6 min, wan-vae 3 min).
-# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, flux2-forward, one per
-# command.
+# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, flux2-forward,
+# hunyuan-forward, hunyuan-forward-33f, one per command.
 # Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
 # shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
 #
@@ -55,6 +55,17 @@
 #                       init of 60 GiB, ~0.4 s per eager forward, compiles of both sides and diffusers' whole-model
 #                       reduce-overhead graph); if the graph pools do not fit beside the weights, run it again with
 #                       PERF_ARGS_flux2_forward="--cuda-graphs off".
+#   hunyuan-forward     HunyuanVideo transformer forward at its defaults, 1280x720x129 frames (118 800 video tokens; diffusers
+#                       gets the prompt as 256 rows with its mask, ours its 120 real tokens, as the engine passes them):
+#                       ours eager (fused kernels) and compiled vs diffusers eager and + torch.compile, one set of
+#                       weights shared by both models (12.82 B parameters, 23.9 GiB); 1 warm-up call and 2 alternating
+#                       repetitions of 1 call (a forward's floor is ~19 s: 1.6 PFLOP linear + 10.4 PFLOP attention);
+#                       no CUDA-graph rows (ours does not capture that shape). Unmeasured estimate ~8-9 min on an H100;
+#                       if it overruns, PERF_ARGS_hunyuan_forward="--no-compile" keeps the eager rows.
+#   hunyuan-forward-33f the same at 1280x720x33 frames (9 latent frames, 32 400 video tokens; floor ~1.8 s), every eager
+#                       variant of ours (torch ops, fused kernels, packed QKV, and on diffusers' padded inputs) and the
+#                       compiled pair, 5 alternating repetitions of 1 call after 3 warm-up calls. Unmeasured estimate
+#                       ~5-6 min on an H100.
 #   qwen-e2e            Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², true CFG 4, negative " ")
 #                       but 20 steps (50 do not fit 5 alternating repetitions with compile in 10 minutes; the .md
 #                       projects ours to 50 steps), ours vs diffusers + torch.compile. First builds the random folder
@@ -136,6 +147,12 @@ for job in "$@"; do
             ;;
         flux-forward | wan-forward | qwen-forward | flux2-forward)
             perf "$job" --workload "$job"
+            ;;
+        hunyuan-forward)
+            perf "$job" --workload "$job" --eager-variants fused --reps 2 --runs 1 --warmup 1 --cuda-graphs off
+            ;;
+        hunyuan-forward-33f)
+            perf "$job" --workload hunyuan-forward --name "$job" --latent-frames 9 --runs 1
             ;;
         flux-e2e)
             make_room flux

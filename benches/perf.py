@@ -9,6 +9,9 @@ Workloads (each fits one 10-minute GPU command; `benches/gpu_perf.sh` lists the 
   wan-e2e       Wan2.1-1.3B 832×480, 81 frames, CFG 5 (50 steps; `--steps 20` fits 5 repetitions in 10 minutes)
   qwen-forward  one Qwen-Image transformer forward, 1328² (6889 image + 128 text tokens), batch 1
   flux2-forward one FLUX.2-dev transformer forward, 1024² (4096 image + 512 text tokens), batch 1
+  hunyuan-forward one HunyuanVideo transformer forward, 1280×720×129 (118 800 video tokens; `--latent-frames` fewer),
+                batch 1: diffusers gets the prompt padded to 256 rows with its mask, ours its 120 real tokens (as the
+                engine passes them), and ours also on diffusers' padded inputs
   qwen-e2e      Qwen-Image at the engine's defaults for Qwen/Qwen-Image (1328², 50 steps, true CFG 4 against the
                 negative prompt " "): text encoding + denoising + VAE decode; `--steps` shortens, `--size 1024`
                 matches SGLang's published H100 baseline (1024², 50 steps: 12.8 s), shown as a row (with
@@ -58,6 +61,11 @@ unpacking afterwards gives ours its own q/k/v tensors (same values). Our Qwen-Im
 replays CUDA graphs: `CudaGraphRunner` runs a call with a list argument (`img_shapes`) plainly, and
 1328² (6889 tokens) is above `AUTO_MAX_TOKENS` anyway, so neither side gets CUDA-graph rows there.
 The e2e folder (53.7 GiB) may not fit a 64 GiB disk: see `build_random_qwen_image.py`.
+
+HunyuanVideo's transformer has 12.82 B parameters (23.9 GiB in bf16); hunyuan-forward shares one set too, which
+leaves the room for its 118 800-token activations (and diffusers' masked attention) that a second copy would take.
+Its FLOPs per forward are counted at the run's shape (FlopCounterMode over ours on the meta device, with ours'
+text rows) rather than read from FORWARD_TFLOP.
 
 FLUX.2-dev is larger still: 32.22 B parameters, 60.0 GiB in bf16, so flux2-forward shares one set of weights
 the same way. Its text is always 512 rows (the pipelines pad every prompt to `max_sequence_length`), its
@@ -136,6 +144,23 @@ FLUX2_CONFIG: dict[str, Any] = {
 }  # fmt: skip
 TINY_FLUX2 = {**FLUX2_CONFIG, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
               "num_attention_heads": 2, "joint_attention_dim": 48, "axes_dims_rope": [4, 4, 4, 4]}  # fmt: skip
+#: hunyuanvideo-community/HunyuanVideo transformer/config.json (= diffusers' HunyuanVideoTransformer3DModel defaults).
+HUNYUAN_CONFIG: dict[str, Any] = {
+    "in_channels": 16, "out_channels": 16, "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20,
+    "num_single_layers": 40, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2, "patch_size_t": 1,
+    "qk_norm": "rms_norm", "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768,
+    "rope_theta": 256.0, "rope_axes_dim": [16, 56, 56],
+}  # fmt: skip
+TINY_HUNYUAN = {**HUNYUAN_CONFIG, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1,
+                "num_single_layers": 2, "num_refiner_layers": 1, "text_embed_dim": 32, "pooled_projection_dim": 16,
+                "rope_axes_dim": [4, 6, 6]}  # fmt: skip
+#: hunyuan-forward's text: diffusers' pipeline pads every prompt to max_sequence_length (256) and passes the mask; the
+#: prompt itself is a detailed one of 120 tokens (prompt and closing <|eot_id|> after the template crop), which is
+#: all our engine passes (each prompt's real tokens, no mask).
+HUNYUAN_TEXT_TOKENS = 256
+HUNYUAN_PROMPT_TOKENS = 120
+#: 1280×720 -> 160×90 latents; 129 frames -> 33 latent frames (HunyuanVideo's defaults: 118 800 video tokens).
+HUNYUAN_LATENT_FRAMES = 33
 #: flux2-forward's text rows: FLUX.2-dev pads every prompt to max_sequence_length, 512 by default.
 FLUX2_TEXT_TOKENS = 512
 #: qwen-forward's text rows: a detailed prompt of ~120 words after the template crop (the model card's
@@ -607,6 +632,22 @@ def forward_inputs(
             "img_ids": image_position_ids(side, side, 0, device),
             "txt_ids": text_position_ids(txt, device),
         }
+    if workload == "hunyuan-forward":
+        frames, height, width = (size or 3, 4, 6) if tiny else (size or HUNYUAN_LATENT_FRAMES, 90, 160)
+        txt, real = (16, 9) if tiny else (HUNYUAN_TEXT_TOKENS, HUNYUAN_PROMPT_TOKENS)
+        cfg = TINY_HUNYUAN if tiny else HUNYUAN_CONFIG
+        # What HunyuanVideoPipeline passes: float32 timestep on the 0..1000 scale, guidance x 1000 and the text mask
+        # in the transformer's dtype.
+        mask = torch.zeros(batch, txt, device=device, dtype=dtype)
+        mask[:, :real] = 1
+        return {
+            "hidden_states": randn(batch, cfg["in_channels"], frames, height, width),
+            "timestep": torch.full((batch,), 900.0, device=device),
+            "encoder_hidden_states": randn(batch, txt, cfg["text_embed_dim"]),
+            "encoder_attention_mask": mask,
+            "pooled_projections": randn(batch, cfg["pooled_projection_dim"]),
+            "guidance": torch.full((batch,), 6000.0, device=device, dtype=dtype),
+        }
     if workload == "qwen-forward":
         side, txt = (size or 4, 8) if tiny else (size or QWEN_LATENT_SIDE, QWEN_TEXT_TOKENS)
         cfg = TINY_QWEN if tiny else QWEN_CONFIG
@@ -647,6 +688,12 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
         from sgl_diffusion.models.flux2 import Flux2Transformer2DModel as Ours
 
         config = TINY_FLUX2 if tiny else FLUX2_CONFIG
+    elif workload == "hunyuan-forward":
+        from diffusers import HunyuanVideoTransformer3DModel as Reference
+
+        from sgl_diffusion.models.hunyuan_video import HunyuanVideoTransformer3DModel as Ours
+
+        config = TINY_HUNYUAN if tiny else HUNYUAN_CONFIG
     else:
         from diffusers import WanTransformer3DModel as Reference
 
@@ -683,10 +730,46 @@ def build_forward_pair(workload: str, tiny: bool, device: torch.device, dtype: t
 SHARED_WEIGHTS = {
     "qwen-forward": "two copies of 20.43 B parameters, 2 x 38.1 GiB, do not fit an 80 GB H100",
     "flux2-forward": "two copies of 32.22 B parameters, 2 x 60.0 GiB, do not fit an 80 GB H100",
+    "hunyuan-forward": "a second copy of 12.82 B parameters, 23.9 GiB, would take the room 720p x 129 frames' "
+    "activations need",
 }
 #: Forward workloads whose model ours cannot replay as a CUDA graph (`CudaGraphRunner` runs calls with a
 #: list argument, Qwen-Image's `img_shapes`, without a graph).
 NO_GRAPHS = {"qwen-forward": "ours' CudaGraphRunner does not capture a call with a list argument (img_shapes)"}
+
+
+def ours_inputs(workload: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What ours is called with: `inputs` (diffusers' call), except where our engine passes the model something
+    else. hunyuan-forward: each prompt's real tokens and no mask, as the engine's HunyuanVideo pipeline passes them
+    (the padding diffusers masks out never reaches its output); every row has the same prompt length here."""
+    if workload != "hunyuan-forward":
+        return inputs
+    mask = inputs["encoder_attention_mask"]
+    real = int(mask[0].sum())
+    ours = {key: value for key, value in inputs.items() if key != "encoder_attention_mask"}
+    ours["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :real].contiguous()
+    return ours
+
+
+def counted_tflop(model: nn.Module, inputs: dict[str, Any]) -> tuple[float, float]:
+    """(linear, attention) TFLOP of one forward of `model`'s architecture on `inputs`' shapes: FlopCounterMode over a
+    twin on the meta device (no memory, no time). Attention is what the counter books under batched matmuls (the
+    meta device runs SDPA as its math decomposition) and attention ops; the rest (GEMMs, the patch convolution) is
+    linear."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = type(model).from_config(model.config)
+    meta = {key: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v for key, v in inputs.items()}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        twin(**meta)
+    linear = attention = 0.0
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        if "bmm" in str(op) or "attention" in str(op):
+            attention += flops
+        else:
+            linear += flops
+    return linear / 1e12, attention / 1e12
 
 
 def shares_weights(ours: nn.Module, reference: nn.Module) -> bool:
@@ -720,8 +803,12 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
 
     device, dtype = args.device, torch.bfloat16 if args.device.type == "cuda" else torch.float32
     reference, ours = build_forward_pair(args.workload, args.tiny, device, dtype)
-    inputs = forward_inputs(args.workload, args.tiny, device, dtype)
-    linear_tflop, attention_tflop = FORWARD_TFLOP[args.workload]
+    inputs = forward_inputs(args.workload, args.tiny, device, dtype, size=args.latent_frames)
+    mine = ours_inputs(args.workload, inputs)
+    if args.workload in FORWARD_TFLOP:
+        linear_tflop, attention_tflop = FORWARD_TFLOP[args.workload]
+    else:
+        linear_tflop, attention_tflop = counted_tflop(ours, mine)
     tflop = linear_tflop + attention_tflop
     floor_ms = (linear_tflop / GEMM_TFLOPS + attention_tflop / ATTENTION_TFLOPS) * 1000
     record.update(tflop_per_forward=tflop, floor_ms=floor_ms)
@@ -730,27 +817,31 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     def call_reference(model: nn.Module = reference) -> torch.Tensor:
         return model(**inputs, return_dict=False)[0]
 
-    def call_ours() -> torch.Tensor:
-        return ours(**inputs)
+    def call_ours(call_inputs: dict[str, Any] = mine) -> torch.Tensor:
+        return ours(**call_inputs)
 
     def ours_as(fused_kernels: bool, packed: bool) -> Callable[[], None]:
         return lambda: switches.set(fused_kernels, packed)
 
     eager = "diffusers eager"
-    measured = alternate(
-        [
-            Variant(eager, call_reference, "eager"),
-            Variant("ours eager, torch ops", call_ours, "eager", eager, ours_as(False, False)),
-            Variant("ours eager, fused kernels", call_ours, "eager", eager, ours_as(True, False)),
-            Variant("ours eager, fused kernels, packed QKV", call_ours, "eager", "ours eager, fused kernels",
-                    ours_as(True, True)),
-        ],
-        args,
-    )  # fmt: skip
+    fused = "ours eager, fused kernels"
+    eager_variants = [
+        Variant(eager, call_reference, "eager"),
+        Variant("ours eager, torch ops", call_ours, "eager", eager, ours_as(False, False)),
+        Variant(fused, call_ours, "eager", eager, ours_as(True, False)),
+        Variant(f"{fused}, packed QKV", call_ours, "eager", fused, ours_as(True, True)),
+    ]
+    if mine is not inputs:
+        # The same model on diffusers' own inputs: what the engine's way of passing them is worth.
+        eager_variants.append(Variant(f"{fused}, diffusers' inputs", lambda: call_ours(inputs), "eager", fused,
+                                      ours_as(True, False)))  # fmt: skip
+    if args.eager_variants == "fused":
+        eager_variants = [v for v in eager_variants if v.name in (eager, fused)]
+    measured = alternate(eager_variants, args)
     switches.set(True, False)  # the engine's default: packing measured no faster (see --compile-ablations)
     graphs = False
     if args.compile:
-        graphs = wants_graphs(args.cuda_graphs, device, batch_tokens(ours)(inputs)) and args.workload not in NO_GRAPHS
+        graphs = wants_graphs(args.cuda_graphs, device, batch_tokens(ours)(mine)) and args.workload not in NO_GRAPHS
         twin = shared_twin(reference) if graphs else None
         compile_blocks_static(reference, args.compile_backend)
         compile_repeated_blocks(ours, backend=args.compile_backend)
@@ -763,7 +854,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
             runner = CudaGraphRunner(ours, ours.forward, capture_all=True, tokens=batch_tokens(ours))
             compiled += [
                 Variant(DIFFUSERS_GRAPHS, lambda: call_reference(twin), "compiled"),
-                Variant("ours + torch.compile + CUDA graph", lambda: runner(**inputs), "compiled", DIFFUSERS_GRAPHS),
+                Variant("ours + torch.compile + CUDA graph", lambda: runner(**mine), "compiled", DIFFUSERS_GRAPHS),
             ]
         measured |= alternate(compiled, args)
         if args.compile_ablations:
@@ -793,7 +884,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     record["variants"] = measured_json(measured)
     notes = [
         (
-            f"{tflop:.1f} TFLOP per forward ({linear_tflop} linear + {attention_tflop} attention); floor "
+            f"{tflop:.1f} TFLOP per forward ({linear_tflop:.1f} linear + {attention_tflop:.1f} attention); floor "
             f"{floor_ms:.1f} ms = linear / {GEMM_TFLOPS:.0f} + attention / {ATTENTION_TFLOPS:.0f} TFLOP/s "
             "(gpu.md's measured H100 ceilings)."
         ),
@@ -826,6 +917,17 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     ]
     if graphs:
         notes.append(reduce_overhead_note(device))
+    if args.workload == "hunyuan-forward":
+        video = tuple(inputs["hidden_states"].shape[2:])
+        notes.append(
+            f"Latents {video} (frames, height, width: {ours.tokens_per_sample(inputs['hidden_states'])} video tokens). "
+            f"Text: diffusers gets {inputs['encoder_hidden_states'].shape[1]} rows and the mask of "
+            f"{mine['encoder_hidden_states'].shape[1]} real tokens, as HunyuanVideoPipeline pads a prompt; ours gets "
+            "the real tokens alone, no mask, as our engine passes them (the same math; the padding never reaches "
+            "the output), which lets attention run without a mask (cuDNN / flash kernels instead of the "
+            "masked ones). The 'diffusers' inputs' row runs ours on diffusers' padded text and mask. FLOPs: ours' "
+            "(its text rows), counted by FlopCounterMode at this shape."
+        )
     if args.cfg_shapes:
         cfg = cfg_batching(args, ours, device, dtype)
         rows += measured_rows(cfg, "ms", device)
@@ -841,8 +943,8 @@ def cfg_batching(
     """Batch-2 forward against two batch-1 forwards at smaller shapes (picks CFG_BATCH_MAX_TOKENS)."""
     measured: dict[str, Measured] = {}
     for size in args.cfg_shapes:
-        one = forward_inputs(args.workload, args.tiny, device, dtype, batch=1, size=size)
-        two = forward_inputs(args.workload, args.tiny, device, dtype, batch=2, size=size)
+        one = ours_inputs(args.workload, forward_inputs(args.workload, args.tiny, device, dtype, batch=1, size=size))
+        two = ours_inputs(args.workload, forward_inputs(args.workload, args.tiny, device, dtype, batch=2, size=size))
         hidden = one["hidden_states"]
         packed = ("flux-forward", "qwen-forward", "flux2-forward")
         tokens = hidden.shape[1] if args.workload in packed else hidden[0, 0].numel() // 4
@@ -1528,6 +1630,7 @@ WORKLOADS = {
     "wan-forward": run_forward,
     "qwen-forward": run_forward,
     "flux2-forward": run_forward,
+    "hunyuan-forward": run_forward,
     "flux-e2e": run_e2e,
     "wan-e2e": run_e2e,
     "qwen-e2e": run_e2e,
@@ -1575,6 +1678,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lossy-attention", nargs="*", default=[], help="e2e: also run these attention backends")
     parser.add_argument("--compile-ablations", action="store_true",
                         help="forward: also compiled with packed q/k/v, and without GEMM epilogues")  # fmt: skip
+    parser.add_argument(
+        "--latent-frames",
+        type=int,
+        help=f"hunyuan-forward: latent frames at 720p (default {HUNYUAN_LATENT_FRAMES}: 129 frames)",
+    )
+    parser.add_argument("--eager-variants", choices=["all", "fused"], default="all",
+                        help="forward: all eager variants of ours, or only the engine's (fused kernels) against "
+                             "diffusers eager (shapes whose forward takes many seconds)")  # fmt: skip
     parser.add_argument("--cfg-shapes", type=int, nargs="*", default=[],
                         help="forward: compare batch-2 CFG at these sizes (FLUX: latent side in tokens, "
                              "Wan: latent frames)")  # fmt: skip
@@ -1595,6 +1706,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = (1 if e2e else 3) if args.runs is None else args.runs
     if args.device.type == "cpu" and args.compile_backend == "inductor":
         args.compile = False  # inductor's CPU compile of full models is not what this measures
+    if args.latent_frames is not None and args.workload != "hunyuan-forward":
+        parser.error("--latent-frames is hunyuan-forward's")
     if args.reps < 1 or args.runs < 1 or args.warmup < 0:
         parser.error("--reps and --runs must be at least 1, --warmup at least 0")
     graph_rows = not e2e and args.workload not in NO_GRAPHS and args.cuda_graphs != "off"

@@ -1,4 +1,4 @@
-"""`benches/perf.py`'s Qwen-Image, Z-Image and FLUX.2 workloads on tiny configs on the CPU (no timing meaning): the
+"""`benches/perf.py`'s Qwen-Image, Z-Image, FLUX.2 and HunyuanVideo workloads on tiny configs on the CPU (no timing meaning): the
 code paths the GPU jobs take (weights shared between the two models, the engine's defaults for Qwen/Qwen-Image and
 Tongyi-MAI/Z-Image-Turbo, diffusers' pipeline over our loaded tensors, the compiled variants with the eager backend,
 the SGLang rows) keep working, and both sides compute the same thing. Also `build_random_qwen_image.py`'s shrinking
@@ -78,6 +78,36 @@ def test_flux2_forward_shares_weights_and_matches_diffusers(tmp_path: Path) -> N
             assert row["max rel diff"] < 1e-4, name
     assert any("32.22 B parameters" in note for note in record["notes"])
     assert record["tflop_per_forward"] > 0
+
+
+def test_hunyuan_forward_shares_weights_and_matches_diffusers(tmp_path: Path) -> None:
+    # Three warm-up calls: the workload may have CUDA-graph variants (none run on the CPU, but the rule holds).
+    record = run_perf(tmp_path, "--workload", "hunyuan-forward", "--warmup", "3")
+    rows = {row["variant"]: row for row in record["rows"]}
+    fused = "ours eager, fused kernels"
+    expected = {
+        "diffusers eager",
+        "ours eager, torch ops",
+        fused,
+        f"{fused}, packed QKV",
+        f"{fused}, diffusers' inputs",
+        "diffusers + torch.compile",
+        "ours + torch.compile",
+    }
+    assert set(rows) == expected
+    for name, row in rows.items():
+        if name != "diffusers eager":
+            # Ours gets the prompt's real tokens without the mask (but one row): the same output.
+            assert row["rel L2 vs diffusers eager"] < 1e-5, name
+            assert row["max rel diff"] < 1e-4, name
+    assert any("12.82 B parameters" in note for note in record["notes"])
+    assert any("real tokens alone, no mask" in note for note in record["notes"])
+    assert record["tflop_per_forward"] > 0  # counted at the run's shape
+    # The long-forward job's lean variant set.
+    record = run_perf(tmp_path / "lean", "--workload", "hunyuan-forward", "--warmup", "3", "--no-compile",
+                      "--eager-variants", "fused", "--latent-frames", "2")  # fmt: skip
+    assert {row["variant"] for row in record["rows"]} == {"diffusers eager", fused}
+    assert any("Latents (2, 4, 6)" in note for note in record["notes"])
 
 
 def test_qwen_e2e_runs_the_engine_defaults_against_diffusers(tmp_path: Path) -> None:

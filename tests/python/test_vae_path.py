@@ -1,5 +1,5 @@
 """`--vae-path`: another VAE in place of the model's own, through the one shared loader (`loading/vae.py`), for the
-native families (FLUX.1, Qwen-Image, Wan) and the diffusers backend (SD3).
+native families (FLUX.1, Qwen-Image, Wan, HunyuanVideo) and the diffusers backend (SD3).
 
 A VAE with other (random) weights changes the output, and the output is what diffusers gives with the same VAE passed
 to `from_pretrained(vae=...)`; the VAE may be a folder, a whole model folder (its `vae/`), one safetensors file or a
@@ -22,8 +22,8 @@ from sgl_diffusion.testing import FIXTURE_REGISTRY, build_fixture
 
 PROMPT = "a lighthouse at dusk"
 #: Native families against diffusers with the same VAE, fp32 on CPU: the bound of their parity tests (FLUX.1 and
-#: Qwen-Image are bit-equal, Wan within 1e-6: test_wan_pipeline_parity.py); the diffusers backend calls the very
-#: same pipeline, so there it is equality.
+#: Qwen-Image are bit-equal, Wan within 1e-6, HunyuanVideo within 3e-6: their pipeline parity tests); the diffusers
+#: backend calls the very same pipeline, so there it is equality.
 NATIVE_ATOL = 1e-5
 #: What the other VAE's weights do to the output (measured 0.17 to 0.94 max abs): far above the bound.
 VAE_EFFECT = 0.05
@@ -32,6 +32,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "flux1_dev": ("FluxPipeline", {}),
     "qwen_image": ("QwenImagePipeline", {"negative_prompt": "blurry"}),  # true CFG 4 needs something to guide against
     "wan21_t2v": ("WanPipeline", {}),
+    "hunyuan_video_t2v": ("HunyuanVideoPipeline", {}),
     "sd3": ("StableDiffusion3Pipeline", {}),
 }
 

@@ -384,11 +384,12 @@ class GeluTanhFeedForward(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
 
-    def __init__(self, dim: int, mult: int = 4) -> None:
+    def __init__(self, dim: int, mult: float = 4) -> None:
         super().__init__()
+        inner = int(dim * mult)  # diffusers' rule (HunyuanVideo's config gives mlp_ratio as a float)
         # Index 1 is a (parameter-free) dropout slot in the reference; an Identity keeps the output
         # Linear at index 2 so its checkpoint key is ``net.2``.
-        self.net = nn.ModuleList([self._ProjGelu(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([self._ProjGelu(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))

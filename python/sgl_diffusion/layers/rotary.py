@@ -21,15 +21,18 @@ def _freq_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type in ("mps", "npu") else torch.float64
 
 
-def rope_tables_1d(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables_1d(
+    dim: int, positions: torch.Tensor, theta: float = 10000.0, *, freqs_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for one axis, each ``(len(positions), dim)`` float32, pairs interleaved.
 
     Frequency ``i`` is ``theta ** (-2i/dim)``; each angle is repeated twice so the table lines up
-    with the (real, imag) interleaving of the channels.
+    with the (real, imag) interleaving of the channels. Angles are computed in float64 where the device
+    has it (FLUX), or in ``freqs_dtype`` when given: HunyuanVideo's reference computes them in float32.
     """
     if dim % 2 != 0:
         raise ValueError(f"rotary axis dim must be even, got {dim}")
-    fdtype = _freq_dtype(positions.device)
+    fdtype = _freq_dtype(positions.device) if freqs_dtype is None else freqs_dtype
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=fdtype, device=positions.device) / dim))
     angles = torch.outer(positions.to(fdtype), inv_freq)  # (S, dim/2)
     cos = angles.cos().repeat_interleave(2, dim=1).float()

@@ -17,6 +17,7 @@ from .fastwan import FASTWAN21_DEFAULTS, FASTWAN22_TI2V_5B_DEFAULTS, FastWanPipe
 from .flux import FluxPipeline
 from .flux2 import FLUX2_DEV_DEFAULTS, FLUX2_KLEIN_DEFAULTS, Flux2KleinPipeline, Flux2Pipeline
 from .glm_image import GLM_IMAGE_DEFAULTS, GlmImagePipeline
+from .hunyuan_video import FAST_HUNYUAN_DEFAULTS, HUNYUAN_VIDEO_DEFAULTS, HunyuanVideoPipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
 from .qwen_image_21 import QwenImage21Pipeline
 from .qwen_image_edit import (
@@ -45,6 +46,8 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     # `sample_sigmas` (their count is the step count), so the id takes its folder's (qwen_image_21.py).
     QwenImage21Pipeline.pipeline_class: QwenImage21Pipeline,
     GlmImagePipeline.pipeline_class: GlmImagePipeline,
+    # HunyuanVideo and FastHunyuan (same architecture; FastHunyuan's id brings its few-step defaults).
+    HunyuanVideoPipeline.pipeline_class: HunyuanVideoPipeline,
     ZImagePipeline.pipeline_class: ZImagePipeline,
 }
 
@@ -123,6 +126,12 @@ KNOWN_MODELS: dict[str, SamplingDefaults] = {
     "zai-org/GLM-Image": GLM_IMAGE_DEFAULTS,
     # The model card's settings (1024x1024, 9 steps, no CFG): see z_image.py.
     "Tongyi-MAI/Z-Image-Turbo": Z_IMAGE_TURBO_DEFAULTS,
+    # 1280x720, 129 frames at 24 fps, 50 steps, embedded guidance 6, shift 7: see hunyuan_video.py.
+    "hunyuanvideo-community/HunyuanVideo": HUNYUAN_VIDEO_DEFAULTS,
+    # Consistency-distilled: 125 frames, 6 steps, shift 17 (the model card; FastVideo's FastHunyuanConfig). FastVideo's
+    # own scripts spell the id with a capital D as well, and the local cache keeps the spelling it was fetched with.
+    "FastVideo/FastHunyuan-diffusers": FAST_HUNYUAN_DEFAULTS,
+    "FastVideo/FastHunyuan-Diffusers": FAST_HUNYUAN_DEFAULTS,
 }  # fmt: skip
 
 

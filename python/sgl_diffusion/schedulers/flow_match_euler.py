@@ -139,6 +139,7 @@ class FlowMatchEulerScheduler:
         *,
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
+        shift: float | None = None,
         device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Schedule for one request, as FluxPipeline + ``set_timesteps`` produce it.
@@ -149,6 +150,8 @@ class FlowMatchEulerScheduler:
                 when ``use_dynamic_shifting`` and ``mu`` is not given.
             sigmas: custom unshifted sigmas (length N); default ``linspace(1, 1/N, N)`` as FluxPipeline.
             mu: explicit dynamic shift, overriding ``image_seq_len``.
+            shift: static shift overriding ``config.shift`` (a request's ``flow_shift``): equals a reference
+                scheduler built with ``shift=shift``.
             device: where to put the returned tensors (default CPU).
 
         Returns:
@@ -168,13 +171,18 @@ class FlowMatchEulerScheduler:
         s = base.astype(np.float32)
 
         if c.use_dynamic_shifting:
+            if shift is not None:
+                raise ValueError("a static shift does not apply to a schedule with use_dynamic_shifting (give mu)")
             if mu is None:
                 if image_seq_len is None:
                     raise ValueError("use_dynamic_shifting needs image_seq_len (or an explicit mu)")
                 mu = self.mu_for(image_seq_len)
             s = self._time_shift(mu, s)
         else:
-            s = c.shift * s / (1 + (c.shift - 1) * s)
+            shift = c.shift if shift is None else shift
+            if shift <= 0:
+                raise ValueError(f"shift must be > 0, got {shift}")
+            s = shift * s / (1 + (shift - 1) * s)
 
         if c.shift_terminal:
             # Stretch so the last sigma lands exactly on shift_terminal (keeps sigma[0]=1 fixed).
