@@ -29,6 +29,9 @@ from sgl_diffusion.runtime.encode import to_uint8
 from sgl_diffusion.runtime.video import encode_mp4
 from sgl_diffusion.testing import FIXTURE_REGISTRY
 
+# OpenAI retired its video API; the official client warns on every `videos` method.
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled to permanently shut down:DeprecationWarning")
+
 SGL_DIFFUSION = shutil.which("sgl-diffusion") or pytest.fail("the sgl-diffusion command is not installed")
 #: Video jobs of the tiny CogVideoX fixture finish in well under a second; the bound allows a loaded machine.
 FINISH_TIMEOUT = 120
