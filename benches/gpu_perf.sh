@@ -14,6 +14,14 @@
 #   # importing needs (nothing here encodes MP4):
 #   python3 -m pip wheel --no-deps --no-binary imageio-ffmpeg -w .whl imageio-ffmpeg==0.8.1
 #   # only for perf.py --lossy-attention sage_attn (not in the lock): ... -d .whl sageattention==1.0.6
+#   # only for attention-kernels (not in the lock): FastVideo's sparse kernels (cp312, prebuilt CUDA extensions,
+#   # 7 MB) and FlashAttention-4 with its pure-Python / small dependencies (8 MB):
+#   #   ... -d .whl st-attn==0.0.7 vsa==0.0.4
+#   #   ... --pre -d .whl flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
+#   #       quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 einops==0.9.0.dev0
+#   # FA4's CUDA 13 library wheel (nvidia-cutlass-dsl-libs-cu13==4.8.1, 92 MB) is over one call's carry: download
+#   # it to /tmp, `split -b 48M <wheel> .whl_fa4/<wheel>.part-` and carry .whl_fa4 over two calls on one warm machine
+#   # (the parts of the first call stay there: ignored paths are kept); the job joins and installs it.
 # About 10 MB in all, under the 64 MiB a call carries.
 #
 # There (device tool: carry [".whl"], timeout_s 600), the jobs below in the order given; each fits one
@@ -44,6 +52,12 @@
 #   flux-graphs-large   CUDA-graph sweep, FLUX 768² and 1024², batch 1 and 2
 #   wan-graphs          CUDA-graph sweep, Wan 480p with 1, 5 and 9 frames, batch 1 and 2
 #   wan-vae             Wan2.1 VAE decode (wan_vae_decode.py's own timing)
+#   attention-kernels   benches/attention_kernels.py: cuDNN / FlashAttention-2 through SDPA, FlashAttention-4
+#                       (fa4), sliding tile attention (our Triton kernel; FastVideo's st_attn at its 18x48x80 grid)
+#                       and video sparse attention (our Triton kernel; FastVideo's vsa) at Wan2.1-1.3B 480p
+#                       (21x30x52 tokens), Wan 18x48x80 and FLUX.1 1024² (dense rows only), each sparse row also
+#                       checked against its torch reference. Not yet run (added 2026-12-05, CPU smoke only);
+#                       estimate ~4 min on an H100 (Triton compiles, FA4's JIT, the references' checks).
 #   qwen-forward        Qwen-Image transformer forward at 1328² (6889 image + 128 text tokens): ours eager (torch ops,
 #                       fused kernels, packed QKV) and compiled vs diffusers eager and + torch.compile, one set of
 #                       weights shared by both models (two 38 GiB copies do not fit an H100); no CUDA-graph rows
@@ -182,6 +196,22 @@ for job in "$@"; do
             ;;
         wan-graphs | wan-vae)
             perf "$job" --workload "$job"
+            ;;
+        attention-kernels)
+            parts=(.whl_fa4/*.part-*)
+            if [[ -e "${parts[0]}" && "$SMOKE" != 1 ]]; then
+                wheel=/tmp/$(basename "${parts[0]%.part-*}")
+                cat "${parts[@]}" > "$wheel"
+                python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" \
+                    || echo "FA4 library wheel did not install"
+            fi
+            if [[ "$SMOKE" == 1 ]]; then
+                "$PYTHON" benches/attention_kernels.py --out-dir "$OUT" --tiny --device cpu || echo "$job FAILED"
+            else
+                # shellcheck disable=SC2086  # word splitting of the extra flags is intended
+                "$PYTHON" benches/attention_kernels.py --out-dir "$OUT" --commit "$BENCH_COMMIT" \
+                    ${PERF_ARGS_attention_kernels:-} || echo "$job FAILED"
+            fi
             ;;
         *)
             echo "unknown job $job"

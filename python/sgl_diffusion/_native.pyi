@@ -118,7 +118,11 @@ class EngineOptions(TypedDict, total=False):
     text_encoder_precisions: list[Literal["fp32", "fp16", "bf16"]] | None
     """One precision per text encoder, in model_index.json order (FLUX.1: CLIP T5; Wan: UMT5); default: the DiT's."""
     attention_backend: str | None
-    """Attention kernels: torch_sdpa (default), fa, sage_attn or auto; fa3 and fa4 mean fa."""
+    """Attention kernels: torch_sdpa (default), fa (fa3 means fa), fa4, sage_attn or auto; for video models also the sparse sliding_tile_attn and video_sparse_attn."""
+    mask_strategy_file_path: str | None
+    """Sliding tile attention's mask strategy: a JSON file of "step_layer_head": [t, h, w] windows in tiles (default: $SGLANG_DIFFUSION_ATTENTION_CONFIG)."""
+    attention_backend_config: dict[str, Any] | None
+    """Settings of the attention backend (a `--config` mapping): video_sparse_attn takes VSA_sparsity (or sparsity), from 0 (default) up to but not including 1."""
     enable_torch_compile: bool | None
     """Compile the denoiser's repeated blocks with torch.compile (CUDA; the first run of a shape is slow)."""
     warmup: bool | None

@@ -5,15 +5,16 @@ Every name parses here. A value is either honoured (it asks for nothing we lack,
 
 * :data:`OPTIONS`: flags that are also `--config` keys. The CLI adds them to its parsers (`add_options`) and checks
   parsed values with `option_problems`; none of them reaches the engine.
-* :data:`ENVIRONMENT`: variables SGLang reads (Cache-DiT, the sliding-tile attention config). `check_environment` runs
+* :data:`ENVIRONMENT`: variables SGLang reads that ask for a missing feature (Cache-DiT). `check_environment` runs
   when any entry point builds its `RuntimeOptions` (CLI, server, native binary, Python API), so it cannot be bypassed;
   the CLI also runs it while parsing, to fail before loading anything.
 
 Options that SGLang has and we implement (`--dit-precision` with its config alias `precision`,
 `--text-encoder-precisions`, `--vae-tiling`, `--vae-path`, `--profile`, the diffusers backend's `--backend`, `--trust-remote-code`,
-`--diffusers-attention-backend` and `diffusers_kwargs`, ...) are ordinary options, declared on `sgl_bridge::ModelConfig`
-(their flags: `cli/flags.py`); attention
-backend names (`fa3`, `sage_attn_3`, ...) live in `layers/attention.py`.
+`--diffusers-attention-backend` and `diffusers_kwargs`, `--mask-strategy-file-path` and `attention_backend_config`, ...)
+are ordinary options, declared on `sgl_bridge::ModelConfig` (their flags: `cli/flags.py`); attention backend names
+(`fa3`, `sage_attn_3`, ...) live in `layers/attention.py`, and `SGLANG_DIFFUSION_ATTENTION_CONFIG` (sliding tile
+attention's mask strategy) is read with the options (`runtime/options.py`).
 """
 
 from __future__ import annotations
@@ -158,7 +159,6 @@ OPTIONS: tuple[SGLangOption, ...] = (
         _vae_config_problem,
         "load_encoder: true, load_decoder: true, tile sizes null",
     ),
-    _unset("mask_strategy_file_path", "Sliding Tile Attention (its mask strategy file)"),
     _off(
         "return_frames",
         "returning raw frames from the command line, which writes files (the Python API returns them: "
@@ -214,11 +214,6 @@ ENVIRONMENT: tuple[EnvironmentRule, ...] = (
         "Cache-DiT step caching",
         "unset the SGLANG_CACHE_DIT_* variables, or SGLANG_CACHE_DIT_ENABLED=false alone",
         lambda name, value: name == "SGLANG_CACHE_DIT_ENABLED" and value.strip().lower() in _FALSE_WORDS,
-    ),
-    EnvironmentRule(
-        "SGLANG_DIFFUSION_ATTENTION_CONFIG",
-        "Sliding Tile Attention (its mask strategy config)",
-        "unset it",
     ),
 )
 

@@ -32,7 +32,9 @@ from sgl_diffusion.layers.attention import (
 # the module itself to patch its internals.
 attn = importlib.import_module("sgl_diffusion.layers.attention")
 
-OPTIONAL_MODULES = ("flash_attn_interface", "flash_attn", "sageattention")
+OPTIONAL_MODULES = ("flash_attn_interface", "flash_attn", "flash_attn.cute", "sageattention")
+#: What runs anywhere: the default, `auto`, and the sparse video backends (their torch references).
+ALWAYS = "torch_sdpa, auto, sliding_tile_attn, video_sparse_attn"
 
 
 @pytest.fixture(autouse=True)
@@ -85,22 +87,25 @@ def _qkv(seq_q: int = 5, seq_k: int = 7, dtype: torch.dtype = torch.bfloat16) ->
 
 
 def test_names() -> None:
-    assert {b.value for b in AttentionBackend} == {"torch_sdpa", "auto", "fa", "sage_attn", "sliding_tile", "vsa"}
+    assert {b.value for b in AttentionBackend} == {
+        "torch_sdpa", "auto", "fa", "fa4", "sage_attn", "sliding_tile_attn", "video_sparse_attn"
+    }  # fmt: skip
     assert resolve_attention_backend(None) == "torch_sdpa"
     assert resolve_attention_backend("torch_sdpa") == "torch_sdpa"
     assert resolve_attention_backend(AttentionBackend.TORCH_SDPA) == "torch_sdpa"
-    assert available_attention_backends() == ["torch_sdpa", "auto"]
+    assert available_attention_backends() == ALWAYS.split(", ")
 
 
 def test_unknown_and_reserved_names() -> None:
-    with pytest.raises(ValueError, match=r"^unknown attention backend 'nope'; available: torch_sdpa, auto$"):
+    with pytest.raises(ValueError, match=rf"^unknown attention backend 'nope'; available: {ALWAYS}$"):
         resolve_attention_backend("nope")
     with pytest.raises(ValueError, match=r"unknown attention backend 'fa2' \(did you mean 'fa'\?\)"):
         resolve_attention_backend("fa2")
     with pytest.raises(ValueError, match=r"unknown attention backend 'sage' \(did you mean 'sage_attn'\?\)"):
         resolve_attention_backend("sage")
-    for name in ("sliding_tile", "vsa"):
-        with pytest.raises(ValueError, match=rf"'{name}' is not available yet; available: torch_sdpa, auto"):
+    # The names reserved before the sparse backends existed point at SGLang's names, which are ours now.
+    for name, meant in (("sliding_tile", "sliding_tile_attn"), ("vsa", "video_sparse_attn")):
+        with pytest.raises(ValueError, match=rf"'{name}' \(did you mean '{meant}'\?\); available: {ALWAYS}"):
             resolve_attention_backend(name)
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
@@ -111,6 +116,7 @@ def test_unknown_and_reserved_names() -> None:
     ("name", "needles"),
     [
         ("fa", ["flash-attn", "flash_attn_interface", "`flash_attn`", "not installed", "pip install flash-attn"]),
+        ("fa4", ["flash-attn-4", "`flash_attn.cute`", "not installed", "pip install --pre flash-attn-4"]),
         ("sage_attn", ["sageattention", "not installed", "pip install sageattention"]),
     ],
 )
@@ -121,7 +127,7 @@ def test_missing_package_errors(name: str, needles: list[str]) -> None:
     assert message.startswith(f"attention backend '{name}' needs the ")
     for needle in needles:
         assert needle in message
-    assert message.endswith("available: torch_sdpa, auto")
+    assert message.endswith(f"available: {ALWAYS}")
     # The same error when a model calls attention() with the unresolved name.
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=f"attention backend '{name}' needs the .* not installed"):
@@ -148,6 +154,8 @@ def test_register_rules() -> None:
         register_attention_backend("auto", attn._torch_sdpa)
     with pytest.raises(ValueError, match="'fa' is already registered"):
         register_attention_backend("fa", attn._torch_sdpa)
+    with pytest.raises(ValueError, match="'fa4' is already registered"):
+        register_attention_backend("fa4", attn._torch_sdpa)
     with pytest.raises(ValueError, match="'torch_sdpa' is already registered"):
         register_attention_backend("torch_sdpa", attn._torch_sdpa)
 
@@ -183,12 +191,16 @@ def test_fa_prefers_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("on_cpu")
-def test_sglang_names_fa3_and_fa4_mean_fa(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="flash"):  # the same "not installed" error as `fa` itself
+def test_sglang_name_fa3_means_fa_and_fa4_is_flash_attention_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="attention backend 'fa' needs"):  # the same error as `fa` itself
         resolve_attention_backend("fa3")
     _fake_module(monkeypatch, "flash_attn_interface", "flash_attn_func", returns_lse=True)
-    assert [resolve_attention_backend(name) for name in ("fa3", "fa4")] == ["fa", "fa"]
-    assert check_attention_backend_name("fa4") == "fa"
+    assert resolve_attention_backend("fa3") == "fa"
+    assert check_attention_backend_name("fa3") == "fa"
+    # SGLang normalises fa4 to fa too; here it is FlashAttention-4, whose own package is missing.
+    assert check_attention_backend_name("fa4") == "fa4"
+    with pytest.raises(ValueError, match="attention backend 'fa4' needs the flash-attn-4 package"):
+        resolve_attention_backend("fa4")
 
 
 @pytest.mark.usefixtures("on_cpu")
@@ -254,7 +266,7 @@ def test_fa_rejects_unsupported_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sage_attn_routes_to_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_module(monkeypatch, "sageattention", "sageattn")
     assert resolve_attention_backend("sage_attn") == "sage_attn"
-    assert available_attention_backends() == ["torch_sdpa", "auto", "sage_attn"]
+    assert available_attention_backends() == [*ALWAYS.split(", ")[:2], "sage_attn", *ALWAYS.split(", ")[2:]]
     q, k, v = _qkv(dtype=torch.float16)
     out = attention(q, k, v, backend="sage_attn")
     assert len(calls) == 1

@@ -167,12 +167,13 @@ def test_attention_backend_resolver() -> None:
     assert resolve_attention_backend(None) == "torch_sdpa"
     assert resolve_attention_backend("torch_sdpa") == "torch_sdpa"
     assert "torch_sdpa" in available_attention_backends()
-    with pytest.raises(ValueError, match=r"'vsa' is not available yet; available: torch_sdpa"):
+    with pytest.raises(ValueError, match=r"'vsa' \(did you mean 'video_sparse_attn'\?\); available: torch_sdpa"):
         resolve_attention_backend("vsa")
     with pytest.raises(ValueError, match=r"unknown attention backend 'nope'; available: torch_sdpa"):
         resolve_attention_backend("nope")
-    with pytest.raises(ValueError, match="not available yet"):
-        FluxTransformer2DModel.from_config(TINY_CONFIG, attention_backend="vsa")
+    # FLUX has no video token grid: the sparse video backends are refused at construction.
+    with pytest.raises(ValueError, match="'video_sparse_attn' is sparse attention over a video's token grid"):
+        FluxTransformer2DModel.from_config(TINY_CONFIG, attention_backend="video_sparse_attn")
 
 
 def test_attention_layout() -> None:

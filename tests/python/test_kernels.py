@@ -41,6 +41,7 @@ if not CUDA:
     # Before anything imports triton (see the module docstring).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from sgl_diffusion_kernels import block_sparse_attention as bsa
 from sgl_diffusion_kernels import gated_residual as gr
 from sgl_diffusion_kernels import norm_modulate as nm
 from sgl_diffusion_kernels import qk_norm_rope as qr
@@ -526,6 +527,73 @@ def test_references_work_without_triton(monkeypatch: pytest.MonkeyPatch) -> None
         importlib.reload(_triton)
         importlib.reload(gr)
     assert triton_available() == (sys.modules.get("triton") is not None)
+
+
+# --------------------------------------------------------------------------------------------------
+# block_sparse_attention (sliding tile and video sparse attention)
+# --------------------------------------------------------------------------------------------------
+
+#: Triton's interpreter multiplies bf16 tensors wrongly in `tl.dot` (triton 3.9: it reads their raw bits), so bf16
+#: runs on the GPU only; fp16 exercises the same half-precision path on the CPU.
+BSA_DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if CUDA else [])]
+#: kernel vs reference (float32 softmax): float32 reduction order; fp16/bf16 also round p before p @ v.
+BSA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@needs_kernels
+@pytest.mark.parametrize("map_shape", ["per_row", "shared"])
+@pytest.mark.parametrize("dtype", BSA_DTYPES, ids=[str(d).removeprefix("torch.") for d in BSA_DTYPES])
+def test_block_sparse_attention_matches_reference(dtype: torch.dtype, map_shape: str) -> None:
+    batch, heads, head_dim = 2, 3, 24  # head_dim below its power of two: the kernel masks the channels
+    sizes = torch.tensor([64, 17, 0, 64, 5], device=DEVICE)  # a partial and an empty key block
+    seq = bsa.BLOCK * len(sizes)
+    q, k, v = (_randn(batch, seq, heads, head_dim, dtype=dtype, seed=i) for i in range(3))
+    shape = (batch, heads) if map_shape == "per_row" else (1, 1)
+    block_map = torch.rand(*shape, len(sizes), len(sizes), generator=_gen(7)) > 0.5
+    block_map[..., 0, :] = False  # a query block that reads nothing: zeros
+    block_map[..., 1, 0] = True
+    block_map = block_map.to(DEVICE)
+    index, count = bsa.block_map_to_index(block_map, sizes)
+    assert int(count[..., 0].max()) == 0
+    got = bsa.block_sparse_attention(q, k, v, index, count, sizes)
+    want = bsa.block_sparse_attention_reference(q, k, v, block_map, sizes)
+    assert got.shape == want.shape == (batch, seq, heads, head_dim) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=BSA_TOL[dtype])
+    assert not got[:, : bsa.BLOCK].any()
+
+
+@needs_kernels
+def test_block_sparse_attention_strided_views_and_errors() -> None:
+    # q/k/v as views of one packed (B, S, 3, H, D) projection, as attention layers produce them.
+    sizes = torch.tensor([64, 64], device=DEVICE)
+    packed = _randn(1, 128, 3, 2, 16, seed=3)
+    q, k, v = packed.unbind(2)
+    block_map = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)
+    index, count = bsa.block_map_to_index(block_map, sizes)
+    got = bsa.block_sparse_attention(q, k, v, index, count, sizes)
+    torch.testing.assert_close(got, bsa.block_sparse_attention_reference(q, k, v, block_map, sizes), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="must be a multiple of the block"):
+        bsa.block_sparse_attention(q[:, :100], k[:, :100], v[:, :100], index, count, sizes)
+    with pytest.raises(ValueError, match="int32"):
+        bsa.block_sparse_attention(q, k, v, index.long(), count, sizes)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["sliding_tile_attn", "video_sparse_attn"])
+def test_sparse_video_attention_kernel_matches_reference(backend: str) -> None:
+    """The engine's STA / VSA on the Triton kernel vs on the torch reference (partial tiles, per-head windows)."""
+    from sgl_diffusion.layers.sparse_attention import sliding_tile_attention, video_sparse_attention
+
+    grid = (7, 10, 9)
+    q, k, v, gate = (_randn(2, 630, 2, 16, seed=i) for i in range(4))
+    if backend == "sliding_tile_attn":
+        windows = ((1, 1, 1), (3, 1, 2))
+        got = sliding_tile_attention(q, k, v, grid, windows, implementation="triton")
+        want = sliding_tile_attention(q, k, v, grid, windows, implementation="reference")
+    else:
+        got = video_sparse_attention(q, k, v, gate, grid, 0.5, implementation="triton")
+        want = video_sparse_attention(q, k, v, gate, grid, 0.5, implementation="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

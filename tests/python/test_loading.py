@@ -123,7 +123,9 @@ def test_unsupported_pipelines_and_backends_fail_clearly(flux_dir: Path, tmp_pat
         _native.ModelLoadError, match="SomeOtherPipeline, which has no native .*supported: .*FluxPipeline"
     ):
         DiffGenerator.from_pretrained(other, device="cpu", backend="native")
-    with pytest.raises(_native.ModelLoadError, match="'vsa' is not available yet"):
+    with pytest.raises(
+        _native.ModelLoadError, match=r"unknown attention backend 'vsa' \(did you mean 'video_sparse_attn'"
+    ):
         DiffGenerator.from_pretrained(flux_dir, device="cpu", attention_backend="vsa")
     with pytest.raises(ValueError, match="available: torch_sdpa"):
         resolve_attention_backend("nonsense")

@@ -65,9 +65,18 @@ declare_fields! {
         /// default: the DiT's.
         #[serde(default)]
         pub text_encoder_precisions: Option<Vec<String>> [.choices(PRECISIONS)],
-        /// Attention kernels: torch_sdpa (default), fa, sage_attn or auto; fa3 and fa4 mean fa.
+        /// Attention kernels: torch_sdpa (default), fa (fa3 means fa), fa4, sage_attn or auto; for
+        /// video models also the sparse sliding_tile_attn and video_sparse_attn.
         #[serde(default)]
         pub attention_backend: Option<String>,
+        /// Sliding tile attention's mask strategy: a JSON file of "step_layer_head": [t, h, w]
+        /// windows in tiles (default: $SGLANG_DIFFUSION_ATTENTION_CONFIG).
+        #[serde(default)]
+        pub mask_strategy_file_path: Option<String>,
+        /// Settings of the attention backend (a `--config` mapping): video_sparse_attn takes
+        /// VSA_sparsity (or sparsity), from 0 (default) up to but not including 1.
+        #[serde(default)]
+        pub attention_backend_config: Option<serde_json::Map<String, serde_json::Value>>,
         /// Compile the denoiser's repeated blocks with torch.compile (CUDA; the first run of a shape
         /// is slow).
         #[serde(default)]

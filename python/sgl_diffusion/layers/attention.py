@@ -14,20 +14,29 @@ without the model code knowing which kernels were built:
   fused attention (see :data:`SDPA_KERNEL_PREFERENCES`).
 * ``fa`` (exact): FlashAttention, via FlashAttention-3's ``flash_attn_interface.flash_attn_func`` when
   that imports, else FlashAttention-2's ``flash_attn.flash_attn_func``. fp16/bf16 CUDA tensors only.
+* ``fa4`` (exact): FlashAttention-4 (the ``flash-attn-4`` package, CuTe-DSL kernels compiled at first use),
+  ``flash_attn.cute.flash_attn_func``; fp16/bf16 on a Hopper or newer GPU only.
 * ``sage_attn`` (lossy, int8 QK): SageAttention's ``sageattention.sageattn``. fp16/bf16 CUDA only.
+* ``sliding_tile_attn`` / ``video_sparse_attn`` (sparse, lossy by design): FastVideo's sliding tile
+  attention and video sparse attention (:mod:`.sparse_attention`). They act on a video model's
+  self-attention over its token grid, which the model describes with ``video=``
+  (:class:`~.sparse_attention.VideoAttention`); only models that do accept these names
+  (:func:`resolve_attention_backend`'s ``video_tokens``). A pure-torch reference runs them on the CPU,
+  kernels on CUDA.
 * ``auto``: not a kernel; :func:`resolve_attention_backend` turns it into one of the exact backends
   above from the device and dtype (rule in :func:`resolve_attention_backend`).
 
-``fa`` and ``sage_attn`` come from optional packages and are checked lazily, when a name is resolved
-(not only when this module is imported), so a package installed after start-up, or a stand-in module
-placed in ``sys.modules`` by a test, is picked up. Asking for one whose package is missing fails with
-an error naming the package and how to install it. The remaining reserved names (``sliding_tile``,
-``vsa``) and SGLang Diffusion's names for kernels not built here (:data:`PLANNED_ATTENTION_BACKENDS`)
-fail with "not supported yet ... not available yet". Nothing falls back silently to another kernel: a
-silent fallback would make benchmark numbers lie.
+``fa``, ``fa4`` and ``sage_attn`` come from optional packages and are checked lazily, when a name is
+resolved (not only when this module is imported), so a package installed after start-up, or a stand-in
+module placed in ``sys.modules`` by a test, is picked up. Asking for one whose package is missing fails
+with an error naming the package and how to install it. SGLang Diffusion's names for kernels that have
+no package for this platform (:data:`UNAVAILABLE_ATTENTION_BACKENDS`: ``sage_attn_3``, ``vmoba_attn``,
+``aiter``) fail with "not available on this platform" and the reason. Nothing falls back silently to
+another kernel: a silent fallback would make benchmark numbers lie.
 
-SGLang's aliases ``fa3`` / ``fa4`` for ``fa`` (:data:`ATTENTION_BACKEND_ALIASES`) are accepted wherever a
-name is (:func:`resolve_attention_backend`, :func:`check_attention_backend_name`) and mean ``fa``.
+SGLang's alias ``fa3`` for ``fa`` (:data:`ATTENTION_BACKEND_ALIASES`) is accepted wherever a name is
+(:func:`resolve_attention_backend`, :func:`check_attention_backend_name`) and means ``fa``. SGLang also
+normalises ``fa4`` to ``fa``; here ``fa4`` is FlashAttention-4 itself.
 """
 
 from __future__ import annotations
@@ -45,12 +54,16 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from .sparse_attention import VideoAttention, require_kernels_package, run_video_sparse
+
 __all__ = [
     "ATTENTION_BACKEND_ALIASES",
     "DEFAULT_ATTENTION_BACKEND",
-    "PLANNED_ATTENTION_BACKENDS",
+    "UNAVAILABLE_ATTENTION_BACKENDS",
+    "VIDEO_SPARSE_BACKENDS",
     "AttentionBackend",
     "AttentionFn",
+    "VideoAttention",
     "attention",
     "available_attention_backends",
     "canonical_attention_backend",
@@ -74,10 +87,11 @@ class AttentionBackend(str, Enum):
     AUTO = "auto"
     # Optional packages: usable when they import (see the module docstring).
     FLASH_ATTN = "fa"
+    FLASH_ATTN_4 = "fa4"
     SAGE_ATTN = "sage_attn"
-    # Reserved: planned kernels. Listed so the resolver can say "not available yet" for them.
-    SLIDING_TILE = "sliding_tile"
-    VIDEO_SPARSE = "vsa"
+    # Sparse attention over a video's token grid (:mod:`.sparse_attention`).
+    SLIDING_TILE = "sliding_tile_attn"
+    VIDEO_SPARSE = "video_sparse_attn"
 
 
 DEFAULT_ATTENTION_BACKEND = AttentionBackend.TORCH_SDPA.value
@@ -86,21 +100,35 @@ DEFAULT_ATTENTION_BACKEND = AttentionBackend.TORCH_SDPA.value
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 #: SGLang Diffusion's other names for a backend built here (it normalizes them while parsing arguments).
-ATTENTION_BACKEND_ALIASES = {"fa3": "fa", "fa4": "fa"}
+ATTENTION_BACKEND_ALIASES = {"fa3": "fa"}
 
-#: Reserved names and SGLang Diffusion's names for kernels not built here yet, with what each one is.
-PLANNED_ATTENTION_BACKENDS = {
-    AttentionBackend.SLIDING_TILE.value: "Sliding Tile Attention",
-    "sliding_tile_attn": "Sliding Tile Attention",
-    AttentionBackend.VIDEO_SPARSE.value: "Video Sparse Attention",
-    "video_sparse_attn": "Video Sparse Attention",
-    "sage_attn_3": "SageAttention3",
-    "vmoba_attn": "V-MoBA attention",
-    "aiter": "AMD AITER attention",
+#: The sparse backends: they need the model to describe its video tokens (``attention(..., video=...)``).
+VIDEO_SPARSE_BACKENDS = frozenset({AttentionBackend.SLIDING_TILE.value, AttentionBackend.VIDEO_SPARSE.value})
+
+#: SGLang Diffusion's names for kernels this platform has no package for: (what it is, why it is not here).
+#: Looked up on PyPI (2026-12): none of them has a package that runs on CUDA/CPU here.
+UNAVAILABLE_ATTENTION_BACKENDS = {
+    "sage_attn_3": (
+        "SageAttention3",
+        "FP4 attention for Blackwell GPUs, built from source per its authors' instructions; PyPI has no package",
+    ),
+    "vmoba_attn": (
+        "V-MoBA attention",
+        "SGLang's own kernel (kernel.attn.vmoba_attn.vmoba), shipped with SGLang only; PyPI has no package",
+    ),
+    "aiter": (
+        "AMD AITER attention",
+        "a ROCm library for AMD GPUs (PyPI: amd-aiter); this build runs on CUDA and CPU",
+    ),
 }
 
 # Names people plausibly type for a backend under another name; used only to improve the error.
 _NAME_HINTS = {
+    "sliding_tile": "sliding_tile_attn",
+    "sta": "sliding_tile_attn",
+    "vsa": "video_sparse_attn",
+    "video_sparse": "video_sparse_attn",
+    "flash_attn_4": "fa4",
     "fa2": "fa",
     "flash": "fa",
     "flash_attn": "fa",
@@ -227,7 +255,9 @@ def _probe(backend: _OptionalBackend) -> _FoundKernel | None:
         except (ImportError, OSError) as exc:
             # Optional dependency: a missing package just means "try the next source". One that is present
             # but broken (e.g. built against another torch/CUDA) is remembered for the error message.
-            if not (isinstance(exc, ModuleNotFoundError) and exc.name == source.module):
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None
+            missing = missing and (source.module == exc.name or source.module.startswith(f"{exc.name}."))
+            if not missing:
                 _import_failures[source.module] = f"{source.module} failed to import ({type(exc).__name__}: {exc})"
             continue
         _import_failures.pop(source.module, None)
@@ -310,6 +340,41 @@ def _flash_attn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return out
 
 
+def _check_hopper(name: str, device: torch.device) -> None:
+    if device.type == "cuda" and not _is_hopper_or_newer(device):
+        raise ValueError(
+            f"attention backend '{name}' needs a Hopper (sm90) or newer GPU, got compute capability "
+            f"{torch.cuda.get_device_capability(device)} on {device}; use --attention-backend fa or torch_sdpa"
+        )
+
+
+def _flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    found = _kernel(_FLASH_ATTN_4)
+    _check_kernel_inputs(_FLASH_ATTN_4.name, q, k, v)
+    _check_hopper(_FLASH_ATTN_4.name, q.device)
+    if attn_mask is not None:
+        # As for `fa`: no key-padding input, so masked calls (only) run on exact SDPA, logged once.
+        if _FLASH_ATTN_4.name not in _mask_fallback_logged:
+            _mask_fallback_logged.add(_FLASH_ATTN_4.name)
+            logger.warning(
+                "attention backend 'fa4': flash_attn_func does not take masks here; masked attention calls run on "
+                "torch_sdpa instead (exact). Unmasked calls still use %s.",
+                found.source.label,
+            )
+        return _torch_sdpa(q, k, v, attn_mask)
+    return _package_attention(q, k, v, _FLASH_ATTN_4.name).flatten(2, 3)
+
+
+def _flash_attn_4_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    found = _kernel(_FLASH_ATTN_4)
+    _check_kernel_inputs(_FLASH_ATTN_4.name, q, k, v)
+    # (batch, seq, heads, head_dim) as-is, scale 1/sqrt(head_dim) by default; returns (out, lse).
+    out = found.fn(q, k, v, causal=False)
+    if isinstance(out, tuple):
+        out = out[0]
+    return out
+
+
 def _sage_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     """SageAttention: LOSSY. It quantizes Q and K to int8 (per block) before QK^T, so outputs differ from
     exact attention by more than bf16 rounding. Never picked by ``auto``; opt in explicitly."""
@@ -332,13 +397,14 @@ def _sage_attn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 _PACKAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "fa": _flash_attn_kernel,
+    "fa4": _flash_attn_4_kernel,
     "sage_attn": _sage_attn_kernel,
 }
 
 
 @torch.library.custom_op("sgl_diffusion::package_attention", mutates_args=())
 def _package_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """An attention kernel from an optional package (``fa``, ``sage_attn``) as one opaque op: torch.compile
+    """An attention kernel from an optional package (``fa``, ``fa4``, ``sage_attn``) as one opaque op: torch.compile
     cannot trace into those packages' Python/Triton code (``fullgraph=True`` would fail), so compiled
     blocks call it as an extern kernel. Output ``(batch, seq_q, heads, head_dim_v)``, contiguous."""
     return _PACKAGE_KERNELS[backend](q, k, v).contiguous()
@@ -363,6 +429,14 @@ _FLASH_ATTN = _OptionalBackend(
     ),
     fn=_flash_attn,
 )
+_FLASH_ATTN_4 = _OptionalBackend(
+    name=AttentionBackend.FLASH_ATTN_4.value,
+    sources=(_KernelSource("flash_attn.cute", "flash_attn_func", "FlashAttention-4 (CuTe-DSL)"),),
+    package="flash-attn-4",
+    provides="FlashAttention-4 `flash_attn.cute`, CuTe-DSL kernels compiled at first use on Hopper/Blackwell",
+    install="`pip install --pre flash-attn-4` (it brings nvidia-cutlass-dsl, quack-kernels, apache-tvm-ffi)",
+    fn=_flash_attn_4,
+)
 _SAGE_ATTN = _OptionalBackend(
     name=AttentionBackend.SAGE_ATTN.value,
     sources=(_KernelSource("sageattention", "sageattn", "SageAttention"),),
@@ -371,7 +445,7 @@ _SAGE_ATTN = _OptionalBackend(
     install="`pip install sageattention`",
     fn=_sage_attn,
 )
-_OPTIONAL: dict[str, _OptionalBackend] = {b.name: b for b in (_FLASH_ATTN, _SAGE_ATTN)}
+_OPTIONAL: dict[str, _OptionalBackend] = {b.name: b for b in (_FLASH_ATTN, _FLASH_ATTN_4, _SAGE_ATTN)}
 # Hot-path table for attention(): the wrappers themselves find (and, if missing, complain about) the kernel.
 _OPTIONAL_FNS: dict[str, AttentionFn] = {name: b.fn for name, b in _OPTIONAL.items()}
 
@@ -381,12 +455,14 @@ _REGISTRY: dict[str, AttentionFn] = {AttentionBackend.TORCH_SDPA.value: _torch_s
 def register_attention_backend(name: str, fn: AttentionFn, *, override: bool = False) -> None:
     """Make a backend callable by name (used by optional kernel packages when they import).
 
-    Registering ``fa`` or ``sage_attn`` needs ``override=True`` (it replaces the built-in wrapper);
-    ``auto`` is not a kernel and cannot be registered.
+    Registering ``fa``, ``fa4`` or ``sage_attn`` needs ``override=True`` (it replaces the built-in wrapper);
+    ``auto`` and the sparse video backends are not plain kernels and cannot be registered.
     """
     key = str(getattr(name, "value", name))
     if key == AttentionBackend.AUTO.value:
         raise ValueError("'auto' is resolved to a concrete backend and cannot be registered")
+    if key in VIDEO_SPARSE_BACKENDS:
+        raise ValueError(f"'{key}' is sparse video attention (layers/sparse_attention.py) and cannot be registered")
     if (key in _REGISTRY or key in _OPTIONAL) and not override:
         raise ValueError(f"attention backend '{key}' is already registered")
     _REGISTRY[key] = fn
@@ -395,9 +471,11 @@ def register_attention_backend(name: str, fn: AttentionFn, *, override: bool = F
 def available_attention_backends() -> list[str]:
     """Names that can run in this process now: the default first, then ``auto``, then the rest sorted.
 
-    Optional packages are probed on every call, so this reflects what is importable right now.
+    Optional packages are probed on every call, so this reflects what is importable right now. The sparse
+    video backends are always listed (their torch reference runs anywhere), though only video models take them.
     """
     others = set(_REGISTRY) | {name for name, b in _OPTIONAL.items() if _probe(b) is not None}
+    others |= VIDEO_SPARSE_BACKENDS
     others -= {DEFAULT_ATTENTION_BACKEND, AttentionBackend.AUTO.value}
     return [DEFAULT_ATTENTION_BACKEND, AttentionBackend.AUTO.value, *sorted(others)]
 
@@ -428,7 +506,7 @@ def _resolve_auto(device: torch.device | str | None, dtype: torch.dtype | None) 
 
 
 def canonical_attention_backend(name: str | None) -> str | None:
-    """The backend's own name for one of SGLang's aliases (``fa3``, ``fa4``: ``fa``); other names unchanged."""
+    """The backend's own name for one of SGLang's aliases (``fa3``: ``fa``); other names unchanged."""
     if name is None:
         return None
     key = str(getattr(name, "value", name))
@@ -436,20 +514,20 @@ def canonical_attention_backend(name: str | None) -> str | None:
 
 
 def check_attention_backend_name(name: str | AttentionBackend) -> str:
-    """Rejects names that are unknown or not built yet, without probing packages (that happens at load time);
-    returns the name. For parsers, which should fail before a model loads."""
+    """Rejects names that are unknown or have no kernel for this platform, without probing packages (that
+    happens at load time); returns the name. For parsers, which should fail before a model loads."""
     key = canonical_attention_backend(str(getattr(name, "value", name))) or ""
-    if key in _REGISTRY or key in _OPTIONAL or key == AttentionBackend.AUTO.value:
+    if key in _REGISTRY or key in _OPTIONAL or key in VIDEO_SPARSE_BACKENDS or key == AttentionBackend.AUTO.value:
         return key
     raise _name_error(key)
 
 
 def _name_error(key: str) -> ValueError:
     available = ", ".join(available_attention_backends())
-    if key in PLANNED_ATTENTION_BACKENDS:
+    if key in UNAVAILABLE_ATTENTION_BACKENDS:
+        what, why = UNAVAILABLE_ATTENTION_BACKENDS[key]
         return ValueError(
-            f"not supported yet: {PLANNED_ATTENTION_BACKENDS[key]} "
-            f"(attention backend '{key}' is not available yet; available: {available})"
+            f"attention backend '{key}' ({what}) is not available on this platform: {why}; available: {available}"
         )
     hint = f" (did you mean '{_NAME_HINTS[key]}'?)" if key in _NAME_HINTS else ""
     return ValueError(f"unknown attention backend '{key}'{hint}; available: {available}")
@@ -460,10 +538,11 @@ def resolve_attention_backend(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    video_tokens: bool = False,
 ) -> str:
     """Validate a backend name and return the concrete backend to run; ``None`` means ``torch_sdpa``.
 
-    ``auto`` becomes a concrete, exact backend (never the lossy ``sage_attn``):
+    ``auto`` becomes a concrete, exact backend (never the lossy ``sage_attn`` or a sparse one):
 
     * CUDA, compute capability >= 9.0 (Hopper and newer), fp16/bf16: ``torch_sdpa`` (cuDNN attention);
     * older CUDA GPUs, fp16/bf16: ``fa`` when flash-attn imports, else ``torch_sdpa``;
@@ -474,11 +553,14 @@ def resolve_attention_backend(
         device: where attention will run; ``None`` means the current CUDA device if CUDA is available,
             else the CPU.
         dtype: the attention inputs' dtype; ``None`` means unknown, taken as fp16/bf16 (what the engine
-            runs on GPUs). When given, an explicit ``fa``/``sage_attn`` is also checked against it.
+            runs on GPUs). When given, an explicit ``fa``/``fa4``/``sage_attn`` is also checked against it.
+        video_tokens: the caller passes ``video=`` for its self-attention over video tokens (the Wan models,
+            and option parsing, which does not know the model yet). Without it the sparse video backends are
+            refused: a model that cannot describe its token grid would otherwise run them nowhere.
 
-    Raises ``ValueError`` naming the available backends when the name is unknown, reserved but not built,
-    or needs a package that is not installed, so a bad CLI flag fails at startup rather than deep inside a
-    forward pass.
+    Raises ``ValueError`` naming the available backends when the name is unknown, has no kernel for this
+    platform, or needs a package that is not installed, so a bad CLI flag fails at startup rather than deep
+    inside a forward pass.
     """
     if name is None:
         return DEFAULT_ATTENTION_BACKEND
@@ -486,6 +568,15 @@ def resolve_attention_backend(
     if key == AttentionBackend.AUTO.value:
         return _resolve_auto(device, dtype)
     if key in _REGISTRY:
+        return key
+    if key in VIDEO_SPARSE_BACKENDS:
+        if not video_tokens:
+            raise ValueError(
+                f"attention backend '{key}' is sparse attention over a video's token grid; this model does not "
+                "describe its video tokens to the attention (the Wan models do); use torch_sdpa, fa, fa4, "
+                "sage_attn or auto"
+            )
+        require_kernels_package()  # its kernel and torch reference: fail at load time without it
         return key
     optional = _OPTIONAL.get(key)
     if optional is not None:
@@ -495,8 +586,33 @@ def resolve_attention_backend(
             raise ValueError(f"attention backend '{key}' takes fp16/bf16 only, got {dtype}")
         if device is not None and torch.device(device).type not in _KERNEL_DEVICE_TYPES:
             raise ValueError(f"attention backend '{key}' runs on CUDA only, got device {device}")
+        if key == _FLASH_ATTN_4.name and device is not None:
+            _check_hopper(key, torch.device(device))
         return key
     raise _name_error(key)
+
+
+def _video_sparse_fn(backend: str) -> Callable[..., torch.Tensor]:
+    def run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        video: VideoAttention | None = None,
+    ) -> torch.Tensor:
+        if video is None:
+            raise ValueError(
+                f"attention backend '{backend}' needs the video token grid: a video model passes "
+                "attention(..., video=VideoAttention(...)) for its self-attention (and an exact backend elsewhere)"
+            )
+        if attn_mask is not None:
+            raise ValueError(f"attention backend '{backend}' does not take attention masks")
+        return run_video_sparse(backend, q, k, v, video).flatten(2, 3).to(q.dtype)
+
+    return run
+
+
+_VIDEO_SPARSE_FNS = {name: _video_sparse_fn(name) for name in VIDEO_SPARSE_BACKENDS}
 
 
 def attention(
@@ -506,6 +622,7 @@ def attention(
     *,
     backend: str = DEFAULT_ATTENTION_BACKEND,
     attn_mask: torch.Tensor | None = None,
+    video: VideoAttention | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention (scale ``1/sqrt(head_dim)``, no dropout, not causal).
 
@@ -514,8 +631,10 @@ def attention(
         backend: a name accepted by :func:`resolve_attention_backend` (``auto`` is resolved per call from
             ``q``'s device and dtype; resolve it once up front to skip that).
         attn_mask: optional; ``(batch, seq_k)`` key mask (bool: True = keep, float: additive) or any
-            shape broadcastable to ``(batch, heads, seq_q, seq_k)``. ``fa`` runs masked calls on
-            ``torch_sdpa`` (exact; logged once); ``sage_attn`` rejects masks.
+            shape broadcastable to ``(batch, heads, seq_q, seq_k)``. ``fa``/``fa4`` run masked calls on
+            ``torch_sdpa`` (exact; logged once); ``sage_attn`` and the sparse backends reject masks.
+        video: what a video model says about a self-attention over its token grid (grid, layer, step, VSA's
+            gate); required by the sparse backends, ignored by the others (their attention is dense).
 
     Returns:
         ``(batch, seq_q, heads * head_dim)`` in ``q.dtype``.
@@ -525,6 +644,9 @@ def attention(
             f"attention expects (batch, seq, heads, head_dim) tensors, got q{tuple(q.shape)} "
             f"k{tuple(k.shape)} v{tuple(v.shape)}"
         )
+    sparse = _VIDEO_SPARSE_FNS.get(backend)
+    if sparse is not None:
+        return sparse(q, k, v, attn_mask, video)
     fn = _REGISTRY.get(backend) or _OPTIONAL_FNS.get(backend)
     if fn is None:
         # Resolve only on the slow path so the hot path is a dict lookup; this raises the user-facing

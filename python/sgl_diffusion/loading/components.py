@@ -75,21 +75,33 @@ def assign_weights(
     """Loads a model built on the meta device from `component_dir`'s safetensors (or `files`, e.g. one file that
     `--vae-path` names), strictly by name."""
     # Models may keep some parameters in float32 whatever the target precision (Wan keeps its
-    # modulation tables and norms in fp32, as diffusers does), and may name checkpoint keys that the
-    # reference loader drops.
+    # modulation tables and norms in fp32, as diffusers does), may name checkpoint keys that the
+    # reference loader drops, and parameters a checkpoint may lack, which then start at zero (Wan's VSA
+    # gates). A model with `loaded_key_report` is told which keys went either way (it says so in the log).
     param_dtype = getattr(model, "param_dtype", None)
     ignored = tuple(getattr(model, "ignore_unexpected_key_components", ()))
+    zero_if_missing = tuple(getattr(model, "zero_missing_key_components", ()))
+    skipped: list[str] = []
 
     def dtype_of(name: str) -> torch.dtype:
         return param_dtype(name, dtype) if param_dtype is not None else dtype
 
     def skip(name: str) -> bool:
-        return any(part in ignored for part in name.split("."))
+        if any(part in ignored for part in name.split(".")):
+            skipped.append(name)
+            return True
+        return False
 
     if files is None:
         files = _native.component_weight_files(str(component_dir))
     state = _stream_state_dict(files, device, dtype_of, skip)
-    expected = set(model.state_dict().keys())
+    expected_shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    expected = set(expected_shapes)
+    zeroed = sorted(
+        name for name in expected - state.keys() if any(part in zero_if_missing for part in name.split("."))
+    )
+    for name in zeroed:
+        state[name] = torch.zeros(expected_shapes[name], device=device, dtype=dtype_of(name))
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing or unexpected:
@@ -99,6 +111,9 @@ def assign_weights(
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     model.load_state_dict(state, strict=True, assign=True)
+    report = getattr(model, "loaded_key_report", None)
+    if report is not None:
+        report(skipped, zeroed)
     return model.eval().requires_grad_(False)
 
 

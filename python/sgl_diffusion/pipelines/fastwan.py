@@ -27,8 +27,10 @@ Requests: `num_inference_steps` must be the number of DMD timesteps (3); any oth
 never silently replaced, since the student was trained for exactly these timesteps. `guidance_scale`
 above 1 (CFG), a negative prompt and `flow_shift` are rejected for the same reason: none of them can act.
 
-Attention: FastWan2.1-T2V-1.3B was trained with video sparse attention (VSA). We run dense attention,
-so its output is an approximation of the model as trained until a VSA backend exists.
+Attention: FastWan2.1-T2V-1.3B was trained with video sparse attention (VSA, sparsity 0.8 in FastVideo's
+examples); `--attention-backend video_sparse_attn` runs it so, with the checkpoint's gates
+(`blocks.N.to_gate_compress`) and `attention_backend_config={"VSA_sparsity": 0.8}`. With the default dense
+attention its gates are unused (a warning says so) and the output is an approximation of the model as trained.
 FastWan2.2-TI2V-5B-FullAttn was trained with full attention and runs exactly.
 """
 
@@ -86,6 +88,7 @@ class FastWanAdapter(WanAdapter):
 
     def check_requests(self, requests: Sequence[Request]) -> None:
         """Rejects what a DMD student cannot honour."""
+        super().check_requests(requests)
         timesteps = self.dmd_timesteps
         for request in requests:
             if request.num_inference_steps != len(timesteps):

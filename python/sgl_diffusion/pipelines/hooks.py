@@ -68,3 +68,17 @@ class LoopHooks:
     def step_end(self, step: StepContext) -> None:
         for hook in self._hooks:
             hook.step_end(step)
+
+
+class StepIndex:
+    """A hook that remembers the index of the step being run, for inputs that depend on it (sliding tile
+    attention's per-step windows: the Wan adapter passes it to the denoiser as ``attention_step``)."""
+
+    def __init__(self) -> None:
+        self.index = 0
+
+    def step_start(self, step: StepContext) -> None:
+        self.index = step.index
+
+    def step_end(self, step: StepContext) -> None:
+        del step

@@ -28,6 +28,7 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
+from ..errors import invalid_request
 from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
 from ..models.wan.vae import WanVAEDecoder
@@ -38,6 +39,7 @@ from ..schedulers.flow_match_euler import FlowMatchEulerScheduler
 from .base import BatchState, per_row
 from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
+from .hooks import StepIndex
 from .images import load_image
 from .latents import denormalize_latents, draw_noise, normalize_latents
 from .loop import Sampler
@@ -143,6 +145,8 @@ class WanPipeline(FamilyPipeline):
     def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         super().__init__(self.describe(components, defaults), self.make_adapter(components, options), options)
         self.c = components
+        if self.adapter.attention_step is not None:
+            self.hooks.add(self.adapter.attention_step)
 
     @classmethod
     def describe(cls, components: WanComponents, defaults: SamplingDefaults) -> PipelineSpec:
@@ -177,7 +181,9 @@ class WanPipeline(FamilyPipeline):
         scheduler = build_scheduler(read_config(model_dir / "scheduler"), model_dir)
 
         def build_transformer(config: dict) -> WanTransformer3DModel:
-            return WanTransformer3DModel.from_config(config, attention_backend=options.attention_backend)
+            return WanTransformer3DModel.from_config(
+                config, attention_backend=options.attention_backend, video_sparse=options.video_sparse
+            )
 
         def present(component: str) -> bool:
             return (index.get(component) or [None])[0] is not None
@@ -279,6 +285,19 @@ class WanAdapter(FamilyAdapter):
         # with a boundary but one expert runs that expert throughout.
         has_boundary = c.boundary_ratio is not None and c.transformer_2 is not None
         self.boundary = c.boundary_ratio * c.scheduler.config.num_train_timesteps if has_boundary else None
+        # Sliding tile attention's windows change per denoising step: the loop's step index goes to the DiT.
+        self.sta_strategy = options.video_sparse.strategy if options.attention_backend == "sliding_tile_attn" else None
+        self.attention_step = StepIndex() if self.sta_strategy is not None else None
+
+    def check_requests(self, requests: Sequence[Request]) -> None:
+        """Rejects requests that run more denoising steps than sliding tile attention's mask strategy covers."""
+        if self.sta_strategy is None:
+            return
+        for request in requests:
+            try:
+                self.sta_strategy.check_steps(request.num_inference_steps)
+            except ValueError as err:
+                raise invalid_request("num_inference_steps", str(err)) from err
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
         """Latent frames, height and width: the VAE's temporal and spatial compression."""
@@ -417,7 +436,9 @@ class WanAdapter(FamilyAdapter):
             "timestep": self.timestep(timestep, latents, state),
             "encoder_hidden_states_image": state.get("image_embeds"),
         }
-        return ModelInputs(rows=rows)
+        if self.attention_step is None:
+            return ModelInputs(rows=rows)
+        return ModelInputs(rows=rows, fixed={"attention_step": self.attention_step.index})
 
     @staticmethod
     def with_condition(latents: torch.Tensor, state: BatchState) -> torch.Tensor:

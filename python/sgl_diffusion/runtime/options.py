@@ -10,13 +10,16 @@ declared option is read here and that the choices below are the declared ones.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..fields import names
-from ..layers.attention import resolve_attention_backend
+from ..layers.attention import VIDEO_SPARSE_BACKENDS, resolve_attention_backend
+from ..layers.sparse_attention import ATTENTION_CONFIG_ENV, SlidingTileStrategy, VideoSparseSettings
 from ..sglang_compat import check_environment
 from .cuda_graphs import CUDA_GRAPH_CHOICES
 from .device import parse_device, parse_precision
@@ -32,6 +35,8 @@ class RuntimeOptions:
     dit_dtype: torch.dtype
     vae_dtype: torch.dtype
     attention_backend: str = "torch_sdpa"
+    #: The sparse attention backends' settings (`--mask-strategy-file-path`, `attention_backend_config`).
+    video_sparse: VideoSparseSettings = dataclasses.field(default_factory=VideoSparseSettings)
     enable_torch_compile: bool = False
     warmup: bool = False
     cfg_batching: str = "auto"
@@ -105,6 +110,13 @@ class RuntimeOptions:
         diffusers_kwargs = config.get("diffusers_kwargs") or {}
         if not isinstance(diffusers_kwargs, dict):
             raise TypeError(f"diffusers_kwargs must be a mapping, got {diffusers_kwargs!r}")
+        attention_backend = resolve_attention_backend(
+            config.get("attention_backend"), device=device, dtype=dtypes["dit_precision"], video_tokens=True
+        )
+        video_sparse = video_sparse_settings(
+            attention_backend, config.get("mask_strategy_file_path"), config.get("attention_backend_config")
+        )
+        cuda_graphs = sparse_backend_speed_options(attention_backend, compile_blocks, cuda_graphs)
         text_encoder_precisions = config.get("text_encoder_precisions")
         if text_encoder_precisions is not None and (
             isinstance(text_encoder_precisions, str) or not text_encoder_precisions
@@ -114,11 +126,8 @@ class RuntimeOptions:
             device=device,
             dit_dtype=dtypes["dit_precision"],
             vae_dtype=dtypes["vae_precision"],
-            attention_backend=resolve_attention_backend(
-                config.get("attention_backend"),
-                device=device,
-                dtype=dtypes["dit_precision"],
-            ),
+            attention_backend=attention_backend,
+            video_sparse=video_sparse,
             enable_torch_compile=compile_blocks,
             warmup=compile_blocks if warmup is None else bool(warmup),
             cfg_batching=cfg_batching,
@@ -138,3 +147,74 @@ class RuntimeOptions:
             diffusers_attention_backend=config.get("diffusers_attention_backend"),
             diffusers_kwargs=dict(diffusers_kwargs),
         )
+
+
+def sparse_backend_speed_options(backend: str, compile_blocks: bool, cuda_graphs: str) -> str:
+    """The CUDA-graph mode to use with `backend`. The sparse video backends were not validated under
+    torch.compile or CUDA graphs on a GPU yet (their tile bookkeeping runs in Python around the kernels), so
+    asking for either is an error naming it, and `auto` graphs stay off for them."""
+    if backend not in VIDEO_SPARSE_BACKENDS:
+        return cuda_graphs
+    if compile_blocks:
+        raise ValueError(f"enable_torch_compile is not supported with attention_backend {backend} yet")
+    if cuda_graphs == "on":
+        raise ValueError(f"cuda_graphs=on is not supported with attention_backend {backend} yet")
+    return "off"
+
+
+#: `attention_backend_config` keys: SGLang's `VSA_sparsity` and its shorter alias `sparsity`.
+VSA_SPARSITY_KEYS = ("VSA_sparsity", "sparsity")
+
+
+def video_sparse_settings(
+    backend: str,
+    mask_strategy_file_path: str | None,
+    backend_config: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None = None,
+) -> VideoSparseSettings:
+    """The sparse backends' settings from the options and `$SGLANG_DIFFUSION_ATTENTION_CONFIG`; each setting given
+    for a backend that does not read it is an error naming it (nothing is silently ignored)."""
+    environ = os.environ if environ is None else environ
+    from_env = environ.get(ATTENTION_CONFIG_ENV) or None
+    strategy_path = mask_strategy_file_path or from_env
+    if mask_strategy_file_path and from_env and Path(mask_strategy_file_path) != Path(from_env):
+        raise ValueError(
+            f"mask_strategy_file_path={mask_strategy_file_path} and {ATTENTION_CONFIG_ENV}={from_env} name different "
+            "files; give one"
+        )
+    strategy = None
+    if strategy_path is not None:
+        if backend != "sliding_tile_attn":
+            where = "mask_strategy_file_path" if mask_strategy_file_path else f"{ATTENTION_CONFIG_ENV}={from_env}"
+            raise ValueError(
+                f"{where}: a mask strategy is read by attention_backend sliding_tile_attn only (got {backend})"
+            )
+        strategy = SlidingTileStrategy.from_file(strategy_path)
+    elif backend == "sliding_tile_attn":
+        raise ValueError(
+            "attention_backend sliding_tile_attn needs a mask strategy file: mask_strategy_file_path "
+            f"(--mask-strategy-file-path) or {ATTENTION_CONFIG_ENV}"
+        )
+    if not isinstance(backend_config or {}, Mapping):
+        raise TypeError(f"attention_backend_config must be a mapping, got {backend_config!r}")
+    config = dict(backend_config or {})
+    unknown = sorted(set(config) - set(VSA_SPARSITY_KEYS))
+    if unknown:
+        raise ValueError(
+            f"attention_backend_config: unknown key(s) {unknown}; allowed: {', '.join(VSA_SPARSITY_KEYS)} "
+            "(video_sparse_attn)"
+        )
+    given = [key for key in VSA_SPARSITY_KEYS if key in config]
+    if len(given) > 1:
+        raise ValueError("attention_backend_config: give VSA_sparsity or sparsity, not both")
+    sparsity = 0.0
+    if given:
+        if backend != "video_sparse_attn":
+            raise ValueError(
+                f"attention_backend_config.{given[0]} is read by attention_backend video_sparse_attn only (got {backend})"
+            )
+        value = config[given[0]]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            raise ValueError(f"attention_backend_config.{given[0]} must be a number in [0, 1), got {value!r}")
+        sparsity = float(value)
+    return VideoSparseSettings(strategy=strategy, vsa_sparsity=sparsity)

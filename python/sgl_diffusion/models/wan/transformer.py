@@ -13,12 +13,23 @@ One class covers every variant; what differs is only configuration:
 * Wan2.2 TI2V-5B: same graph as T2V with 48 channels, but the pipeline passes one timestep *per token*
   (``(B, seq_len)``), which turns every adaLN modulation into a per-token one.
 
+Sparse attention (``--attention-backend sliding_tile_attn`` / ``video_sparse_attn``,
+:mod:`sgl_diffusion.layers.sparse_attention`) replaces the *self*-attention over the video tokens, which then
+tells the attention seam its token grid, layer and denoising step; the cross-attention stays exact
+(``torch_sdpa``), as in FastVideo. With ``video_sparse_attn`` every block also has FastVideo's gate projection
+``to_gate_compress`` (key ``blocks.N.to_gate_compress``, a ``dim -> dim`` Linear of the self-attention's
+input, as the FastWan2.1 checkpoints carry it), which weighs VSA's compressed branch. A checkpoint without
+those weights loads with zero gates (FastVideo's rule: the compressed branch then adds nothing), with a
+warning; a checkpoint with them loads under any other backend with a warning that they are unused. With any
+other backend the model, its keys and its arithmetic are exactly what they were without these features.
+
 Shapes used below: ``B`` batch, ``S`` video tokens (``F' * H' * W'`` after patchify), ``T`` context
 tokens, ``D`` inner dim (``num_attention_heads * attention_head_dim``), ``H`` heads, ``Dh`` head dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -30,15 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config_dict import config_from_dict
-from ...layers.attention import attention, resolve_attention_backend
+from ...layers.attention import DEFAULT_ATTENTION_BACKEND, attention, resolve_attention_backend
 from ...layers.fused import gated_residual, norm_modulate, qk_norm_rope
 from ...layers.linear import ProjectionFusion, fuse_model_projections, linear_gelu_tanh, unfuse_model_projections
 from ...layers.norms import RMSNorm
 from ...layers.rotary import rope_tables_1d
+from ...layers.sparse_attention import VideoAttention, VideoSparseSettings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["WanTransformer3DModel", "WanTransformerConfig", "wan_rope_tables"]
+
+_SPARSE = ("sliding_tile_attn", "video_sparse_attn")
 
 # Wan2.1 I2V cross-attention: the text part of the context is *always* the last 512 tokens (the UMT5
 # max_sequence_length the checkpoint was trained with). The reference hard-codes the same number.
@@ -300,12 +314,17 @@ class _WanAttention(ProjectionFusion):
         cos, sin = rope if rope is not None else (None, None)
         return qk_norm_rope(self._heads(x), norm.weight, cos, sin, eps=norm.eps, norm_over="all")
 
-    def forward_self(self, x: torch.Tensor, rope: RopeTables, backend: str) -> torch.Tensor:
-        """Self-attention over the video tokens with 3D RoPE on q and k -> ``(B, S, D)``."""
+    def forward_self(
+        self, x: torch.Tensor, rope: RopeTables, backend: str, video: VideoAttention | None = None
+    ) -> torch.Tensor:
+        """Self-attention over the video tokens with 3D RoPE on q and k -> ``(B, S, D)``; ``video`` describes
+        the token grid to a sparse backend (None for the dense ones)."""
         q, k, v = self.project(x, "qkv")
         q = self._normed_heads(q, self.norm_q, rope)
         k = self._normed_heads(k, self.norm_k, rope)
-        return self.to_out[0](attention(q, k, self._heads(v), backend=backend))
+        if video is None:
+            return self.to_out[0](attention(q, k, self._heads(v), backend=backend))
+        return self.to_out[0](attention(q, k, self._heads(v), backend=backend, video=video))
 
     def forward_cross(
         self,
@@ -416,12 +435,14 @@ class WanTransformerBlock(nn.Module):
     arithmetic, rounded once.
     """
 
-    def __init__(self, config: WanTransformerConfig) -> None:
+    def __init__(self, config: WanTransformerConfig, *, vsa_gate: bool = False) -> None:
         super().__init__()
         dim, heads = config.inner_dim, config.num_attention_heads
         head_dim, eps = config.attention_head_dim, config.eps
         self.norm1 = _FP32LayerNorm(dim, eps, affine=False)
         self.attn1 = _WanAttention(dim, heads, head_dim, eps)
+        # VSA's learned gate on its compressed branch (FastVideo's WanTransformerBlock_VSA); only with VSA.
+        self.to_gate_compress = nn.Linear(dim, config.inner_dim) if vsa_gate else None
         self.attn2 = _WanAttention(dim, heads, head_dim, eps, added_kv_proj_dim=config.added_kv_proj_dim, cross=True)
         self.norm2 = _FP32LayerNorm(dim, eps, affine=True) if config.cross_attn_norm else nn.Identity()
         self.ffn = _FeedForward(dim, config.ffn_dim, dim, approximate="tanh")
@@ -436,16 +457,23 @@ class WanTransformerBlock(nn.Module):
         time_proj: torch.Tensor,
         rope: RopeTables,
         backend: str,
+        cross_backend: str | None = None,
+        video: VideoAttention | None = None,
     ) -> torch.Tensor:
+        """``backend`` runs the self-attention (with ``video``, the token grid for a sparse one), ``cross_backend``
+        (default: ``backend``) the cross-attention."""
         # time_proj: (B, 1, 6, D) or (B, S, 6, D) -> six float32 (B, 1|S, D) modulation vectors.
         mods = (self.scale_shift_table[None] + time_proj.float()).unbind(2)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
 
         h = _norm_modulate(self.norm1, x, shift_sa, scale_sa)
-        x = gated_residual(x, self.attn1.forward_self(h, rope, backend), gate_sa)
+        if video is not None and self.to_gate_compress is not None:
+            gate = self.to_gate_compress(h).unflatten(-1, (self.attn1.heads, self.attn1.head_dim))
+            video = dataclasses.replace(video, gate=gate)
+        x = gated_residual(x, self.attn1.forward_self(h, rope, backend, video), gate_sa)
 
         h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2.forward_cross(h, text, image, backend)
+        x = x + self.attn2.forward_cross(h, text, image, cross_backend or backend)
 
         h = _norm_modulate(self.norm3, x, shift_ff, scale_ff)
         return gated_residual(x, self.ffn(h), gate_ff)
@@ -466,7 +494,10 @@ class WanTransformer3DModel(nn.Module):
     Args:
         config: architecture hyper-parameters.
         attention_backend: name for :func:`sgl_diffusion.layers.attention.attention`, validated here
-            so a bad name fails at load time. Can be changed later via :attr:`attention_backend`.
+            so a bad name fails at load time. Can be changed later via :attr:`attention_backend` (between
+            dense backends; a sparse one is chosen at construction, which decides the VSA gates).
+        video_sparse: the sparse backends' settings (STA's mask strategy, VSA's sparsity); default: none /
+            sparsity 0.
     """
 
     #: Parameters whose dotted name contains one of these components stay float32 when diffusers loads
@@ -479,15 +510,32 @@ class WanTransformer3DModel(nn.Module):
         "norm2",
         "norm3",
     )
-    #: Checkpoint keys to drop silently on load (some I2V exports carry an unused ``norm_added_q``).
-    ignore_unexpected_key_components: ClassVar[tuple[str, ...]] = ("norm_added_q",)
+    #: Checkpoint keys to drop silently on load (some I2V exports carry an unused ``norm_added_q``); see
+    #: :attr:`ignore_unexpected_key_components` for VSA's gates.
+    _IGNORED_KEYS: ClassVar[tuple[str, ...]] = ("norm_added_q",)
+    #: VSA's gate projection (FastWan checkpoints): see the module docstring for how it loads.
+    VSA_GATE = "to_gate_compress"
     #: The block list `--enable-torch-compile` compiles block by block.
     _repeated_blocks: ClassVar[tuple[str, ...]] = ("blocks",)
 
-    def __init__(self, config: WanTransformerConfig, attention_backend: str | None = "torch_sdpa") -> None:
+    def __init__(
+        self,
+        config: WanTransformerConfig,
+        attention_backend: str | None = "torch_sdpa",
+        video_sparse: VideoSparseSettings | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.attention_backend = resolve_attention_backend(attention_backend)
+        self.attention_backend = resolve_attention_backend(attention_backend, video_tokens=True)
+        self.video_sparse = video_sparse or VideoSparseSettings()
+        if self.sparse_attention == "sliding_tile_attn":
+            if self.video_sparse.strategy is None:
+                raise ValueError(
+                    "attention backend 'sliding_tile_attn' needs a mask strategy: --mask-strategy-file-path or "
+                    "$SGLANG_DIFFUSION_ATTENTION_CONFIG"
+                )
+            self.video_sparse.strategy.check_model(config.num_layers, config.num_attention_heads)
+        vsa = self.sparse_attention == "video_sparse_attn"
         dim = config.inner_dim
         if (config.image_dim is None) != (config.added_kv_proj_dim is None):
             # A half-I2V model would either drop image tokens or attend to them unprojected.
@@ -501,7 +549,7 @@ class WanTransformer3DModel(nn.Module):
             config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.condition_embedder = _WanConditionEmbedder(config)
-        self.blocks = nn.ModuleList([WanTransformerBlock(config) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList([WanTransformerBlock(config, vsa_gate=vsa) for _ in range(config.num_layers)])
         self.norm_out = _FP32LayerNorm(dim, config.eps, affine=False)
         self.proj_out = nn.Linear(dim, config.resolved_out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, _OUT_MOD_CHUNKS, dim) / dim**0.5)
@@ -517,10 +565,47 @@ class WanTransformer3DModel(nn.Module):
         cls,
         cfg: Mapping[str, Any] | WanTransformerConfig,
         attention_backend: str | None = "torch_sdpa",
+        video_sparse: VideoSparseSettings | None = None,
     ) -> WanTransformer3DModel:
         """Build (parameters uninitialised-but-allocated, or meta under a meta device context)."""
         config = cfg if isinstance(cfg, WanTransformerConfig) else WanTransformerConfig.from_dict(cfg)
-        return cls(config, attention_backend=attention_backend)
+        return cls(config, attention_backend=attention_backend, video_sparse=video_sparse)
+
+    @property
+    def sparse_attention(self) -> str | None:
+        """The sparse backend the self-attention runs (``sliding_tile_attn`` / ``video_sparse_attn``), or None."""
+        return self.attention_backend if self.attention_backend in _SPARSE else None
+
+    @property
+    def ignore_unexpected_key_components(self) -> tuple[str, ...]:  # type: ignore[override]
+        # A dense model loads a VSA checkpoint (FastWan2.1) without its gates: see loaded_key_report.
+        base = self._IGNORED_KEYS
+        return base if self.sparse_attention == "video_sparse_attn" else (*base, self.VSA_GATE)
+
+    @property
+    def zero_missing_key_components(self) -> tuple[str, ...]:
+        """Parameters a checkpoint may lack, loaded as zeros then: VSA's gates (FastVideo's rule)."""
+        return (self.VSA_GATE,) if self.sparse_attention == "video_sparse_attn" else ()
+
+    def loaded_key_report(self, ignored: Sequence[str], zeroed: Sequence[str]) -> None:
+        """Called by the loader with the checkpoint keys it dropped and the parameters it set to zero."""
+        gates = [name for name in ignored if self.VSA_GATE in name.split(".")]
+        if gates:
+            logger.warning(
+                "the checkpoint carries %d VSA gate tensors (%s) that --attention-backend %s does not use: it was "
+                "trained with video sparse attention, so dense attention gives an approximation of it; "
+                "--attention-backend video_sparse_attn uses them",
+                len(gates),
+                self.VSA_GATE,
+                self.attention_backend,
+            )
+        if zeroed:
+            logger.warning(
+                "the checkpoint has no VSA gates (%s, %d tensors): they are zero, so video_sparse_attn's "
+                "compressed branch adds nothing (only its top-k sparse attention acts)",
+                self.VSA_GATE,
+                len(zeroed),
+            )
 
     @classmethod
     def param_dtype(cls, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -605,6 +690,7 @@ class WanTransformer3DModel(nn.Module):
         timestep: torch.Tensor | float,
         encoder_hidden_states: torch.Tensor,
         encoder_hidden_states_image: torch.Tensor | None = None,
+        attention_step: int | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity for a batch of video latents.
 
@@ -622,6 +708,8 @@ class WanTransformer3DModel(nn.Module):
             encoder_hidden_states_image: ``(B, L, image_dim)`` CLIP vision tokens (``hidden_states[-2]``,
                 L = 257) for Wan2.1 I2V; ``(2B, L, image_dim)`` [first; last] pairs for first-last-frame
                 checkpoints with ``pos_embed_seq_len``. Must be None for models without ``image_dim``.
+            attention_step: the denoising step's index (from 0), which sliding tile attention's mask strategy
+                is keyed by; unused by the other backends.
 
         Returns:
             ``(B, out_channels, F, H, W)`` in the activation dtype.
@@ -653,8 +741,13 @@ class WanTransformer3DModel(nn.Module):
         text, image = self._split_context(text, image)
 
         backend = self.attention_backend
-        for block in self.blocks:
-            x = block(x, text, image, time_proj, rope, backend)
+        if self.sparse_attention is None:
+            for block in self.blocks:
+                x = block(x, text, image, time_proj, rope, backend)
+        else:
+            for layer, block in enumerate(self.blocks):
+                video = VideoAttention(grid=grid, layer=layer, settings=self.video_sparse, step=attention_step)
+                x = block(x, text, image, time_proj, rope, backend, DEFAULT_ATTENTION_BACKEND, video)
 
         # Output adaLN uses temb itself (not time_proj): (1, 1, 2, D) + (B, 1|S, 1, D), order (shift, scale).
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None]).unbind(2)

@@ -1,0 +1,117 @@
+"""Sparse video attention kernels on the GPU against their torch references (skipped without CUDA).
+
+* this repository's Triton block-sparse kernel (`sgl_diffusion_kernels.block_sparse_attention`) under STA and VSA
+  at Wan-like shapes, bf16 and fp32, against the float32 torch reference;
+* FastVideo's `st_attn` (sliding tile attention, its 18x48x80 grid) and `vsa` (video sparse attention) packages,
+  when they import with this torch, against the same reference (`pytest -rs` says why one was skipped);
+* FlashAttention-4 (`flash-attn-4`, `--attention-backend fa4`) against SDPA, when it imports on a Hopper GPU.
+
+Tolerances: bf16 kernels round `p` to bf16 before `p @ v` and write bf16 outputs (|out| ~ 1 here), so they sit
+within a few bf16 ulps of the float32 reference: max abs 2e-2, mean abs 2e-3. float32 (Triton, `ieee` dots):
+1e-4 (reduction order over up to 32k keys).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+BF16_MAX, BF16_MEAN, FP32_MAX = 2e-2, 2e-3, 1e-4
+
+
+def tensors(grid: tuple[int, int, int], heads: int, dim: int, dtype: torch.dtype, count: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(1, math.prod(grid), heads, dim, generator=gen, device="cuda").to(dtype) for _ in range(count)]
+
+
+def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got.float() - want.float()).abs()
+    if got.dtype == torch.float32:
+        assert err.max() <= FP32_MAX, err.max()
+    else:
+        assert err.max() <= BF16_MAX and err.mean() <= BF16_MEAN, (err.max(), err.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("grid", [(12, 16, 24), (7, 30, 26)], ids=["whole_tiles", "partial_tiles"])
+@torch.inference_mode()
+def test_triton_sta_matches_reference(grid: tuple[int, int, int], dtype: torch.dtype) -> None:
+    from sgl_diffusion.layers.sparse_attention import sliding_tile_attention
+
+    heads = 4
+    q, k, v, _ = tensors(grid, heads, 128, dtype)
+    windows = ((1, 1, 1), (3, 3, 3), (1, 3, 5), (99, 99, 99))
+    got = sliding_tile_attention(q, k, v, grid, windows, implementation="triton")
+    want = sliding_tile_attention(q, k, v, grid, windows, implementation="reference")
+    assert_close_to_reference(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("grid", [(8, 16, 16), (7, 30, 26)], ids=["whole_tiles", "partial_tiles"])
+@torch.inference_mode()
+def test_triton_vsa_matches_reference(grid: tuple[int, int, int], dtype: torch.dtype) -> None:
+    from sgl_diffusion.layers.sparse_attention import video_sparse_attention
+
+    q, k, v, gate = tensors(grid, 4, 128, dtype)
+    got = video_sparse_attention(q, k, v, gate, grid, 0.8, implementation="triton")
+    want = video_sparse_attention(q, k, v, gate, grid, 0.8, implementation="reference")
+    assert_close_to_reference(got, want)
+
+
+@torch.inference_mode()
+def test_st_attn_package_matches_reference() -> None:
+    from sgl_diffusion.layers import sparse_attention as sa
+
+    if sa._package("st_attn") is None:
+        pytest.skip(f"st_attn does not load here: {sa._package_failures.get('st_attn')}")
+    grid = (18, 48, 80)  # the package's Wan shape (whole 6x8x8 tiles), 69 120 tokens
+    heads = 2
+    q, k, v, _ = tensors(grid, heads, 128, torch.bfloat16)
+    windows = ((3, 3, 5), (3, 1, 10))  # FastVideo's own test windows
+    got = sa.sliding_tile_attention(q, k, v, grid, windows, implementation="st_attn")
+    triton = sa.sliding_tile_attention(q, k, v, grid, windows, implementation="triton")
+    want = sa.sliding_tile_attention(q, k, v, grid, windows, implementation="reference")
+    assert_close_to_reference(got, want)
+    assert_close_to_reference(triton, want)
+
+
+@torch.inference_mode()
+def test_vsa_package_matches_reference() -> None:
+    from sgl_diffusion.layers import sparse_attention as sa
+
+    if sa._package("vsa") is None:
+        pytest.skip(f"vsa does not load here: {sa._package_failures.get('vsa')}")
+    grid = (8, 16, 16)
+    q, k, v, gate = tensors(grid, 4, 128, torch.bfloat16)
+    got = sa.video_sparse_attention(q, k, v, gate, grid, 0.8, implementation="vsa")
+    want = sa.video_sparse_attention(q, k, v, gate, grid, 0.8, implementation="reference")
+    assert_close_to_reference(got, want)
+
+
+@torch.inference_mode()
+def test_fa4_matches_sdpa() -> None:
+    from sgl_diffusion.layers import attention as attention_mod
+
+    try:
+        attention_mod.resolve_attention_backend("fa4", device="cuda", dtype=torch.bfloat16)
+    except ValueError as err:
+        pytest.skip(str(err))
+    q, k, v = tensors((1, 32, 128), 8, 128, torch.bfloat16, count=3)
+    got = attention_mod.attention(q, k, v, backend="fa4")
+    want = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert_close_to_reference(got, want.flatten(2, 3))
+
+
+@torch.inference_mode()
+def test_seam_picks_a_kernel_on_cuda() -> None:
+    from sgl_diffusion.layers.sparse_attention import implementation_for
+
+    q = torch.zeros(1, 64, 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert implementation_for("sliding_tile_attn", q, (4, 4, 4)) == "triton"  # not one of st_attn's grids
+    assert implementation_for("video_sparse_attn", q, (4, 4, 4)) in ("vsa", "triton")
+    assert implementation_for("video_sparse_attn", q.float(), (4, 4, 4)) == "triton"
