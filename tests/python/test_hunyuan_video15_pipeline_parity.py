@@ -1,6 +1,7 @@
-"""Our HunyuanVideo-1.5 pipeline against diffusers' HunyuanVideo15Pipeline on the tiny fixture, fp32 on CPU.
+"""Our HunyuanVideo-1.5 pipelines against diffusers' HunyuanVideo15Pipeline and HunyuanVideo15ImageToVideoPipeline
+on the tiny fixtures, fp32 on CPU.
 
-The engine runs the fixture folder as it is (no known id: the folder's guider scale, scheduler shift and the
+The engine runs the fixture folders as they are (no known id: the folder's guider scale, scheduler shift and the
 default size its transformer's `target_size` gives).
 """
 
@@ -28,7 +29,7 @@ OTHER_PROMPT = "a dragon flying over a medieval castle at night"
 #: Quoted text: the ByT5 glyph encoder's input.
 GLYPH_PROMPT = 'a neon sign saying "open late" over a door'
 #: Frames are in [0, 1], fp32 on the CPU. Each prompt keeps only its real tokens where the reference pads and masks
-#: (the same math over shorter rows, so the last bits differ: measured 8.9e-7 to 1.2e-6 on these cases). The bound
+#: (the same math over shorter rows, so the last bits differ: measured 8.9e-7 to 1.2e-6 on the text-to-video cases, 1.6e-6 to 2.6e-6 on the image-to-video ones). The bound
 #: sits above that, 500x under the fp32 parity contract (5e-3 on pixels).
 PIXEL_ATOL = 1e-5
 #: What a different prompt does to the frames on this fixture (measured well above 0.05): 1000x the bound above.
@@ -214,3 +215,94 @@ def test_what_the_model_cannot_honour_is_refused(engine, folder, tmp_path: Path)
     config.write_text(config.read_text().replace('"guidance_rescale": 0.0', '"guidance_rescale": 0.7'))
     with pytest.raises(ValueError, match="guidance_rescale"):
         HunyuanVideo15Pipeline.load(copy, RuntimeOptions.for_device("cpu"), None)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Image-to-video (HunyuanVideo15ImageToVideoPipeline)
+# ------------------------------------------------------------------------------------------------------------------
+
+I2V_SMALL = dict(FIXTURE_REGISTRY["hunyuan_video15_i2v"].call_kwargs)
+
+
+@pytest.fixture(scope="module")
+def i2v_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_fixture("hunyuan_video15_i2v", tmp_path_factory.mktemp("hunyuan_video15_i2v") / "model")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random RGB images: landscape (100x60, near 16:9) and portrait (40x90)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hunyuan_video15_images")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, (width, height) in {"landscape": (100, 60), "portrait": (40, 90)}.items():
+        paths[name] = root / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def i2v_engine(i2v_folder: Path) -> Iterator[DiffGenerator]:
+    gen = DiffGenerator.from_pretrained(i2v_folder, device="cpu")
+    yield gen
+    gen.shutdown()
+
+
+@pytest.fixture(scope="module")
+def i2v_reference_pipe(i2v_folder: Path):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline as DiffusersPipeline
+
+    pipe = DiffusersPipeline.from_pretrained(i2v_folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("image", ["landscape", "portrait"])
+def test_image_to_video_matches_diffusers(i2v_engine, i2v_reference_pipe, images, image: str) -> None:
+    from PIL import Image
+
+    # diffusers sizes the video by the image (the target_size bucket nearest its aspect); ours asks that size.
+    expected = i2v_reference_pipe(
+        Image.open(images[image]), PROMPT, generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+        **I2V_SMALL,
+    ).frames[0]  # fmt: skip
+    height, width = expected.shape[1:3]
+    mine = i2v_engine.generate(
+        PROMPT, image_path=str(images[image]), seed=7, output_type="np", height=height, width=width, **I2V_SMALL
+    ).frames[0]
+    print(f"i2v {image} {height}x{width}: max abs {max_abs(mine, expected):.3g}")
+    assert mine.shape == expected.shape
+    assert max_abs(mine, expected) <= PIXEL_ATOL
+    other = "portrait" if image == "landscape" else "landscape"
+    changed = i2v_engine.generate(
+        PROMPT, image_path=str(images[other]), seed=7, output_type="np", height=height, width=width, **I2V_SMALL
+    ).frames[0]
+    assert max_abs(changed, mine) > CONDITIONING_EFFECT  # the image acts
+
+
+def test_image_to_video_batched_requests_match_running_alone(i2v_folder, i2v_engine, images) -> None:
+    size = {"height": 48, "width": 80}
+    fields = [
+        {"prompt": PROMPT, "seed": 1, "image_path": str(images["landscape"])},
+        {"prompt": GLYPH_PROMPT, "seed": 2, "image_path": str(images["portrait"]), "num_outputs_per_prompt": 2},
+    ]
+    batching = DiffGenerator.from_pretrained(i2v_folder, device="cpu", max_batch_size=8, batch_delay_ms=1500)
+    try:
+        handles = [batching.submit(**{**I2V_SMALL, **size, "output_format": "npy", **f}) for f in fields]
+        results = [collect(handle) for handle in handles]
+    finally:
+        batching.shutdown()
+    for request_fields, result in zip(fields, results, strict=True):
+        alone = i2v_engine.generate(output_type="np", **{**I2V_SMALL, **size, **request_fields}).frames
+        assert result.batch_size == 2
+        for video, solo in zip(result.frames, alone, strict=True):
+            assert max_abs(video, solo) <= PIXEL_ATOL
+
+
+def test_image_to_video_needs_an_image(i2v_engine) -> None:
+    info = i2v_engine.info
+    assert (info["task"], info["pipeline_class"]) == ("image-to-video", "HunyuanVideo15ImageToVideoPipeline")
+    with pytest.raises(InvalidRequestError):
+        i2v_engine.generate(PROMPT, **I2V_SMALL)

@@ -1,5 +1,5 @@
-"""HunyuanVideo-1.5 text-to-video (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v, -720p_t2v): its
-family adapter and pipeline.
+"""HunyuanVideo-1.5 text-to-video and image-to-video (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v,
+-720p_t2v, -480p_i2v, -720p_i2v): its family adapter and pipelines.
 
 Matches diffusers' `HunyuanVideo15Pipeline` on the same weights and seed: Qwen2.5-VL hidden states of the
 chat-templated prompt and ByT5 features of its quoted text (`models/hunyuan_video15/text_encoder.py`), noise drawn
@@ -9,6 +9,13 @@ checkpoint's, or the request's `flow_shift`), and classifier-free guidance again
 empty) when `guidance_scale > 1`, the scale defaulting to the checkpoint's guider's. The DiT's input stacks the
 noisy latents with the condition latents and mask, both zero for text-to-video. The VAE is diffusers'
 `AutoencoderKLHunyuanVideo15`.
+
+Image-to-video (`HunyuanVideo15ImageToVideoPipeline`) matches diffusers' pipeline of that name: the input image,
+resized and center-cropped to the video's size, conditions the first latent frame through the VAE (its latent
+mode, with a mask marking that frame) and every step through SigLIP's image tokens. One difference: diffusers
+takes no size and sizes the video by the image (the `target_size` bucket nearest its aspect); the engine honours
+the request's size, and a request without one gets the checkpoint's default (its 16:9 bucket), so an image of
+another aspect is center-cropped to it. Asked at the image's bucket size, the two agree.
 
 Prompts keep only their real tokens (the reference pads them to 1000 and the glyph text to 256 with masks, and
 adds 729 masked zero image tokens); rows whose two lengths agree run together without any mask
@@ -26,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLHunyuanVideo15
+from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, ByT5Tokenizer, Qwen2_5_VLTextModel, T5EncoderModel
 
 from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
@@ -35,10 +43,11 @@ from ..runtime.options import RuntimeOptions
 from ..runtime.request import Request
 from ..schedulers import FlowMatchEulerScheduler
 from ..schedulers.flow_match_euler import FlowMatchEulerState
-from .base import BatchState
+from .base import BatchState, per_row
 from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
+from .images import load_image
 from .latents import draw_noise
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
@@ -93,6 +102,9 @@ class HunyuanVideo15Components:
     scale_spatial: int
     scale_temporal: int
     guidance_scale: float
+    #: Image-to-video only: SigLIP (`SiglipVisionModel`) and its `SiglipImageProcessor`.
+    image_encoder: Any | None = None
+    feature_extractor: Any | None = None
 
 
 class HunyuanVideo15Adapter(FamilyAdapter):
@@ -105,6 +117,8 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         self.by_text_length = ByTextLength(
             components.transformer, more_texts={"encoder_hidden_states_2": GLYPH_LENGTHS}
         )
+        # Input images are resized and center-cropped as the reference's image-to-video pipeline does.
+        self.video_processor = VideoProcessor(vae_scale_factor=components.scale_spatial, do_resize=False)
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
         """Latent frames, height and width: the VAE's temporal and spatial compression."""
@@ -170,13 +184,45 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         del expert  # one expert
         return self.by_text_length
 
+    def encode_images(self, state: BatchState) -> None:
+        """Image-to-video: each request's image, resized and center-cropped to the request's size, as the condition
+        (its VAE latent in the first latent frame, zeros after, and a mask marking the first frame) and as SigLIP
+        image tokens. One request at a time, as the reference encodes its one image."""
+        c = self.c
+        if c.image_encoder is None or c.feature_extractor is None:
+            raise ValueError("this HunyuanVideo-1.5 checkpoint has no image encoder: it is text-to-video")
+        requests = state.requests
+        first = requests[0]
+        grid = self.latent_grid(first)
+        conditions, tokens = [], []
+        for request in requests:
+            image = load_image(request.image_path)  # type: ignore[arg-type]  # the stage checked it is set
+            image = self.video_processor.resize(image, height=first.height, width=first.width, resize_mode="crop")
+            features = c.feature_extractor.preprocess(
+                images=image, do_resize=True, return_tensors="pt", do_convert_rgb=True
+            ).to(device=state.device, dtype=next(c.image_encoder.parameters()).dtype)
+            tokens.append(c.image_encoder(**features).last_hidden_state)
+            pixels = self.video_processor.preprocess(image, height=first.height, width=first.width)
+            pixels = pixels.to(state.device, c.vae.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
+            latent = c.vae.encode(pixels).latent_dist.mode() * c.vae.config.scaling_factor
+            condition = torch.zeros(1, latent.shape[1] + 1, *grid, device=state.device, dtype=self.dtype)
+            condition[:, :-1, :1] = latent.to(self.dtype)
+            condition[:, -1:, :1] = 1.0  # the mask: the first latent frame is given
+            conditions.append(condition)
+        state.set_rows("condition", per_row(torch.cat(conditions), requests))
+        state.set_rows("image_embeds", per_row(torch.cat(tokens), requests).to(self.dtype))
+
     def model_inputs(self, state: BatchState, latents: torch.Tensor, timestep: torch.Tensor) -> ModelInputs:
-        # Text-to-video: the condition latents and their mask are zeros (the first-frame image's, for I2V).
         batch, channels, *grid = latents.shape
-        condition = latents.new_zeros(batch, channels + 1, *grid)
+        if "condition" in state:
+            condition = state["condition"]
+        else:
+            # Text-to-video: the condition latents and their mask are zeros.
+            condition = latents.new_zeros(batch, channels + 1, *grid)
         rows = {
             "hidden_states": torch.cat((latents, condition), dim=1),
             "timestep": timestep.expand(batch).to(latents.dtype),
+            "image_embeds": state.get("image_embeds"),
         }
         return ModelInputs(rows=rows)
 
@@ -209,6 +255,8 @@ def hunyuan_video15_limits(components: HunyuanVideo15Components) -> PipelineLimi
 
 class HunyuanVideo15Pipeline(FamilyPipeline):
     pipeline_class = "HunyuanVideo15Pipeline"
+    task = "text-to-video"
+    image_input = "none"
 
     def __init__(
         self, components: HunyuanVideo15Components, options: RuntimeOptions, defaults: SamplingDefaults
@@ -216,7 +264,8 @@ class HunyuanVideo15Pipeline(FamilyPipeline):
         spec = PipelineSpec(
             pipeline_class=self.pipeline_class,
             family="hunyuan_video15",
-            task="text-to-video",
+            task=self.task,
+            image_input=self.image_input,
             guidance_mode="classifier_free",
             limits=hunyuan_video15_limits(components),
             defaults=defaults,
@@ -225,6 +274,12 @@ class HunyuanVideo15Pipeline(FamilyPipeline):
         )
         super().__init__(spec, HunyuanVideo15Adapter(components), options)
         self.c = components
+
+    @classmethod
+    def load_image_encoder(cls, model_dir: Path, options: RuntimeOptions) -> dict[str, Any]:
+        """The image encoder's components (none for text-to-video)."""
+        del model_dir, options
+        return {}
 
     @classmethod
     def load(
@@ -261,10 +316,31 @@ class HunyuanVideo15Pipeline(FamilyPipeline):
             scale_temporal=vae.config.temporal_compression_ratio,
             # diffusers' ClassifierFreeGuidance default when the folder has no guider config.
             guidance_scale=float(guider.get("guidance_scale", 7.5)),
+            **cls.load_image_encoder(model_dir, options),
         )
         if defaults is None:
             defaults = diffusers_defaults(components)
         return cls(components, options, defaults)
+
+
+class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
+    """The same stages; every request brings the first frame, encoded by the VAE and by SigLIP."""
+
+    pipeline_class = "HunyuanVideo15ImageToVideoPipeline"
+    task = "image-to-video"
+    image_input = "required"
+
+    @classmethod
+    def load_image_encoder(cls, model_dir: Path, options: RuntimeOptions) -> dict[str, Any]:
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        # In the DiT's precision, as Wan's CLIP image encoder.
+        return {
+            "image_encoder": load_transformers_model(
+                SiglipVisionModel, model_dir / "image_encoder", options.device, options.dit_dtype
+            ),
+            "feature_extractor": SiglipImageProcessor.from_pretrained(str(model_dir / "feature_extractor")),
+        }
 
 
 def read_guider_config(model_dir: Path) -> dict[str, Any]:

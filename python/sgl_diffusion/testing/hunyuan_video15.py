@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 #: How the oracle pipeline is called on the fixture: 9 frames (3 latent frames) of 32x32, 3 steps.
 _CALL: dict[str, Any] = {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 3}
+#: Image-to-video takes its size from the input image (the bucket of the transformer's target_size nearest the
+#: image's aspect), so the call names none.
+_I2V_CALL: dict[str, Any] = {"num_frames": 9, "num_inference_steps": 3}
 
 #: The guider's CFG scale and the scheduler's shift (the 480p checkpoints' values as the reference pipeline's
 #: documentation runs them).
@@ -159,4 +162,42 @@ def _hunyuan_video15_t2v() -> DiffusionPipeline:
         text_encoder_2=byt5,
         tokenizer_2=byt5_tokenizer,
         guider=ClassifierFreeGuidance(guidance_scale=GUIDANCE_SCALE),
+    )
+
+
+def siglip_image_encoder(seed: int = 0) -> tuple[Any, torch.nn.Module]:
+    """(``SiglipImageProcessor`` resizing to 32x32, 2-layer ``SiglipVisionModel``): 16 image tokens of 12 channels,
+    the DiT's ``image_embed_dim`` (the published one: 729 tokens of 1152 at 384x384)."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    config = SiglipVisionConfig(
+        hidden_size=TRANSFORMER_CONFIG["image_embed_dim"],
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    return processor, seeded_component(seed, lambda: SiglipVisionModel(config))
+
+
+@register_fixture("hunyuan_video15_i2v", pipeline_class="HunyuanVideo15ImageToVideoPipeline", call_kwargs=_I2V_CALL)
+def _hunyuan_video15_i2v() -> DiffusionPipeline:
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15ImageToVideoPipeline
+
+    tokenizer = qwen_tokenizer()
+    byt5_tokenizer, byt5 = byt5_text_encoder(0)
+    processor, siglip = siglip_image_encoder(0)
+    return HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=qwen_text_encoder(tokenizer, 0),
+        tokenizer=tokenizer,
+        transformer=hunyuan_video15_transformer(1, task_type="i2v"),
+        vae=hunyuan_video15_vae(0),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        text_encoder_2=byt5,
+        tokenizer_2=byt5_tokenizer,
+        guider=ClassifierFreeGuidance(guidance_scale=GUIDANCE_SCALE),
+        image_encoder=siglip,
+        feature_extractor=processor,
     )
