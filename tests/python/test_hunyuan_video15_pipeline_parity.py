@@ -306,3 +306,16 @@ def test_image_to_video_needs_an_image(i2v_engine) -> None:
     assert (info["task"], info["pipeline_class"]) == ("image-to-video", "HunyuanVideo15ImageToVideoPipeline")
     with pytest.raises(InvalidRequestError):
         i2v_engine.generate(PROMPT, **I2V_SMALL)
+
+
+@pytest.mark.parametrize("target_size", [64, 480, 640, 720])
+@pytest.mark.parametrize(("width", "height"), [(16, 9), (9, 16), (1, 1), (100, 60), (40, 90), (4, 3)])
+def test_resolution_buckets_match_diffusers(target_size: int, width: int, height: int) -> None:
+    """The size diffusers picks for an aspect (the default size's rule, and its image-to-video sizing)."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    from sgl_diffusion.pipelines.hunyuan_video15 import bucket_size
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+    expected_height, expected_width = processor.calculate_default_height_width(height, width, target_size)
+    assert bucket_size(target_size, 16, (width, height)) == (expected_width, expected_height)
