@@ -22,7 +22,7 @@ from sgl_diffusion.testing import FIXTURE_REGISTRY, build_fixture
 
 PROMPT = "a lighthouse at dusk"
 #: Native families against diffusers with the same VAE, fp32 on CPU: the bound of their parity tests (FLUX.1 and
-#: Qwen-Image are bit-equal, Wan within 1e-6, HunyuanVideo within 3e-6: their pipeline parity tests); the diffusers
+#: Qwen-Image are bit-equal, Wan within 1e-6, HunyuanVideo and HunyuanVideo-1.5 within 3e-6: their pipeline parity tests); the diffusers
 #: backend calls the very same pipeline, so there it is equality.
 NATIVE_ATOL = 1e-5
 #: What the other VAE's weights do to the output (measured 0.17 to 0.94 max abs): far above the bound.
@@ -33,6 +33,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen_image": ("QwenImagePipeline", {"negative_prompt": "blurry"}),  # true CFG 4 needs something to guide against
     "wan21_t2v": ("WanPipeline", {}),
     "hunyuan_video_t2v": ("HunyuanVideoPipeline", {}),
+    "hunyuan_video15_t2v": ("HunyuanVideo15Pipeline", {}),
     "sd3": ("StableDiffusion3Pipeline", {}),
 }
 

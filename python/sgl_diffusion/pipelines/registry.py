@@ -18,6 +18,7 @@ from .flux import FluxPipeline
 from .flux2 import FLUX2_DEV_DEFAULTS, FLUX2_KLEIN_DEFAULTS, Flux2KleinPipeline, Flux2Pipeline
 from .glm_image import GLM_IMAGE_DEFAULTS, GlmImagePipeline
 from .hunyuan_video import FAST_HUNYUAN_DEFAULTS, HUNYUAN_VIDEO_DEFAULTS, HunyuanVideoPipeline
+from .hunyuan_video15 import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
 from .qwen_image import QWEN_IMAGE_DEFAULTS, QwenImagePipeline
 from .qwen_image_21 import QwenImage21Pipeline
 from .qwen_image_edit import (
@@ -48,6 +49,12 @@ PIPELINES: dict[str, type[FamilyPipeline]] = {
     GlmImagePipeline.pipeline_class: GlmImagePipeline,
     # HunyuanVideo and FastHunyuan (same architecture; FastHunyuan's id brings its few-step defaults).
     HunyuanVideoPipeline.pipeline_class: HunyuanVideoPipeline,
+    # HunyuanVideo-1.5 text-to-video (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v, -720p_t2v): no
+    # KNOWN_MODELS entry, because its sampling defaults live in the folder itself (the guider's scale, the
+    # scheduler's shift, the transformer's target_size for the default size), which hunyuan_video15.py reads.
+    HunyuanVideo15Pipeline.pipeline_class: HunyuanVideo15Pipeline,
+    # Its image-to-video (-480p_i2v, -720p_i2v): the first frame through the VAE and SigLIP.
+    HunyuanVideo15ImageToVideoPipeline.pipeline_class: HunyuanVideo15ImageToVideoPipeline,
     ZImagePipeline.pipeline_class: ZImagePipeline,
 }
 

@@ -20,11 +20,14 @@ mask (Z-Image: 32), gives rows of different lengths the same sequence once padde
 by that padded length (`bucket`) and the model gets each row's own length (`lengths_key`): rows that the
 model lays out alike then share a forward, as in the reference pipeline (a prompt and a short negative
 prompt, for one), still without any mask.
+
+A model with a second text input of its own per-row length (HunyuanVideo-1.5: the prompt's features and its
+quoted text's) names it in `more_texts` with its lengths key: rows run together when every length agrees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import torch
@@ -59,6 +62,9 @@ class ByTextLength:
     With `bucket`, rows whose lengths fall in one bucket (`bucket(length)` equal) run together: the text is
     cut to the group's longest row, and the forward gets the group's row lengths, a tuple of ints, under
     `lengths_key` (a model that pads each row to the bucket itself, see the module docstring).
+
+    `more_texts` maps further padded text inputs to their lengths' keys (each an int64 CPU tensor (B,) like
+    `TEXT_LENGTHS`): rows group by all their lengths together, and each text is cut to its group's length.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class ByTextLength:
         *,
         bucket: Callable[[int], int] | None = None,
         lengths_key: str | None = None,
+        more_texts: Mapping[str, str] | None = None,
     ) -> None:
         if (bucket is None) != (lengths_key is None):
             raise ValueError("bucket and lengths_key go together: the model must learn each row's length")
@@ -75,11 +82,18 @@ class ByTextLength:
         self.text_key = text_key
         self.bucket = bucket
         self.lengths_key = lengths_key
+        self.more_texts = dict(more_texts or {})
+        if self.more_texts and bucket is not None:
+            raise ValueError("more_texts groups rows by exact lengths: it does not take a bucket")
 
-    def _call(self, inputs: dict[str, object], text: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def _call(
+        self, inputs: dict[str, object], text: torch.Tensor, lengths: list[int], more: dict[str, int] | None = None
+    ) -> torch.Tensor:
         # Contiguous, as the reference passes its unpadded embeddings (a strided view could take another
         # matmul path).
         inputs[self.text_key] = text[:, : max(lengths)].contiguous()
+        for key, length in (more or {}).items():
+            inputs[key] = cast(torch.Tensor, inputs[key])[:, :length].contiguous()
         if self.lengths_key is not None:
             inputs[self.lengths_key] = tuple(lengths)
         return self.forward(**inputs)
@@ -89,20 +103,23 @@ class ByTextLength:
         text = inputs[self.text_key]
         if not isinstance(lengths, torch.Tensor) or not isinstance(text, torch.Tensor):
             raise TypeError(f"{TEXT_LENGTHS} and {self.text_key} must be tensors")
+        more_lengths = {key: cast(torch.Tensor, inputs.pop(name)).tolist() for key, name in self.more_texts.items()}
         rows = text.shape[0]
         row_lengths = lengths.tolist()
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for row, length in enumerate(row_lengths):
             key = length if self.bucket is None else self.bucket(length)
-            groups.setdefault(key, []).append(row)
+            groups.setdefault((key, *(more[row] for more in more_lengths.values())), []).append(row)
         if len(groups) == 1:
-            return self._call(dict(inputs), text, row_lengths)
+            (group_key,) = groups
+            return self._call(dict(inputs), text, row_lengths, dict(zip(more_lengths, group_key[1:], strict=True)))
         predictions = []
-        for members in groups.values():
+        for group_key, members in groups.items():
             rows_of_group = self._selector(members, text.device)
             group = {key: self._rows(key, value, rows_of_group, rows) for key, value in inputs.items()}
             group_text = cast(torch.Tensor, group[self.text_key])
-            prediction = self._call(group, group_text, [row_lengths[row] for row in members])
+            more = dict(zip(more_lengths, group_key[1:], strict=True))
+            prediction = self._call(group, group_text, [row_lengths[row] for row in members], more)
             predictions.append((rows_of_group, prediction))
         first = predictions[0][1]
         output = first.new_empty((rows, *first.shape[1:]))

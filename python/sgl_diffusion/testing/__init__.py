@@ -12,6 +12,7 @@ from . import diffusers_backend as _diffusers_backend  # noqa: F401  (registers 
 from . import flux2 as _flux2  # noqa: F401  (registers the FLUX.2 fixtures)
 from . import glm_image as _glm_image  # noqa: F401  (registers the GLM-Image fixture)
 from . import hunyuan_video as _hunyuan_video  # noqa: F401  (registers the HunyuanVideo fixture)
+from . import hunyuan_video15 as _hunyuan_video15  # noqa: F401  (registers the HunyuanVideo-1.5 fixture)
 from . import qwen_image as _qwen_image  # noqa: F401  (registers the Qwen-Image fixture)
 from . import qwen_image_21 as _qwen_image_21  # noqa: F401  (registers the Qwen-Image 2.1 fixture)
 from . import wan as _wan  # noqa: F401  (registers the Wan fixtures)
