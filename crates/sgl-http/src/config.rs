@@ -29,7 +29,8 @@ declare_fields! {
         pub public_url: Option<String>,
         /// Seconds url outputs stay downloadable; their files are deleted afterwards.
         pub output_ttl_secs: u64 [.flag("--output-ttl")],
-        /// Where url outputs are stored; default: a folder under the system temp dir.
+        /// Where url outputs and video jobs are stored; default: `sgl-diffusion-outputs-<port>`
+        /// under the system temp dir.
         pub output_dir: Option<PathBuf>,
         /// Extra name the model answers to, e.g. dall-e-3 (repeatable); it also answers to its path
         /// and Hugging Face id.

@@ -74,7 +74,12 @@ pub async fn serve(config: ServerConfig, load: EngineLoader) -> Result<(), Serve
     let address = format!("{}:{}", config.host, config.port);
     let listener =
         TcpListener::bind(&address).await.map_err(|source| ServeError::Bind { address: address.clone(), source })?;
-    let output_dir = config.output_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sgl-diffusion-outputs"));
+    // One server per output folder (each takes over and expires what the folder holds), so the
+    // default folder is per port: two servers on one machine never share it.
+    let output_dir = config
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("sgl-diffusion-outputs-{}", config.port)));
     let ttl = Duration::from_secs(config.output_ttl_secs);
     let max_finished = config.max_finished_jobs;
     // Both stores read (and repair) what an earlier run left: blocking I/O, off the async workers.

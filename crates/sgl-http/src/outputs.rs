@@ -44,6 +44,15 @@ fn parse_name(name: &str) -> Option<(String, usize, OutputFormat)> {
     Some((id.to_string(), variant.parse().ok()?, format))
 }
 
+/// `Ok(None)` for a file that no longer exists, the error otherwise.
+fn vanished_is_none<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 impl OutputStore {
     /// Opens the folder (created if missing) and takes over the outputs an earlier run left there.
     /// Blocking: call it off the async workers.
@@ -56,7 +65,10 @@ impl OutputStore {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if !entry.file_type()?.is_file() {
+            // Something else (a user, another process pointed at this folder) may delete an entry
+            // between the listing and its inspection; a vanished file is no longer ours to keep.
+            let Some(metadata) = vanished_is_none(entry.metadata())? else { continue };
+            if !metadata.is_file() {
                 continue;
             }
             if let Some(output) = name.strip_suffix(durable::TMP_SUFFIX) {
@@ -67,7 +79,7 @@ impl OutputStore {
                 continue;
             }
             let Some((id, variant, format)) = parse_name(&name) else { continue };
-            let expires = entry.metadata()?.modified().unwrap_or(now) + ttl;
+            let expires = metadata.modified().unwrap_or(now) + ttl;
             if expires <= now {
                 durable::remove_file(&path)?;
                 expired += 1;
