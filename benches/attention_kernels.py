@@ -184,6 +184,15 @@ def run_shape(shape: Shape, args: argparse.Namespace, device: torch.device) -> l
         log(f"  fa4: {str(err)[:200]}")
     else:
         measure("fa4", lambda: attn.attention(q, k, v, backend="fa4"))
+    # What the engine's `auto` runs here: its own measurement of the exact kernels installed (the first call),
+    # then the winner's time as a row of its own.
+    auto = attn.resolve_attention_backend("auto", device=device, dtype=dtype)
+    measure("auto", lambda: attn.attention(q, k, v, backend="auto"), resolved=auto)
+    chosen = attn.auto_attention_measurements()
+    if auto == "auto" and chosen:
+        rows[-1]["auto_choice"] = chosen[-1].choice
+        rows[-1]["auto_measured_ms"] = chosen[-1].ms
+        log(f"    auto: {chosen[-1].summary()}")
 
     if shape.grid is None:
         rows.append({"shape": shape.name, "row": "sta / vsa", "error": "not a video token grid (joint attention)"})
@@ -270,8 +279,13 @@ def markdown(results: dict[str, Any]) -> str:
         density = f"{row['density']:.3f}" if "density" in row else "1"
         check = row.get("max_abs_vs_reference", "")
         check = f"{check:.3g}" if isinstance(check, float) else check
+        name = row["row"]
+        if "auto_choice" in row:
+            name += f" (measured {row['auto_choice']})"
+        elif "resolved" in row:
+            name += f" (resolved {row['resolved']})"
         lines.append(
-            f"| {row['shape']} | {row['row']} | {row['ms']:.3f} [{row['ms_min']:.3f}, {row['ms_max']:.3f}] | "
+            f"| {row['shape']} | {name} | {row['ms']:.3f} [{row['ms_min']:.3f}, {row['ms_max']:.3f}] | "
             f"{row['dense_equiv_tflops']:.0f} | {density} | {check} |"
         )
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -19,14 +20,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sgl_diffusion.layers import attention_autotune
 from sgl_diffusion.layers.attention import (
     AttentionBackend,
     attention,
+    auto_attention_measurements,
     available_attention_backends,
     check_attention_backend_name,
     register_attention_backend,
     resolve_attention_backend,
 )
+from sgl_diffusion.layers.attention_autotune import AttentionShape, MeasuredChoice
 
 # `sgl_diffusion.layers.attention` the attribute is the function (re-exported by the package), so fetch
 # the module itself to patch its internals.
@@ -150,7 +154,7 @@ def test_broken_package_is_reported_as_broken(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_register_rules() -> None:
-    with pytest.raises(ValueError, match="'auto' is resolved"):
+    with pytest.raises(ValueError, match="'auto' chooses among the exact backends"):
         register_attention_backend("auto", attn._torch_sdpa)
     with pytest.raises(ValueError, match="'fa' is already registered"):
         register_attention_backend("fa", attn._torch_sdpa)
@@ -324,19 +328,148 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[tuple[int, int]], Non
 
 
 def test_auto_on_cuda(monkeypatch: pytest.MonkeyPatch, fake_gpu: Callable[[tuple[int, int]], None]) -> None:
-    # Installed lossy kernel: never chosen automatically.
+    # Installed lossy kernel: never a candidate, so the one exact backend is named.
     _fake_module(monkeypatch, "sageattention", "sageattn")
     fake_gpu((8, 0))
     assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "torch_sdpa"
+    # FlashAttention-4 runs on Hopper and newer only: no candidate on an A100.
+    _fake_module(monkeypatch, "flash_attn.cute", "flash_attn_func")
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "torch_sdpa"
+    assert attn._exact_backends("cuda:0", torch.bfloat16) == ["torch_sdpa"]
+    # Two exact kernels: `auto` stays `auto`, measured per shape when attention runs.
     _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
-    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "fa"
-    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.float16) == "fa"
-    assert resolve_attention_backend("auto", device="cuda:0") == "fa"  # dtype unknown: taken as bf16
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "auto"
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.float16) == "auto"
+    assert resolve_attention_backend("auto", device="cuda:0") == "auto"  # dtype unknown: taken as bf16
+    assert attn._exact_backends("cuda:0", torch.bfloat16) == ["torch_sdpa", "fa"]
     assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.float32) == "torch_sdpa"
     assert resolve_attention_backend("auto", device="cpu", dtype=torch.bfloat16) == "torch_sdpa"
-    # Hopper: cuDNN attention via SDPA is the fastest (and exact), even with flash-attn installed.
     fake_gpu((9, 0))
-    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "torch_sdpa"
+    assert attn._exact_backends("cuda:0", torch.bfloat16) == ["torch_sdpa", "fa", "fa4"]
+    assert resolve_attention_backend("auto", device="cuda:0", dtype=torch.bfloat16) == "auto"
+
+
+# ---- auto: measured per shape ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch, on_cpu: None) -> MeasuredChoice:
+    """`auto` on the CPU with a stand-in `fa` (the wrappers accept CPU tensors here), a fresh table of winners."""
+    choices = MeasuredChoice(fallback="torch_sdpa", repeats=2)
+    monkeypatch.setattr(attn, "_AUTO_CHOICES", choices)
+    return choices
+
+
+def _slowed(monkeypatch: pytest.MonkeyPatch, name: str, seconds: float) -> list[int]:
+    """Makes backend `name` take `seconds` longer per call; returns its call log (one entry per call)."""
+    table = attn._REGISTRY if name in attn._REGISTRY else attn._OPTIONAL_FNS
+    inner = table[name]
+    calls: list[int] = []
+
+    def slow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        calls.append(q.shape[1])
+        time.sleep(seconds)
+        return inner(q, k, v, attn_mask)
+
+    monkeypatch.setitem(table, name, slow)
+    return calls
+
+
+def test_auto_runs_the_kernel_that_measured_fastest_at_each_shape(
+    monkeypatch: pytest.MonkeyPatch, measured: MeasuredChoice
+) -> None:
+    fa_calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    assert resolve_attention_backend("auto", device="cpu", dtype=torch.bfloat16) == "auto"
+    sdpa = _slowed(monkeypatch, "torch_sdpa", 0.02)
+    q, k, v = _qkv(seq_q=5, seq_k=7)
+    out = attention(q, k, v, backend="auto")
+    # Measured once: an untimed call and `repeats` timed ones of each candidate, then the winner's run.
+    assert len(fa_calls) == 1 + 2 + 1 and len(sdpa) == 1 + 2
+    assert torch.equal(out, attention(q, k, v, backend="fa"))
+    [measurement] = auto_attention_measurements()
+    assert measurement.choice == "fa" and set(measurement.ms) == {"torch_sdpa", "fa"}
+    assert measurement.ms["torch_sdpa"] > 20 > measurement.ms["fa"]
+    assert measurement.shape == AttentionShape("cpu", torch.bfloat16, 2, 5, 7, 3, 8)
+    assert "-> fa" in measurement.summary() and "5 x 7 tokens" in measurement.summary()
+    # The same shape again: no new measurement, one call of the winner.
+    fa_before = len(fa_calls)
+    attention(q, k, v, backend="auto")
+    assert len(fa_calls) == fa_before + 1 and len(sdpa) == 3
+    # Another shape (a cross-attention's key length) is measured on its own; here SDPA is the fast one.
+    monkeypatch.setitem(attn._REGISTRY, "torch_sdpa", attn._torch_sdpa)
+    _slowed(monkeypatch, "fa", 0.02)
+    q2, k2, v2 = _qkv(seq_q=5, seq_k=3)
+    assert torch.equal(attention(q2, k2, v2, backend="auto"), attention(q2, k2, v2, backend="torch_sdpa"))
+    assert [m.choice for m in auto_attention_measurements()] == ["fa", "torch_sdpa"]
+
+
+def test_auto_leaves_out_a_kernel_that_fails_at_a_shape(
+    monkeypatch: pytest.MonkeyPatch, measured: MeasuredChoice
+) -> None:
+    def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("head size 8 is not supported")
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_func = broken  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    q, k, v = _qkv()
+    assert torch.equal(attention(q, k, v, backend="auto"), attention(q, k, v, backend="torch_sdpa"))
+    [measurement] = auto_attention_measurements()
+    assert measurement.choice == "torch_sdpa" and list(measurement.ms) == ["torch_sdpa"]
+    assert "head size 8 is not supported" in measurement.failed["fa"]
+
+
+def test_auto_runs_masked_and_fp32_calls_on_sdpa_without_measuring(
+    monkeypatch: pytest.MonkeyPatch, measured: MeasuredChoice
+) -> None:
+    fa_calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    q, k, v = _qkv()
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 2:] = False
+    assert torch.equal(
+        attention(q, k, v, backend="auto", attn_mask=mask), attention(q, k, v, backend="torch_sdpa", attn_mask=mask)
+    )
+    q32, k32, v32 = _qkv(dtype=torch.float32)
+    assert torch.equal(attention(q32, k32, v32, backend="auto"), attention(q32, k32, v32, backend="torch_sdpa"))
+    assert fa_calls == [] and auto_attention_measurements() == []
+
+
+def test_auto_under_torch_compile_measures_while_tracing(
+    monkeypatch: pytest.MonkeyPatch, measured: MeasuredChoice
+) -> None:
+    fa_calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
+    _slowed(monkeypatch, "torch_sdpa", 0.02)
+
+    class Block(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return attention(q * 1, k, v, backend="auto")
+
+    block = Block()
+    # The engine compiles blocks this way (runtime/compile.py); "eager" skips code generation, not tracing.
+    block.compile(fullgraph=True, dynamic=False, backend="eager")
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    out = block(q, k, v)
+    [measurement] = auto_attention_measurements()
+    assert measurement.choice == "fa"
+    # Measured at trace time on random inputs of the shape, then the graph calls the winner on the real ones.
+    measured_on = fa_calls[:3]
+    assert all(call["q"].shape == q.shape and not torch.equal(call["q"], q) for call in measured_on)
+    assert torch.equal(fa_calls[-1]["q"], q) and torch.equal(out, attention(q, k, v, backend="fa"))
+    calls = len(fa_calls)
+    block(q, k, v)  # no retrace, no new measurement
+    assert len(fa_calls) == calls + 1 and len(auto_attention_measurements()) == 1
+
+
+def test_a_shape_first_seen_in_a_cuda_graph_capture_runs_the_fallback_unremembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    choices = MeasuredChoice(fallback="sdpa")
+    monkeypatch.setattr(attention_autotune, "_capturing", lambda device: True)
+    shape = AttentionShape("cuda:0", torch.bfloat16, 1, 4, 4, 2, 8)
+    kernels = {"sdpa": lambda q, k, v: q, "fast": lambda q, k, v: q}
+    assert choices.choose(shape, kernels) == "sdpa"
+    assert choices.known(shape) is None and choices.measurements() == []
 
 
 # ---- torch_sdpa unchanged ------------------------------------------------------------------------

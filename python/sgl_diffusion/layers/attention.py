@@ -23,8 +23,10 @@ without the model code knowing which kernels were built:
   (:class:`~.sparse_attention.VideoAttention`); only models that do accept these names
   (:func:`resolve_attention_backend`'s ``video_tokens``). A pure-torch reference runs them on the CPU,
   kernels on CUDA.
-* ``auto``: not a kernel; :func:`resolve_attention_backend` turns it into one of the exact backends
-  above from the device and dtype (rule in :func:`resolve_attention_backend`).
+* ``auto``: not a kernel; the fastest exact backend (``torch_sdpa``, ``fa``, ``fa4``: never a lossy or sparse
+  one) for each attention shape, by measurement on the first call of that shape
+  (:mod:`.attention_autotune`). Where only one exact backend can run (the CPU, fp32, no optional package
+  installed) :func:`resolve_attention_backend` resolves it to that one.
 
 ``fa``, ``fa4`` and ``sage_attn`` come from optional packages and are checked lazily, when a name is
 resolved (not only when this module is imported), so a package installed after start-up, or a stand-in
@@ -54,6 +56,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from .attention_autotune import AttentionShape, MeasuredChoice, Measurement
 from .sparse_attention import VideoAttention, require_kernels_package, run_video_sparse
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "AttentionFn",
     "VideoAttention",
     "attention",
+    "auto_attention_measurements",
     "available_attention_backends",
     "canonical_attention_backend",
     "check_attention_backend_name",
@@ -460,7 +464,7 @@ def register_attention_backend(name: str, fn: AttentionFn, *, override: bool = F
     """
     key = str(getattr(name, "value", name))
     if key == AttentionBackend.AUTO.value:
-        raise ValueError("'auto' is resolved to a concrete backend and cannot be registered")
+        raise ValueError("'auto' chooses among the exact backends by measurement and cannot be registered")
     if key in VIDEO_SPARSE_BACKENDS:
         raise ValueError(f"'{key}' is sparse video attention (layers/sparse_attention.py) and cannot be registered")
     if (key in _REGISTRY or key in _OPTIONAL) and not override:
@@ -486,23 +490,78 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _resolve_auto(device: torch.device | str | None, dtype: torch.dtype | None) -> str:
+def _exact_backends(device: torch.device | str | None, dtype: torch.dtype | None) -> list[str]:
+    """The exact backends that can run attention on `device` in `dtype` now: ``auto``'s candidates.
+
+    ``dtype`` ``None`` means unknown, taken as fp16/bf16 (what the engine runs on GPUs). The lossy
+    ``sage_attn`` and the sparse backends are never candidates."""
     device = _default_device() if device is None else torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        choice, why = DEFAULT_ATTENTION_BACKEND, f"device {device} is not CUDA"
-    elif dtype is not None and dtype not in _HALF_DTYPES:
-        choice, why = DEFAULT_ATTENTION_BACKEND, f"{dtype} is not fp16/bf16"
-    elif _is_hopper_or_newer(device):
-        # Measured on an H100 (bf16): cuDNN attention through SDPA 615 TFLOP/s vs FlashAttention-2 370 and
-        # SageAttention 434, so the exact SDPA path is also the fastest one.
-        choice, why = DEFAULT_ATTENTION_BACKEND, "Hopper or newer: SDPA uses cuDNN attention"
-    elif _probe(_FLASH_ATTN) is not None:
-        choice, why = _FLASH_ATTN.name, "pre-Hopper CUDA GPU with flash-attn installed"
-    else:
-        choice, why = DEFAULT_ATTENTION_BACKEND, "pre-Hopper CUDA GPU without flash-attn"
-    # debug, not info: attention(backend="auto") resolves on every call.
-    logger.debug("attention backend 'auto' -> '%s' (%s)", choice, why)
+    names = [DEFAULT_ATTENTION_BACKEND]
+    if device.type not in _KERNEL_DEVICE_TYPES or (dtype is not None and dtype not in _HALF_DTYPES):
+        return names
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return names
+    for backend in (_FLASH_ATTN, _FLASH_ATTN_4):
+        if backend is _FLASH_ATTN_4 and device.type == "cuda" and not _is_hopper_or_newer(device):
+            continue
+        if _probe(backend) is not None:
+            names.append(backend.name)
+    return names
+
+
+def _resolve_auto(device: torch.device | str | None, dtype: torch.dtype | None) -> str:
+    candidates = _exact_backends(device, dtype)
+    choice = candidates[0] if len(candidates) == 1 else AttentionBackend.AUTO.value
+    # debug, not info: attention(backend="auto") may resolve on every call.
+    logger.debug("attention backend 'auto' on %s, %s: candidates %s -> %s", device, dtype, candidates, choice)
     return choice
+
+
+#: The measured winners of ``auto``, by shape, for this process.
+_AUTO_CHOICES = MeasuredChoice(fallback=DEFAULT_ATTENTION_BACKEND)
+
+
+def auto_attention_measurements() -> list[Measurement]:
+    """What ``auto`` measured so far in this process: per shape, each candidate's time and the winner."""
+    return _AUTO_CHOICES.measurements()
+
+
+def _unmasked_kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    fn = _REGISTRY.get(name) or _OPTIONAL_FNS[name]
+    return lambda q, k, v: fn(q, k, v, None)
+
+
+def _measured_choice(
+    shape: AttentionShape, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+) -> str:
+    known = _AUTO_CHOICES.known(shape)
+    if known is not None:  # the hot path: no package probing once a shape is measured
+        return known
+    candidates = _exact_backends(shape.device, shape.dtype)
+    return _AUTO_CHOICES.choose(shape, {name: _unmasked_kernel(name) for name in candidates}, inputs)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_choice(
+    device: str, dtype: torch.dtype, batch: int, q_len: int, k_len: int, heads: int, head_dim: int
+) -> str:
+    """``auto``'s choice while torch.compile traces a block: runs (and measures, on random inputs of the shape)
+    at trace time; the compiled graph keeps the answer as a constant. Shapes are static there, so the
+    arguments are plain constants."""
+    return _measured_choice(AttentionShape(device, dtype, batch, q_len, k_len, heads, head_dim))
+
+
+def _auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    # Masked calls run on SDPA whatever wins: fa and fa4 take no masks (they would hand them to SDPA).
+    if attn_mask is not None or q.dtype not in _HALF_DTYPES or q.device.type not in _KERNEL_DEVICE_TYPES:
+        return _torch_sdpa(q, k, v, attn_mask)
+    if torch.compiler.is_compiling():
+        batch, q_len, heads, head_dim = q.shape
+        name = _traced_choice(str(q.device), q.dtype, batch, q_len, k.shape[1], heads, head_dim)
+    else:
+        name = _measured_choice(AttentionShape.of(q, k), (q, k, v))
+    fn = _REGISTRY.get(name) or _OPTIONAL_FNS[name]
+    return fn(q, k, v, None)
 
 
 def canonical_attention_backend(name: str | None) -> str | None:
@@ -542,11 +601,10 @@ def resolve_attention_backend(
 ) -> str:
     """Validate a backend name and return the concrete backend to run; ``None`` means ``torch_sdpa``.
 
-    ``auto`` becomes a concrete, exact backend (never the lossy ``sage_attn`` or a sparse one):
-
-    * CUDA, compute capability >= 9.0 (Hopper and newer), fp16/bf16: ``torch_sdpa`` (cuDNN attention);
-    * older CUDA GPUs, fp16/bf16: ``fa`` when flash-attn imports, else ``torch_sdpa``;
-    * CPU, or a dtype other than fp16/bf16: ``torch_sdpa``.
+    ``auto`` stays ``auto`` where several exact backends can run (a CUDA GPU, fp16/bf16, with ``fa`` or, on
+    Hopper and newer, ``fa4`` installed): :func:`attention` then measures them per shape and runs the
+    fastest. Elsewhere it becomes the one exact backend there is, ``torch_sdpa`` (never the lossy
+    ``sage_attn`` or a sparse one).
 
     Args:
         name: a backend name (see :class:`AttentionBackend`), ``auto`` or ``None``.
@@ -628,8 +686,8 @@ def attention(
 
     Args:
         q, k, v: ``(batch, seq, heads, head_dim)``.
-        backend: a name accepted by :func:`resolve_attention_backend` (``auto`` is resolved per call from
-            ``q``'s device and dtype; resolve it once up front to skip that).
+        backend: a name accepted by :func:`resolve_attention_backend`; ``auto`` runs the exact backend that
+            measured fastest at these inputs' shape (measured at the first call of the shape).
         attn_mask: optional; ``(batch, seq_k)`` key mask (bool: True = keep, float: additive) or any
             shape broadcastable to ``(batch, heads, seq_q, seq_k)``. ``fa``/``fa4`` run masked calls on
             ``torch_sdpa`` (exact; logged once); ``sage_attn`` and the sparse backends reject masks.
@@ -648,9 +706,15 @@ def attention(
     if sparse is not None:
         return sparse(q, k, v, attn_mask, video)
     fn = _REGISTRY.get(backend) or _OPTIONAL_FNS.get(backend)
+    if fn is None and backend == AttentionBackend.AUTO.value:
+        fn = _auto_attention
     if fn is None:
         # Resolve only on the slow path so the hot path is a dict lookup; this raises the user-facing
-        # error message, or turns "auto" into a concrete backend for these inputs.
+        # error message, or gives the backend an alias names.
         resolved = resolve_attention_backend(backend, device=q.device, dtype=q.dtype)
-        fn = _REGISTRY.get(resolved) or _OPTIONAL_FNS[resolved]
+        fn = (
+            _auto_attention
+            if resolved == AttentionBackend.AUTO.value
+            else _REGISTRY.get(resolved) or _OPTIONAL_FNS[resolved]
+        )
     return fn(q, k, v, attn_mask)
