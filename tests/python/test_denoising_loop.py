@@ -360,7 +360,7 @@ def test_the_spec_refuses_unknown_values_and_speaks_rusts_names() -> None:
     info = dataclasses.replace(SPEC, extra_batch_key_fields=("fps",), max_input_images=3).info_fields()
     # The names `sgl_core::PipelineInfo` reads (it denies unknown fields).
     assert info["extra_batch_key_fields"] == ["fps"] and info["guidance"] == "classifier_free"
-    assert info["max_input_images"] == 3 and info["defaults"]["size_from_input_area"] is None
+    assert info["max_input_images"] == 3 and info["defaults"]["size_from_inputs"] is None
     assert SPEC.output_key == "images" and dataclasses.replace(SPEC, output="video").output_key == "videos"
     with pytest.raises(dataclasses.FrozenInstanceError):
         SPEC.task = "text-to-video"  # type: ignore[misc]

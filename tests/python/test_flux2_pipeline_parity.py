@@ -345,7 +345,10 @@ def test_reference_images_match_diffusers(folders, images, fixture: str) -> None
 def test_without_a_size_the_output_takes_the_first_images(klein_engine, diffusers_klein, images) -> None:
     # The reference's rule (applied by the Rust core): the first image's prepared size, here 120x80 -> 112x80;
     # the second image does not count.
-    assert klein_engine.info["defaults"]["size_from_first_input_max_area"] == 1024 * 1024
+    assert klein_engine.info["defaults"]["size_from_inputs"] == {
+        "rule": "first_input_within_area",
+        "max_area": 1024 * 1024,
+    }
     chosen = [str(images[0]), str(images[1])]
     mine = klein_engine.generate(PROMPT, seed=2, output_type="np", image=chosen, max_sequence_length=64).images
     assert mine[0].shape == (80, 112, 3)

@@ -186,7 +186,7 @@ def test_edits_batch_and_match_running_alone(folder, engine, images) -> None:
 def test_without_a_size_the_output_takes_the_first_images(engine, diffusers_glm, tmp_path: Path, images) -> None:
     """The reference's `height or image_height` (given the size it would fail without): the first image's
     size floored to the 32-pixel grid, 100x72 -> 96x64; the second image does not count."""
-    assert engine.info["defaults"]["size_from_first_input_max_area"] == 2048 * 2048
+    assert engine.info["defaults"]["size_from_inputs"] == {"rule": "first_input_within_area", "max_area": 2048 * 2048}
     first = write_image(tmp_path / "first.png", 100, 72, 4)
     mine = engine.generate(PROMPT, image=[str(first), str(images[1])], seed=2, output_type="np",
                            num_inference_steps=3).images  # fmt: skip

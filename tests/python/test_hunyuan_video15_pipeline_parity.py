@@ -7,6 +7,7 @@ default size its transformer's `target_size` gives).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -263,15 +264,13 @@ def i2v_reference_pipe(i2v_folder: Path):
 def test_image_to_video_matches_diffusers(i2v_engine, i2v_reference_pipe, images, image: str) -> None:
     from PIL import Image
 
-    # diffusers sizes the video by the image (the target_size bucket nearest its aspect); ours asks that size.
+    # diffusers sizes the video by the image (the target_size bucket nearest its aspect); so does ours, given no size.
     expected = i2v_reference_pipe(
         Image.open(images[image]), PROMPT, generator=torch.Generator("cpu").manual_seed(7), output_type="np",
         **I2V_SMALL,
     ).frames[0]  # fmt: skip
     height, width = expected.shape[1:3]
-    mine = i2v_engine.generate(
-        PROMPT, image_path=str(images[image]), seed=7, output_type="np", height=height, width=width, **I2V_SMALL
-    ).frames[0]
+    mine = i2v_engine.generate(PROMPT, image_path=str(images[image]), seed=7, output_type="np", **I2V_SMALL).frames[0]
     print(f"i2v {image} {height}x{width}: max abs {max_abs(mine, expected):.3g}")
     assert mine.shape == expected.shape
     assert max_abs(mine, expected) <= PIXEL_ATOL
@@ -299,6 +298,28 @@ def test_image_to_video_batched_requests_match_running_alone(i2v_folder, i2v_eng
         assert result.batch_size == 2
         for video, solo in zip(result.frames, alone, strict=True):
             assert max_abs(video, solo) <= PIXEL_ATOL
+
+
+@pytest.mark.parametrize(("width", "height"), [(100, 60), (40, 90), (64, 64), (1280, 720), (30, 200), (300, 20)])
+def test_image_to_video_takes_the_size_diffusers_gives_the_image(
+    i2v_folder, i2v_engine, tmp_path: Path, width: int, height: int
+) -> None:
+    """The Rust core's bucket for the image's header equals diffusers' `calculate_default_height_width`, and a size the
+    request gives wins."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+    from PIL import Image
+
+    path = tmp_path / f"{width}x{height}.png"
+    Image.new("RGB", (width, height), (200, 30, 90)).save(path)
+    target_size = json.loads((i2v_folder / "transformer" / "config.json").read_text())["target_size"]
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=i2v_engine.info["limits"]["size_multiple"])
+    expected_height, expected_width = processor.calculate_default_height_width(height, width, target_size)
+    video = i2v_engine.generate(PROMPT, image_path=str(path), seed=1, output_type="np", **I2V_SMALL).frames[0]
+    assert video.shape[1:3] == (expected_height, expected_width)
+    asked = i2v_engine.generate(
+        PROMPT, image_path=str(path), seed=1, output_type="np", width=48, height=32, **I2V_SMALL
+    ).frames[0]
+    assert asked.shape[1:3] == (32, 48)
 
 
 def test_image_to_video_needs_an_image(i2v_engine) -> None:

@@ -218,7 +218,7 @@ def test_defaults_and_limits(engine) -> None:
     assert (defaults["width"], defaults["height"], defaults["num_inference_steps"]) == (1024, 1024, 40)
     assert (defaults["true_cfg_scale"], defaults["negative_prompt"]) == (1.0, None)
     # With condition images the output takes the last one's aspect at 1024x1024 pixels, as the reference.
-    assert defaults["size_from_input_area"] == 1024 * 1024
+    assert defaults["size_from_inputs"] == {"rule": "last_input_aspect_at_area", "area": 1024 * 1024}
     assert (info["family"], info["task"], info["guidance"], info["pipeline_class"]) == (
         "qwen_image_21", "text-image-to-image", "true_cfg", "QwenImage21Pipeline"
     )  # fmt: skip

@@ -218,7 +218,7 @@ def test_cards_and_spec(edit_engine, plus_engine, folders) -> None:
     for info in (edit, plus):
         defaults = info["defaults"]
         assert (defaults["true_cfg_scale"], defaults["negative_prompt"]) == (4.0, " ")
-        assert defaults["size_from_input_area"] == 1024 * 1024
+        assert defaults["size_from_inputs"] == {"rule": "last_input_aspect_at_area", "area": 1024 * 1024}
     # A folder that is no known checkpoint: diffusers' __call__ defaults (no negative prompt, so no CFG).
     pipeline = QwenImageEditPipeline.load(folders["qwen_image_edit"], RuntimeOptions.for_device("cpu"), None)
     assert (pipeline.spec.defaults.num_inference_steps, pipeline.spec.defaults.negative_prompt) == (50, None)

@@ -165,8 +165,7 @@ mod tests {
             flow_shift: None,
             fps: None,
             guidance_scale_2: None,
-            size_from_input_area: None,
-            size_from_first_input_max_area: None,
+            size_from_inputs: None,
         }
     }
 

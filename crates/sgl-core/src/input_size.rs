@@ -1,16 +1,19 @@
 //! The output size of a request that gives none but carries input images, for pipelines that declare
-//! one of two rules:
+//! an [`InputSizeRule`]:
 //!
-//! * `SamplingDefaults::size_from_input_area`: the last input image's aspect ratio at that pixel area
-//!   (diffusers' `calculate_dimensions(target_area, ratio)` of the Qwen-Image editing pipelines, to the
-//!   bit: Python's `round` is round-half-to-even);
-//! * `SamplingDefaults::size_from_first_input_max_area`: the first input image's own size, shrunk to at
-//!   most that area at its aspect ratio, floored to the size multiple (diffusers' FLUX.2 pipelines:
-//!   `_resize_to_target_area`, then `// 16 * 16`).
+//! * `LastInputAspectAtArea`: the last input image's aspect ratio at that pixel area (diffusers'
+//!   `calculate_dimensions(target_area, ratio)` of the Qwen-Image editing pipelines, to the bit: Python's
+//!   `round` is round-half-to-even);
+//! * `FirstInputWithinArea`: the first input image's own size, shrunk to at most that area at its aspect
+//!   ratio, floored to the size multiple (diffusers' FLUX.2 pipelines: `_resize_to_target_area`, then
+//!   `// 16 * 16`);
+//! * `FirstInputNearestBucket`: of the pipeline's size buckets, the one whose height / width ratio is
+//!   nearest the first input image's, from the side that keeps the output no more elongated than the image
+//!   (diffusers' HunyuanVideo-1.5 image-to-video: `get_closest_ratio` over its `target_size` buckets).
 //!
 //! Either way a request served here gets the size the reference pipeline would pick for the same images.
 
-use crate::{PipelineInfo, ValidationError};
+use crate::{InputSizeRule, PipelineInfo, SizeBucket, ValidationError};
 
 /// Width and height for `area` pixels at `ratio` (width / height): each side rounded to a multiple of
 /// 32 as diffusers rounds it, then floored to the pipeline's `size_multiple`.
@@ -54,18 +57,38 @@ pub fn size_within_area((width, height): (u32, u32), max_area: u64, size_multipl
     (width / multiple * multiple, height / multiple * multiple)
 }
 
+/// The bucket whose `ratio` (height / width) is nearest the image's, among those on the side of it the
+/// reference keeps: ratios at or under the image's for an image at least as tall as wide, at or over it
+/// otherwise. Ties go to the first bucket, as Python's `min` does. `None` only without such a bucket.
+pub fn nearest_bucket(buckets: &[SizeBucket], (width, height): (u32, u32)) -> Option<(u32, u32)> {
+    let aspect = f64::from(height) / f64::from(width);
+    let kept = |diff: f64| if aspect >= 1.0 { diff <= 0.0 } else { diff >= 0.0 };
+    buckets
+        .iter()
+        .filter(|bucket| kept(bucket.ratio - aspect))
+        .min_by(|a, b| (a.ratio - aspect).abs().total_cmp(&(b.ratio - aspect).abs()))
+        .map(|bucket| (bucket.width, bucket.height))
+}
+
 /// The output size a request that gives neither width nor height gets from its input images, where
 /// the pipeline sizes outputs that way; `None` where the model's default size holds.
 pub fn size_from_inputs(info: &PipelineInfo, image_paths: &[String]) -> Result<Option<(u32, u32)>, ValidationError> {
-    let defaults = &info.defaults;
-    if let (Some(area), Some(last)) = (defaults.size_from_input_area, image_paths.last()) {
-        let (width, height) = image_dimensions(last)?;
-        return Ok(Some(size_for_area(area, f64::from(width) / f64::from(height), info.limits.size_multiple)));
-    }
-    if let (Some(max_area), Some(first)) = (defaults.size_from_first_input_max_area, image_paths.first()) {
-        return Ok(Some(size_within_area(image_dimensions(first)?, max_area, info.limits.size_multiple)));
-    }
-    Ok(None)
+    let (Some(rule), Some(first), Some(last)) =
+        (&info.defaults.size_from_inputs, image_paths.first(), image_paths.last())
+    else {
+        return Ok(None);
+    };
+    let multiple = info.limits.size_multiple;
+    Ok(match rule {
+        InputSizeRule::LastInputAspectAtArea { area } => {
+            let (width, height) = image_dimensions(last)?;
+            Some(size_for_area(*area, f64::from(width) / f64::from(height), multiple))
+        }
+        InputSizeRule::FirstInputWithinArea { max_area } => {
+            Some(size_within_area(image_dimensions(first)?, *max_area, multiple))
+        }
+        InputSizeRule::FirstInputNearestBucket { buckets } => nearest_bucket(buckets, image_dimensions(first)?),
+    })
 }
 
 #[cfg(test)]
@@ -105,6 +128,37 @@ mod tests {
         assert_eq!(size_within_area((1100, 1000), MEGAPIXEL, 16), (1072, 976));
         // 4000 x 3000: scale 0.29560..., sides 1182.4 -> 1182 -> 1168 and 886.8 -> 886 -> 880.
         assert_eq!(size_within_area((4000, 3000), MEGAPIXEL, 16), (1168, 880));
+    }
+
+    /// diffusers' HunyuanVideo-1.5 buckets for `target_size` 64 at patch 16 (16 patches), as
+    /// `pipelines/hunyuan_video15.py` exports them: (width, height, round(height / width, 5)).
+    fn hunyuan_buckets() -> Vec<SizeBucket> {
+        [(32, 128), (32, 112), (32, 96), (32, 80), (48, 80), (48, 64), (64, 64), (64, 48), (80, 48), (80, 32), (96, 32)]
+            .into_iter()
+            .chain([(112, 32), (128, 32)])
+            .map(|(width, height): (u32, u32)| {
+                // Exact here: these ratios have at most 5 decimals or round away from a tie.
+                let ratio = (f64::from(height) / f64::from(width) * 1e5).round() / 1e5;
+                SizeBucket { width, height, ratio }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_nearest_bucket_is_taken_from_the_images_side() {
+        // The sizes diffusers' `calculate_default_height_width(h, w, 64)` returns for these images.
+        let buckets = hunyuan_buckets();
+        // Landscape 100x60 (ratio 0.6): 48/80 = 0.6 exactly.
+        assert_eq!(nearest_bucket(&buckets, (100, 60)), Some((80, 48)));
+        // 16:9 (0.5625): at or over it, 0.6 is the nearest (0.4 under it is not on the kept side).
+        assert_eq!(nearest_bucket(&buckets, (1280, 720)), Some((80, 48)));
+        // Portrait 40x90 (2.25): at or under it, 80/48 = 1.66667 beats 1.33333 (and 2.5 is over it).
+        assert_eq!(nearest_bucket(&buckets, (40, 90)), Some((48, 80)));
+        assert_eq!(nearest_bucket(&buckets, (500, 500)), Some((64, 64)));
+        // Beyond the buckets' 4:1 either way: the most elongated bucket.
+        assert_eq!(nearest_bucket(&buckets, (10, 1000)), Some((32, 128)));
+        assert_eq!(nearest_bucket(&buckets, (1000, 10)), Some((128, 32)));
+        assert_eq!(nearest_bucket(&[], (10, 10)), None);
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub use fields::{FieldSpec, Fields};
 pub use output::{
     EncodedOutput, GenerationOutput, MemoryCheckpoint, OutputMetadata, PerfMetrics, StageTiming, StepTiming,
 };
-pub use pipeline::{FrameRule, GuidanceMode, ImageInput, OutputKind, PipelineInfo, PipelineLimits, SamplingDefaults};
+pub use pipeline::{
+    FrameRule, GuidanceMode, ImageInput, InputSizeRule, OutputKind, PipelineInfo, PipelineLimits, SamplingDefaults,
+    SizeBucket,
+};
 pub use request::{
     GenerationRequest, OutputFormat, MAX_FPS, MAX_OUTPUTS_PER_REQUEST, MAX_PROMPT_CHARS, MAX_TIMEOUT_SECONDS,
 };

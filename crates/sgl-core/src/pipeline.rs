@@ -148,15 +148,33 @@ pub struct SamplingDefaults {
     pub fps: Option<u32>,
     /// Guidance of the low-noise expert (Wan2.2 A14B); `None` where there is none.
     pub guidance_scale_2: Option<f64>,
-    /// Pixel area of the output when a request with input images gives no size: the last input
-    /// image's aspect ratio at this area (see [`crate::input_size`]), instead of `width` x `height`.
-    /// `None`: the default size always.
+    /// How a request that carries input images but gives no size is sized, where the pipeline sizes
+    /// outputs from its inputs (see [`crate::input_size`]); `None`: `width` x `height` always.
     #[serde(default)]
-    pub size_from_input_area: Option<u64>,
-    /// Largest pixel area of the output when a request with input images gives no size, for pipelines
-    /// that size outputs like their first input image (FLUX.2): that image's own size, shrunk to this
-    /// area at its aspect ratio where larger, floored to `size_multiple` (see [`crate::input_size`]).
-    /// `None`: no such rule. A pipeline sets at most one of the two rules.
-    #[serde(default)]
-    pub size_from_first_input_max_area: Option<u64>,
+    pub size_from_inputs: Option<InputSizeRule>,
+}
+
+/// A pipeline's rule for the output size of a request with input images and no size of its own: the
+/// size its reference pipeline picks for the same images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
+pub enum InputSizeRule {
+    /// The last input image's aspect ratio at `area` pixels (the Qwen-Image editing pipelines).
+    LastInputAspectAtArea { area: u64 },
+    /// The first input image's own size, shrunk to at most `max_area` pixels at its aspect ratio,
+    /// floored to `size_multiple` (FLUX.2, GLM-Image).
+    FirstInputWithinArea { max_area: u64 },
+    /// The bucket whose height / width ratio is nearest the first input image's (HunyuanVideo-1.5
+    /// image-to-video).
+    FirstInputNearestBucket { buckets: Vec<SizeBucket> },
+}
+
+/// One output size of [`InputSizeRule::FirstInputNearestBucket`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeBucket {
+    pub width: u32,
+    pub height: u32,
+    /// height / width as the reference compares it (it rounds the ratio, so it is given, not derived).
+    pub ratio: f64,
 }

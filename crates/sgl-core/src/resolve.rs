@@ -623,7 +623,7 @@ fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{PipelineLimits, SamplingDefaults, MAX_TIMEOUT_SECONDS};
+    use crate::{InputSizeRule, PipelineLimits, SamplingDefaults, SizeBucket, MAX_TIMEOUT_SECONDS};
 
     fn flux_info() -> PipelineInfo {
         PipelineInfo {
@@ -660,8 +660,7 @@ mod tests {
                 flow_shift: None,
                 fps: None,
                 guidance_scale_2: None,
-                size_from_input_area: None,
-                size_from_first_input_max_area: None,
+                size_from_inputs: None,
             },
             guidance: GuidanceMode::EmbeddedWithTrueCfg,
             supports_flow_shift: false,
@@ -1091,7 +1090,7 @@ mod tests {
         let mut flux2 = flux_info();
         flux2.image_input = ImageInput::Optional;
         flux2.max_input_images = 4;
-        flux2.defaults.size_from_first_input_max_area = Some(1024 * 1024);
+        flux2.defaults.size_from_inputs = Some(InputSizeRule::FirstInputWithinArea { max_area: 1024 * 1024 });
         let size = |paths: &[&String], width: Option<u32>| {
             let paths = paths.iter().map(|path| path.to_string()).collect();
             let request = GenerationRequest { image_paths: Some(paths), width, ..req("a") };
@@ -1112,14 +1111,34 @@ mod tests {
     }
 
     #[test]
+    fn outputs_take_the_bucket_nearest_the_first_images_aspect_where_the_pipeline_says_so() {
+        let (wide, tall) = (png_file("bucket-wide", 1280, 720), png_file("bucket-tall", 40, 90));
+        let mut i2v = flux_info();
+        i2v.image_input = ImageInput::Required;
+        let bucket =
+            |width: u32, height: u32| SizeBucket { width, height, ratio: f64::from(height) / f64::from(width) };
+        let buckets = vec![bucket(1024, 512), bucket(512, 512), bucket(512, 1024)];
+        i2v.defaults.size_from_inputs = Some(InputSizeRule::FirstInputNearestBucket { buckets });
+        let size = |path: &String| {
+            let request = GenerationRequest { image_paths: Some(vec![path.clone()]), ..req("a") };
+            let resolved = ResolvedRequest::resolve(&request, &i2v).unwrap();
+            (resolved.width, resolved.height)
+        };
+        // 16:9 (0.5625): at or over it, 1.0 is the only bucket (0.5 is under); 40x90 (2.25): 2.0.
+        assert_eq!(size(&wide), (512, 512));
+        assert_eq!(size(&tall), (512, 1024));
+        for path in [wide, tall] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    #[test]
     fn pipelines_that_do_not_say_take_one_image_and_the_default_size() {
         let mut json = serde_json::to_value(flux_info()).unwrap();
         json.as_object_mut().unwrap().remove("max_input_images");
-        json["defaults"].as_object_mut().unwrap().remove("size_from_input_area");
-        json["defaults"].as_object_mut().unwrap().remove("size_from_first_input_max_area");
+        json["defaults"].as_object_mut().unwrap().remove("size_from_inputs");
         let info: PipelineInfo = serde_json::from_value(json).unwrap();
-        assert_eq!((info.max_input_images, info.defaults.size_from_input_area), (1, None));
-        assert_eq!(info.defaults.size_from_first_input_max_area, None);
+        assert_eq!((info.max_input_images, info.defaults.size_from_inputs), (1, None));
     }
 
     /// A PNG header declaring `width` x `height`, in a file of its own.
@@ -1140,7 +1159,7 @@ mod tests {
         let mut edit = flux_info();
         edit.image_input = ImageInput::Required;
         edit.max_input_images = 3;
-        edit.defaults.size_from_input_area = Some(1024 * 1024);
+        edit.defaults.size_from_inputs = Some(InputSizeRule::LastInputAspectAtArea { area: 1024 * 1024 });
         let size = |edit: &PipelineInfo, paths: &[&String], width: Option<u32>, height: Option<u32>| {
             let paths = paths.iter().map(|path| path.to_string()).collect();
             let request = GenerationRequest { image_paths: Some(paths), width, height, ..req("a") };
@@ -1157,11 +1176,11 @@ mod tests {
         edit.image_input = ImageInput::Optional;
         let r = ResolvedRequest::resolve(&req("a"), &edit).unwrap();
         assert_eq!((r.width, r.height), (1024, 1024));
-        edit.defaults.size_from_input_area = None;
+        edit.defaults.size_from_inputs = None;
         assert_eq!(size(&edit, &[&wide], None, None), (1024, 1024));
         // A ratio whose size the model cannot make says so, naming size.
         let sliver = png_file("sliver", 4000, 10);
-        edit.defaults.size_from_input_area = Some(1024 * 1024);
+        edit.defaults.size_from_inputs = Some(InputSizeRule::LastInputAspectAtArea { area: 1024 * 1024 });
         let request = GenerationRequest { image_paths: Some(vec![sliver.clone()]), ..req("a") };
         let err = ResolvedRequest::resolve(&request, &edit).unwrap_err();
         assert_eq!(err.field, "size");

@@ -27,7 +27,7 @@ at its own aspect, centre-cropped to multiples of 16, VAE-encoded (the distribut
 normalised with the BatchNorm statistics; its tokens follow the generated image's in the DiT's sequence, with
 time coordinate 10 for the first image, 20 for the second, ...; only the generated tokens' prediction steps.
 The prompt encoding does not see the images. A request with images and no size gets the first image's
-prepared size (`SamplingDefaults.size_from_first_input_max_area`, applied by the Rust core), as the reference
+prepared size (`FirstInputWithinArea`, applied by the Rust core), as the reference
 does. Requests batch only with requests that bring the very same image files (`image_paths` is an extra
 batch-key field).
 """
@@ -71,7 +71,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image
 from .latents import draw_noise
-from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
+from .spec import FirstInputWithinArea, PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 
 #: Largest image we accept (4 MP, what FLUX.2 is published for); RoPE comes from position ids (no table), so
 #: only the pixel bound limits a side.
@@ -541,7 +541,7 @@ def _diffusers_defaults(components: Flux2Components, guidance_scale: float) -> S
         num_inference_steps=DIFFUSERS_STEPS,
         guidance_scale=guidance_scale,
         max_sequence_length=MAX_PROMPT_TOKENS,
-        size_from_first_input_max_area=REFERENCE_MAX_AREA,
+        size_from_inputs=FirstInputWithinArea(REFERENCE_MAX_AREA),
     )
 
 
@@ -565,7 +565,7 @@ FLUX2_DEV_DEFAULTS = SamplingDefaults(
     num_inference_steps=50,
     guidance_scale=4.0,
     max_sequence_length=MAX_PROMPT_TOKENS,
-    size_from_first_input_max_area=REFERENCE_MAX_AREA,
+    size_from_inputs=FirstInputWithinArea(REFERENCE_MAX_AREA),
 )
 #: black-forest-labs/FLUX.2-klein-4B's (and -9B's) model card: step-distilled, 1024x1024, 4 steps, guidance 1.0.
 FLUX2_KLEIN_DEFAULTS = dataclasses.replace(FLUX2_DEV_DEFAULTS, num_inference_steps=4, guidance_scale=1.0)

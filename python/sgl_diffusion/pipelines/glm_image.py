@@ -27,7 +27,7 @@ forwards. The image is VAE-encoded at the size of its prior grid (16 pixels per 
 reference encodes it at its own size floored to 16 pixels, the same size wherever the reference runs (it
 fails where the two grids disagree: sides whose remainder modulo 32 is 16 or more, or images the processor
 rescales into its pixel bounds). A request with images and no size gets the first image's size, floored to 32
-pixels (`SamplingDefaults.size_from_first_input_max_area`, applied by the Rust core): the reference's
+pixels (`FirstInputWithinArea`, applied by the Rust core): the reference's
 `height or image_height` (its own code samples the prior before it gets there and fails without a size; the
 model card says to give one). Requests batch only with requests that bring the very same image files
 (`image_paths` is an extra batch-key field): the images' keys and values are computed once per batch.
@@ -64,7 +64,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image
 from .latents import denormalize_latents, draw_noise, normalize_latents
-from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
+from .spec import FirstInputWithinArea, PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: Largest image we accept (4 MP): GLM-Image's published sizes reach 2048 on a side.
@@ -91,7 +91,7 @@ GLM_IMAGE_DEFAULTS = SamplingDefaults(
     num_inference_steps=DIFFUSERS_STEPS,
     guidance_scale=DIFFUSERS_GUIDANCE_SCALE,
     max_sequence_length=DIFFUSERS_MAX_SEQUENCE_LENGTH,
-    size_from_first_input_max_area=MAX_PIXELS,
+    size_from_inputs=FirstInputWithinArea(MAX_PIXELS),
 )
 
 #: The quotes whose contents the glyph encoder renders, in the reference's order of search.

@@ -12,10 +12,9 @@ noisy latents with the condition latents and mask, both zero for text-to-video. 
 
 Image-to-video (`HunyuanVideo15ImageToVideoPipeline`) matches diffusers' pipeline of that name: the input image,
 resized and center-cropped to the video's size, conditions the first latent frame through the VAE (its latent
-mode, with a mask marking that frame) and every step through SigLIP's image tokens. One difference: diffusers
-takes no size and sizes the video by the image (the `target_size` bucket nearest its aspect); the engine honours
-the request's size, and a request without one gets the checkpoint's default (its 16:9 bucket), so an image of
-another aspect is center-cropped to it. Asked at the image's bucket size, the two agree.
+mode, with a mask marking that frame) and every step through SigLIP's image tokens. diffusers takes no size: it
+sizes the video by the image (the `target_size` bucket nearest its aspect), and so does the engine for a request
+without a size; a request's own size is honoured as well (the image is then center-cropped to it).
 
 Prompts keep only their real tokens (the reference pads them to 1000 and the glyph text to 256 with masks, and
 adds 729 masked zero image tokens); rows whose two lengths agree run together without any mask
@@ -49,7 +48,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image
 from .latents import draw_noise
-from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
+from .spec import FirstInputNearestBucket, PipelineLimits, PipelineSpec, SamplingDefaults, SizeBucket, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: The conditioning key of each row's number of glyph (ByT5) tokens, as `TEXT_LENGTHS` is the prompt's.
@@ -65,29 +64,39 @@ FPS = 24
 DEFAULT_ASPECT = (16, 9)
 
 
-def bucket_size(target_size: int, patch: int, aspect: tuple[int, int] = DEFAULT_ASPECT) -> tuple[int, int]:
-    """(width, height) diffusers' `HunyuanVideo15Pipeline` picks when given no size: of the sizes with about
-    `(target_size / patch)**2` patches (side ratio at most 4), the one whose height/width ratio is nearest the
-    aspect's from the side of it that keeps the frame no taller than the aspect (the original repository's
-    resolution buckets)."""
+def size_buckets(target_size: int, patch: int) -> tuple[SizeBucket, ...]:
+    """The sizes diffusers' HunyuanVideo-1.5 pipelines choose among (the original repository's resolution
+    buckets): those with about `(target_size / patch)**2` patches and sides at most 4:1, each with its height /
+    width ratio rounded to 5 decimals as the reference compares them."""
     patches = round((target_size / patch) ** 2)
-    buckets: list[tuple[int, int]] = []  # (height, width), as the reference reads its pairs
+    buckets: list[SizeBucket] = []
+    # The reference walks (wide, high) patch counts and reads each pair as (height, width).
     wide, high = patches, 1
     while wide > 0:
         if max(wide, high) / min(wide, high) <= 4.0:
-            buckets.append((wide * patch, high * patch))
+            height, width = wide * patch, high * patch
+            buckets.append(SizeBucket(width=width, height=height, ratio=round(height / width, 5)))
         if (high + 1) * wide <= patches:
             high += 1
         else:
             wide -= 1
+    return tuple(buckets)
+
+
+def nearest_bucket(buckets: Sequence[SizeBucket], aspect: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the bucket whose ratio is nearest the aspect's (width, height) height / width, from
+    the side of it that keeps the frame no more elongated (the rule `sgl_core::input_size::nearest_bucket`
+    applies to input images)."""
     width, height = aspect
     wanted = height / width
-    ratios = [round(h / w, 5) - wanted for h, w in buckets]
-    # At or under the wanted ratio's side: the reference keeps ratios >= it for landscape aspects.
-    candidates = [(i, r) for i, r in enumerate(ratios) if (r <= 0 if wanted >= 1 else r >= 0)]
-    best = min(candidates, key=lambda pair: abs(pair[1]))[0]
-    bucket_height, bucket_width = buckets[best]
-    return bucket_width, bucket_height
+    kept = [bucket for bucket in buckets if (bucket.ratio - wanted <= 0 if wanted >= 1 else bucket.ratio - wanted >= 0)]
+    best = min(kept, key=lambda bucket: abs(bucket.ratio - wanted))
+    return best.width, best.height
+
+
+def bucket_size(target_size: int, patch: int, aspect: tuple[int, int] = DEFAULT_ASPECT) -> tuple[int, int]:
+    """(width, height) diffusers' `HunyuanVideo15Pipeline` picks for `aspect` when given no size."""
+    return nearest_bucket(size_buckets(target_size, patch), aspect)
 
 
 @dataclasses.dataclass
@@ -319,8 +328,12 @@ class HunyuanVideo15Pipeline(FamilyPipeline):
             **cls.load_image_encoder(model_dir, options),
         )
         if defaults is None:
-            defaults = diffusers_defaults(components)
+            defaults = cls.reference_defaults(components)
         return cls(components, options, defaults)
+
+    @classmethod
+    def reference_defaults(cls, components: HunyuanVideo15Components) -> SamplingDefaults:
+        return diffusers_defaults(components)
 
 
 class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
@@ -329,6 +342,14 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
     pipeline_class = "HunyuanVideo15ImageToVideoPipeline"
     task = "image-to-video"
     image_input = "required"
+
+    @classmethod
+    def reference_defaults(cls, components: HunyuanVideo15Components) -> SamplingDefaults:
+        """The text-to-video defaults, but a request without a size is sized by its image as diffusers sizes
+        every image-to-video request: the `target_size` bucket nearest the image's aspect (the Rust core picks
+        it from the image's header)."""
+        buckets = size_buckets(components.transformer.config.target_size, components.scale_spatial)
+        return dataclasses.replace(diffusers_defaults(components), size_from_inputs=FirstInputNearestBucket(buckets))
 
     @classmethod
     def load_image_encoder(cls, model_dir: Path, options: RuntimeOptions) -> dict[str, Any]:

@@ -23,7 +23,7 @@ encoder sees it (alpha composited over white) at its placeholder in the template
 VAE encodes all four channels (the distribution's mode, normalised), and its latent tokens go before the
 noise tokens, each at the encoder's image slots (one slot per 2x2 tokens) in the DiT's joint sequence.
 Negative prompts are encoded with the same images. The output size defaults to the last image's aspect
-at 1024x1024 pixels (the Rust core applies `size_from_input_area`), as the reference's default. Requests
+at 1024x1024 pixels (the Rust core applies `LastInputAspectAtArea`), as the reference's default. Requests
 batch only with requests that bring the very same image files (`image_paths` is an extra batch-key field).
 
 Prompts keep only their real tokens and run grouped by length (`text_lengths.py`), so each output equals
@@ -60,7 +60,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image, size_at_area
 from .latents import draw_noise, normalize_latents
-from .spec import PipelineSpec, SamplingDefaults, image_limits
+from .spec import LastInputAspectAtArea, PipelineSpec, SamplingDefaults, image_limits
 from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
 
 #: The VAE compresses 16x and the DiT reads latents unpatched: one token per 16x16 pixels (diffusers'
@@ -366,5 +366,5 @@ def diffusers_defaults(components: QwenImage21Components) -> SamplingDefaults:
         max_sequence_length=MAX_PROMPT_TOKENS,
         true_cfg_scale=1.0,
         negative_prompt=None,
-        size_from_input_area=CONDITION_AREA,
+        size_from_inputs=LastInputAspectAtArea(CONDITION_AREA),
     )

@@ -14,7 +14,7 @@ top of text-to-image (`qwen_image.py`), each reference image of a request
   Negative prompts are encoded with the same images, as the reference does.
 
 The output size defaults to the last reference image's aspect at 1024x1024 pixels (the Rust core applies
-`SamplingDefaults.size_from_input_area` when a request gives no size), like the reference's default.
+`LastInputAspectAtArea` when a request gives no size), like the reference's default.
 
 Batching: requests batch only with requests that bring the very same image files (`image_paths` is an extra
 batch-key field), since the reference images' token counts shape the batch's sequence.
@@ -56,7 +56,7 @@ from .qwen_image import (
     QwenImageAdapter,
     QwenImageComponents,
 )
-from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
+from .spec import LastInputAspectAtArea, PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, pad_text_rows
 
 #: Pixels of each reference image as the VAE sees it, and the default output's (diffusers' 1024 * 1024).
@@ -301,7 +301,7 @@ def edit_defaults(steps: int, negative_prompt: str | None) -> SamplingDefaults:
         max_sequence_length=MAX_EDIT_PROMPT_TOKENS,
         true_cfg_scale=DIFFUSERS_TRUE_CFG_SCALE,
         negative_prompt=negative_prompt,
-        size_from_input_area=REFERENCE_AREA,
+        size_from_inputs=LastInputAspectAtArea(REFERENCE_AREA),
     )
 
 

@@ -58,6 +58,47 @@ def tokenizer_limit(tokenizer: Any, reference_limit: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class LastInputAspectAtArea:
+    """`sgl_core::InputSizeRule`: the last input image's aspect ratio at `area` pixels (diffusers'
+    `calculate_dimensions`: the Qwen-Image editing pipelines)."""
+
+    area: int
+    rule: str = dataclasses.field(default="last_input_aspect_at_area", init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstInputWithinArea:
+    """`sgl_core::InputSizeRule`: the first input image's own size, shrunk to at most `max_area` pixels where
+    larger, floored to `size_multiple` (FLUX.2, GLM-Image)."""
+
+    max_area: int
+    rule: str = dataclasses.field(default="first_input_within_area", init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeBucket:
+    """One size of `FirstInputNearestBucket`, with the height / width ratio its reference compares (rounded as
+    the reference rounds it, so the Rust core need not re-derive it)."""
+
+    width: int
+    height: int
+    ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstInputNearestBucket:
+    """`sgl_core::InputSizeRule`: the bucket whose ratio is nearest the first input image's height / width, from
+    the side of it that keeps the output no more elongated than the image (HunyuanVideo-1.5 image-to-video)."""
+
+    buckets: tuple[SizeBucket, ...]
+    rule: str = dataclasses.field(default="first_input_nearest_bucket", init=False)
+
+
+#: `sgl_core::InputSizeRule`.
+InputSizeRule = LastInputAspectAtArea | FirstInputWithinArea | FirstInputNearestBucket
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingDefaults:
     """Mirrors `sgl_core::SamplingDefaults`: the model's own sampling parameters."""
 
@@ -72,20 +113,9 @@ class SamplingDefaults:
     flow_shift: float | None = None
     fps: int | None = None
     guidance_scale_2: float | None = None
-    #: Pixel area of the output when a request with input images gives no size: the last input image's
-    #: aspect ratio at this area (diffusers' `calculate_dimensions`, computed by the Rust core); None: the
-    #: default size always.
-    size_from_input_area: int | None = None
-    #: Largest pixel area of the output when a request with input images gives no size, for pipelines that
-    #: size outputs like their first input image (FLUX.2): its own size, shrunk to this area where larger,
-    #: floored to `size_multiple` (computed by the Rust core); None: no such rule. At most one of the two rules.
-    size_from_first_input_max_area: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.size_from_input_area is not None and self.size_from_first_input_max_area is not None:
-            raise ValueError(
-                "SamplingDefaults takes one input-size rule: size_from_input_area or size_from_first_input_max_area"
-            )
+    #: How a request that carries input images but gives no size is sized (computed by the Rust core,
+    #: `sgl_core::input_size`); None: `width` x `height` always.
+    size_from_inputs: InputSizeRule | None = None
 
 
 #: `sgl_core::GuidanceMode`: how a request turns on classifier-free guidance. "classifier_free":

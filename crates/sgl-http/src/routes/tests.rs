@@ -13,8 +13,8 @@ use axum::Router;
 use hyper::body::Frame;
 use serde_json::{json, Value};
 use sgl_core::{
-    EncodedOutput, FrameRule, GenerationOutput, GuidanceMode, ImageInput, OutputKind, OutputMetadata, PerfMetrics,
-    PipelineInfo, PipelineLimits, SamplingDefaults,
+    EncodedOutput, FrameRule, GenerationOutput, GuidanceMode, ImageInput, InputSizeRule, OutputKind, OutputMetadata,
+    PerfMetrics, PipelineInfo, PipelineLimits, SamplingDefaults,
 };
 use sgl_scheduler::{BatchExecutor, BatchItem, BatchProgress, BatchingConfig, Engine, ExecError, ItemOutcome};
 use tower::ServiceExt;
@@ -111,8 +111,7 @@ fn image_model() -> PipelineInfo {
             flow_shift: None,
             fps: None,
             guidance_scale_2: None,
-            size_from_input_area: None,
-            size_from_first_input_max_area: None,
+            size_from_inputs: None,
         },
         guidance: GuidanceMode::EmbeddedWithTrueCfg,
         supports_flow_shift: false,
@@ -645,7 +644,7 @@ fn edit_model() -> PipelineInfo {
     info.max_input_images = 3;
     info.defaults.width = 64;
     info.defaults.height = 64;
-    info.defaults.size_from_input_area = Some(96 * 96);
+    info.defaults.size_from_inputs = Some(InputSizeRule::LastInputAspectAtArea { area: 96 * 96 });
     info
 }
 
