@@ -20,8 +20,9 @@
 #   #   ... --pre -d .whl flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
 #   #       quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 einops==0.9.0.dev0
 #   # FA4's CUDA 13 library wheel (nvidia-cutlass-dsl-libs-cu13==4.8.1, 92 MB) is over one call's carry: download
-#   # it to /tmp, `split -b 48M <wheel> .whl_fa4/<wheel>.part-` and carry .whl_fa4 over two calls on one warm machine
-#   # (the parts of the first call stay there: ignored paths are kept); the job joins and installs it.
+#   # it to /tmp, `split -b 32M <wheel> /tmp/<wheel>.part-`, put part aa in .whl_fa4a/ and parts ab, ac in .whl_fa4b/
+#   # (echo /.whl_fa4*/ >> .git/info/exclude), carry [".whl", ".whl_fa4a"] in one call and [".whl_fa4b"] in the next
+#   # on the same warm machine (ignored paths stay there between calls); the job joins and installs it.
 # About 10 MB in all, under the 64 MiB a call carries.
 #
 # There (device tool: carry [".whl"], timeout_s 600), the jobs below in the order given; each fits one
@@ -198,7 +199,8 @@ for job in "$@"; do
             perf "$job" --workload "$job"
             ;;
         attention-kernels)
-            parts=(.whl_fa4/*.part-*)
+            # The parts may come in several folders (.whl_fa4a, .whl_fa4b, ...), one per call; the name sorts them.
+            parts=(.whl_fa4*/*.part-*)
             if [[ -e "${parts[0]}" && "$SMOKE" != 1 ]]; then
                 wheel=/tmp/$(basename "${parts[0]%.part-*}")
                 cat "${parts[@]}" > "$wheel"
