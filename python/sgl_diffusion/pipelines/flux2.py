@@ -72,6 +72,7 @@ from .guidance import Denoiser
 from .images import load_image
 from .latents import draw_noise
 from .spec import FirstInputWithinArea, PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
+from .text_lengths import each_text_once
 
 #: Largest image we accept (4 MP, what FLUX.2 is published for); RoPE comes from position ids (no table), so
 #: only the pixel bound limits a side.
@@ -275,8 +276,9 @@ class Flux2Adapter(FamilyAdapter):
         del owners  # the texts alone decide the encoding
         # Each distinct text once, alone (see encode_prompts); the empty negative prompt requests share is
         # encoded once per batch.
-        rows = {
-            text: encode_prompts(
+        rows = each_text_once(
+            texts,
+            lambda text: encode_prompts(
                 self.c.text_encoder,
                 self.c.tokenizer,
                 [text],
@@ -284,10 +286,9 @@ class Flux2Adapter(FamilyAdapter):
                 max_sequence_length=max_sequence_length,
                 device=device,
                 dtype=self.dtype,
-            )
-            for text in dict.fromkeys(texts)
-        }
-        return {"encoder_hidden_states": torch.cat([rows[text] for text in texts])}
+            ),
+        )
+        return {"encoder_hidden_states": torch.cat(rows)}
 
     def guidance_inputs(self, rows: Sequence[Request], device: torch.device) -> RowInputs:
         if not self.c.transformer.config.guidance_embeds:

@@ -65,7 +65,7 @@ from .guidance import Denoiser
 from .images import load_image
 from .latents import denormalize_latents, draw_noise, normalize_latents
 from .spec import FirstInputWithinArea, PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
-from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
+from .text_lengths import TEXT_LENGTHS, ByTextLength, each_text_once, pad_text_rows
 
 #: Largest image we accept (4 MP): GLM-Image's published sizes reach 2048 on a side.
 MAX_PIXELS = 2048 * 2048
@@ -181,8 +181,9 @@ class GlmImageAdapter(FamilyAdapter):
     ) -> Mapping[str, torch.Tensor]:
         # Each distinct text alone, as the reference encodes each prompt's glyphs (batched prompts it would
         # left-pad with zeros the DiT then attends to).
-        rows = {text: self._glyph_embeds(text, max_sequence_length, device) for text in dict.fromkeys(texts)}
-        embeds, lengths = pad_text_rows([rows[text] for text in texts])
+        embeds, lengths = pad_text_rows(
+            each_text_once(texts, lambda text: self._glyph_embeds(text, max_sequence_length, device))
+        )
         # The stage passes the prompts, then with classifier-free guidance the negative prompts (here ""): the
         # second half is the unconditional branch, whose prior tokens are dropped.
         cfg = bool(owners) and owners[0].cfg_enabled

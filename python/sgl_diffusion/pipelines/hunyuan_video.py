@@ -39,9 +39,9 @@ from .base import BatchState
 from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
-from .latents import draw_noise
+from .latents import draw_noise, video_latent_grid
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
-from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
+from .text_lengths import TEXT_LENGTHS, ByTextLength, each_text_once, pad_text_rows
 
 #: The Llama text length HunyuanVideo was trained with (diffusers' and FastVideo's default `max_sequence_length`).
 TEXT_MAX_LENGTH = 256
@@ -97,13 +97,7 @@ class HunyuanVideoAdapter(FamilyAdapter):
         self.by_text_length = ByTextLength(components.transformer)
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
-        """Latent frames, height and width: the VAE's temporal and spatial compression."""
-        c = self.c
-        return (
-            (request.num_frames - 1) // c.scale_temporal + 1,
-            request.height // c.scale_spatial,
-            request.width // c.scale_spatial,
-        )
+        return video_latent_grid(request, self.c.scale_temporal, self.c.scale_spatial)
 
     def encode_prompts(
         self,
@@ -114,15 +108,14 @@ class HunyuanVideoAdapter(FamilyAdapter):
     ) -> Mapping[str, torch.Tensor]:
         del owners  # the texts alone decide the encoding
         c = self.c
-        # Each distinct text once (a shared negative prompt, the outputs of one request).
-        encoded = {
-            text: encode_prompt(
+        encoded = each_text_once(
+            texts,
+            lambda text: encode_prompt(
                 c.text_encoder, c.tokenizer, c.clip, c.clip_tokenizer, text, max_sequence_length, device
-            )
-            for text in dict.fromkeys(texts)
-        }
-        tokens, lengths = pad_text_rows([encoded[text].tokens.to(self.dtype) for text in texts])
-        pooled = torch.stack([encoded[text].pooled for text in texts]).to(self.dtype)
+            ),
+        )
+        tokens, lengths = pad_text_rows([row.tokens.to(self.dtype) for row in encoded])
+        pooled = torch.stack([row.pooled for row in encoded]).to(self.dtype)
         return {"encoder_hidden_states": tokens, TEXT_LENGTHS: lengths, "pooled_projections": pooled}
 
     def guidance_inputs(self, rows: Sequence[Request], device: torch.device) -> RowInputs:

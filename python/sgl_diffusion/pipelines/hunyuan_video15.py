@@ -47,9 +47,9 @@ from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .images import load_image
-from .latents import draw_noise
+from .latents import draw_noise, video_latent_grid
 from .spec import FirstInputNearestBucket, PipelineLimits, PipelineSpec, SamplingDefaults, SizeBucket, tokenizer_limit
-from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
+from .text_lengths import TEXT_LENGTHS, ByTextLength, each_text_once, pad_text_rows
 
 #: The conditioning key of each row's number of glyph (ByT5) tokens, as `TEXT_LENGTHS` is the prompt's.
 GLYPH_LENGTHS = "glyph_lengths"
@@ -130,13 +130,7 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         self.video_processor = VideoProcessor(vae_scale_factor=components.scale_spatial, do_resize=False)
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
-        """Latent frames, height and width: the VAE's temporal and spatial compression."""
-        c = self.c
-        return (
-            (request.num_frames - 1) // c.scale_temporal + 1,
-            request.height // c.scale_spatial,
-            request.width // c.scale_spatial,
-        )
+        return video_latent_grid(request, self.c.scale_temporal, self.c.scale_spatial)
 
     def encode_prompts(
         self,
@@ -147,15 +141,14 @@ class HunyuanVideo15Adapter(FamilyAdapter):
     ) -> Mapping[str, torch.Tensor]:
         del owners  # the texts alone decide the encoding
         c = self.c
-        # Each distinct text once (a shared negative prompt, the outputs of one request).
-        encoded = {
-            text: encode_prompt(
+        encoded = each_text_once(
+            texts,
+            lambda text: encode_prompt(
                 c.text_encoder, c.tokenizer, c.glyph_encoder, c.glyph_tokenizer, text, max_sequence_length, device
-            )
-            for text in dict.fromkeys(texts)
-        }
-        tokens, lengths = pad_text_rows([encoded[text].tokens.to(self.dtype) for text in texts])
-        glyph, glyph_lengths = pad_text_rows([encoded[text].glyph.to(self.dtype) for text in texts])
+            ),
+        )
+        tokens, lengths = pad_text_rows([row.tokens.to(self.dtype) for row in encoded])
+        glyph, glyph_lengths = pad_text_rows([row.glyph.to(self.dtype) for row in encoded])
         return {
             "encoder_hidden_states": tokens,
             TEXT_LENGTHS: lengths,

@@ -43,6 +43,16 @@ def draw_noise(
     return torch.cat(noise)
 
 
+def video_latent_grid(request: Request, scale_temporal: int, scale_spatial: int) -> tuple[int, int, int]:
+    """Latent frames, height and width of a video request: the VAE's temporal compression keeps the first frame
+    alone (4k+1 frames -> k+1), its spatial compression divides both sides."""
+    return (
+        (request.num_frames - 1) // scale_temporal + 1,
+        request.height // scale_spatial,
+        request.width // scale_spatial,
+    )
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) → (B, H/2·W/2, 4C): 2x2 latent patches become tokens."""
     b, c, h, w = latents.shape

@@ -38,7 +38,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser, Guider, NoGuidance, NormPreservingCFG
 from .latents import denormalize_latents, draw_noise, pack_latents, unpack_latents
 from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
-from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
+from .text_lengths import TEXT_LENGTHS, ByTextLength, each_text_once, pad_text_rows
 
 #: Largest image we accept (4 MP). Qwen-Image's published sizes reach 1.8 MP (1328x1328, 1664x928); its
 #: RoPE tables (+-4096 positions per axis) would allow far more than one forward's memory does.
@@ -98,12 +98,9 @@ class QwenImageAdapter(FamilyAdapter):
         owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
         del owners  # the texts alone decide the encoding
-        # Each distinct text alone, as diffusers encodes a request's prompt and its negative prompt: batched
-        # with other texts it would be padded, and the encoder's masked attention changes the last bits. The
-        # encoder's share of a request is small next to its denoising steps; the negative prompt that
-        # requests share (" ") is encoded once.
-        rows: dict[str, torch.Tensor] = {}
-        for text in dict.fromkeys(texts):
+
+        # Each distinct text alone, as diffusers encodes a request's prompt and its negative prompt (" ", shared).
+        def encode(text: str) -> torch.Tensor:
             encoded = encode_prompts(
                 self.c.text_encoder,
                 self.c.tokenizer,
@@ -112,8 +109,9 @@ class QwenImageAdapter(FamilyAdapter):
                 device=device,
                 dtype=self.dtype,
             )
-            rows[text] = encoded.embeds[0]
-        embeds, lengths = pad_text_rows([rows[text] for text in texts])
+            return encoded.embeds[0]
+
+        embeds, lengths = pad_text_rows(each_text_once(texts, encode))
         return {"encoder_hidden_states": embeds, TEXT_LENGTHS: lengths}
 
     def cfg_scales(self, rows: Sequence[Request], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,7 @@ quoted text's) names it in `more_texts` with its lengths key: rows run together 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 
@@ -37,6 +37,17 @@ from .guidance import Denoiser
 #: The conditioning key of each row's number of real text tokens: an int64 CPU tensor (B,), so grouping
 #: rows never waits for the GPU.
 TEXT_LENGTHS = "text_lengths"
+
+_Encoded = TypeVar("_Encoded")
+
+
+def each_text_once(texts: Sequence[str], encode: Callable[[str], _Encoded]) -> list[_Encoded]:
+    """`encode(text)` for every text of `texts`, in their order, each distinct text encoded once (a negative prompt
+    requests share, the outputs of one request). One text at a time, as the reference pipelines encode a prompt:
+    batched with others it would be padded, and the encoder's masked attention and blocked matrix products
+    change the last bits."""
+    encoded = {text: encode(text) for text in dict.fromkeys(texts)}
+    return [encoded[text] for text in texts]
 
 
 def pad_text_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .hooks import StepIndex
 from .images import load_image
-from .latents import denormalize_latents, draw_noise, normalize_latents
+from .latents import denormalize_latents, draw_noise, normalize_latents, video_latent_grid
 from .loop import Sampler
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 
@@ -300,13 +300,7 @@ class WanAdapter(FamilyAdapter):
                 raise invalid_request("num_inference_steps", str(err)) from err
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
-        """Latent frames, height and width: the VAE's temporal and spatial compression."""
-        c = self.c
-        return (
-            (request.num_frames - 1) // c.scale_temporal + 1,
-            request.height // c.scale_spatial,
-            request.width // c.scale_spatial,
-        )
+        return video_latent_grid(request, self.c.scale_temporal, self.c.scale_spatial)
 
     def encode_prompts(
         self,

@@ -43,7 +43,7 @@ from .family import FamilyAdapter, FamilyPipeline
 from .guidance import ConditionalOffsetCFG, Guider, NoGuidance
 from .latents import decode_images, draw_noise
 from .spec import PipelineSpec, SamplingDefaults, image_limits, tokenizer_limit
-from .text_lengths import TEXT_LENGTHS, ByTextLength, pad_text_rows
+from .text_lengths import TEXT_LENGTHS, ByTextLength, each_text_once, pad_text_rows
 
 #: Largest image we accept (4 MP); Z-Image-Turbo's published sizes stay near 1 MP (up to 2048 px a side).
 MAX_PIXELS = 2048 * 2048
@@ -116,12 +116,10 @@ class ZImageAdapter(FamilyAdapter):
         owners: Sequence[Request] = (),
     ) -> Mapping[str, torch.Tensor]:
         del owners  # the texts alone decide the encoding
-        # Each distinct text alone, as diffusers encodes a request's prompt and its negative prompt: in one
-        # batch the encoder's matrix products would be blocked differently. The encoder runs once per request,
-        # next to its denoising steps; the negative prompt that requests share ("") is encoded once.
-        rows: dict[str, torch.Tensor] = {}
-        for text in dict.fromkeys(texts):
-            (rows[text],) = encode_prompts(
+
+        # Each distinct text alone, as diffusers encodes a request's prompt and its negative prompt ("", shared).
+        def encode(text: str) -> torch.Tensor:
+            (row,) = encode_prompts(
                 self.c.text_encoder,
                 self.c.tokenizer,
                 [text],
@@ -129,7 +127,9 @@ class ZImageAdapter(FamilyAdapter):
                 device=device,
                 dtype=self.dtype,
             )
-        embeds, lengths = pad_text_rows([rows[text] for text in texts])
+            return row
+
+        embeds, lengths = pad_text_rows(each_text_once(texts, encode))
         return {"encoder_hidden_states": embeds, TEXT_LENGTHS: lengths}
 
     def cfg_scales(self, rows: Sequence[Request], device: torch.device) -> tuple[torch.Tensor, ...]:
