@@ -163,6 +163,48 @@ class DiffGenerator:
             result.frames = [to_uint8(frames) for frames in result.frames]
         return result
 
+    def set_lora(
+        self,
+        lora_nickname: str | Sequence[str],
+        lora_path: str | Path | Sequence[str | Path | None] | None = None,
+        *,
+        target: str | Sequence[str] = "all",
+        strength: float | Sequence[float] = 1.0,
+    ) -> dict[str, Any]:
+        """Loads LoRA adapters (or re-activates nicknames loaded before, `lora_path` None) and merges them into
+        the model, in order, between two batches; what the targets had merged is replaced. Lists give one value
+        per nickname; a single `target` / `strength` applies to all. Targets: all (every denoiser), transformer,
+        transformer_2 (Wan2.2 A14B's low-noise expert). Paths: a .safetensors file, a folder holding one, or a
+        Hugging Face id in the local cache, in any layout diffusers reads for the model (diffusers/PEFT, kohya,
+        original Wan, XLabs, ...). A bad adapter raises `InvalidRequestError` naming the field (and the key at
+        fault), with the model untouched. Returns the LoRA state (`list_loras`)."""
+        paths: Any = lora_path
+        if isinstance(lora_path, (list, tuple)):
+            paths = [None if path is None else str(path) for path in lora_path]
+        elif lora_path is not None:
+            paths = str(lora_path)
+        nicknames = list(lora_nickname) if isinstance(lora_nickname, (list, tuple)) else lora_nickname
+        request = {
+            "lora_nickname": nicknames,
+            "lora_path": paths,
+            "target": list(target) if isinstance(target, (list, tuple)) else target,
+            "strength": list(strength) if isinstance(strength, (list, tuple)) else strength,
+        }
+        return json.loads(self._engine.set_lora(json.dumps(_drop_none(request))))
+
+    def merge_lora(self, target: str = "all", strength: float | None = None) -> dict[str, Any]:
+        """Merges the targets' adapters again after `unmerge_lora` (at their own strengths, or `strength`)."""
+        return json.loads(self._engine.merge_lora(json.dumps(_drop_none({"target": target, "strength": strength}))))
+
+    def unmerge_lora(self, target: str = "all") -> dict[str, Any]:
+        """Restores the targets' base weights bit for bit; the adapters stay set (`merge_lora` merges them
+        again)."""
+        return json.loads(self._engine.unmerge_lora(json.dumps({"target": target})))
+
+    def list_loras(self) -> dict[str, Any]:
+        """`{"loaded_adapters": [{nickname, path}], "active": {denoiser: [{nickname, path, merged, strength}]}}`."""
+        return json.loads(self._engine.list_loras())
+
     def shutdown(self) -> None:
         """Finishes queued work and stops the engine's worker thread."""
         self._engine.shutdown()

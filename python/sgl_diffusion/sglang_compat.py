@@ -100,10 +100,6 @@ def _off(name: str, what: str, help: str | None = None) -> SGLangOption:
     return SGLangOption(name, _BOOL, help or f"{what}: not supported yet", lambda v: what if v else None, "false")
 
 
-def _unset(name: str, what: str, metavar: str = "PATH") -> SGLangOption:
-    return SGLangOption(name, {"metavar": metavar}, f"{what}: not supported yet", lambda v: what, "leave it unset")
-
-
 _VAE_LOADS = ("load_encoder", "load_decoder")
 _VAE_TILES = (
     "tile_sample_min_height",
@@ -132,8 +128,6 @@ def _vae_config_problem(value: Any) -> str | None:
 
 #: SGLang's flags and config keys that have no option of our own. Kept in the order of its docs.
 OPTIONS: tuple[SGLangOption, ...] = (
-    _unset("lora_path", "LoRA adapters"),
-    _unset("lora_nickname", "LoRA adapters", metavar="NAME"),
     _degree("num_gpus", "multi-GPU inference", "GPUs to use: 1 (more is not supported yet)"),
     _degree("tp_size", "tensor parallelism", "tensor parallel size: 1 (more is not supported yet)"),
     _degree("sp_degree", "sequence parallelism", "sequence parallel size: 1 (more is not supported yet)", ("sp_size",)),

@@ -100,7 +100,6 @@ def test_several_outputs_get_numbered_files(flux_dir: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--lora-path", "x.safetensors"], "--lora-path is not supported yet"),
         (["--num-gpus", "2"], "--num-gpus is not supported yet"),
         (["--cache-dit"], "--cache-dit is not supported yet"),
         (["--sp-degree", "2"], "--sp-degree is not supported yet"),

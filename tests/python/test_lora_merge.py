@@ -7,15 +7,12 @@ are named by the checkpoint's keys). Unmerge must give the base back bit for bit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-pytest.importorskip("peft")  # diffusers' LoRA loading needs it
-
+from lora_files import FLUX_MODULES, peft_key, random_lora, save_lora
 from sgl_diffusion.loading import load_native_model
 from sgl_diffusion.lora import LoraError, MergedLoras, read_lora
 from sgl_diffusion.models.flux import FluxTransformer2DModel
@@ -23,48 +20,10 @@ from sgl_diffusion.models.wan import WanTransformer3DModel
 from sgl_diffusion.testing import build_fixture
 
 CPU = torch.device("cpu")
-FLUX_MODULES = (
-    "transformer_blocks.0.attn.to_q",
-    "transformer_blocks.0.attn.add_k_proj",
-    "transformer_blocks.0.ff.net.2",
-    "single_transformer_blocks.0.proj_mlp",
-    "single_transformer_blocks.0.attn.to_v",
-    "x_embedder",
-)
 
 
 def ours_flux(folder: Path) -> FluxTransformer2DModel:
     return load_native_model(FluxTransformer2DModel.from_config, folder / "transformer", CPU, torch.float32)
-
-
-def random_lora(
-    model: torch.nn.Module,
-    modules: Iterable[str],
-    rank: int,
-    seed: int,
-    key: Callable[[str, str], str],
-    alpha: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """A LoRA for `modules` of `model` with keys `key(module, "down"|"up"|"alpha")`."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in modules:
-        out_features, in_features = model.get_submodule(name).weight.shape
-        tensors[key(name, "down")] = torch.randn(rank, in_features, generator=gen) * 0.1
-        tensors[key(name, "up")] = torch.randn(out_features, rank, generator=gen) * 0.1
-        if alpha is not None:
-            tensors[key(name, "alpha")] = torch.tensor(alpha)
-    return tensors
-
-
-def peft_key(name: str, part: str) -> str:
-    suffix = {"down": "lora_A.weight", "up": "lora_B.weight", "alpha": "alpha"}[part]
-    return f"transformer.{name}.{suffix}"
-
-
-def save_lora(tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    return path
 
 
 def diffusers_fused(pipeline_cls: type, folder: Path, loras: list[tuple[Path, float]], **load: object) -> dict:

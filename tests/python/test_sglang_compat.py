@@ -330,6 +330,9 @@ HONOURED_FLAGS: list[tuple[list[str], str, Any]] = [
     (["--attention-backend", "torch_sdpa"], "attention_backend", "torch_sdpa"),
     (["--precision", "bf16"], "dit_precision", "bf16"),
     (["--text-encoder-precisions", "fp16", "fp32"], "text_encoder_precisions", ["fp16", "fp32"]),
+    (["--lora-path", "lightx2v/Wan2.1-Distill-Loras"], "lora_path", "lightx2v/Wan2.1-Distill-Loras"),
+    (["--lora-nickname", "distill"], "lora_nickname", "distill"),
+    (["--lora-scale", "0.8"], "lora_scale", 0.8),
     (["--vae-tiling"], "vae_tiling", True),
     (["--vae-slicing"], "vae_slicing", True),
     (["--profile", "--num-profiled-timesteps", "5", "--profile-all-stages"], "num_profiled_timesteps", 5),
@@ -345,8 +348,6 @@ def test_honoured_flags(flags: list[str], name: str, value: Any) -> None:
 
 
 REJECTED_FLAGS: list[tuple[list[str], str, str]] = [
-    (["--lora-path", "lightx2v/Wan2.1-Distill-Loras"], "--lora-path", "LoRA adapters"),
-    (["--lora-nickname", "default"], "--lora-nickname", "LoRA adapters"),
     (["--num-gpus", "4"], "--num-gpus", "multi-GPU inference"),
     (["--tp-size", "2"], "--tp-size", "tensor parallelism"),
     (["--sp-degree", "2"], "--sp-degree", "sequence parallelism"),

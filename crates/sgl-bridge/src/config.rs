@@ -15,6 +15,8 @@ const DIFFUSERS: &str = "diffusers backend";
 const AUTO_ON_OFF: &[&str] = &["auto", "on", "off"];
 /// The `--help` heading of the speed and profiling options.
 const SPEED: &str = "speed and profiling";
+/// The `--help` heading of the LoRA options.
+const LORA: &str = "LoRA adapters";
 
 declare_fields! {
     /// Which model to load and how, as every entry point states it (`--model-path`, `--device`, ...).
@@ -111,6 +113,20 @@ declare_fields! {
         /// Folder for profiler traces (default ./profiles).
         #[serde(default)]
         pub profile_dir: Option<String> [.group(SPEED)],
+        /// A LoRA adapter merged at start: a .safetensors file, a folder holding one, or a Hugging
+        /// Face id in the local cache.
+        #[serde(default)]
+        pub lora_path: Option<String> [.group(LORA)],
+        /// The nickname of --lora-path's adapter (default: default).
+        #[serde(default)]
+        pub lora_nickname: Option<String> [.group(LORA)],
+        /// The strength --lora-path's adapter is merged at (default 1.0).
+        #[serde(default)]
+        pub lora_scale: Option<f64> [.group(LORA)],
+        /// The folder every LoRA path must lie in (set_lora's included); unset: any path the
+        /// process can read. A server taking LoRA paths from clients should set it.
+        #[serde(default)]
+        pub lora_dir: Option<String> [.group(LORA)],
     }
 }
 

@@ -4,6 +4,11 @@ use serde::Serialize;
 use sgl_core::{EncodedOutput, GenerationOutput, OutputMetadata, PipelineInfo, ResolvedRequest};
 use sgl_scheduler::{BatchExecutor, BatchItem, BatchProgress, ExecError, ExecErrorKind, ItemOutcome};
 
+use std::path::PathBuf;
+
+use sgl_core::lora::{LoraCommand, OneOrMany, SetLoraRequest};
+use sgl_weights::lora::LoraRegistry;
+
 use crate::config::ResolvedModelConfig;
 use crate::progress::ProgressCallback;
 use crate::warmup::{warmup_request, WarmupImage};
@@ -16,6 +21,8 @@ const EXECUTOR_CLASS: &str = "PipelineExecutor";
 /// The loaded Python pipeline executor. Lives on the scheduler's worker thread.
 pub struct PythonExecutor {
     executor: Py<PyAny>,
+    /// The LoRA adapters by nickname; LoRA commands pass through it before Python sees them.
+    loras: LoraRegistry,
 }
 
 #[derive(Serialize)]
@@ -53,7 +60,10 @@ impl PythonExecutor {
             let info: PipelineInfo = serde_json::from_str(&info_json).map_err(|e| {
                 ExecError::new(ExecErrorKind::Load, format!("the executor reported malformed pipeline info: {e}"))
             })?;
-            let executor = Self { executor };
+            let mut executor = Self { executor, loras: LoraRegistry::new(config.lora_dir.as_ref().map(PathBuf::from)) };
+            if let Some(command) = startup_lora(config)? {
+                executor.control(&command).map_err(|err| load_error(format!("--lora-path: {}", err.message)))?;
+            }
             let wants_warmup =
                 executor.executor.bind(py).call_method0("wants_warmup").and_then(|wants| wants.extract());
             if wants_warmup.map_err(|err| to_exec_error(py, &err, ExecErrorKind::Load))? {
@@ -80,7 +90,41 @@ impl PythonExecutor {
     }
 }
 
+/// `--lora-path` (with `--lora-nickname`, `--lora-scale`) as the set_lora command run once the model loaded.
+fn startup_lora(config: &ModelConfig) -> Result<Option<String>, ExecError> {
+    let Some(path) = &config.lora_path else {
+        if config.lora_nickname.is_some() || config.lora_scale.is_some() {
+            return Err(ExecError::new(
+                ExecErrorKind::Load,
+                "--lora-nickname and --lora-scale name and weigh the adapter of --lora-path, which is not given",
+            ));
+        }
+        return Ok(None);
+    };
+    let request = SetLoraRequest {
+        lora_nickname: OneOrMany::One(config.lora_nickname.clone().unwrap_or_else(|| "default".into())),
+        lora_path: Some(OneOrMany::One(Some(path.clone()))),
+        target: None,
+        strength: config.lora_scale.map(OneOrMany::One),
+        merge_mode: None,
+    };
+    let command = LoraCommand::set(&request)
+        .map_err(|err| ExecError::new(ExecErrorKind::Load, format!("--lora-{}: {}", err.field, err.message)))?;
+    serde_json::to_string(&command).map(Some).map_err(|e| ExecError::internal(e.to_string()))
+}
+
 impl BatchExecutor for PythonExecutor {
+    fn control(&mut self, command: &str) -> Result<String, ExecError> {
+        let python = crate::lora::python_command(&mut self.loras, command)?;
+        Python::attach(|py| {
+            self.executor
+                .bind(py)
+                .call_method1("lora_command", (python,))
+                .and_then(|answer| answer.extract::<String>())
+                .map_err(|err| to_exec_error(py, &err, ExecErrorKind::Internal))
+        })
+    }
+
     fn execute(&mut self, batch: &[BatchItem], progress: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError> {
         let wire: Vec<WireItem<'_>> = batch.iter().map(|i| WireItem { id: i.id, request: &i.request }).collect();
         let batch_json =

@@ -7,6 +7,7 @@
 
 mod config;
 mod executor;
+mod lora;
 mod progress;
 pub mod warmup;
 

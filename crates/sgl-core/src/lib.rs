@@ -11,6 +11,7 @@
 mod error;
 pub mod fields;
 pub mod input_size;
+pub mod lora;
 mod output;
 mod pipeline;
 mod request;

@@ -3,6 +3,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use sgl_bridge::{EngineConfig, PythonExecutor};
+use sgl_core::lora::{LoraCommand, MergeLoraRequest, SetLoraRequest, UnmergeLoraRequest};
 use sgl_core::{GenerationOutput, GenerationRequest};
 use sgl_scheduler::{Engine, Event, GenerationError, RequestHandle};
 
@@ -54,10 +55,51 @@ impl PyEngine {
         Ok(PyRequestHandle { handle, request_json })
     }
 
+    /// `set_lora` (JSON with `SetLoraRequest`'s fields): loads and merges adapters between batches; returns
+    /// the LoRA state after it (JSON).
+    fn set_lora(&self, py: Python<'_>, request_json: &str) -> PyResult<String> {
+        let request: SetLoraRequest = parse(py, request_json)?;
+        let command = LoraCommand::set(&request).map_err(|e| errors::from_validation(py, &e))?;
+        self.lora(py, &command)
+    }
+
+    /// Merges the targets' adapters again (JSON with `MergeLoraRequest`'s fields).
+    fn merge_lora(&self, py: Python<'_>, request_json: &str) -> PyResult<String> {
+        let request: MergeLoraRequest = parse(py, request_json)?;
+        let command = LoraCommand::merge(&request).map_err(|e| errors::from_validation(py, &e))?;
+        self.lora(py, &command)
+    }
+
+    /// Restores the targets' base weights (JSON with `UnmergeLoraRequest`'s fields).
+    fn unmerge_lora(&self, py: Python<'_>, request_json: &str) -> PyResult<String> {
+        let request: UnmergeLoraRequest = parse(py, request_json)?;
+        let command = LoraCommand::unmerge(&request).map_err(|e| errors::from_validation(py, &e))?;
+        self.lora(py, &command)
+    }
+
+    /// The adapters loaded and merged (JSON `LoraState`).
+    fn list_loras(&self, py: Python<'_>) -> PyResult<String> {
+        self.lora(py, &LoraCommand::List)
+    }
+
     /// Stops accepting requests, finishes queued and running ones, and stops the worker.
     fn shutdown(&self, py: Python<'_>) {
         py.detach(|| self.engine.shutdown());
     }
+}
+
+impl PyEngine {
+    /// Runs a LoRA command on the engine's worker (between batches) without holding the GIL.
+    fn lora(&self, py: Python<'_>, command: &LoraCommand) -> PyResult<String> {
+        let command = serde_json::to_string(command)
+            .map_err(|e| errors::GenerationFailedError::new_err(format!("cannot encode the LoRA command: {e}")))?;
+        py.detach(|| self.engine.control(command)).map_err(|e| errors::from_exec(py, &e))
+    }
+}
+
+/// A request body of one of the LoRA calls; an unknown or mistyped field is an error naming it.
+fn parse<T: serde::de::DeserializeOwned>(py: Python<'_>, json: &str) -> PyResult<T> {
+    serde_json::from_str(json).map_err(|e| errors::invalid(py, None, &format!("invalid LoRA request: {e}")))
 }
 
 /// A submitted request: wait for it, or cancel it.

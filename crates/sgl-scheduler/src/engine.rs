@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sgl_core::{GenerationOutput, GenerationRequest, PipelineInfo, ResolvedRequest};
 
 use crate::executor::{BatchExecutor, BatchItem, BatchProgress, ItemOutcome};
-use crate::queue::{Pending, RequestQueue};
+use crate::queue::{ControlJob, Pending, RequestQueue, Work};
 use crate::{CancelToken, ExecError, ExecErrorKind, GenerationError, RequestBudget, SchedulerStats, SubmitError};
 
 /// Queue, batching and admission limits (`--max-queue-size`, `--max-batch-size`,
@@ -211,6 +211,16 @@ impl Engine {
         Ok(RequestHandle { id, request: resolved, events: events_rx, token, queue: Arc::clone(&self.queue) })
     }
 
+    /// Runs `command` (JSON) on the executor between two batches, ahead of queued requests, and returns
+    /// its answer (JSON). Blocks until then: call it off async workers.
+    pub fn control(&self, command: String) -> Result<String, ExecError> {
+        let (reply, answer) = flume::bounded(1);
+        self.queue
+            .push_control(ControlJob { command, reply })
+            .map_err(|_| ExecError::internal("the engine is shutting down"))?;
+        answer.recv().map_err(|_| ExecError::internal("the engine stopped before it answered"))?
+    }
+
     /// Stops accepting requests, lets queued and running ones finish, and joins the worker.
     pub fn shutdown(&self) {
         self.queue.close();
@@ -276,7 +286,16 @@ fn run_worker<E: BatchExecutor>(
     max_requests: usize,
     stats: &Arc<SchedulerStats>,
 ) {
-    while let Some(batch) = queue.next_batch(config.max_batch_size, max_requests, config.batch_delay) {
+    while let Some(work) = queue.next_work(config.max_batch_size, max_requests, config.batch_delay) {
+        let batch = match work {
+            Work::Batch(batch) => batch,
+            Work::Control(job) => {
+                let answer = catch_unwind(AssertUnwindSafe(|| executor.control(&job.command)))
+                    .unwrap_or_else(|_| Err(ExecError::internal("the executor panicked")));
+                let _ = job.reply.send(answer);
+                continue;
+            }
+        };
         let now = Instant::now();
         let live: Vec<Pending> = batch
             .into_iter()

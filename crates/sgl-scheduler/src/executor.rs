@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use sgl_core::{GenerationOutput, ResolvedRequest};
 
-use crate::{engine::Event, CancelToken, ExecError, SchedulerStats};
+use crate::{engine::Event, CancelToken, ExecError, ExecErrorKind, SchedulerStats};
 
 /// The one thing that runs batches: in production the Python pipeline behind the PyO3 bridge.
 ///
@@ -14,6 +14,13 @@ pub trait BatchExecutor {
     /// An `Err` fails the whole batch; the worker then retries each request alone so one bad request
     /// cannot fail its neighbours.
     fn execute(&mut self, batch: &[BatchItem], progress: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError>;
+
+    /// Runs a command between batches (JSON in, JSON out; e.g. a LoRA change). An executor that takes
+    /// none refuses every command.
+    fn control(&mut self, command: &str) -> Result<String, ExecError> {
+        let _ = command;
+        Err(ExecError::new(ExecErrorKind::InvalidInput { field: None }, "this engine takes no commands"))
+    }
 }
 
 /// One request as the executor sees it.

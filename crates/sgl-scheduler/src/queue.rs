@@ -51,9 +51,25 @@ impl Pending {
     }
 }
 
+/// A command for the executor (e.g. a LoRA change), run between two batches: JSON in, JSON out.
+#[derive(Debug)]
+pub(crate) struct ControlJob {
+    pub command: String,
+    pub reply: flume::Sender<Result<String, crate::ExecError>>,
+}
+
+/// What the worker does next.
+#[derive(Debug)]
+pub(crate) enum Work {
+    Batch(Vec<Pending>),
+    Control(ControlJob),
+}
+
 #[derive(Debug, Default)]
 struct QueueState {
     waiting: VecDeque<Pending>,
+    /// Run before the next batch forms, in order; never refused for a full queue.
+    controls: VecDeque<ControlJob>,
     closed: bool,
 }
 
@@ -172,12 +188,28 @@ impl RequestQueue {
         self.capacity
     }
 
-    /// Blocks until a request is queued, then gathers compatible requests for up to `delay` or until
-    /// `max_images` images (or `max_requests` requests) are collected. Returns `None` once the queue
-    /// is closed and empty.
-    pub(crate) fn next_batch(&self, max_images: u32, max_requests: usize, delay: Duration) -> Option<Vec<Pending>> {
+    /// Queues a command for the worker, ahead of every request; it runs once the running batch (if
+    /// any) ends.
+    pub(crate) fn push_control(&self, job: ControlJob) -> Result<(), SubmitError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
+        state.controls.push_back(job);
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Blocks until a command or a request is queued. A command comes first; otherwise gathers
+    /// requests compatible with the oldest for up to `delay` or until `max_images` images (or
+    /// `max_requests` requests) are collected. Returns `None` once the queue is closed and empty.
+    pub(crate) fn next_work(&self, max_images: u32, max_requests: usize, delay: Duration) -> Option<Work> {
         let mut state = self.lock();
         let head = loop {
+            if let Some(job) = state.controls.pop_front() {
+                return Some(Work::Control(job));
+            }
             if let Some(head) = state.waiting.pop_front() {
                 break head;
             }
@@ -204,9 +236,11 @@ impl RequestQueue {
                 }
             }
             let now = Instant::now();
-            // A full batch (by images or by requests) waits for no more company.
-            if images >= max_images || batch.len() >= max_requests || now >= deadline || state.closed {
-                return Some(batch);
+            // A full batch (by images or by requests) waits for no more company; nor does one that a
+            // command waits behind (the command would otherwise wait out the batch's delay too).
+            let full = images >= max_images || batch.len() >= max_requests;
+            if full || now >= deadline || state.closed || !state.controls.is_empty() {
+                return Some(Work::Batch(batch));
             }
             state = self
                 .changed

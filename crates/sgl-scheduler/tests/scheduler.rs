@@ -124,6 +124,15 @@ impl BatchExecutor for Recorder {
             })
             .collect())
     }
+
+    /// Records the command as a batch of its own (`["control:<command>"]`) and echoes it back.
+    fn control(&mut self, command: &str) -> Result<String, ExecError> {
+        self.batches.lock().unwrap().push(vec![format!("control:{command}")]);
+        if command == "refuse" {
+            return Err(ExecError::new(ExecErrorKind::InvalidInput { field: Some("x".into()) }, "no"));
+        }
+        Ok(format!("done {command}"))
+    }
 }
 
 fn engine(config: BatchingConfig) -> (Engine, Recorder) {
@@ -518,4 +527,25 @@ fn a_priority_probe_runs_next_even_with_a_full_queue() {
     queued.wait().unwrap();
     running.wait().unwrap();
     assert_eq!(recorder.batches.lock().unwrap().clone(), vec![vec!["slow"], vec!["probe"], vec!["queued"]]);
+}
+
+#[test]
+fn commands_run_between_batches_ahead_of_queued_requests() {
+    let (engine, recorder) = engine(batching(1, 0));
+    let running = engine.submit(&req("slow first")).unwrap();
+    // Wait until the slow request runs, then queue another request before the command.
+    while recorder.batches.lock().unwrap().is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let queued = engine.submit(&req("second")).unwrap();
+    assert_eq!(engine.control("swap".into()).unwrap(), "done swap");
+    running.wait().unwrap();
+    queued.wait().unwrap();
+    let order: Vec<String> = recorder.batches.lock().unwrap().iter().map(|batch| batch.join(",")).collect();
+    assert_eq!(order, ["slow first", "control:swap", "second"]);
+    // The executor's refusal reaches the caller with its field.
+    let err = engine.control("refuse".into()).unwrap_err();
+    assert_eq!(err.kind, ExecErrorKind::InvalidInput { field: Some("x".into()) });
+    engine.shutdown();
+    assert!(engine.control("late".into()).is_err());
 }

@@ -15,6 +15,15 @@ pub enum WeightsError {
     MissingShard { index: PathBuf, shard: PathBuf },
     #[error("`{path}` is not a valid safetensors file: {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
+    #[error(
+        "LoRA `{name}` not found: `{name}` is no local file or folder and the Hugging Face cache `{cache}` has no \
+         snapshot of it with a .safetensors file"
+    )]
+    LoraNotFound { name: String, cache: PathBuf },
+    #[error("LoRA `{path}` is outside the LoRA folder `{dir}` (--lora-dir) the server reads adapters from")]
+    OutsideLoraDir { path: PathBuf, dir: PathBuf },
+    #[error("`{path}` is not a LoRA file: {reason}")]
+    NotALora { path: PathBuf, reason: String },
     #[error("cannot read `{path}`: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }

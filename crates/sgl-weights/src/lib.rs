@@ -5,8 +5,10 @@
 //! * [`component_weight_files`] lists a component's safetensors files, following a sharded
 //!   checkpoint's `*.index.json` and checking that every shard is present.
 //! * [`read_safetensors_header`] reads a file's tensor table (names, dtypes, shapes) from its header.
+//! * [`lora`] keeps the LoRA adapters by nickname, each file checked by its header.
 
 mod error;
+pub mod lora;
 mod resolve;
 mod safetensors;
 

@@ -41,7 +41,7 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel, WeightsError> {
         return Ok(ResolvedModel { dir, hf_id: None, pipeline_class });
     }
     let cache = hf_cache_dir();
-    if let Some(dir) = find_snapshot(&cache, name) {
+    if let Some(dir) = find_snapshot(&cache, name, |dir| dir.join("model_index.json").is_file()) {
         let pipeline_class = read_pipeline_class(&dir)?;
         return Ok(ResolvedModel { dir, hf_id: Some(name.to_string()), pipeline_class });
     }
@@ -49,8 +49,8 @@ pub fn resolve_model(name: &str) -> Result<ResolvedModel, WeightsError> {
 }
 
 /// `models--{org}--{name}/snapshots/{revision}`: the revision `refs/main` points at, else any
-/// snapshot holding a model_index.json (a cache filled by `snapshot_download(revision=...)`).
-fn find_snapshot(cache: &Path, id: &str) -> Option<PathBuf> {
+/// snapshot that `usable` accepts (a cache filled by `snapshot_download(revision=...)`).
+pub(crate) fn find_snapshot(cache: &Path, id: &str, usable: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     let (org, name) = id.split_once('/')?;
     if org.is_empty() || name.is_empty() || name.contains('/') {
         return None;
@@ -59,14 +59,14 @@ fn find_snapshot(cache: &Path, id: &str) -> Option<PathBuf> {
     let snapshots = repo.join("snapshots");
     if let Ok(revision) = std::fs::read_to_string(repo.join("refs").join("main")) {
         let dir = snapshots.join(revision.trim());
-        if dir.join("model_index.json").is_file() {
+        if usable(&dir) {
             return Some(dir);
         }
     }
     let mut candidates: Vec<PathBuf> = std::fs::read_dir(&snapshots)
         .ok()?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|dir| dir.join("model_index.json").is_file())
+        .filter(|dir| usable(dir))
         .collect();
     candidates.sort();
     candidates.pop()
@@ -113,9 +113,13 @@ mod tests {
         write_model(&repo.join("snapshots").join("old"), "Other");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs").join("main"), "abc123\n").unwrap();
-        assert_eq!(find_snapshot(&cache, "black-forest-labs/FLUX.1-dev"), Some(repo.join("snapshots").join("abc123")));
-        assert_eq!(find_snapshot(&cache, "black-forest-labs/missing"), None);
-        assert_eq!(find_snapshot(&cache, "not-an-id"), None);
+        let has_index = |dir: &Path| dir.join("model_index.json").is_file();
+        assert_eq!(
+            find_snapshot(&cache, "black-forest-labs/FLUX.1-dev", has_index),
+            Some(repo.join("snapshots").join("abc123"))
+        );
+        assert_eq!(find_snapshot(&cache, "black-forest-labs/missing", has_index), None);
+        assert_eq!(find_snapshot(&cache, "not-an-id", has_index), None);
     }
 
     #[test]

@@ -122,6 +122,9 @@ class FamilyPipeline(StagedPipeline):
     #: The diffusers pipeline class (`model_index.json` `_class_name`) this loader serves: the registry's key,
     #: and its spec's `pipeline_class`.
     pipeline_class: ClassVar[str]
+    #: The diffusers pipeline class whose LoRA loader reads this family's LoRA files (its `lora_state_dict`
+    #: knows their layouts); None: `pipeline_class` itself.
+    lora_loader_class: ClassVar[str | None] = None
 
     def __init__(self, spec: PipelineSpec, adapter: FamilyAdapter, options: RuntimeOptions) -> None:
         super().__init__(spec, options)

@@ -129,6 +129,8 @@ class FastWanPipeline(WanPipeline):
     """
 
     pipeline_class = "WanDMDPipeline"
+    # FastWan students are Wan DiTs: Wan's LoRA layouts (lightx2v's, musubi's, ...) are theirs.
+    lora_loader_class = "WanPipeline"
 
     def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         if components.transformer_2 is not None or components.image_encoder is not None:

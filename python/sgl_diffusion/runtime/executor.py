@@ -13,7 +13,10 @@ from typing import Any
 import torch
 
 from .. import _native
+from ..errors import invalid_request
+from ..lora.served import ServedLoras
 from ..pipelines import load_pipeline
+from ..pipelines.family import FamilyPipeline
 from .compile import compile_repeated_blocks
 from .cuda_graphs import enable_cuda_graphs
 from .device import precision_name
@@ -36,6 +39,21 @@ class PipelineExecutor:
                 compile_repeated_blocks(denoiser)
         for denoiser in self.pipeline.denoisers():
             enable_cuda_graphs(denoiser, self.options.cuda_graphs, self.options.device)
+        self._loras: ServedLoras | None = None
+
+    def lora_command(self, command_json: str) -> str:
+        """Runs a LoRA command (`sgl_core::lora::LoraCommand`, its paths checked by the Rust registry) between
+        batches; returns the LoRA state after it (`sgl_core::lora::LoraState`) as JSON."""
+        if self._loras is None:
+            if not isinstance(self.pipeline, FamilyPipeline):
+                if json.loads(command_json)["op"] == "list":
+                    return json.dumps({"loaded_adapters": [], "active": {}})
+                raise invalid_request(
+                    "lora_path", "LoRA adapters apply to native pipelines; the diffusers backend takes none yet"
+                )
+            loader = self.pipeline.lora_loader_class or self.pipeline.pipeline_class
+            self._loras = ServedLoras(self.pipeline.denoisers(), loader)
+        return self._loras.command(command_json)
 
     def wants_warmup(self) -> bool:
         """Whether to run `warm_up` before the first request (`--warmup`; default: with torch.compile)."""
