@@ -61,20 +61,16 @@ impl<T: Clone> OneOrMany<T> {
 #[serde(deny_unknown_fields)]
 pub struct SetLoraRequest {
     /// One name or a list; names an adapter for later calls (and for requests' `lora`).
-    #[schema(value_type = Object)]
     pub lora_nickname: OneOrMany<String>,
     /// The adapter's .safetensors file, a folder holding one, or a Hugging Face id in the local cache; one per
     /// nickname. Left out (or null) for a nickname loaded before.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub lora_path: Option<OneOrMany<Option<String>>>,
     /// all (default), transformer, transformer_2 or critic; one for every adapter or one per nickname.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub target: Option<OneOrMany<String>>,
     /// Strength of the merge (default 1.0); one for every adapter or one per nickname.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub strength: Option<OneOrMany<f64>>,
     /// SGLang's merge modes: auto and merge merge the weights; dynamic (an unmerged low-rank path) is refused.
     #[serde(default)]

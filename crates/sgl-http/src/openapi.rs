@@ -9,18 +9,20 @@ use utoipa::{Modify, OpenApi};
 use crate::auth::PUBLIC_PATHS;
 use crate::routes::*;
 use crate::wire::*;
+use sgl_core::lora::{ActiveLora, LoadedLora, LoraState, MergeLoraRequest, SetLoraRequest, UnmergeLoraRequest};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "sgl-diffusion", description = "OpenAI-compatible image and video generation server"),
     paths(
         health, health_generate, list_models, get_model, served_model, create_image, edit_image, image_content,
-        create_video, list_videos, get_video, video_content, cancel_video, delete_video, metrics
+        create_video, list_videos, get_video, video_content, cancel_video, delete_video, set_lora, merge_lora_weights,
+        unmerge_lora_weights, list_loras, metrics
     ),
     components(schemas(
         ImageGenerationRequest, ImageEditRequest, ImageGenerationResponse, ImageData, ErrorBody, ErrorDetail, ModelCard, ModelList,
         ServedModelInfo, HealthStatus, VideoCreateRequest, VideoJob, VideoJobList, VideoDeleted, VideoStatus,
-        VideoError
+        VideoError, SetLoraRequest, MergeLoraRequest, UnmergeLoraRequest, LoraResponse, LoraState, LoadedLora, ActiveLora
     )),
     modifiers(&BearerAuth)
 )]

@@ -343,3 +343,13 @@ pub struct VideoDeleted {
     pub object: &'static str,
     pub deleted: bool,
 }
+
+/// What the LoRA commands answer: SGLang's `status` and `message`, and the adapters after the command.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoraResponse {
+    /// Always `ok` (errors answer with an error body).
+    pub status: &'static str,
+    pub message: String,
+    #[serde(flatten)]
+    pub state: sgl_core::lora::LoraState,
+}

@@ -5,6 +5,7 @@ mod form;
 mod health;
 mod images;
 mod input_image;
+mod lora;
 mod models;
 mod observability;
 #[cfg(test)]
@@ -32,6 +33,7 @@ pub(crate) use health::__path_health;
 pub(crate) use health::__path_health_generate;
 pub(crate) use images::__path_create_image;
 pub(crate) use images::__path_image_content;
+pub(crate) use lora::{__path_list_loras, __path_merge_lora_weights, __path_set_lora, __path_unmerge_lora_weights};
 pub(crate) use models::__path_get_model;
 pub(crate) use models::__path_list_models;
 pub(crate) use models::__path_served_model;
@@ -62,6 +64,10 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/videos/{id}", get(videos::get_video).delete(videos::delete_video))
         .route("/v1/videos/{id}/content", get(videos::video_content))
         .route("/v1/videos/{id}/cancel", post(videos::cancel_video))
+        .route("/v1/set_lora", post(lora::set_lora))
+        .route("/v1/merge_lora_weights", post(lora::merge_lora_weights))
+        .route("/v1/unmerge_lora_weights", post(lora::unmerge_lora_weights))
+        .route("/v1/list_loras", get(lora::list_loras))
         .route("/openapi.json", get(observability::openapi))
         .route("/metrics", get(observability::metrics))
         .fallback(not_found)
