@@ -189,3 +189,31 @@ def test_an_original_wan_lora_merges_as_diffusers_fuses_it(tmp_path_factory: pyt
     assert "blocks.0.attn1.to_q" in adapter.modules and adapter.modules["blocks.0.attn1.to_q"].up_bias is not None
     MergedLoras(model).merge([(adapter, 0.7)])
     assert_state_equal(model, diffusers_fused(WanPipeline, folder, [(path, 0.7)]), atol=1e-6)
+
+
+def test_an_xlabs_flux_lora_merges_as_diffusers_fuses_it(flux_dir: Path, tmp_path: Path) -> None:
+    """XLabs' FLUX.1 layout (`double_blocks.0.processor.qkv_lora1`, fused QKV and output projections)."""
+    from diffusers import FluxPipeline
+
+    model = ours_flux(flux_dir)
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    gen = torch.Generator().manual_seed(7)
+    rank = 4
+
+    def pair(prefix: str, out_features: int) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.down.weight": torch.randn(rank, inner, generator=gen) * 0.1,
+            f"{prefix}.up.weight": torch.randn(out_features, rank, generator=gen) * 0.1,
+        }
+
+    tensors = {
+        **pair("double_blocks.0.processor.qkv_lora1", 3 * inner),
+        **pair("double_blocks.0.processor.qkv_lora2", 3 * inner),
+        **pair("double_blocks.0.processor.proj_lora1", inner),
+        **pair("double_blocks.0.processor.proj_lora2", inner),
+    }
+    path = save_lora(tensors, tmp_path / "xlabs.safetensors")
+    adapter = read_lora(path, "FluxPipeline")
+    assert {"transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_add_out"} <= set(adapter.modules)
+    MergedLoras(model).merge([(adapter, 0.9)])
+    assert_state_equal(model, diffusers_fused(FluxPipeline, flux_dir, [(path, 0.9)]), atol=1e-6)

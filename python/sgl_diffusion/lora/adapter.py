@@ -6,7 +6,8 @@ are compared against, so the conversion to diffusers' module names is its own: t
 class's `lora_state_dict` (pure name and layout work on CPU tensors; nothing is loaded into a model). Our models
 mirror diffusers' module tree, so those names are ours too.
 
-What diffusers' conversion leaves is read here: `<prefix>.<module>.lora_A.weight` (rank x in),
+For a family diffusers has no LoRA loader for (HunyuanVideo-1.5, GLM-Image), files are read in
+diffusers/PEFT names as they are. What diffusers' conversion leaves is read here: `<prefix>.<module>.lora_A.weight` (rank x in),
 `.lora_B.weight` (out x rank), `.lora_B.bias` (a bias delta, from `diff_b`), and alphas (`.alpha` keys, the
 network alphas FLUX's loader returns, or the PEFT config saved in the file's metadata). Anything else is an
 error naming the key, never dropped silently.
@@ -15,6 +16,7 @@ error naming the key, never dropped silently.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,16 +93,29 @@ def _diffusers_loader(pipeline_class: str) -> Any:
     import diffusers
 
     loader = getattr(diffusers, pipeline_class, None)
-    if loader is None or not hasattr(loader, "lora_state_dict"):
-        raise LoraError(
-            None, f"LoRA adapters are not supported for {pipeline_class} (diffusers has no LoRA loader for it)"
-        )
-    return loader
+    return loader if loader is not None and hasattr(loader, "lora_state_dict") else None
+
+
+def _peft_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """A file in diffusers/PEFT names as it is, for families diffusers has no LoRA loader for (what diffusers'
+    `save_lora_weights` writes, and what PEFT training scripts for them save)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            raw = (file.metadata() or {}).get("lora_adapter_metadata")
+    except (SafetensorError, OSError) as exc:
+        raise LoraError(None, f"{path} is no LoRA file diffusers can read: {exc}") from exc
+    return state_dict, {}, json.loads(raw) if raw else {}
 
 
 def _diffusers_state_dict(path: Path, pipeline_class: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     """(state dict in diffusers' names, network alphas, the PEFT config from the file's metadata)."""
     loader = _diffusers_loader(pipeline_class)
+    if loader is None:
+        return _peft_state_dict(path)
     parameters = inspect.signature(loader.lora_state_dict).parameters
     kwargs: dict[str, Any] = {"return_lora_metadata": True}
     if "return_alphas" in parameters:
