@@ -161,6 +161,34 @@ def test_flux_replay_matches_the_plain_forward(tmp_path: Path, compiled: bool) -
 
 
 @needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_lora_merged_after_capture_is_what_the_graph_replays(tmp_path: Path, compiled: bool) -> None:
+    """LoRA merges write the weights in place, so a graph captured before a merge replays the merged model and,
+    after an unmerge, the base again: no stale graph runs."""
+    from lora_files import FLUX_MODULES, random_lora, save_lora
+    from sgl_diffusion.lora import MergedLoras, read_lora
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks
+
+    transformer = load_pipeline("flux1_dev", tmp_path).c.transformer
+    if compiled:
+        compile_repeated_blocks(transformer)
+    plain = transformer.forward
+    enable_cuda_graphs(transformer, "on", torch.device("cuda"))
+    tensors = random_lora(transformer, FLUX_MODULES, 4, 3, scale=0.3)
+    adapter = read_lora(save_lora(tensors, tmp_path / "lora.safetensors"), "FluxPipeline")
+    merged = MergedLoras(transformer)
+    with torch.inference_mode():
+        inputs = flux_inputs(transformer, 1, 4, 0, torch.bfloat16)
+        base = transformer(**inputs).clone()  # captured here
+        merged.merge([(adapter, 1.0)])
+        styled = transformer(**inputs)
+        assert_same_bits(styled, plain(**inputs))
+        assert not torch.equal(styled, base)
+        merged.unmerge()
+        assert_same_bits(transformer(**inputs), base)
+
+
+@needs_cuda
 def test_wan_replay_alternating_grids_matches_the_plain_forward(tmp_path: Path) -> None:
     transformer = load_pipeline("wan21_t2v", tmp_path).c.transformer
     plain = transformer.forward

@@ -217,3 +217,35 @@ def test_an_xlabs_flux_lora_merges_as_diffusers_fuses_it(flux_dir: Path, tmp_pat
     assert {"transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_add_out"} <= set(adapter.modules)
     MergedLoras(model).merge([(adapter, 0.9)])
     assert_state_equal(model, diffusers_fused(FluxPipeline, flux_dir, [(path, 0.9)]), atol=1e-6)
+
+
+def test_compiled_blocks_run_the_merged_weights_not_stale_ones(flux_dir: Path, tmp_path: Path) -> None:
+    """torch.compile takes parameters as graph inputs: a merge after compilation is what the compiled blocks run
+    (no recompilation), and an unmerge gives the base output back bit for bit. (CUDA graphs: test_cuda_graphs.py.)"""
+    from sgl_diffusion.runtime.compile import compile_repeated_blocks
+
+    eager = ours_flux(flux_dir)
+    compiled = ours_flux(flux_dir)
+    compile_repeated_blocks(compiled, backend="aot_eager")
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, compiled.config.in_channels, generator=gen),
+        "encoder_hidden_states": torch.randn(1, 8, compiled.config.joint_attention_dim, generator=gen),
+        "pooled_projections": torch.randn(1, compiled.config.pooled_projection_dim, generator=gen),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(8, 3),
+        "guidance": torch.tensor([3.5]),
+    }
+    with torch.no_grad():
+        base = compiled(**inputs)
+        adapter = read_lora(save_lora(random_lora(compiled, FLUX_MODULES, 4, 8, scale=0.3), tmp_path / "l.safetensors"),
+                            "FluxPipeline")  # fmt: skip
+        MergedLoras(eager).merge([(adapter, 1.0)])
+        merged = MergedLoras(compiled)
+        merged.merge([(adapter, 1.0)])
+        styled = compiled(**inputs)
+        torch.testing.assert_close(styled, eager(**inputs), rtol=0, atol=1e-6)
+        assert (styled - base).abs().max() > 1e-3
+        merged.unmerge()
+        assert torch.equal(compiled(**inputs), base)
