@@ -145,3 +145,30 @@ def test_the_cli_merges_lora_path_at_start(
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode != 0 and "--lora-path" in proc.stderr, proc.stderr
+
+
+def test_adapters_past_the_memory_budget_leave_and_come_back_from_their_file(flux_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    model = load_native_model(
+        FluxTransformer2DModel.from_config, flux_dir / "transformer", torch.device("cpu"), torch.float32
+    )
+    files = {name: save_lora(random_lora(model, FLUX_MODULES, 4, seed, scale=0.3), tmp_path / f"{name}.safetensors")
+             for name, seed in (("a", 1), ("b", 2))}  # fmt: skip
+    # Room for one of these adapters (~11 kB each) at a time.
+    gen = DiffGenerator.from_pretrained(
+        flux_dir, device="cpu", dit_precision="fp32", vae_precision="fp32", lora_cache_gb=15e-6
+    )
+    try:
+        gen.set_lora("a", files["a"])
+        first = image(gen)
+        state = gen.set_lora("b", files["b"])
+        assert [entry["nickname"] for entry in state["loaded_adapters"]] == ["b"]  # a left memory
+        # Both set at once: both stay (a denoiser has them set), over the budget.
+        both = gen.set_lora(["a", "b"], [None, None])
+        assert sorted(entry["nickname"] for entry in both["loaded_adapters"]) == ["a", "b"]
+        gen.set_lora("a")  # b leaves; a, read again from its file, gives the same image
+        assert [entry["nickname"] for entry in gen.list_loras()["loaded_adapters"]] == ["a"]
+        np.testing.assert_array_equal(image(gen), first)
+    finally:
+        gen.shutdown()

@@ -127,6 +127,10 @@ declare_fields! {
         /// process can read. A server taking LoRA paths from clients should set it.
         #[serde(default)]
         pub lora_dir: Option<String> [.group(LORA)],
+        /// Most gigabytes of LoRA weights kept in memory (CPU) across nicknames (default 8); past it the
+        /// least recently set leave and are read from their file when set again.
+        #[serde(default)]
+        pub lora_cache_gb: Option<f64> [.group(LORA).above(0)],
     }
 }
 

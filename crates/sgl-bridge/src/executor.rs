@@ -60,7 +60,9 @@ impl PythonExecutor {
             let info: PipelineInfo = serde_json::from_str(&info_json).map_err(|e| {
                 ExecError::new(ExecErrorKind::Load, format!("the executor reported malformed pipeline info: {e}"))
             })?;
-            let mut executor = Self { executor, loras: LoraRegistry::new(config.lora_dir.as_ref().map(PathBuf::from)) };
+            let budget = (config.lora_cache_gb.unwrap_or(DEFAULT_LORA_CACHE_GB) * 1e9) as u64;
+            let loras = LoraRegistry::new(config.lora_dir.as_ref().map(PathBuf::from), budget);
+            let mut executor = Self { executor, loras };
             if let Some(command) = startup_lora(config)? {
                 executor.control(&command).map_err(|err| load_error(format!("--lora-path: {}", err.message)))?;
             }
@@ -90,6 +92,9 @@ impl PythonExecutor {
     }
 }
 
+/// Gigabytes of LoRA tensors kept in memory by default (`--lora-cache-gb`).
+const DEFAULT_LORA_CACHE_GB: f64 = 8.0;
+
 /// `--lora-path` (with `--lora-nickname`, `--lora-scale`) as the set_lora command run once the model loaded.
 fn startup_lora(config: &ModelConfig) -> Result<Option<String>, ExecError> {
     let Some(path) = &config.lora_path else {
@@ -116,13 +121,15 @@ fn startup_lora(config: &ModelConfig) -> Result<Option<String>, ExecError> {
 impl BatchExecutor for PythonExecutor {
     fn control(&mut self, command: &str) -> Result<String, ExecError> {
         let python = crate::lora::python_command(&mut self.loras, command)?;
-        Python::attach(|py| {
+        let answer = Python::attach(|py| {
             self.executor
                 .bind(py)
                 .call_method1("lora_command", (python,))
                 .and_then(|answer| answer.extract::<String>())
                 .map_err(|err| to_exec_error(py, &err, ExecErrorKind::Internal))
-        })
+        })?;
+        crate::lora::reconcile(&mut self.loras, &answer)?;
+        Ok(answer)
     }
 
     fn execute(&mut self, batch: &[BatchItem], progress: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError> {

@@ -5,7 +5,7 @@
 //! confined to `--lora-dir` and its header read before Python sees it.
 
 use serde::Serialize;
-use sgl_core::lora::{LoraCommand, LoraTarget};
+use sgl_core::lora::{LoraCommand, LoraState, LoraTarget};
 use sgl_scheduler::{ExecError, ExecErrorKind};
 use sgl_weights::lora::{LoraFormat, LoraRegistry, LoraRegistryError};
 
@@ -25,9 +25,18 @@ struct PythonAdapter<'a> {
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum PythonCommand<'a> {
-    Set { adapters: Vec<PythonAdapter<'a>> },
-    Merge { target: LoraTarget, strength: Option<f64> },
-    Unmerge { target: LoraTarget },
+    /// `drop`: adapters whose tensors to let go of (unless a target still has them set), least recent first.
+    Set {
+        adapters: Vec<PythonAdapter<'a>>,
+        drop: Vec<String>,
+    },
+    Merge {
+        target: LoraTarget,
+        strength: Option<f64>,
+    },
+    Unmerge {
+        target: LoraTarget,
+    },
     List,
 }
 
@@ -52,7 +61,10 @@ pub(crate) fn python_command(registry: &mut LoraRegistry, command: &str) -> Resu
                     })?;
                 resolved.push((adapter, registered.given.clone(), registered.lora.clone()));
             }
+            let nicknames: Vec<&str> = adapters.iter().map(|adapter| adapter.nickname.as_str()).collect();
+            let drop = registry.plan_set(&nicknames);
             PythonCommand::Set {
+                drop,
                 adapters: resolved
                     .iter()
                     .map(|(adapter, given, lora)| PythonAdapter {
@@ -76,6 +88,15 @@ pub(crate) fn python_command(registry: &mut LoraRegistry, command: &str) -> Resu
     Ok(python)
 }
 
+/// Takes note of the adapters the Python side holds after a command (its answer, `LoraState`).
+pub(crate) fn reconcile(registry: &mut LoraRegistry, answer: &str) -> Result<(), ExecError> {
+    let state: LoraState = serde_json::from_str(answer)
+        .map_err(|e| ExecError::internal(format!("the executor answered malformed LoRA state: {e}")))?;
+    let loaded: Vec<String> = state.loaded_adapters.into_iter().map(|adapter| adapter.nickname).collect();
+    registry.reconcile(&loaded);
+    Ok(())
+}
+
 impl PythonCommand<'_> {
     fn to_json(&self) -> Result<String, ExecError> {
         serde_json::to_string(self).map_err(|e| ExecError::internal(format!("cannot encode the LoRA command: {e}")))
@@ -88,7 +109,7 @@ mod tests {
 
     #[test]
     fn unknown_nicknames_and_missing_files_never_reach_python() {
-        let mut registry = LoraRegistry::new(None);
+        let mut registry = LoraRegistry::new(None, u64::MAX);
         let set = |path: Option<&str>| {
             serde_json::json!({"op": "set", "adapters": [
                 {"nickname": "style", "path": path, "target": "all", "strength": 1.0}

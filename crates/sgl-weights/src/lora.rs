@@ -120,10 +120,17 @@ pub fn inspect_lora(path: &str, lora_dir: Option<&Path>) -> Result<LoraFile, Wei
 }
 
 /// Nickname → adapter, for one engine. Re-registering a nickname with a path replaces it.
+///
+/// It also keeps the books of the adapters' tensors the Python side holds in memory (CPU), least recently
+/// set first, against a byte budget: [`LoraRegistry::plan_set`] says which to drop when a `set` would pass
+/// it. A dropped adapter stays registered: set again by its nickname, it is read from its file again.
 #[derive(Debug, Default)]
 pub struct LoraRegistry {
     lora_dir: Option<PathBuf>,
     adapters: BTreeMap<String, RegisteredLora>,
+    budget_bytes: u64,
+    /// Nicknames whose tensors are in memory, least recently set first.
+    in_memory: Vec<String>,
 }
 
 /// Why a nickname could not be registered or found.
@@ -136,8 +143,45 @@ pub enum LoraRegistryError {
 }
 
 impl LoraRegistry {
-    pub fn new(lora_dir: Option<PathBuf>) -> Self {
-        Self { lora_dir, adapters: BTreeMap::new() }
+    pub fn new(lora_dir: Option<PathBuf>, budget_bytes: u64) -> Self {
+        Self { lora_dir, adapters: BTreeMap::new(), budget_bytes, in_memory: Vec::new() }
+    }
+
+    /// `nicknames` (registered) are about to be set: they become the most recent, and the least recent others
+    /// are returned for dropping until the adapters in memory fit the budget. Adapters a target still has set
+    /// cannot be dropped: the Python side keeps them, and [`LoraRegistry::reconcile`] learns so.
+    pub fn plan_set(&mut self, nicknames: &[&str]) -> Vec<String> {
+        self.in_memory.retain(|name| !nicknames.contains(&name.as_str()));
+        self.in_memory.extend(nicknames.iter().map(|name| name.to_string()));
+        let bytes = |name: &str| self.adapters.get(name).map_or(0, |adapter| adapter.lora.bytes);
+        let mut total: u64 = self.in_memory.iter().map(|name| bytes(name)).sum();
+        let mut dropped = Vec::new();
+        for name in &self.in_memory {
+            if total <= self.budget_bytes {
+                break;
+            }
+            if nicknames.contains(&name.as_str()) {
+                continue;
+            }
+            total -= bytes(name);
+            dropped.push(name.clone());
+        }
+        dropped
+    }
+
+    /// The nicknames the Python side says it holds after a command, in the registry's recency order.
+    pub fn reconcile(&mut self, loaded: &[String]) {
+        self.in_memory.retain(|name| loaded.contains(name));
+        for name in loaded {
+            if !self.in_memory.contains(name) {
+                self.in_memory.push(name.clone());
+            }
+        }
+    }
+
+    /// Bytes of the adapters in memory.
+    pub fn bytes_in_memory(&self) -> u64 {
+        self.in_memory.iter().filter_map(|name| self.adapters.get(name)).map(|adapter| adapter.lora.bytes).sum()
     }
 
     /// Registers `nickname` for `path`, checking the file; without a path, the adapter registered before.
@@ -224,7 +268,7 @@ mod tests {
         );
         let outside = root.path().join("outside.safetensors");
         write_safetensors(&outside, &[("transformer.x.lora_A.weight", &[2, 4])]);
-        let mut registry = LoraRegistry::new(Some(allowed.clone()));
+        let mut registry = LoraRegistry::new(Some(allowed.clone()), u64::MAX);
         let style = registry.register("style", Some(adapter.to_str().unwrap())).unwrap();
         assert!(style.lora.file.ends_with("style/pytorch_lora_weights.safetensors"));
         // `..` cannot climb out.
@@ -235,5 +279,30 @@ mod tests {
         assert_eq!(registry.register("style", None).unwrap().given, adapter.to_str().unwrap());
         assert!(matches!(registry.register("other", None), Err(LoraRegistryError::UnknownNickname(_))));
         assert_eq!(registry.adapters().count(), 1);
+    }
+
+    #[test]
+    fn the_least_recently_set_adapters_leave_memory_first_when_over_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // 128 bytes of tensor data each.
+        let mut registry = LoraRegistry::new(None, 300);
+        for name in ["a", "b", "c", "d"] {
+            let file = dir.path().join(format!("{name}.safetensors"));
+            write_safetensors(&file, &[("transformer.x.lora_A.weight", &[4, 8])]);
+            registry.register(name, Some(file.to_str().unwrap())).unwrap();
+        }
+        assert!(registry.plan_set(&["a"]).is_empty());
+        // a, b, c: 384 bytes > 300: a, the least recent, goes (b and c are being set).
+        assert_eq!(registry.plan_set(&["b", "c"]), ["a"]);
+        registry.reconcile(&["b".into(), "c".into()]);
+        assert_eq!(registry.plan_set(&["d"]), ["b"]);
+        // The Python side kept b (a target still has it set): the books follow it.
+        registry.reconcile(&["b".into(), "c".into(), "d".into()]);
+        assert_eq!(registry.bytes_in_memory(), 384);
+        registry.reconcile(&["c".into(), "d".into()]);
+        assert_eq!(registry.bytes_in_memory(), 256);
+        // Setting a again reads it again: it stays registered.
+        assert_eq!(registry.get("a").unwrap().nickname, "a");
+        assert_eq!(registry.plan_set(&["a"]), ["c"]);
     }
 }

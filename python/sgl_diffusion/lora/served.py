@@ -6,6 +6,8 @@ Rust registry checked every path and header; see `crates/sgl-bridge/src/lora.rs`
 * `set`: loads the adapters (a nickname loaded before from the same file is reused), checks every one
   against its denoisers, then makes each named denoiser its base plus these adapters in order (what it had
   merged before is replaced; denoisers not named keep theirs). Any error leaves every weight as it was.
+  Then it lets go of the tensors of the adapters in `drop` (the registry's byte budget, least recently set
+  first) that no denoiser has set.
 * `merge` / `unmerge`: merges the denoisers' adapters again (at their strengths, or one given for all) /
   restores their base weights exactly; the adapters stay set.
 * `list`: the state, as every command answers (`sgl_core::lora::LoraState`).
@@ -62,6 +64,7 @@ class ServedLoras:
         op = command["op"]
         if op == "set":
             self._set(command["adapters"])
+            self._drop(command.get("drop", ()))
         elif op == "merge":
             self._merge(self._targets(command["target"]), command.get("strength"))
         elif op == "unmerge":
@@ -104,6 +107,14 @@ class ServedLoras:
         for denoiser, active in wanted.values():
             denoiser.active = active
         self._merge([denoiser for denoiser, _ in wanted.values()], None)
+
+    def _drop(self, nicknames: Sequence[str]) -> None:
+        """Lets go of these adapters' tensors (the Rust registry's budget), but of none a denoiser has set: they
+        stay registered there and are read from their file when set again."""
+        active = {nickname for denoiser in self.denoisers.values() for nickname, _ in denoiser.active}
+        for nickname in nicknames:
+            if nickname not in active:
+                self.loaded.pop(nickname, None)
 
     def _merge(self, denoisers: list[_Denoiser], strength: float | None) -> None:
         for denoiser in denoisers:
