@@ -96,6 +96,9 @@
 #                       captures). First builds the random folder (19 GiB: transformer 11.5, text encoder 7.5),
 #                       deleting the other families' folders first. Estimate ~6 min on an H100 (compilation of both
 #                       sides dominates).
+#   lora-merge          benches/lora_merge.py: FLUX.1-dev's transformer (random bf16 weights): read, check and merge a
+#                       rank-64 LoRA over every attention and feed-forward Linear, a forward with it merged against the
+#                       plain one, unmerge, and whether the base came back bit for bit. Estimate ~1.5 min.
 # Extra perf.py flags per job go in PERF_ARGS_<JOB> with - replaced by _, e.g.
 #   PERF_ARGS_flux_forward="--cfg-shapes 16 32" PERF_ARGS_wan_e2e="--steps 10"
 #
@@ -197,6 +200,10 @@ for job in "$@"; do
             ;;
         wan-graphs | wan-vae)
             perf "$job" --workload "$job"
+            ;;
+        lora-merge)
+            "$PYTHON" benches/lora_merge.py --out-dir "$OUT" --commit "$BENCH_COMMIT" "${SMOKE_ARGS[@]:0:3}" \
+                || echo "$job FAILED"
             ;;
         attention-kernels)
             # The parts may come in several folders (.whl_fa4a, .whl_fa4b, ...), one per call; the name sorts them.
