@@ -92,6 +92,8 @@ class RequestFields(TypedDict, total=False):
     """Last-frame image file of first-last-frame image-to-video (Wan2.1-FLF2V, Wan2.2 I2V-A14B): the video runs from the input image to this one. HTTP clients upload it (`last_frame`)."""
     prior_token_ids: list[int] | None
     """The image tokens of an autoregressive prior, given instead of sampled (GLM-Image): one codebook id per 16x16 pixel patch of the output, row by row, as diffusers' `prior_token_ids`."""
+    lora: list[dict[str, Any]] | None
+    """LoRA adapters for this request alone: `[{"nickname": ..., "strength": 1.0}]`, naming adapters registered with set_lora, applied in order on top of whatever is merged (at most 8). Requests with different adapters share batches."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"] | None
     """How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float arrays); default: png for images, mp4 for videos."""
     output_quality: int | None
@@ -202,6 +204,8 @@ class ResolvedRequest(Protocol):
     """Last-frame image file of first-last-frame image-to-video."""
     prior_token_ids: tuple[int, ...]
     """Prior image tokens given with the request (empty: the pipeline samples its own)."""
+    lora: tuple[dict[str, Any], ...]
+    """This request's own LoRA adapters, in order (empty: none beyond what is merged)."""
     cfg_enabled: bool
     """Whether this request runs a second, unconditional branch (classifier-free guidance)."""
     output_format: Literal["png", "jpeg", "webp", "npy", "mp4"]

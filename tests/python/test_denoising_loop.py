@@ -170,6 +170,9 @@ def test_hooks_see_every_step_and_its_expert_before_progress_is_reported() -> No
             events.append(("start", step.index))
             steps.append(step)
 
+        def step_inputs(self, step: StepContext, inputs: object, row_owner: torch.Tensor) -> None:
+            events.append(("inputs", step.index))
+
         def step_end(self, step: StepContext) -> None:
             events.append(("end", step.index))
 
@@ -182,7 +185,9 @@ def test_hooks_see_every_step_and_its_expert_before_progress_is_reported() -> No
     pipeline.hooks.add(Recorder())
     hooked = pipeline.run([request(0, "a cat", 3)], progress)["latents"]
     assert torch.equal(hooked, plain)  # a hook that only watches changes nothing
-    assert events == [event for i in range(6) for event in (("start", i), ("end", i), ("progress", i + 1))]
+    assert events == [
+        event for i in range(6) for event in (("start", i), ("inputs", i), ("end", i), ("progress", i + 1))
+    ]
     assert [s.total for s in steps] == [6] * 6
     experts = [s.expert for s in steps]
     assert experts == [0 if bool(s.timestep >= BOUNDARY) else 1 for s in steps] and set(experts) == {0, 1}
@@ -192,7 +197,7 @@ def test_a_hook_must_have_every_point() -> None:
     class Half:
         def step_start(self, step: StepContext) -> None: ...
 
-    with pytest.raises(TypeError, match="step_start and step_end"):
+    with pytest.raises(TypeError, match="step_start, step_inputs and step_end"):
         LoopHooks().add(Half())  # type: ignore[arg-type]
 
 
@@ -377,6 +382,8 @@ def test_a_counting_hook_on_the_flux_pipeline(flux_dir: Path) -> None:
 
         def step_start(self, step: StepContext) -> None:
             self.started += 1
+
+        def step_inputs(self, step: StepContext, inputs: object, row_owner: torch.Tensor) -> None: ...
 
         def step_end(self, step: StepContext) -> None:
             self.ended += 1

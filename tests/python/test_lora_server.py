@@ -94,6 +94,29 @@ def test_set_generate_unmerge_and_list(server: Server, lora_dir: Path, flux_dir:
     assert post(server, "/v1/unmerge_lora_weights", {"target": "transformer"}).status_code == 200
 
 
+def test_a_request_brings_its_own_adapter(server: Server, lora_dir: Path) -> None:
+    """`lora` on /v1/images/generations (here through the openai client's extra_body): the request's own adapter,
+    the others' images untouched; an unknown nickname is a 400 naming `lora`."""
+    assert (
+        post(server, "/v1/set_lora", {"lora_nickname": "style", "lora_path": str(lora_dir / "style")}).status_code
+        == 200
+    )
+    merged = openai_image(server)
+    assert post(server, "/v1/unmerge_lora_weights", {}).status_code == 200
+    base = openai_image(server)
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    extra = {**FAST, "lora": [{"nickname": "style", "strength": 1.0}]}
+    result = client.images.generate(prompt=PROMPT, size="32x32", response_format="b64_json", extra_body=extra)
+    own = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+    # The unmerged path rounds differently from the merged weights: at most one 8-bit level apart.
+    assert np.abs(own.astype(int) - merged.astype(int)).max() <= 1
+    assert np.abs(own.astype(int) - base.astype(int)).max() > 1
+    np.testing.assert_array_equal(openai_image(server), base)
+    body = {"prompt": PROMPT, "size": "32x32", **FAST, "lora": [{"nickname": "ghost"}]}
+    response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=120)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "lora", response.text
+
+
 def test_bad_requests_are_400s_naming_the_field_and_the_key_guards_the_routes(server: Server, lora_dir: Path) -> None:
     def error(response: httpx.Response) -> dict:
         assert response.status_code == 400, response.text

@@ -4,6 +4,7 @@ use serde::Serialize;
 use sgl_core::{EncodedOutput, GenerationOutput, OutputMetadata, PipelineInfo, ResolvedRequest};
 use sgl_scheduler::{BatchExecutor, BatchItem, BatchProgress, ExecError, ExecErrorKind, ItemOutcome};
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use sgl_core::lora::{LoraCommand, OneOrMany, SetLoraRequest};
@@ -29,6 +30,8 @@ pub struct PythonExecutor {
 struct WireItem<'a> {
     id: u64,
     request: &'a ResolvedRequest,
+    /// The file of each of the request's own LoRA adapters (`request.lora`), by nickname.
+    lora_files: BTreeMap<&'a str, String>,
 }
 
 impl PythonExecutor {
@@ -133,7 +136,19 @@ impl BatchExecutor for PythonExecutor {
     }
 
     fn execute(&mut self, batch: &[BatchItem], progress: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError> {
-        let wire: Vec<WireItem<'_>> = batch.iter().map(|i| WireItem { id: i.id, request: &i.request }).collect();
+        let mut wire = Vec::with_capacity(batch.len());
+        for item in batch {
+            let mut lora_files = BTreeMap::new();
+            for lora in &item.request.lora {
+                // An unknown nickname fails the batch; the scheduler then runs its requests one by one, so only
+                // the request that named it fails.
+                let registered = self.loras.get(&lora.nickname).map_err(|err| {
+                    ExecError::new(ExecErrorKind::InvalidInput { field: Some("lora".into()) }, err.to_string())
+                })?;
+                lora_files.insert(lora.nickname.as_str(), registered.lora.file.to_string_lossy().into_owned());
+            }
+            wire.push(WireItem { id: item.id, request: &item.request, lora_files });
+        }
         let batch_json =
             serde_json::to_string(&wire).map_err(|e| ExecError::internal(format!("cannot encode the batch: {e}")))?;
         Python::attach(|py| {

@@ -5,7 +5,49 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::fields::{FieldValue, ValueKind, ValueType};
 use crate::ValidationError;
+
+/// Most adapters one request may carry.
+pub const MAX_REQUEST_LORAS: usize = 8;
+
+/// One adapter of a request's `lora`: a nickname registered with set_lora and its strength.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLora {
+    pub nickname: String,
+    /// Default 1.0.
+    #[serde(default = "full_strength")]
+    pub strength: f64,
+}
+
+fn full_strength() -> f64 {
+    1.0
+}
+
+impl FieldValue for RequestLora {
+    const TYPE: ValueType = ValueType::of(ValueKind::Object);
+}
+
+/// A request's adapters, checked: at most [`MAX_REQUEST_LORAS`], named, each once, finite strengths.
+pub fn check_request_loras(loras: &[RequestLora]) -> Result<Vec<RequestLora>, ValidationError> {
+    if loras.len() > MAX_REQUEST_LORAS {
+        return Err(ValidationError::new(
+            "lora",
+            format!("names {} adapters; at most {MAX_REQUEST_LORAS}", loras.len()),
+        ));
+    }
+    for (index, lora) in loras.iter().enumerate() {
+        if lora.nickname.trim().is_empty() {
+            return Err(ValidationError::new("lora", format!("entry {index} names no adapter")));
+        }
+        if loras[..index].iter().any(|earlier| earlier.nickname == lora.nickname) {
+            return Err(ValidationError::new("lora", format!("names {:?} twice", lora.nickname)));
+        }
+        check_strength("lora", lora.strength)?;
+    }
+    Ok(loras.to_vec())
+}
 
 /// Which denoiser an adapter applies to. `all`: every denoiser the model has (Wan2.2 A14B: both experts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -274,5 +316,18 @@ mod tests {
         let json = serde_json::to_value(&command).unwrap();
         assert_eq!(json, serde_json::json!({"op": "unmerge", "target": "transformer_2"}));
         assert_eq!(serde_json::to_value(LoraCommand::List).unwrap(), serde_json::json!({"op": "list"}));
+    }
+
+    #[test]
+    fn a_requests_adapters_are_checked() {
+        let lora = |nickname: &str, strength: f64| RequestLora { nickname: nickname.into(), strength };
+        assert_eq!(check_request_loras(&[lora("a", 0.5), lora("b", 1.0)]).unwrap().len(), 2);
+        let parsed: RequestLora = serde_json::from_value(serde_json::json!({"nickname": "a"})).unwrap();
+        assert_eq!(parsed.strength, 1.0);
+        for bad in [vec![lora("a", 1.0), lora("a", 2.0)], vec![lora(" ", 1.0)], vec![lora("a", f64::NAN)]] {
+            assert_eq!(check_request_loras(&bad).unwrap_err().field, "lora");
+        }
+        let many: Vec<RequestLora> = (0..9).map(|i| lora(&i.to_string(), 1.0)).collect();
+        assert!(check_request_loras(&many).unwrap_err().message.contains("at most 8"));
     }
 }

@@ -3,6 +3,7 @@ use utoipa::ToSchema;
 
 use crate::declare_fields;
 use crate::fields::{FieldValue, Route, ValueType, ALL_ROUTES};
+use crate::lora::RequestLora;
 use crate::ValidationError;
 
 /// Longest prompt accepted, in characters. Text encoders truncate far earlier (512 T5 tokens);
@@ -97,6 +98,11 @@ declare_fields! {
         /// codebook id per 16x16 pixel patch of the output, row by row, as diffusers' `prior_token_ids`.
         #[serde(default)]
         pub prior_token_ids: Option<Vec<u32>> [.no_flag()],
+        /// LoRA adapters for this request alone: `[{"nickname": ..., "strength": 1.0}]`, naming adapters
+        /// registered with set_lora, applied in order on top of whatever is merged (at most 8). Requests
+        /// with different adapters share batches.
+        #[serde(default)]
+        pub lora: Option<Vec<RequestLora>> [.no_flag().routes(ALL_ROUTES)],
         /// How outputs are encoded: png, jpeg, webp (images), mp4 (videos) or npy (exact float
         /// arrays); default: png for images, mp4 for videos.
         #[serde(default)]

@@ -44,6 +44,8 @@ declare_fields! {
         pub last_image_path: Option<String>,
         /// Prior image tokens given with the request (empty: the pipeline samples its own).
         pub prior_token_ids: Vec<u32>,
+        /// This request's own LoRA adapters, in order (empty: none beyond what is merged).
+        pub lora: Vec<crate::lora::RequestLora>,
         /// Whether this request runs a second, unconditional branch (classifier-free guidance).
         pub cfg_enabled: bool,
         pub output_format: OutputFormat,
@@ -341,6 +343,7 @@ impl ResolvedRequest {
             image_paths,
             last_image_path,
             prior_token_ids: request.prior_token_ids.clone().unwrap_or_default(),
+            lora: crate::lora::check_request_loras(request.lora.as_deref().unwrap_or_default())?,
             cfg_enabled,
             output_format,
             output_quality: request.output_quality,

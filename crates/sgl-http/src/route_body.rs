@@ -71,6 +71,13 @@ impl<O: RouteFields> RouteBody<O> {
         Ok(Self { own: from_fields(own)?, request: from_fields(engine)? })
     }
 
+    /// Whether the engine's request field `name` holds objects (a request's `lora`): a multipart form sends
+    /// it as JSON text.
+    pub fn is_structured(name: &str) -> bool {
+        use sgl_core::fields::{Fields, ValueKind};
+        GenerationRequest::FIELDS.iter().any(|field| field.name == name && field.value.kind == ValueKind::Object)
+    }
+
     /// Whether the field `name` holds a number (multipart forms send every value as text).
     pub fn is_numeric(name: &str) -> bool {
         let schema = Self::schema();

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import fused_kernels_enabled
+from .row_lora import lora_term
 
 __all__ = [
     "ProjectionFusion",
@@ -122,8 +123,12 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """``F.gelu(F.linear(x, weight, bias), approximate="tanh")``, the GELU in the GEMM's epilogue on CUDA.
 
     ``x`` is ``(..., in_features)``; returns ``(..., out_features)``. Off CUDA (or with fused kernels
-    switched off) exactly the expression above runs.
+    switched off) exactly the expression above runs. With a per-request LoRA term on ``weight``
+    (:mod:`.row_lora`) the term joins the linear output before the GELU, unfused.
     """
+    term = lora_term(x, weight)
+    if term is not None:
+        return F.gelu(F.linear(x, weight, bias) + term, approximate="tanh")
     if not _use_cublas_path(x, weight, bias):
         return _linear_gelu_tanh_reference(x, weight, bias)
     if torch.compiler.is_compiling():
@@ -208,7 +213,12 @@ def linear_split_accumulate(
     Each part is ``(..., k_i)`` (same leading dims) and ``sum(k_i) == weight.shape[1]``; part ``i``
     meets the column slice ``weight[:, k_0 + ... + k_{i-1} :][:, :k_i]`` -- a view, the parameter
     stays the checkpoint's single tensor. Off CUDA (or switched off) exactly the expression above runs.
+    With a per-request LoRA term on ``weight`` (:mod:`.row_lora`) it is the concatenated input's, added.
     """
+    if parts:
+        term = lora_term(torch.cat(tuple(parts), dim=-1), weight)
+        if term is not None:
+            return _linear_split_accumulate_reference(parts, weight, bias) + term
     if not parts or not _use_cublas_path(parts[0], weight, bias, *parts[1:]):
         return _linear_split_accumulate_reference(parts, weight, bias)
     if torch.compiler.is_compiling():
@@ -271,7 +281,12 @@ class ProjectionFusion(nn.Module):
             return tuple(getattr(self, name)(x) for name in self.projection_groups()[group])
         weight = getattr(self, f"_fused_{group}_weight")
         bias = getattr(self, f"_fused_{group}_bias")
-        return F.linear(x, weight, bias).split(widths, dim=-1)
+        outputs = F.linear(x, weight, bias).split(widths, dim=-1)
+        # Per-request LoRA terms (`row_lora`), each on its projection's slice: the packed GEMM calls no module.
+        terms = [lora_term(x, linear.weight) for linear in self._linears(group)]
+        if all(term is None for term in terms):
+            return outputs
+        return tuple(out if term is None else out + term for out, term in zip(outputs, terms, strict=True))
 
     def _linears(self, group: str) -> list[nn.Linear]:
         return [getattr(self, name) for name in self.projection_groups()[group]]

@@ -19,7 +19,7 @@ Targets: `transformer` is the first denoiser, `transformer_2` the second (Wan2.2
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,13 +83,13 @@ class ServedLoras:
             raise invalid_request(field_name, f"this model has no {target} (its denoisers: {has}); use all or {has}")
         return [self.denoisers[target]]
 
-    def _load(self, nickname: str, path: str, file: str) -> LoraAdapter:
+    def _load(self, nickname: str, path: str, file: str, field_name: str = "lora_path") -> LoraAdapter:
         loaded = self.loaded.get(nickname)
         if loaded is None or loaded.file != file:
             try:
                 adapter = read_lora(file, self.loader_class)
             except LoraError as err:
-                raise invalid_request("lora_path", str(err)) from err
+                raise invalid_request(field_name, str(err)) from err
             loaded = _Loaded(path=path, file=file, adapter=adapter)
         self.loaded[nickname] = loaded
         return loaded.adapter
@@ -107,6 +107,21 @@ class ServedLoras:
         for denoiser, active in wanted.values():
             denoiser.active = active
         self._merge([denoiser for denoiser, _ in wanted.values()], None)
+
+    def for_requests(self, files: Mapping[str, str]) -> dict[str, LoraAdapter]:
+        """The adapters requests name in their `lora` (nickname -> file, as the Rust registry resolved them), loaded
+        (or found in memory) and checked against every denoiser."""
+        adapters: dict[str, LoraAdapter] = {}
+        for nickname, file in files.items():
+            loaded = self.loaded.get(nickname)
+            adapter = self._load(nickname, loaded.path if loaded is not None else file, file, field_name="lora")
+            for denoiser in self.denoisers.values():
+                try:
+                    check_adapter(denoiser.merged.model, adapter)
+                except LoraError as err:
+                    raise invalid_request("lora", f"adapter {nickname!r}: {err}") from err
+            adapters[nickname] = adapter
+        return adapters
 
     def _drop(self, nicknames: Sequence[str]) -> None:
         """Lets go of these adapters' tensors (the Rust registry's budget), but of none a denoiser has set: they

@@ -20,12 +20,17 @@ from ..runtime.options import RuntimeOptions
 from ..runtime.perf import PerfRecorder
 from ..runtime.profiling import BatchProfiler
 from ..runtime.request import Request
-from .hooks import LoopHooks
+from .hooks import LoopHook, LoopHooks
 from .spec import PipelineSpec, SamplingDefaults
 
 #: Called after each denoising step with (step, total); returns indices (into the batch's request
 #: list) of requests cancelled so far.
 ProgressFn = Callable[[int, int], Sequence[int]]
+
+
+class BatchFeature(LoopHook, contextlib.AbstractContextManager, Protocol):
+    """A feature of one batch (`StagedPipeline.run(features=...)`): entered around the batch, and a loop hook
+    during it."""
 
 
 class RowAligned(Protocol):
@@ -144,17 +149,29 @@ class StagedPipeline(abc.ABC):
         """The stages for one batch, in order; `progress` is the batch's step callback and `hooks` the
         features attached to its denoising loop."""
 
-    def run(self, requests: Sequence[Request], progress: ProgressFn, *, profile: bool = True) -> BatchState:
+    def run(
+        self,
+        requests: Sequence[Request],
+        progress: ProgressFn,
+        *,
+        profile: bool = True,
+        features: Sequence[BatchFeature] = (),
+    ) -> BatchState:
         """Runs the stages over one batch. With `--profile` on, the batch is traced into a new folder
-        of `--profile-dir` (see `runtime.profiling`) unless `profile` is False (e.g. a warm-up run)."""
+        of `--profile-dir` (see `runtime.profiling`) unless `profile` is False (e.g. a warm-up run).
+        `features` act on this batch alone: each is entered around the batch and hooks its loop (per-request
+        LoRA adapters)."""
         # `--profile` off: no profiler object and no extra hook, only a null context per stage.
         profiler = BatchProfiler(self.options, self.device) if profile and self.options.profile else None
         perf = PerfRecorder(self.device) if profiler is None else profiler.perf
-        hooks = self.hooks if profiler is None else self.hooks.extended(profiler)
+        extra: list[LoopHook] = [*features, *([] if profiler is None else [profiler])]
+        hooks = self.hooks.extended(*extra) if extra else self.hooks
         state = BatchState(requests, self.device, perf)
         try:
             stages = self.stages(progress, hooks)
-            with torch.inference_mode():
+            with torch.inference_mode(), contextlib.ExitStack() as entered:
+                for feature in features:
+                    entered.enter_context(feature)
                 for stage in stages:
                     missing = [key for key in stage.inputs if key not in state]
                     if missing:

@@ -10,6 +10,10 @@ on. A protocol rather than a base class, so a feature outside the pipelines pack
 Points, in the order one step meets them:
 
 * `step_start(step)`: before the step's model inputs are built and its denoiser runs;
+* `step_inputs(step, inputs, row_owner)`: the step's model inputs are built, its denoiser not yet run; a
+  feature may add batch-first row inputs (`inputs.rows`), which then travel with their rows through
+  guidance branches and row groups (per-request LoRA: which request each row of a forward belongs to).
+  `row_owner` is the batch request index of each row;
 * `step_end(step)`: after the sampler stepped and the step's time was recorded, before the step's
   progress is reported (and cancelled requests leave the batch).
 
@@ -23,6 +27,8 @@ from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from .conditioning import ModelInputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,8 @@ class LoopHook(Protocol):
 
     def step_start(self, step: StepContext) -> None: ...
 
+    def step_inputs(self, step: StepContext, inputs: ModelInputs, row_owner: torch.Tensor) -> None: ...
+
     def step_end(self, step: StepContext) -> None: ...
 
 
@@ -54,7 +62,9 @@ class LoopHooks:
 
     def add(self, hook: LoopHook) -> None:
         if not isinstance(hook, LoopHook):
-            raise TypeError(f"{type(hook).__name__} is no loop hook: it needs the methods step_start and step_end")
+            raise TypeError(
+                f"{type(hook).__name__} is no loop hook: it needs the methods step_start, step_inputs and step_end"
+            )
         self._hooks.append(hook)
 
     def extended(self, *hooks: LoopHook) -> LoopHooks:
@@ -64,6 +74,10 @@ class LoopHooks:
     def step_start(self, step: StepContext) -> None:
         for hook in self._hooks:
             hook.step_start(step)
+
+    def step_inputs(self, step: StepContext, inputs: ModelInputs, row_owner: torch.Tensor) -> None:
+        for hook in self._hooks:
+            hook.step_inputs(step, inputs, row_owner)
 
     def step_end(self, step: StepContext) -> None:
         for hook in self._hooks:
@@ -79,6 +93,9 @@ class StepIndex:
 
     def step_start(self, step: StepContext) -> None:
         self.index = step.index
+
+    def step_inputs(self, step: StepContext, inputs: ModelInputs, row_owner: torch.Tensor) -> None:
+        del step, inputs, row_owner
 
     def step_end(self, step: StepContext) -> None:
         del step

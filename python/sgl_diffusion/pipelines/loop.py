@@ -61,6 +61,7 @@ class DenoisingLoop:
             self.hooks.step_start(step)
             latents = state["latents"]
             inputs = adapter.model_inputs(state, latents, timestep)
+            self.hooks.step_inputs(step, inputs, state.row_owner)
             prediction = guider.predict(adapter.denoiser(expert), inputs, state["conditioning"], expert)
             state.set_rows("latents", sampler.step(prediction, latents))
             timer.step_done(index)

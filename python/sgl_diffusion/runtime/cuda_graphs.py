@@ -29,10 +29,11 @@ that reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -94,6 +95,8 @@ class CudaGraphRunner:
         self.uncapturable: set[Hashable] = set()
         self.stats = GraphStats()
         self._warned_full = False
+        # While above zero every call runs plainly, neither captured nor replayed (`suspended`).
+        self._suspended = 0
         # The memory pool of this model's graphs: made by the first capture, alive while its graphs are
         # (a pool handle outliving every graph that used it must not be captured into again).
         self._pool: tuple[int, int] | None = None
@@ -119,9 +122,19 @@ class CudaGraphRunner:
         self.stats.replays += 1
         return captured.output.clone()
 
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Calls inside run plainly: for a batch whose forward differs from the captured one in ways the
+        signature does not see (per-request LoRA hooks on its Linears)."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
     def _signature_key(self, inputs: dict[str, Any]) -> Hashable | None:
         """What a graph is specialised on, or None when this call must run without one."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self._suspended:
             return None
         parts: list[Hashable] = []
         saw_tensor = False

@@ -14,6 +14,7 @@ import torch
 
 from .. import _native
 from ..errors import invalid_request
+from ..lora.per_request import RequestLoras, request_adapters
 from ..lora.served import ServedLoras
 from ..pipelines import load_pipeline
 from ..pipelines.family import FamilyPipeline
@@ -41,19 +42,30 @@ class PipelineExecutor:
             enable_cuda_graphs(denoiser, self.options.cuda_graphs, self.options.device)
         self._loras: ServedLoras | None = None
 
-    def lora_command(self, command_json: str) -> str:
-        """Runs a LoRA command (`sgl_core::lora::LoraCommand`, its paths checked by the Rust registry) between
-        batches; returns the LoRA state after it (`sgl_core::lora::LoraState`) as JSON."""
+    def _served_loras(self, field: str) -> ServedLoras:
         if self._loras is None:
             if not isinstance(self.pipeline, FamilyPipeline):
-                if json.loads(command_json)["op"] == "list":
-                    return json.dumps({"loaded_adapters": [], "active": {}})
                 raise invalid_request(
-                    "lora_path", "LoRA adapters apply to native pipelines; the diffusers backend takes none yet"
+                    field, "LoRA adapters apply to native pipelines; the diffusers backend takes none yet"
                 )
             loader = self.pipeline.lora_loader_class or self.pipeline.pipeline_class
             self._loras = ServedLoras(self.pipeline.denoisers(), loader)
-        return self._loras.command(command_json)
+        return self._loras
+
+    def lora_command(self, command_json: str) -> str:
+        """Runs a LoRA command (`sgl_core::lora::LoraCommand`, its paths checked by the Rust registry) between
+        batches; returns the LoRA state after it (`sgl_core::lora::LoraState`) as JSON."""
+        if self._loras is None and json.loads(command_json)["op"] == "list":
+            return json.dumps({"loaded_adapters": [], "active": {}})
+        return self._served_loras("lora_path").command(command_json)
+
+    def _request_loras(self, requests: list[Request], files: dict[str, str]) -> list[RequestLoras]:
+        """The batch feature of the requests' own LoRA adapters (`lora`), if any request names one."""
+        if not any(request.lora for request in requests):
+            return []
+        served = self._served_loras("lora")
+        adapters = served.for_requests(files)
+        return [RequestLoras(self.pipeline.denoisers(), request_adapters(requests, adapters), self.options.device)]
 
     def wants_warmup(self) -> bool:
         """Whether to run `warm_up` before the first request (`--warmup`; default: with torch.compile)."""
@@ -79,9 +91,11 @@ class PipelineExecutor:
     def run_batch(self, batch_json: str, progress: Any) -> list[tuple[list[bytes], str] | None]:
         """Runs one batch; returns per request `(encoded outputs, metadata JSON)`, or `None` for a
         request cancelled while the batch ran."""
-        requests = [Request.from_wire(item) for item in json.loads(batch_json)]
+        items = json.loads(batch_json)
+        requests = [Request.from_wire(item) for item in items]
+        features = self._request_loras(requests, {k: v for item in items for k, v in item["lora_files"].items()})
         try:
-            state = self.pipeline.run(requests, progress)
+            state = self.pipeline.run(requests, progress, features=features)
         except torch.OutOfMemoryError:
             # Give the cached blocks back so the next (maybe smaller) batch can run.
             torch.cuda.empty_cache()

@@ -138,6 +138,10 @@ class BatchProfiler:
         if self._running:
             self._open_step(step.index)
 
+    def step_inputs(self, step: StepContext, inputs: Any, row_owner: torch.Tensor) -> None:
+        """Loop hook: nothing to add to the step's inputs."""
+        del step, inputs, row_owner
+
     def step_end(self, step: StepContext) -> None:
         """Loop hook: the step's range closes; in the default mode tracing stops after the asked steps, before
         the engine's progress callback (cancellation, progress bars), which is no part of a step."""

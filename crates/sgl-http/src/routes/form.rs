@@ -34,8 +34,13 @@ pub(crate) struct ImagePart {
 }
 
 /// A form field as the official client sends it: every value is a string; fields that hold
-/// numbers (by the body's schema) become numbers.
+/// numbers (by the body's schema) become numbers, fields that hold objects are JSON text.
 fn form_value<O: RouteFields>(name: &str, text: String) -> serde_json::Value {
+    if RouteBody::<O>::is_structured(name) {
+        if let Ok(value) = serde_json::from_str(&text) {
+            return value;
+        }
+    }
     if RouteBody::<O>::is_numeric(name) {
         if let Ok(number) = text.trim().parse::<serde_json::Number>() {
             return serde_json::Value::Number(number);

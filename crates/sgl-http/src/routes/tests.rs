@@ -873,3 +873,16 @@ async fn a_remote_image_that_does_not_arrive_is_a_400_after_the_remote_url_timeo
     assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("url")), "{error}");
     assert!(message(&error).contains("--remote-url-timeout"), "{error}");
 }
+
+#[tokio::test]
+async fn a_form_carries_a_requests_lora_as_json_text() {
+    let h = harness(ServerConfig::default(), Some(video_model(ImageInput::Optional)));
+    let lora = |value: &[u8]| form(&[form_part("prompt", None, b"a boat"), form_part("lora", None, value)]);
+    let twice = lora(br#"[{"nickname": "a"}, {"nickname": "a", "strength": 0.5}]"#);
+    let (status, error) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(twice))).await;
+    assert_eq!((status, param(&error)), (StatusCode::BAD_REQUEST, Some("lora")), "{error}");
+    assert!(message(&error).contains("twice"), "{error}");
+    let good = lora(br#"[{"nickname": "a", "strength": 0.5}]"#);
+    let (status, job) = send(&h.app, post("/v1/videos", &multipart_type(), Body::from(good))).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+}
