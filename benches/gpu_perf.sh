@@ -99,6 +99,9 @@
 #   lora-merge          benches/lora_merge.py: FLUX.1-dev's transformer (random bf16 weights): read, check and merge a
 #                       rank-64 LoRA over every attention and feed-forward Linear, a forward with it merged against the
 #                       plain one, unmerge, and whether the base came back bit for bit. Estimate ~1.5 min.
+#   lora-batch          benches/lora_batch.py: 4 requests with 4 different rank-64 LoRAs at 1024² on FLUX.1-dev's
+#                       transformer: one mixed batch (per-request path) vs one at a time with merge/unmerge; the
+#                       per-step overhead over no adapters (issue 15: <= 10 %). Estimate ~2 min.
 # Extra perf.py flags per job go in PERF_ARGS_<JOB> with - replaced by _, e.g.
 #   PERF_ARGS_flux_forward="--cfg-shapes 16 32" PERF_ARGS_wan_e2e="--steps 10"
 #
@@ -203,6 +206,10 @@ for job in "$@"; do
             ;;
         lora-merge)
             "$PYTHON" benches/lora_merge.py --out-dir "$OUT" --commit "$BENCH_COMMIT" "${SMOKE_ARGS[@]:0:3}" \
+                || echo "$job FAILED"
+            ;;
+        lora-batch)
+            "$PYTHON" benches/lora_batch.py --out-dir "$OUT" --commit "$BENCH_COMMIT" "${SMOKE_ARGS[@]:0:3}" \
                 || echo "$job FAILED"
             ;;
         attention-kernels)
