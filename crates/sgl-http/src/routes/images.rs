@@ -49,13 +49,21 @@ pub(crate) async fn read_json(state: &SharedState, headers: &HeaderMap, body: Bo
     if !has_media_type(headers, "application/json") {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
+    parse_json(&read_bytes(state, body).await?)
+}
+
+/// The whole body, within `--max-body-mb` and `--body-read-timeout`.
+pub(crate) async fn read_bytes(state: &SharedState, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let limit = state.config.max_body_bytes();
     let timeout = state.config.body_read_timeout();
-    let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+    tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| ApiError::body_timeout(timeout))?
-        .map_err(|err| body_error(&err, limit))?;
-    serde_json::from_slice(&bytes).map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))
+        .map_err(|err| body_error(&err, limit))
+}
+
+pub(crate) fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))
 }
 
 pub(crate) fn parse_size(size: &str) -> Result<Option<(u32, u32)>, ApiError> {

@@ -12,25 +12,19 @@ use serde_json::Value;
 use sgl_core::lora::{LoraCommand, LoraState, MergeLoraRequest, SetLoraRequest, UnmergeLoraRequest};
 
 use crate::error::ApiError;
-use crate::routes::images::{body_error, has_media_type};
+use crate::routes::images::{has_media_type, parse_json, read_bytes};
 use crate::state::SharedState;
 use crate::wire::{ErrorBody, LoraResponse};
 
 /// The body as `T`; an empty body is `{}` (merge and unmerge default to every target).
 async fn read_body<T: DeserializeOwned>(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
-    let limit = state.config.max_body_bytes();
-    let timeout = state.config.body_read_timeout();
-    let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| ApiError::body_timeout(timeout))?
-        .map_err(|err| body_error(&err, limit))?;
+    let bytes = read_bytes(state, body).await?;
     let value = if bytes.iter().all(u8::is_ascii_whitespace) {
         Value::Object(serde_json::Map::new())
     } else if !has_media_type(headers, "application/json") {
         return Err(ApiError::unsupported_media_type("application/json"));
     } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))?
+        parse_json(&bytes)?
     };
     serde_json::from_value(value).map_err(|err| ApiError::bad_request(format!("invalid LoRA request: {err}")))
 }
