@@ -249,3 +249,71 @@ def test_compiled_blocks_run_the_merged_weights_not_stale_ones(flux_dir: Path, t
         assert (styled - base).abs().max() > 1e-3
         merged.unmerge()
         assert torch.equal(compiled(**inputs), base)
+
+
+def test_a_comfyui_flux_lora_merges_as_diffusers_fuses_it(flux_dir: Path, tmp_path: Path) -> None:
+    """ComfyUI / ai-toolkit's FLUX.1 layout: the original checkpoint's names (`diffusion_model.double_blocks.0.img_attn.qkv`)
+    with kohya's `lora_down` / `lora_up` / `alpha`."""
+    from diffusers import FluxPipeline
+
+    model = ours_flux(flux_dir)
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    gen = torch.Generator().manual_seed(9)
+    tensors = {
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(4, inner, generator=gen) * 0.1,
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(3 * inner, 4, generator=gen) * 0.1,
+        "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(2.0),
+        "diffusion_model.double_blocks.0.txt_mlp.0.lora_down.weight": torch.randn(4, inner, generator=gen) * 0.1,
+        "diffusion_model.double_blocks.0.txt_mlp.0.lora_up.weight": torch.randn(4 * inner, 4, generator=gen) * 0.1,
+        "diffusion_model.double_blocks.0.txt_mlp.0.alpha": torch.tensor(4.0),
+    }
+    path = save_lora(tensors, tmp_path / "comfy.safetensors")
+    adapter = read_lora(path, "FluxPipeline")
+    assert {"transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff_context.net.0.proj"} <= set(adapter.modules)
+    MergedLoras(model).merge([(adapter, 1.1)])
+    assert_state_equal(model, diffusers_fused(FluxPipeline, flux_dir, [(path, 1.1)]), atol=1e-6)
+
+
+def test_a_musubi_wan_lora_merges_as_diffusers_fuses_it(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """musubi-tuner's Wan layout (`lora_unet_blocks_0_self_attn_q`, every attention and feed-forward Linear)."""
+    from diffusers import WanPipeline
+
+    folder = build_fixture("wan21_t2v", tmp_path_factory.mktemp("wan_musubi") / "model")
+    model = load_native_model(WanTransformer3DModel.from_config, folder / "transformer", CPU, torch.float32)
+    gen = torch.Generator().manual_seed(10)
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    ffn = model.config.ffn_dim
+    tensors: dict[str, torch.Tensor] = {}
+    for block in range(len(model.blocks)):
+        shapes = {f"self_attn_{o}": (dim, dim) for o in "qkvo"} | {f"cross_attn_{o}": (dim, dim) for o in "qkvo"}
+        shapes |= {"ffn_0": (ffn, dim), "ffn_2": (dim, ffn)}
+        for name, (out_features, in_features) in shapes.items():
+            key = f"lora_unet_blocks_{block}_{name}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(2, in_features, generator=gen) * 0.1
+            tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, 2, generator=gen) * 0.1
+            tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    path = save_lora(tensors, tmp_path_factory.mktemp("musubi_file") / "musubi.safetensors")
+    adapter = read_lora(path, "WanPipeline")
+    assert "blocks.1.ffn.net.2" in adapter.modules
+    MergedLoras(model).merge([(adapter, 0.6)])
+    assert_state_equal(model, diffusers_fused(WanPipeline, folder, [(path, 0.6)]), atol=1e-6)
+
+
+def test_a_peft_config_saved_in_the_files_metadata_gives_the_alphas(flux_dir: Path, tmp_path: Path) -> None:
+    """diffusers' `save_lora_weights(..., transformer_lora_adapter_metadata=...)` writes PEFT's config into the
+    safetensors metadata: `lora_alpha`, and `alpha_pattern` for modules of their own."""
+    import json
+
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    model = ours_flux(flux_dir)
+    tensors = random_lora(model, FLUX_MODULES, 4, 11)
+    config = {"r": 4, "lora_alpha": 8, "alpha_pattern": {"x_embedder": 2}, "target_modules": list(FLUX_MODULES)}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    path = tmp_path / "with_config.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    adapter = read_lora(path, "FluxPipeline")
+    assert adapter.modules["x_embedder"].alpha == 2 and adapter.modules["transformer_blocks.0.attn.to_q"].alpha == 8
+    MergedLoras(model).merge([(adapter, 1.0)])
+    assert_state_equal(model, diffusers_fused(FluxPipeline, flux_dir, [(path, 1.0)]), atol=1e-6)
