@@ -106,6 +106,10 @@ class RequestLoras:
                 stack.enter_context(runner.suspended())
             handle = model.register_forward_pre_hook(self._take_rows, with_kwargs=True)
             stack.callback(handle.remove)
+            # Rows hold for one forward: a Linear run outside a denoiser's forward then fails loudly, never with
+            # another forward's rows.
+            handle = model.register_forward_hook(self._forget_rows)
+            stack.callback(handle.remove)
         return self
 
     def __exit__(
@@ -121,6 +125,10 @@ class RequestLoras:
             raise RuntimeError(f"per-request LoRA: {type(module).__name__} was called without the rows' requests")
         self.terms.rows = rows
         return args, kwargs
+
+    def _forget_rows(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        del module, args, output
+        self.terms.rows = None
 
     # -- loop hook ----------------------------------------------------------------------------------------------------
 

@@ -167,14 +167,17 @@ class ZImageAdapter(FamilyAdapter):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         caption_lengths: tuple[int, ...],
+        **features: torch.Tensor,
     ) -> torch.Tensor:
         """The velocity the sampler steps with: the model's output negated, in float32 (the reference negates
-        after guidance; negation is exact, so doing it first gives the same bits)."""
+        after guidance; negation is exact, so doing it first gives the same bits). `features`: row inputs loop
+        features add for the model (per-request LoRA's rows), passed through."""
         out = self.c.transformer(
             hidden_states=hidden_states.to(self.dtype),
             timestep=timestep,
             encoder_hidden_states=encoder_hidden_states,
             caption_lengths=caption_lengths,
+            **features,
         )
         return -out.float()
 
