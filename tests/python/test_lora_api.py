@@ -177,3 +177,18 @@ def test_adapters_past_the_memory_budget_leave_and_come_back_from_their_file(flu
         np.testing.assert_array_equal(image(gen), first)
     finally:
         gen.shutdown()
+
+
+def test_the_diffusers_backend_refuses_lora_by_name(flux_dir: Path, lora_file: Path) -> None:
+    gen = DiffGenerator.from_pretrained(flux_dir, device="cpu", backend="diffusers")
+    try:
+        assert gen.list_loras() == {"loaded_adapters": [], "active": {}}
+        with pytest.raises(InvalidRequestError, match="diffusers backend") as raised:
+            gen.set_lora("style", lora_file)
+        assert raised.value.field == "lora_path"
+        # Registered in Rust by the refused call, the nickname reaches the pipeline, which refuses `lora` too.
+        with pytest.raises(InvalidRequestError, match="diffusers backend") as raised:
+            gen.generate(PROMPT, seed=1, lora=[{"nickname": "style"}], **SMALL)
+        assert raised.value.field == "lora"
+    finally:
+        gen.shutdown()
