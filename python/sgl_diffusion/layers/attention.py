@@ -316,34 +316,6 @@ def _check_kernel_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
             )
 
 
-def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    found = _kernel(_FLASH_ATTN)
-    _check_kernel_inputs(_FLASH_ATTN.name, q, k, v)
-    if attn_mask is not None:
-        # flash_attn_func has no key-padding/bias input. SDPA with the mask is exact, so this call (and only
-        # this one) goes there; logged once so benchmarks can tell that some calls did not run FlashAttention.
-        if _FLASH_ATTN.name not in _mask_fallback_logged:
-            _mask_fallback_logged.add(_FLASH_ATTN.name)
-            logger.warning(
-                "attention backend 'fa': flash_attn_func does not take masks; masked attention calls run on "
-                "torch_sdpa instead (exact). Unmasked calls still use %s.",
-                found.source.label,
-            )
-        return _torch_sdpa(q, k, v, attn_mask)
-    return _package_attention(q, k, v, _FLASH_ATTN.name).flatten(2, 3)
-
-
-def _flash_attn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    found = _kernel(_FLASH_ATTN)
-    _check_kernel_inputs(_FLASH_ATTN.name, q, k, v)
-    # Both FA2 and FA3 take (batch, seq, heads, head_dim) as-is and default to scale 1/sqrt(head_dim).
-    out = found.fn(q, k, v, causal=False)
-    # FA3's flash_attn_func returns (out, softmax_lse) in some releases and out alone in others.
-    if isinstance(out, tuple):
-        out = out[0]
-    return out
-
-
 def _check_hopper(name: str, device: torch.device) -> None:
     if device.type == "cuda" and not _is_hopper_or_newer(device):
         raise ValueError(
@@ -352,31 +324,43 @@ def _check_hopper(name: str, device: torch.device) -> None:
         )
 
 
-def _flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    found = _kernel(_FLASH_ATTN_4)
-    _check_kernel_inputs(_FLASH_ATTN_4.name, q, k, v)
-    _check_hopper(_FLASH_ATTN_4.name, q.device)
-    if attn_mask is not None:
-        # As for `fa`: no key-padding input, so masked calls (only) run on exact SDPA, logged once.
-        if _FLASH_ATTN_4.name not in _mask_fallback_logged:
-            _mask_fallback_logged.add(_FLASH_ATTN_4.name)
-            logger.warning(
-                "attention backend 'fa4': flash_attn_func does not take masks here; masked attention calls run on "
-                "torch_sdpa instead (exact). Unmasked calls still use %s.",
-                found.source.label,
-            )
-        return _torch_sdpa(q, k, v, attn_mask)
-    return _package_attention(q, k, v, _FLASH_ATTN_4.name).flatten(2, 3)
+def _flash_family(name: str) -> AttentionFn:
+    """The wrapper of ``fa`` or ``fa4``: FlashAttention's ``flash_attn_func`` has no key-padding/bias input, so a
+    masked call (and only it) runs on exact SDPA, logged once so benchmarks can tell that some calls did not run
+    FlashAttention."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        backend = _OPTIONAL[name]
+        found = _kernel(backend)
+        _check_kernel_inputs(name, q, k, v)
+        if name == AttentionBackend.FLASH_ATTN_4.value:
+            _check_hopper(name, q.device)
+        if attn_mask is not None:
+            if name not in _mask_fallback_logged:
+                _mask_fallback_logged.add(name)
+                logger.warning(
+                    "attention backend '%s': flash_attn_func does not take masks; masked attention calls run on "
+                    "torch_sdpa instead (exact). Unmasked calls still use %s.",
+                    name,
+                    found.source.label,
+                )
+            return _torch_sdpa(q, k, v, attn_mask)
+        return _package_attention(q, k, v, name).flatten(2, 3)
+
+    return run
 
 
-def _flash_attn_4_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    found = _kernel(_FLASH_ATTN_4)
-    _check_kernel_inputs(_FLASH_ATTN_4.name, q, k, v)
-    # (batch, seq, heads, head_dim) as-is, scale 1/sqrt(head_dim) by default; returns (out, lse).
-    out = found.fn(q, k, v, causal=False)
-    if isinstance(out, tuple):
-        out = out[0]
-    return out
+def _flash_kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """FlashAttention-2/3 (``fa``) or -4 (``fa4``) itself: (batch, seq, heads, head_dim) as-is, scale 1/sqrt(head_dim)
+    by default; some releases return (out, softmax_lse), others out alone."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        found = _kernel(_OPTIONAL[name])
+        _check_kernel_inputs(name, q, k, v)
+        out = found.fn(q, k, v, causal=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
 
 
 def _sage_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -400,8 +384,8 @@ def _sage_attn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 _PACKAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "fa": _flash_attn_kernel,
-    "fa4": _flash_attn_4_kernel,
+    "fa": _flash_kernel(AttentionBackend.FLASH_ATTN.value),
+    "fa4": _flash_kernel(AttentionBackend.FLASH_ATTN_4.value),
     "sage_attn": _sage_attn_kernel,
 }
 
@@ -431,7 +415,7 @@ _FLASH_ATTN = _OptionalBackend(
         "`pip install flash-attn --no-build-isolation` (FlashAttention-2) or, for FlashAttention-3 on Hopper, "
         "`cd hopper && python setup.py install` in a clone of https://github.com/Dao-AILab/flash-attention"
     ),
-    fn=_flash_attn,
+    fn=_flash_family(AttentionBackend.FLASH_ATTN.value),
 )
 _FLASH_ATTN_4 = _OptionalBackend(
     name=AttentionBackend.FLASH_ATTN_4.value,
@@ -439,7 +423,7 @@ _FLASH_ATTN_4 = _OptionalBackend(
     package="flash-attn-4",
     provides="FlashAttention-4 `flash_attn.cute`, CuTe-DSL kernels compiled at first use on Hopper/Blackwell",
     install="`pip install --pre flash-attn-4` (it brings nvidia-cutlass-dsl, quack-kernels, apache-tvm-ffi)",
-    fn=_flash_attn_4,
+    fn=_flash_family(AttentionBackend.FLASH_ATTN_4.value),
 )
 _SAGE_ATTN = _OptionalBackend(
     name=AttentionBackend.SAGE_ATTN.value,

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import fused_kernels_enabled
-from .row_lora import lora_term
+from .row_lora import lora_active, lora_term
 
 __all__ = [
     "ProjectionFusion",
@@ -126,7 +126,7 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     switched off) exactly the expression above runs. With a per-request LoRA term on ``weight``
     (:mod:`.row_lora`) the term joins the linear output before the GELU, unfused.
     """
-    term = lora_term(x, weight)
+    term = lora_term(x, weight) if lora_active() else None
     if term is not None:
         return F.gelu(F.linear(x, weight, bias) + term, approximate="tanh")
     if not _use_cublas_path(x, weight, bias):
@@ -215,7 +215,7 @@ def linear_split_accumulate(
     stays the checkpoint's single tensor. Off CUDA (or switched off) exactly the expression above runs.
     With a per-request LoRA term on ``weight`` (:mod:`.row_lora`) it is the concatenated input's, added.
     """
-    if parts:
+    if parts and lora_active():
         term = lora_term(torch.cat(tuple(parts), dim=-1), weight)
         if term is not None:
             return _linear_split_accumulate_reference(parts, weight, bias) + term
@@ -282,6 +282,8 @@ class ProjectionFusion(nn.Module):
         weight = getattr(self, f"_fused_{group}_weight")
         bias = getattr(self, f"_fused_{group}_bias")
         outputs = F.linear(x, weight, bias).split(widths, dim=-1)
+        if not lora_active():
+            return outputs
         # Per-request LoRA terms (`row_lora`), each on its projection's slice: the packed GEMM calls no module.
         terms = [lora_term(x, linear.weight) for linear in self._linears(group)]
         if all(term is None for term in terms):

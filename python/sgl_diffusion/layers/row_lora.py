@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["RowLoras", "RowStack", "lora_term"]
+__all__ = ["RowLoras", "RowStack", "lora_active", "lora_term"]
 
 
 @dataclass
@@ -98,6 +98,12 @@ class RowLoras:
 
 #: The batch's terms while installed (one thread runs Python's pipelines).
 _active: RowLoras | None = None
+
+
+def lora_active() -> bool:
+    """Whether a batch's terms are installed: the functional paths ask this before any work of their own (a
+    concatenation, a loop over projections), so batches without per-request adapters pay nothing."""
+    return _active is not None
 
 
 def lora_term(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

@@ -72,23 +72,6 @@ class LoraAdapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def lora_file(path: Path) -> Path:
-    """The safetensors file of `path`: the file itself, or the one `.safetensors` file of a folder (diffusers'
-    `pytorch_lora_weights.safetensors` first)."""
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise LoraError(None, f"LoRA path {path} does not exist")
-    preferred = path / "pytorch_lora_weights.safetensors"
-    if preferred.is_file():
-        return preferred
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) != 1:
-        found = ", ".join(f.name for f in files) or "none"
-        raise LoraError(None, f"LoRA folder {path} must hold one .safetensors file (found: {found})")
-    return files[0]
-
-
 def _diffusers_loader(pipeline_class: str) -> Any:
     import diffusers
 
@@ -142,11 +125,12 @@ def _config_alpha(config: Mapping[str, Any], module: str) -> float | None:
 
 
 def read_lora(path: str | Path, pipeline_class: str) -> LoraAdapter:
-    """Reads a LoRA file (or a folder holding one) for a pipeline of class `pipeline_class`, on the CPU.
+    """Reads a LoRA `.safetensors` file for a pipeline of class `pipeline_class`, on the CPU. (Which file a user's
+    path names — a folder, a cached Hugging Face id — the Rust registry decides: `sgl_weights::lora`.)
 
     Raises `LoraError` naming the first key that is not a denoiser's LoRA weight, or whose pair is incomplete.
     """
-    file = lora_file(Path(path))
+    file = Path(path)
     state_dict, network_alphas, metadata = _diffusers_state_dict(file, pipeline_class)
     # The denoiser's PEFT config, as diffusers saves it: its keys prefixed with the component's name.
     config = {
