@@ -464,7 +464,9 @@ def test_delete_removes_the_job_and_its_files(client: OpenAI, server: Server, ou
 
 def test_deleting_a_running_job_stops_it_and_leaves_no_files(server: Server, output_dirs: dict[str, Path]) -> None:
     slow = create(server, **SLOW)["id"]
-    late = create(server, **FAST)["id"]  # queued behind it
+    # Queued behind it; 81 frames so that its decoding lasts long enough for the delete to land while it runs (as
+    # in the cancel test below: with 9 frames the decoder can finish between two polls).
+    late = create(server, **{**FAST, "num_frames": 81})["id"]
     # Deleted mid-denoising: the loop stops between steps.
     wait_running(server, slow)
     response = httpx.delete(videos_url(server, f"/{slow}"), timeout=30)
