@@ -158,7 +158,7 @@ class EngineOptions(TypedDict, total=False):
     lora_dir: str | None
     """The folder every LoRA path must lie in (set_lora's included); unset: any path the process can read. A server taking LoRA paths from clients should set it."""
     lora_cache_gb: float | None
-    """Most gigabytes of LoRA weights kept in memory (CPU) across nicknames (default 8); past it the least recently set leave and are read from their file when set again."""
+    """Most gigabytes of LoRA weights kept in memory (CPU) across nicknames (default 8); past it the least recently used leave and are read from their file when used again."""
     max_batch_size: int
     """Most images per batched forward (default 1)."""
     batch_delay_ms: int

@@ -221,7 +221,7 @@ def executor_outputs(folder: Path, pipeline_class: str, cuda_graphs: str, reques
     executor = PipelineExecutor(json.dumps(config))
     runners = [cuda_graph_runner(d) for d in executor.pipeline.denoisers()]
     assert all((r is None) == (cuda_graphs == "off") for r in runners)
-    results = executor.run_batch(json.dumps([request]), lambda step, total: [])
+    results = executor.run_batch(json.dumps({"items": [request], "lora_files": {}, "lora_drop": []}), lambda s, t: [])
     if cuda_graphs == "on":
         assert all(r is not None and r.stats.replays > 0 and r.stats.failed_captures == 0 for r in runners)
     assert results[0] is not None

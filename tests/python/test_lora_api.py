@@ -179,6 +179,41 @@ def test_adapters_past_the_memory_budget_leave_and_come_back_from_their_file(flu
         gen.shutdown()
 
 
+def test_adapters_read_for_requests_count_against_the_memory_budget(flux_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    model = load_native_model(
+        FluxTransformer2DModel.from_config, flux_dir / "transformer", torch.device("cpu"), torch.float32
+    )
+    files = {name: save_lora(random_lora(model, FLUX_MODULES, 4, seed, scale=0.3), tmp_path / f"{name}.safetensors")
+             for name, seed in (("a", 1), ("b", 2), ("c", 3))}  # fmt: skip
+    # Room for one of these adapters (~11 kB each) at a time.
+    gen = DiffGenerator.from_pretrained(
+        flux_dir, device="cpu", dit_precision="fp32", vae_precision="fp32", lora_cache_gb=15e-6
+    )
+
+    def loaded() -> list[str]:
+        return sorted(entry["nickname"] for entry in gen.list_loras()["loaded_adapters"])
+
+    def styled(nickname: str) -> np.ndarray:
+        return gen.generate(PROMPT, seed=5, output_type="np", guidance_scale=3.5, lora=[{"nickname": nickname}],
+                            **SMALL).images[0]  # fmt: skip
+
+    try:
+        gen.set_lora(["a", "b", "c"], [files["a"], files["b"], files["c"]])
+        gen.set_lora("c")  # c stays set (merged): it never leaves memory; a and b are only registered
+        gen.unmerge_lora()
+        assert loaded() == ["c"]
+        first = styled("a")
+        assert loaded() == ["a", "c"]
+        styled("b")  # a, read for the last batch, leaves: only b (and the set c) stay
+        assert loaded() == ["b", "c"]
+        np.testing.assert_array_equal(styled("a"), first)  # read again from its file
+        assert loaded() == ["a", "c"]
+    finally:
+        gen.shutdown()
+
+
 def test_the_diffusers_backend_refuses_lora_by_name(flux_dir: Path, lora_file: Path) -> None:
     gen = DiffGenerator.from_pretrained(flux_dir, device="cpu", backend="diffusers")
     try:

@@ -128,7 +128,7 @@ declare_fields! {
         #[serde(default)]
         pub lora_dir: Option<String> [.group(LORA)],
         /// Most gigabytes of LoRA weights kept in memory (CPU) across nicknames (default 8); past it the
-        /// least recently set leave and are read from their file when set again.
+        /// least recently used leave and are read from their file when used again.
         #[serde(default)]
         pub lora_cache_gb: Option<f64> [.group(LORA).above(0)],
     }

@@ -26,12 +26,21 @@ pub struct PythonExecutor {
     loras: LoraRegistry,
 }
 
+/// A batch as the Python executor's `run_batch` takes it.
+#[derive(Serialize)]
+struct WireBatch<'a> {
+    items: Vec<WireItem<'a>>,
+    /// The file of each LoRA adapter the requests name in their own `lora`, by nickname.
+    lora_files: BTreeMap<&'a str, String>,
+    /// Adapters whose tensors to let go of before the batch (the registry's byte budget, least recently used
+    /// first), unless a denoiser has them set; never one of this batch's.
+    lora_drop: Vec<String>,
+}
+
 #[derive(Serialize)]
 struct WireItem<'a> {
     id: u64,
     request: &'a ResolvedRequest,
-    /// The file of each of the request's own LoRA adapters (`request.lora`), by nickname.
-    lora_files: BTreeMap<&'a str, String>,
 }
 
 impl PythonExecutor {
@@ -136,19 +145,26 @@ impl BatchExecutor for PythonExecutor {
     }
 
     fn execute(&mut self, batch: &[BatchItem], progress: &BatchProgress) -> Result<Vec<ItemOutcome>, ExecError> {
-        let mut wire = Vec::with_capacity(batch.len());
-        for item in batch {
-            let mut lora_files = BTreeMap::new();
-            for lora in &item.request.lora {
-                // An unknown nickname fails the batch; the scheduler then runs its requests one by one, so only
-                // the request that named it fails.
-                let registered = self.loras.get(&lora.nickname).map_err(|err| {
-                    ExecError::new(ExecErrorKind::InvalidInput { field: Some("lora".into()) }, err.to_string())
-                })?;
-                lora_files.insert(lora.nickname.as_str(), registered.lora.file.to_string_lossy().into_owned());
-            }
-            wire.push(WireItem { id: item.id, request: &item.request, lora_files });
+        let mut lora_files = BTreeMap::new();
+        for lora in batch.iter().flat_map(|item| &item.request.lora) {
+            // An unknown nickname fails the batch; the scheduler then runs its requests one by one, so only the
+            // request that named it fails.
+            let registered = self.loras.get(&lora.nickname).map_err(|err| {
+                ExecError::new(ExecErrorKind::InvalidInput { field: Some("lora".into()) }, err.to_string())
+            })?;
+            lora_files.insert(lora.nickname.as_str(), registered.lora.file.to_string_lossy().into_owned());
         }
+        // Adapters read for requests count against the byte budget as set ones do.
+        let lora_drop = if lora_files.is_empty() {
+            Vec::new()
+        } else {
+            self.loras.plan_use(&lora_files.keys().copied().collect::<Vec<_>>())
+        };
+        let wire = WireBatch {
+            items: batch.iter().map(|item| WireItem { id: item.id, request: &item.request }).collect(),
+            lora_files,
+            lora_drop,
+        };
         let batch_json =
             serde_json::to_string(&wire).map_err(|e| ExecError::internal(format!("cannot encode the batch: {e}")))?;
         Python::attach(|py| {

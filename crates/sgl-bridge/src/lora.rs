@@ -62,7 +62,7 @@ pub(crate) fn python_command(registry: &mut LoraRegistry, command: &str) -> Resu
                 resolved.push((adapter, registered.given.clone(), registered.lora.clone()));
             }
             let nicknames: Vec<&str> = adapters.iter().map(|adapter| adapter.nickname.as_str()).collect();
-            let drop = registry.plan_set(&nicknames);
+            let drop = registry.plan_use(&nicknames);
             PythonCommand::Set {
                 drop,
                 adapters: resolved

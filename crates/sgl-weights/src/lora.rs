@@ -122,14 +122,14 @@ pub fn inspect_lora(path: &str, lora_dir: Option<&Path>) -> Result<LoraFile, Wei
 /// Nickname → adapter, for one engine. Re-registering a nickname with a path replaces it.
 ///
 /// It also keeps the books of the adapters' tensors the Python side holds in memory (CPU), least recently
-/// set first, against a byte budget: [`LoraRegistry::plan_set`] says which to drop when a `set` would pass
-/// it. A dropped adapter stays registered: set again by its nickname, it is read from its file again.
+/// used first, against a byte budget: [`LoraRegistry::plan_use`] says which to drop when a `set` or a batch's
+/// requests would pass it. A dropped adapter stays registered: set again by its nickname, it is read from its file again.
 #[derive(Debug, Default)]
 pub struct LoraRegistry {
     lora_dir: Option<PathBuf>,
     adapters: BTreeMap<String, RegisteredLora>,
     budget_bytes: u64,
-    /// Nicknames whose tensors are in memory, least recently set first.
+    /// Nicknames whose tensors are in memory, least recently used first.
     in_memory: Vec<String>,
 }
 
@@ -147,10 +147,11 @@ impl LoraRegistry {
         Self { lora_dir, adapters: BTreeMap::new(), budget_bytes, in_memory: Vec::new() }
     }
 
-    /// `nicknames` (registered) are about to be set: they become the most recent, and the least recent others
-    /// are returned for dropping until the adapters in memory fit the budget. Adapters a target still has set
-    /// cannot be dropped: the Python side keeps them, and [`LoraRegistry::reconcile`] learns so.
-    pub fn plan_set(&mut self, nicknames: &[&str]) -> Vec<String> {
+    /// `nicknames` (registered) are about to be set, or read for a batch's requests: they become the most
+    /// recent, and the least recent others leave the books and are returned for dropping until the adapters in
+    /// memory fit the budget. Adapters a target still has set cannot be dropped: the Python side keeps them,
+    /// and [`LoraRegistry::reconcile`] learns so.
+    pub fn plan_use(&mut self, nicknames: &[&str]) -> Vec<String> {
         self.in_memory.retain(|name| !nicknames.contains(&name.as_str()));
         self.in_memory.extend(nicknames.iter().map(|name| name.to_string()));
         let bytes = |name: &str| self.adapters.get(name).map_or(0, |adapter| adapter.lora.bytes);
@@ -166,6 +167,7 @@ impl LoraRegistry {
             total -= bytes(name);
             dropped.push(name.clone());
         }
+        self.in_memory.retain(|name| !dropped.contains(name));
         dropped
     }
 
@@ -282,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn the_least_recently_set_adapters_leave_memory_first_when_over_budget() {
+    fn the_least_recently_used_adapters_leave_memory_first_when_over_budget() {
         let dir = tempfile::tempdir().unwrap();
         // 128 bytes of tensor data each.
         let mut registry = LoraRegistry::new(None, 300);
@@ -291,11 +293,12 @@ mod tests {
             write_safetensors(&file, &[("transformer.x.lora_A.weight", &[4, 8])]);
             registry.register(name, Some(file.to_str().unwrap())).unwrap();
         }
-        assert!(registry.plan_set(&["a"]).is_empty());
+        assert!(registry.plan_use(&["a"]).is_empty());
         // a, b, c: 384 bytes > 300: a, the least recent, goes (b and c are being set).
-        assert_eq!(registry.plan_set(&["b", "c"]), ["a"]);
+        assert_eq!(registry.plan_use(&["b", "c"]), ["a"]);
+        assert_eq!(registry.bytes_in_memory(), 256); // the plan takes a off the books at once
         registry.reconcile(&["b".into(), "c".into()]);
-        assert_eq!(registry.plan_set(&["d"]), ["b"]);
+        assert_eq!(registry.plan_use(&["d"]), ["b"]);
         // The Python side kept b (a target still has it set): the books follow it.
         registry.reconcile(&["b".into(), "c".into(), "d".into()]);
         assert_eq!(registry.bytes_in_memory(), 384);
@@ -303,6 +306,6 @@ mod tests {
         assert_eq!(registry.bytes_in_memory(), 256);
         // Setting a again reads it again: it stays registered.
         assert_eq!(registry.get("a").unwrap().nickname, "a");
-        assert_eq!(registry.plan_set(&["a"]), ["c"]);
+        assert_eq!(registry.plan_use(&["a"]), ["c"]);
     }
 }

@@ -6,7 +6,7 @@ Rust registry checked every path and header; see `crates/sgl-bridge/src/lora.rs`
 * `set`: loads the adapters (a nickname loaded before from the same file is reused), checks every one
   against its denoisers, then makes each named denoiser its base plus these adapters in order (what it had
   merged before is replaced; denoisers not named keep theirs). Any error leaves every weight as it was.
-  Then it lets go of the tensors of the adapters in `drop` (the registry's byte budget, least recently set
+  Then it lets go of the tensors of the adapters in `drop` (the registry's byte budget, least recently used
   first) that no denoiser has set.
 * `merge` / `unmerge`: merges the denoisers' adapters again (at their strengths, or one given for all) /
   restores their base weights exactly; the adapters stay set.
@@ -64,7 +64,7 @@ class ServedLoras:
         op = command["op"]
         if op == "set":
             self._set(command["adapters"])
-            self._drop(command.get("drop", ()))
+            self.drop(command.get("drop", ()))
         elif op == "merge":
             self._merge(self._targets(command["target"]), command.get("strength"))
         elif op == "unmerge":
@@ -123,9 +123,9 @@ class ServedLoras:
             adapters[nickname] = adapter
         return adapters
 
-    def _drop(self, nicknames: Sequence[str]) -> None:
+    def drop(self, nicknames: Sequence[str]) -> None:
         """Lets go of these adapters' tensors (the Rust registry's budget), but of none a denoiser has set: they
-        stay registered there and are read from their file when set again."""
+        stay registered there and are read from their file when set or named by a request again."""
         active = {nickname for denoiser in self.denoisers.values() for nickname, _ in denoiser.active}
         for nickname in nicknames:
             if nickname not in active:

@@ -89,11 +89,14 @@ class PipelineExecutor:
         return json.dumps(info)
 
     def run_batch(self, batch_json: str, progress: Any) -> list[tuple[list[bytes], str] | None]:
-        """Runs one batch; returns per request `(encoded outputs, metadata JSON)`, or `None` for a
+        """Runs one batch (`sgl_bridge`'s `WireBatch`: the requests, the files of the LoRA adapters they name,
+        the adapters to let go of first); returns per request `(encoded outputs, metadata JSON)`, or `None` for a
         request cancelled while the batch ran."""
-        items = json.loads(batch_json)
-        requests = [Request.from_wire(item) for item in items]
-        features = self._request_loras(requests, {k: v for item in items for k, v in item["lora_files"].items()})
+        batch = json.loads(batch_json)
+        requests = [Request.from_wire(item) for item in batch["items"]]
+        if batch["lora_drop"] and self._loras is not None:
+            self._loras.drop(batch["lora_drop"])
+        features = self._request_loras(requests, batch["lora_files"])
         try:
             state = self.pipeline.run(requests, progress, features=features)
         except torch.OutOfMemoryError:
