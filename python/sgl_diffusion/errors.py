@@ -35,6 +35,6 @@ __all__ = [
 
 def invalid_request(field: str | None, message: str) -> InvalidRequestError:
     """Builds the error for a request field the pipeline cannot honour (raise it)."""
-    err = InvalidRequestError(message, field)
+    err = InvalidRequestError(message)  # one argument: `str(err)` is the message
     err.field = field
     return err

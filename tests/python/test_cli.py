@@ -119,6 +119,11 @@ def test_bad_input_names_the_field(flux_dir: Path, tmp_path: Path) -> None:
     assert "negative_prompt" in proc.stderr and "true_cfg_scale" in proc.stderr
     proc = run_cli("--model-path", str(flux_dir), "--prompt", "a", "--width", "40", *SMALL_FLAGS, cwd=tmp_path)
     assert proc.returncode == 2 and "multiple of 16" in proc.stderr
+    # The message alone, as written (not the exception's argument tuple).
+    assert "sgl-diffusion generate: error: invalid `width`: must be a multiple of 16" in proc.stderr
+    proc = run_cli("--model-path", str(flux_dir), "--prompt", "a", "--width", "1024", "--height", "1024",
+                   "--num-inference-steps", "1000", "--device", "cpu", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "sgl-diffusion generate: error: this request costs" in proc.stderr
     proc = run_cli("--prompt", "a", "--config", str(tmp_path / "missing.yaml"), cwd=tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
@@ -153,14 +158,15 @@ DENOISING_PROGRESS = re.compile(r"denoising:\s*\d+%\|[^|\r\n]*\|\s*([1-9]\d*)/10
 
 def test_ctrl_c_cancels_the_running_request(flux_dir: Path, tmp_path: Path) -> None:
     # Synchronised on an event, not on timing: SIGINT goes out once the CLI has printed a finished
-    # denoising step, so the request is known to be running. 1000 steps at 256x256 take ~95 s on 2 CPU
-    # cores (~95 ms a step): that is the margin this process has to send the signal, not a guess at
-    # how fast the run goes. Once cancelled, the CLI stops at the next step boundary.
+    # denoising step, so the request is known to be running. 1000 steps at 1024x1024 take ~80 s on 2 CPU
+    # cores: that is the margin this process has to send the signal, not a guess at how fast the run goes
+    # (at 256x256 the tiny model runs 1000 steps in 8 s, which a loaded CI machine once overran before the
+    # test process sent the signal). Once cancelled, the CLI stops at the next step boundary.
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--prompt", "a", "--height", "256",
-             "--width", "256", "--num-inference-steps", "1000", "--device", "cpu", "--output-path", str(tmp_path)],
+            [SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--prompt", "a", "--height", "1024",
+             "--width", "1024", "--num-inference-steps", "1000", "--max-request-cost", "5000000", "--device", "cpu", "--output-path", str(tmp_path)],
             stdout=subprocess.PIPE, stderr=stderr, text=True,
         )  # fmt: skip
         try:

@@ -231,15 +231,9 @@ fn to_exec_error(py: Python<'_>, err: &PyErr, fallback: ExecErrorKind) -> ExecEr
     let type_name = value.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
     let message = value.str().map(|s| s.to_string()).unwrap_or_default();
     if type_name == "InvalidRequestError" {
+        // Raised as InvalidRequestError(message) with `.field` (`sgl_diffusion.errors.invalid_request`).
         let field = value.getattr("field").ok().and_then(|f| f.extract::<String>().ok());
-        // Raised as InvalidRequestError(message, field): report the message, not the args tuple.
-        let text = value
-            .getattr("args")
-            .ok()
-            .and_then(|args| args.get_item(0).ok())
-            .and_then(|first| first.extract::<String>().ok())
-            .unwrap_or(message);
-        return ExecError::new(ExecErrorKind::InvalidInput { field }, text);
+        return ExecError::new(ExecErrorKind::InvalidInput { field }, message);
     }
     if type_name == "OutOfMemoryError" {
         return ExecError::new(ExecErrorKind::OutOfMemory, message);

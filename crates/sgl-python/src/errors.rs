@@ -38,9 +38,9 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// `InvalidRequestError(message, field)`: Python code reads `err.args[1]` / `err.field`.
+/// `InvalidRequestError(message)` with `.field`: `str(err)` is the message alone (the CLI prints it as is).
 pub(crate) fn invalid(py: Python<'_>, field: Option<&str>, message: &str) -> PyErr {
-    let err = InvalidRequestError::new_err((message.to_string(), field.map(str::to_string)));
+    let err = InvalidRequestError::new_err(message.to_string());
     // Attach `.field` for callers (the HTTP layer maps it to OpenAI's `param`).
     let _ = err.value(py).setattr("field", field);
     err
