@@ -13,6 +13,8 @@ after warm-up), in TFLOP/s of the *dense* attention's FLOPs (``4 * S^2 * D * hea
 its dense-equivalent speed) and with the fraction of key blocks a sparse pattern reads:
 
 * ``sdpa_cudnn`` / ``sdpa_flash``: torch SDPA forced onto cuDNN attention / FlashAttention-2 (exact);
+* ``fa``: ``--attention-backend fa``, FlashAttention-3 (``fa3-fwd``'s prebuilt forward, or a source build) or -2,
+  the row naming which loaded;
 * ``fa4``: ``--attention-backend fa4`` (``flash-attn-4``; needs the package, a Hopper GPU; JIT on first call);
 * ``sta_triton <window>``: sliding tile attention on this repository's Triton block-sparse kernel, the whole seam
   call (tile permutation and back included) and, as ``kernel only``, the kernel on pre-tiled inputs;
@@ -177,13 +179,15 @@ def run_shape(shape: Shape, args: argparse.Namespace, device: torch.device) -> l
             measure(f"sdpa_{kernel}", run_sdpa)
     else:
         measure("sdpa (CPU)", lambda: attn.attention(q, k, v))
-    try:
-        attn.resolve_attention_backend("fa4", device=device, dtype=dtype)
-    except ValueError as err:
-        rows.append({"shape": shape.name, "row": "fa4", "error": str(err)[:300]})
-        log(f"  fa4: {str(err)[:200]}")
-    else:
-        measure("fa4", lambda: attn.attention(q, k, v, backend="fa4"))
+    for backend in ("fa", "fa4"):
+        try:
+            attn.resolve_attention_backend(backend, device=device, dtype=dtype)
+        except ValueError as err:
+            rows.append({"shape": shape.name, "row": backend, "error": str(err)[:300]})
+            log(f"  {backend}: {str(err)[:200]}")
+        else:
+            build = attn.attention_kernel_label(backend)
+            measure(backend, lambda backend=backend: attn.attention(q, k, v, backend=backend), build=build)
     # What the engine's `auto` runs here: its own measurement of the exact kernels installed (the first call),
     # then the winner's time as a row of its own.
     auto = attn.resolve_attention_backend("auto", device=device, dtype=dtype)
@@ -284,6 +288,8 @@ def markdown(results: dict[str, Any]) -> str:
             name += f" (measured {row['auto_choice']})"
         elif "resolved" in row:
             name += f" (resolved {row['resolved']})"
+        elif row.get("build"):
+            name += f" ({row['build']})"
         lines.append(
             f"| {row['shape']} | {name} | {row['ms']:.3f} [{row['ms_min']:.3f}, {row['ms_max']:.3f}] | "
             f"{row['dense_equiv_tflops']:.0f} | {density} | {check} |"

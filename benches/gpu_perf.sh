@@ -19,13 +19,17 @@
 #   #   ... -d .whl st-attn==0.0.7 vsa==0.0.4
 #   #   ... --pre -d .whl flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
 #   #       quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 einops==0.9.0.dev0
+#   # FlashAttention-3 (`fa`): fa3-fwd's prebuilt forward-only kernels (cp39-abi3, CUDA 13, torch's stable ABI,
+#   # bf16; 28 MB) in a folder of its own, carried with .whl: [".whl", ".whl_fa3"] (59 MB with the tree):
+#   #   echo /.whl_fa3/ >> .git/info/exclude; ... -d .whl_fa3 --platform manylinux_2_24_x86_64 fa3-fwd==0.0.3
 #   # FA4's CUDA 13 library wheel (nvidia-cutlass-dsl-libs-cu13==4.8.1, 92 MB) is over one call's carry: download
 #   # it to /tmp, `split -b 32M <wheel> /tmp/<wheel>.part-`, put part aa in .whl_fa4a/ and parts ab, ac in .whl_fa4b/
-#   # (echo /.whl_fa4*/ >> .git/info/exclude), carry [".whl", ".whl_fa4a"] in one call and [".whl_fa4b"] in the next
-#   # on the same warm machine (ignored paths stay there between calls); the job joins and installs it.
-# About 10 MB in all, under the 64 MiB a call carries.
+#   # (echo /.whl_fa4*/ >> .git/info/exclude), carry [".whl_fa4a"] and [".whl_fa4b"] in two later calls on the same
+#   # warm machine (ignored paths stay there between calls; the next call must come within its idle release, 30 s);
+#   # the attention-kernels job joins and installs it.
+# .whl is about 28 MB: with the tree, under the 64 MiB a call carries, and with .whl_fa3 too.
 #
-# There (device tool: carry [".whl"], timeout_s 600), the jobs below in the order given; each fits one
+# There (device tool: carry [".whl"] or [".whl", ".whl_fa3"], timeout_s 600), the jobs below in the order given; each fits one
 # 10-minute command alone, and one command may run several if their times add up to less:
 #   BENCH_COMMIT=<sha> bash benches/gpu_perf.sh JOB [JOB ...]
 # Results land in $OUT: gpu_perf.log (everything), cuda_tests.log, and <name>.json / .md per perf.py job:
@@ -124,7 +128,10 @@ else
     PYTHON=python3
     WORK=/tmp/sgl-bench  # perf.py's default --work-dir
     SMOKE_ARGS=()
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    # FlashAttention-3's prebuilt forward (.whl_fa3/, when carried) comes with them.
+    wheels=(.whl/*.whl)
+    [[ -d .whl_fa3 ]] && wheels+=(.whl_fa3/*.whl)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
     # The fused kernels are a separate pure-Python package; the checkout's copy is the one under test.
     export PYTHONPATH=/tmp/site:$PWD/kernels
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

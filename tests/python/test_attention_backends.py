@@ -24,6 +24,7 @@ from sgl_diffusion.layers import attention_autotune
 from sgl_diffusion.layers.attention import (
     AttentionBackend,
     attention,
+    attention_kernel_label,
     auto_attention_measurements,
     available_attention_backends,
     check_attention_backend_name,
@@ -36,7 +37,7 @@ from sgl_diffusion.layers.attention_autotune import AttentionShape, MeasuredChoi
 # the module itself to patch its internals.
 attn = importlib.import_module("sgl_diffusion.layers.attention")
 
-OPTIONAL_MODULES = ("flash_attn_interface", "flash_attn", "flash_attn.cute", "sageattention")
+OPTIONAL_MODULES = ("fa3_fwd_interface", "flash_attn_interface", "flash_attn", "flash_attn.cute", "sageattention")
 #: What runs anywhere: the default, `auto`, and the sparse video backends (their torch references).
 ALWAYS = "torch_sdpa, auto, sliding_tile_attn, video_sparse_attn"
 
@@ -119,7 +120,18 @@ def test_unknown_and_reserved_names() -> None:
 @pytest.mark.parametrize(
     ("name", "needles"),
     [
-        ("fa", ["flash-attn", "flash_attn_interface", "`flash_attn`", "not installed", "pip install flash-attn"]),
+        (
+            "fa",
+            [
+                "flash-attn",
+                "fa3_fwd_interface",
+                "flash_attn_interface",
+                "`flash_attn`",
+                "not installed",
+                "pip install fa3-fwd",
+                "pip install flash-attn",
+            ],
+        ),
         ("fa4", ["flash-attn-4", "`flash_attn.cute`", "not installed", "pip install --pre flash-attn-4"]),
         ("sage_attn", ["sageattention", "not installed", "pip install sageattention"]),
     ],
@@ -169,8 +181,9 @@ def test_register_rules() -> None:
 
 @pytest.mark.parametrize(
     ("module", "returns_lse"),
-    [("flash_attn_interface", True), ("flash_attn_interface", False), ("flash_attn", False)],
-)
+    [("fa3_fwd_interface", False), ("flash_attn_interface", True), ("flash_attn_interface", False),
+     ("flash_attn", False)],
+)  # fmt: skip
 @pytest.mark.usefixtures("on_cpu")
 def test_fa_routes_to_kernel(monkeypatch: pytest.MonkeyPatch, module: str, returns_lse: bool) -> None:
     calls = _fake_module(monkeypatch, module, "flash_attn_func", returns_lse=returns_lse)
@@ -192,6 +205,23 @@ def test_fa_prefers_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
     fa2 = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
     attention(*_qkv(), backend="fa")
     assert (len(fa3), len(fa2)) == (1, 0)
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_fa_prefers_the_prebuilt_fa3_forward_for_bf16_and_says_it_has_no_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    fa3_fwd = _fake_module(monkeypatch, "fa3_fwd_interface", "flash_attn_func")
+    fa3 = _fake_module(monkeypatch, "flash_attn_interface", "flash_attn_func", returns_lse=True)
+    attention(*_qkv(), backend="fa")
+    assert (len(fa3_fwd), len(fa3)) == (1, 0)
+    assert attention_kernel_label("fa3") == "FlashAttention-3 (fa3-fwd)"
+    assert attention_kernel_label("fa4") is None and attention_kernel_label("torch_sdpa") is None
+    with pytest.raises(ValueError, match=r"'fa' \(FlashAttention-3 \(fa3-fwd\)\) takes bf16 only"):
+        resolve_attention_backend("fa", dtype=torch.float16)  # at load time, for a --dit-precision fp16 model
+    # The fa3-fwd wheel ships bf16 kernels only: fp16 is refused by name before the kernel is called.
+    q, k, v = (t.half() for t in _qkv())
+    with pytest.raises(ValueError, match=r"'fa' \(FlashAttention-3 \(fa3-fwd\)\) takes bf16 tensors"):
+        attention(q, k, v, backend="fa")
+    assert len(fa3_fwd) == 1
 
 
 @pytest.mark.usefixtures("on_cpu")
@@ -251,11 +281,11 @@ def test_fa_mask_falls_back_to_sdpa_once_logged(
 
 def test_fa_rejects_unsupported_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_module(monkeypatch, "flash_attn", "flash_attn_func")
-    with pytest.raises(ValueError, match=r"'fa' takes fp16/bf16 .* got q torch.float32"):
+    with pytest.raises(ValueError, match=r"'fa' \(FlashAttention-2\) takes fp16/bf16 .* got q torch.float32"):
         attention(*_qkv(dtype=torch.float32), backend="fa")
     with pytest.raises(ValueError, match="'fa' runs on CUDA only, got tensors on cpu"):
         attention(*_qkv(dtype=torch.bfloat16), backend="fa")
-    with pytest.raises(ValueError, match="'fa' takes fp16/bf16 only"):
+    with pytest.raises(ValueError, match=r"'fa' \(FlashAttention-2\) takes fp16/bf16 only"):
         resolve_attention_backend("fa", dtype=torch.float32)
     with pytest.raises(ValueError, match="'fa' runs on CUDA only, got device cpu"):
         resolve_attention_backend("fa", device="cpu")

@@ -12,8 +12,10 @@ without the model code knowing which kernels were built:
 
 * ``torch_sdpa`` (default, exact): ``F.scaled_dot_product_attention``; on Hopper it prefers cuDNN's
   fused attention (see :data:`SDPA_KERNEL_PREFERENCES`).
-* ``fa`` (exact): FlashAttention, via FlashAttention-3's ``flash_attn_interface.flash_attn_func`` when
-  that imports, else FlashAttention-2's ``flash_attn.flash_attn_func``. fp16/bf16 CUDA tensors only.
+* ``fa`` (exact): FlashAttention, the first of these that imports: FlashAttention-3's forward-only build
+  ``fa3_fwd_interface.flash_attn_func`` (the ``fa3-fwd`` wheel on PyPI: bf16 only), FlashAttention-3's
+  ``flash_attn_interface.flash_attn_func`` (built from the ``hopper`` folder of the repository),
+  FlashAttention-2's ``flash_attn.flash_attn_func``. fp16/bf16 CUDA tensors only.
 * ``fa4`` (exact): FlashAttention-4 (the ``flash-attn-4`` package, CuTe-DSL kernels compiled at first use),
   ``flash_attn.cute.flash_attn_func``; fp16/bf16 on a Hopper or newer GPU only.
 * ``sage_attn`` (lossy, int8 QK): SageAttention's ``sageattention.sageattn``. fp16/bf16 CUDA only.
@@ -68,6 +70,7 @@ __all__ = [
     "AttentionFn",
     "VideoAttention",
     "attention",
+    "attention_kernel_label",
     "auto_attention_measurements",
     "available_attention_backends",
     "canonical_attention_backend",
@@ -210,11 +213,17 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
 # --------------------------------------------------------------------------------------------------
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 @dataclass(frozen=True)
 class _KernelSource:
     module: str
     attr: str
     label: str
+    # The input dtypes this build has kernels for.
+    dtypes: tuple[torch.dtype, ...] = _HALF_DTYPES
 
 
 @dataclass(frozen=True)
@@ -235,7 +244,6 @@ class _FoundKernel:
     fn: Callable[..., object]
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Device types the fa/sage_attn wrappers accept. The real kernels are CUDA-only; tests widen this to
 # run stand-in kernels (pure torch) on CPU.
 _KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -300,14 +308,19 @@ def _source_modules(backend: _OptionalBackend) -> set[str]:
     return {s.module for s in backend.sources}
 
 
-def _check_kernel_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_kernel_inputs(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: _KernelSource | None = None
+) -> None:
     # The kernels' own errors for these cases are either cryptic or (Triton) a compile failure deep in the
     # stack; say what is wrong and what to use instead.
+    dtypes = source.dtypes if source is not None else _HALF_DTYPES
     for t in (q, k, v):
-        if t.dtype not in _HALF_DTYPES or t.dtype != q.dtype:
+        if t.dtype not in dtypes or t.dtype != q.dtype:
+            takes = "/".join(_SHORT_DTYPE_NAMES[dtype] for dtype in dtypes)
+            build = f" ({source.label})" if source is not None else ""
             raise ValueError(
-                f"attention backend '{name}' takes fp16/bf16 tensors of one dtype, got q {q.dtype}, k {k.dtype}, "
-                f"v {v.dtype}; use --attention-backend torch_sdpa (or auto) for other precisions"
+                f"attention backend '{name}'{build} takes {takes} tensors of one dtype, got q {q.dtype}, "
+                f"k {k.dtype}, v {v.dtype}; use --attention-backend torch_sdpa (or auto) for other precisions"
             )
         if t.device.type not in _KERNEL_DEVICE_TYPES:
             raise ValueError(
@@ -332,7 +345,7 @@ def _flash_family(name: str) -> AttentionFn:
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         backend = _OPTIONAL[name]
         found = _kernel(backend)
-        _check_kernel_inputs(name, q, k, v)
+        _check_kernel_inputs(name, q, k, v, found.source)
         if name == AttentionBackend.FLASH_ATTN_4.value:
             _check_hopper(name, q.device)
         if attn_mask is not None:
@@ -356,7 +369,7 @@ def _flash_kernel(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tens
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         found = _kernel(_OPTIONAL[name])
-        _check_kernel_inputs(name, q, k, v)
+        _check_kernel_inputs(name, q, k, v, found.source)
         out = found.fn(q, k, v, causal=False)
         return out[0] if isinstance(out, tuple) else out
 
@@ -406,14 +419,17 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.
 _FLASH_ATTN = _OptionalBackend(
     name=AttentionBackend.FLASH_ATTN.value,
     sources=(
+        # A prebuilt forward-only FlashAttention-3 (Hopper; the package ships bf16 kernels only).
+        _KernelSource("fa3_fwd_interface", "flash_attn_func", "FlashAttention-3 (fa3-fwd)", (torch.bfloat16,)),
         _KernelSource("flash_attn_interface", "flash_attn_func", "FlashAttention-3"),
         _KernelSource("flash_attn", "flash_attn_func", "FlashAttention-2"),
     ),
     package="flash-attn",
-    provides="FlashAttention-3 `flash_attn_interface` or FlashAttention-2 `flash_attn`",
+    provides=("FlashAttention-3 `fa3_fwd_interface` or `flash_attn_interface`, or FlashAttention-2 `flash_attn`"),
     install=(
-        "`pip install flash-attn --no-build-isolation` (FlashAttention-2) or, for FlashAttention-3 on Hopper, "
-        "`cd hopper && python setup.py install` in a clone of https://github.com/Dao-AILab/flash-attention"
+        "`pip install fa3-fwd` (FlashAttention-3 forward, Hopper, bf16), `pip install flash-attn "
+        "--no-build-isolation` (FlashAttention-2), or FlashAttention-3 built from the `hopper` folder of "
+        "https://github.com/Dao-AILab/flash-attention"
     ),
     fn=_flash_family(AttentionBackend.FLASH_ATTN.value),
 )
@@ -466,6 +482,14 @@ def available_attention_backends() -> list[str]:
     others |= VIDEO_SPARSE_BACKENDS
     others -= {DEFAULT_ATTENTION_BACKEND, AttentionBackend.AUTO.value}
     return [DEFAULT_ATTENTION_BACKEND, AttentionBackend.AUTO.value, *sorted(others)]
+
+
+def attention_kernel_label(name: str) -> str | None:
+    """Which build an optional backend (``fa``, ``fa4``, ``sage_attn``) runs now, e.g. "FlashAttention-3 (fa3-fwd)"
+    for ``fa``; ``None`` when its package is missing or the name is not an optional backend."""
+    backend = _OPTIONAL.get(canonical_attention_backend(name) or "")
+    found = _probe(backend) if backend is not None else None
+    return found.source.label if found is not None else None
 
 
 def _default_device() -> torch.device:
@@ -622,10 +646,12 @@ def resolve_attention_backend(
         return key
     optional = _OPTIONAL.get(key)
     if optional is not None:
-        if _probe(optional) is None:
+        found = _probe(optional)
+        if found is None:
             raise ValueError(_missing_package_message(optional))
-        if dtype is not None and dtype not in _HALF_DTYPES:
-            raise ValueError(f"attention backend '{key}' takes fp16/bf16 only, got {dtype}")
+        if dtype is not None and dtype not in found.source.dtypes:
+            takes = "/".join(_SHORT_DTYPE_NAMES[half] for half in found.source.dtypes)
+            raise ValueError(f"attention backend '{key}' ({found.source.label}) takes {takes} only, got {dtype}")
         if device is not None and torch.device(device).type not in _KERNEL_DEVICE_TYPES:
             raise ValueError(f"attention backend '{key}' runs on CUDA only, got device {device}")
         if key == _FLASH_ATTN_4.name and device is not None:
