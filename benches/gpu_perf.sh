@@ -48,7 +48,8 @@
 #                       log in $OUT/cuda_tests.log, skipped tests listed with their reason at its end
 #   flux-forward        ours vs diffusers, eager and compiled, + CUDA graphs on both sides (4096 tokens: ours'
 #                       `auto` captures), 5 alternating repetitions x 3 calls after 3 warm-up calls each
-#   wan-forward         the same at 32 760 tokens (no graphs: ours' `auto` does not capture that shape)
+#   wan-forward         the same at 32 760 tokens (no graphs: ours' `auto` does not capture that shape), and ours
+#                       compiled on each exact attention kernel installed (fa, fa4, auto's measured pick) beside cuDNN
 #   flux-e2e            FLUX.1-dev 1024² 28 steps: ours (graphs auto) vs diffusers eager and compiled
 #                       (reduce-overhead when ours captured), 5 alternating repetitions after 1 warm-up each
 #   wan-e2e             Wan2.1-1.3B 480p 81 frames CFG, 20 steps (50 do not fit 5 alternating repetitions of
@@ -173,14 +174,18 @@ for job in "$@"; do
             "$PYTHON" -m pytest -v -rs -p no:cacheprovider -o pythonpath= "${files[@]}" 2>&1 \
                 | tee "$OUT/cuda_tests.log" || echo "cuda-tests FAILED"
             ;;
-        flux-forward | wan-forward | qwen-forward | flux2-forward)
+        wan-forward)
+            # The exact attention kernels beside cuDNN (those installed; a note names each missing one).
+            perf "$job" --workload "$job" --ours-attention fa fa4 auto
+            ;;
+        flux-forward | qwen-forward | flux2-forward)
             perf "$job" --workload "$job"
             ;;
         hunyuan-forward)
             perf "$job" --workload "$job" --eager-variants fused --reps 2 --runs 1 --warmup 1 --cuda-graphs off
             ;;
         hunyuan-forward-33f)
-            perf "$job" --workload hunyuan-forward --name "$job" --latent-frames 9 --runs 1
+            perf "$job" --workload hunyuan-forward --name "$job" --latent-frames 9 --runs 1 --ours-attention fa
             ;;
         flux-e2e)
             make_room flux

@@ -778,6 +778,42 @@ def shares_weights(ours: nn.Module, reference: nn.Module) -> bool:
     return all(p.data_ptr() == theirs[name].data_ptr() for name, p in ours.named_parameters())
 
 
+def ours_attention(model: nn.Module, backend: str | None) -> Callable[[], None]:
+    """A variant's `prepare`: our model on this attention backend (None: the one it was built with). Its compiled
+    blocks keep one graph per backend (the attribute is guarded), so alternating variants do not recompile."""
+    default = model.attention_backend
+
+    def prepare() -> None:
+        model.attention_backend = default if backend is None else backend
+
+    return prepare
+
+
+def usable_attention_backends(
+    model: nn.Module, names: list[str], device: torch.device, dtype: torch.dtype, notes: list[str]
+) -> list[str]:
+    """`--ours-attention`'s backends that can run here (resolved as the engine resolves them); a note for each that
+    cannot, with the reason."""
+    from sgl_diffusion.layers.attention import attention_kernel_label, resolve_attention_backend
+
+    if names and not hasattr(model, "attention_backend"):
+        raise SystemExit(f"--ours-attention: {type(model).__name__} has no attention_backend to switch")
+    usable = []
+    for name in names:
+        try:
+            resolved = resolve_attention_backend(name, device=device, dtype=dtype, video_tokens=True)
+        except ValueError as err:
+            notes.append(f"No row for attention {name}: {err}")
+            continue
+        if resolved == model.attention_backend or resolved in usable:
+            notes.append(f"No row for attention {name}: it resolves to {resolved}, which has one.")
+            continue
+        usable.append(resolved)
+        build = attention_kernel_label(resolved)
+        notes.append(f"Attention {resolved}" + (f": {build}." if build else f" (asked as {name})."))
+    return usable
+
+
 class OursSwitches:
     """Puts our model in one variant's configuration before its call: the eager variants share one model."""
 
@@ -803,6 +839,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
 
     device, dtype = args.device, torch.bfloat16 if args.device.type == "cuda" else torch.float32
     reference, ours = build_forward_pair(args.workload, args.tiny, device, dtype)
+    notes_before: list[str] = []
     inputs = forward_inputs(args.workload, args.tiny, device, dtype, size=args.latent_frames)
     mine = ours_inputs(args.workload, inputs)
     if args.workload in FORWARD_TFLOP:
@@ -847,8 +884,17 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
         compile_repeated_blocks(ours, backend=args.compile_backend)
         compiled = [
             Variant(DIFFUSERS_COMPILED, call_reference, "compiled"),
-            Variant("ours + torch.compile", call_ours, "compiled", DIFFUSERS_COMPILED),
+            Variant(
+                "ours + torch.compile",
+                call_ours,
+                "compiled",
+                DIFFUSERS_COMPILED,
+                ours_attention(ours, None) if args.ours_attention else None,
+            ),
         ]
+        for backend in usable_attention_backends(ours, args.ours_attention, device, dtype, notes_before):
+            compiled.append(Variant(f"ours + torch.compile, attention {backend}", call_ours, "compiled",
+                                    "ours + torch.compile", ours_attention(ours, backend)))  # fmt: skip
         if twin is not None:
             compile_with_cuda_graphs(twin, args.compile_backend)
             runner = CudaGraphRunner(ours, ours.forward, capture_all=True, tokens=batch_tokens(ours))
@@ -917,6 +963,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     ]
     if graphs:
         notes.append(reduce_overhead_note(device))
+    notes += notes_before
     if args.workload == "hunyuan-forward":
         video = tuple(inputs["hidden_states"].shape[2:])
         notes.append(
@@ -1676,6 +1723,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--diffusers", choices=["none", "eager", "compiled", "eager+compiled"],
                         default="eager+compiled", help="e2e / graph sweeps: diffusers variants to run")  # fmt: skip
     parser.add_argument("--lossy-attention", nargs="*", default=[], help="e2e: also run these attention backends")
+    parser.add_argument("--ours-attention", nargs="*", default=[],
+                        help="forward: also ours compiled on these exact attention backends (fa, fa4, auto), each "
+                             "against ours + torch.compile on the default (cuDNN on Hopper)")  # fmt: skip
     parser.add_argument("--compile-ablations", action="store_true",
                         help="forward: also compiled with packed q/k/v, and without GEMM epilogues")  # fmt: skip
     parser.add_argument(
