@@ -4,7 +4,8 @@
   at Wan-like shapes, bf16 and fp32, against the float32 torch reference;
 * FastVideo's `st_attn` (sliding tile attention, its 18x48x80 grid) and `vsa` (video sparse attention) packages,
   when they import with this torch, against the same reference (`pytest -rs` says why one was skipped);
-* FlashAttention-4 (`flash-attn-4`, `--attention-backend fa4`) against SDPA, when it imports on a Hopper GPU.
+* FlashAttention-3/2 (`--attention-backend fa`: `fa3-fwd`, `flash_attn_interface` or `flash_attn`) and
+  FlashAttention-4 (`flash-attn-4`, `--attention-backend fa4`) against SDPA, when they import on a Hopper GPU.
 
 Tolerances: bf16 kernels round `p` to bf16 before `p @ v` and write bf16 outputs (|out| ~ 1 here), so they sit
 within a few bf16 ulps of the float32 reference: max abs 2e-2, mean abs 2e-3. float32 (Triton, `ieee` dots):
@@ -93,16 +94,17 @@ def test_vsa_package_matches_reference() -> None:
     assert_close_to_reference(got, want)
 
 
+@pytest.mark.parametrize("backend", ["fa", "fa4"])
 @torch.inference_mode()
-def test_fa4_matches_sdpa() -> None:
+def test_flash_attention_matches_sdpa(backend: str) -> None:
     from sgl_diffusion.layers import attention as attention_mod
 
     try:
-        attention_mod.resolve_attention_backend("fa4", device="cuda", dtype=torch.bfloat16)
+        attention_mod.resolve_attention_backend(backend, device="cuda", dtype=torch.bfloat16)
     except ValueError as err:
         pytest.skip(str(err))
     q, k, v = tensors((1, 32, 128), 8, 128, torch.bfloat16, count=3)
-    got = attention_mod.attention(q, k, v, backend="fa4")
+    got = attention_mod.attention(q, k, v, backend=backend)
     want = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert_close_to_reference(got, want.flatten(2, 3))
 
