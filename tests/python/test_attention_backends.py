@@ -217,6 +217,9 @@ def test_fa_prefers_the_prebuilt_fa3_forward_for_bf16_and_says_it_has_no_fp16(mo
     assert attention_kernel_label("fa4") is None and attention_kernel_label("torch_sdpa") is None
     with pytest.raises(ValueError, match=r"'fa' \(FlashAttention-3 \(fa3-fwd\)\) takes bf16 only"):
         resolve_attention_backend("fa", dtype=torch.float16)  # at load time, for a --dit-precision fp16 model
+    # Nor is it one of auto's candidates for fp16.
+    assert resolve_attention_backend("auto", device="cpu", dtype=torch.float16) == "torch_sdpa"
+    assert resolve_attention_backend("auto", device="cpu", dtype=torch.bfloat16) == "auto"
     # The fa3-fwd wheel ships bf16 kernels only: fp16 is refused by name before the kernel is called.
     q, k, v = (t.half() for t in _qkv())
     with pytest.raises(ValueError, match=r"'fa' \(FlashAttention-3 \(fa3-fwd\)\) takes bf16 tensors"):

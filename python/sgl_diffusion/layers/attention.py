@@ -512,7 +512,8 @@ def _exact_backends(device: torch.device | str | None, dtype: torch.dtype | None
     for backend in (_FLASH_ATTN, _FLASH_ATTN_4):
         if backend is _FLASH_ATTN_4 and device.type == "cuda" and not _is_hopper_or_newer(device):
             continue
-        if _probe(backend) is not None:
+        found = _probe(backend)
+        if found is not None and (dtype is None or dtype in found.source.dtypes):
             names.append(backend.name)
     return names
 
