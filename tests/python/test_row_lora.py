@@ -4,6 +4,7 @@ its own request's term, and a row without adapters gets none."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +72,43 @@ def test_every_path_adds_each_rows_own_term() -> None:
     with torch.no_grad():
         torch.testing.assert_close(linear_gelu_tanh(x, gelu.weight, gelu.bias),
                                    torch.nn.functional.gelu(gelu(x), approximate="tanh"))  # fmt: skip
+
+
+def test_rows_with_different_adapters_run_segmented_and_equal_the_dense_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sgl_diffusion.layers import row_lora
+
+    gen = torch.Generator().manual_seed(5)
+    linear = nn.Linear(8, 6)
+    ranks = (2, 3, 4)
+    spans = ((0, 2), (2, 5), (5, 9))
+    # Request 0: none; 1: adapter 0; 2: adapters 1 and 2; 3: adapter 0 at another strength.
+    strengths = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 1.5, -1.0], [2.0, 0.0, 0.0]])
+    scales = torch.cat([strengths[:, j : j + 1].expand(4, rank) for j, rank in enumerate(ranks)], dim=1)
+    stack = RowStack(
+        down=torch.randn(sum(ranks), 8, generator=gen),
+        up=torch.randn(6, sum(ranks), generator=gen),
+        scales=scales,
+        bias=torch.randn(4, 6, generator=gen) * (strengths.abs().sum(1, keepdim=True) > 0),
+        spans=spans,
+        uses=tuple(tuple(bool(s != 0) for s in row) for row in strengths),
+    )
+    x = torch.randn(5, 7, 8, generator=gen)
+    rows = torch.tensor([3, 0, 2, 1, 2])
+    want = []
+    for row, request in enumerate(rows.tolist()):
+        delta = sum(strengths[request, j] * stack.up[:, a:b] @ stack.down[a:b] for j, (a, b) in enumerate(spans))
+        want.append(x[row] @ delta.t() + stack.bias[request])
+    terms = RowLoras({linear: stack})
+    with torch.no_grad(), terms.installed():
+        terms.rows = rows
+        segmented = linear(x) - x @ linear.weight.t() - linear.bias
+        assert stack._plans[tuple(rows.tolist())].dense is None  # each row ran its own adapters' ranks alone
+        torch.testing.assert_close(segmented, torch.stack(want), rtol=1e-5, atol=1e-5)
+        # The dense product over every stacked rank gives the same.
+        monkeypatch.setattr(row_lora, "SEGMENT_BELOW", 0.0)
+        stack._plans.clear()
+        dense = linear(x) - x @ linear.weight.t() - linear.bias
+        assert stack._plans[tuple(rows.tolist())].dense is not None
+        torch.testing.assert_close(dense, segmented, rtol=1e-5, atol=1e-5)

@@ -57,9 +57,11 @@ def _stacks(
                 downs.append(lora.down.to(device, torch.float32))
                 ups.append(lora.up.to(device, torch.float32))
                 column += lora.rank
-        scales = torch.zeros(len(per_request), column, device=device, dtype=torch.float32)
+        scales = torch.zeros(len(per_request), column, dtype=torch.float32)
         has_bias = any(adapter.modules[name].up_bias is not None for adapter, _ in owners.values())
         bias = torch.zeros(len(per_request), weight.shape[0], device=device) if has_bias else None
+        spans = [(start, start + adapter.modules[name].rank) for adapter, start in owners.values()]
+        uses = [[False] * len(spans) for _ in per_request]
         for request, adapters in enumerate(per_request):
             for adapter, strength in adapters:
                 lora = adapter.modules.get(name)
@@ -68,14 +70,17 @@ def _stacks(
                 start = owners[id(adapter)][1]
                 scale = lora.scale(strength)
                 scales[request, start : start + lora.rank] = scale
+                uses[request][spans.index((start, start + lora.rank))] |= scale != 0
                 if bias is not None and lora.up_bias is not None:
                     bias[request] += lora.up_bias.to(device, torch.float32) * scale
         dtype = weight.dtype
         stacks[module] = RowStack(
             down=torch.cat(downs).to(dtype),
             up=torch.cat(ups, dim=1).to(dtype),
-            scales=scales.to(dtype),
+            scales=scales.to(device, dtype),
             bias=None if bias is None else bias.to(dtype),
+            spans=tuple(spans),
+            uses=tuple(tuple(row) for row in uses),
         )
     return stacks
 
@@ -137,8 +142,9 @@ class RequestLoras:
 
     def step_inputs(self, step: Any, inputs: Any, row_owner: torch.Tensor) -> None:
         del step
-        device = next(value.device for value in inputs.rows.values() if isinstance(value, torch.Tensor))
-        inputs.rows[LORA_ROWS] = row_owner.to(device)  # the adapters build `rows` as a dict of their own
+        # On the host: the seam plans each forward's terms from it without a device sync (`RowStack`). The loop's
+        # row operations (CFG stacking, text-length groups) take CPU tensors as they take the device's.
+        inputs.rows[LORA_ROWS] = row_owner.cpu()  # the adapters build `rows` as a dict of their own
 
     def step_end(self, step: Any) -> None:
         del step
