@@ -159,16 +159,21 @@ DENOISING_PROGRESS = re.compile(r"denoising:\s*\d+%\|[^|\r\n]*\|\s*([1-9]\d*)/10
 def test_ctrl_c_cancels_the_running_request(flux_dir: Path, tmp_path: Path) -> None:
     # Synchronised on an event, not on timing: SIGINT goes out once the CLI has printed a finished
     # denoising step, so the request is known to be running. 1000 steps at 1024x1024 take ~80 s on 2 CPU
-    # cores: that is the margin this process has to send the signal, not a guess at how fast the run goes
-    # (at 256x256 the tiny model runs 1000 steps in 8 s, which a loaded CI machine once overran before the
-    # test process sent the signal). Once cancelled, the CLI stops at the next step boundary.
+    # cores: that is the margin this process has to send the signal, not a guess at how fast the run goes.
+    # Once cancelled, the CLI stops at the next step boundary. The child gets SIGINT's default action, as a
+    # terminal's foreground command has: a test run started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler (the run went on to
+    # the end, exit 0).
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
+        # A handler here is reset to the default action in the child (an ignored signal would stay ignored).
+        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
         proc = subprocess.Popen(
             [SGL_DIFFUSION, "generate", "--model-path", str(flux_dir), "--prompt", "a", "--height", "1024",
              "--width", "1024", "--num-inference-steps", "1000", "--max-request-cost", "5000000", "--device", "cpu", "--output-path", str(tmp_path)],
             stdout=subprocess.PIPE, stderr=stderr, text=True,
         )  # fmt: skip
+        signal.signal(signal.SIGINT, inherited)
         try:
             deadline = time.monotonic() + 180
             while not DENOISING_PROGRESS.search(log.read_text()):
