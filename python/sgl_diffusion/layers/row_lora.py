@@ -78,7 +78,7 @@ SEGMENT_BELOW = 0.5
 @dataclass
 class RowStack:
     """One Linear's adapters for a batch: `down` (R, in), `up` (out, R), `scales` (requests, R), `bias` (requests, out)
-    or None, and `spans`: each adapter's rank columns [start, end), with `uses[request][j]` whether request `i` uses
+    or None, and `spans`: each adapter's rank columns [start, end), with `uses[i][j]` whether request `i` uses
     adapter `j` (None: every request uses every adapter)."""
 
     down: torch.Tensor
