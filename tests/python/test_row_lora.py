@@ -101,6 +101,7 @@ def test_rows_with_different_adapters_run_segmented_and_equal_the_dense_product(
         delta = sum(strengths[request, j] * stack.up[:, a:b] @ stack.down[a:b] for j, (a, b) in enumerate(spans))
         want.append(x[row] @ delta.t() + stack.bias[request])
     terms = RowLoras({linear: stack})
+    monkeypatch.setattr(row_lora, "SEGMENT_MIN_RANK", 1)  # segment this small stack (dense below 1024 by default)
     with torch.no_grad(), terms.installed():
         terms.rows = rows
         segmented = linear(x) - x @ linear.weight.t() - linear.bias

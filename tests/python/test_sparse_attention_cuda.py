@@ -14,6 +14,7 @@ within a few bf16 ulps of the float32 reference: max abs 2e-2, mean abs 2e-3. fl
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -97,7 +98,8 @@ def test_vsa_package_matches_reference() -> None:
 @pytest.mark.parametrize("backend", ["fa", "fa4"])
 @torch.inference_mode()
 def test_flash_attention_matches_sdpa(backend: str) -> None:
-    from sgl_diffusion.layers import attention as attention_mod
+    # The module itself: `sgl_diffusion.layers.attention` the attribute is the function the package re-exports.
+    attention_mod = importlib.import_module("sgl_diffusion.layers.attention")
 
     try:
         attention_mod.resolve_attention_backend(backend, device="cuda", dtype=torch.bfloat16)

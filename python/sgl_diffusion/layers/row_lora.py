@@ -7,10 +7,10 @@ of weight `W` that any of the batch's adapters touches, its output gains, row by
 
 where `A_cat` / `B_cat` stack the adapters' low-rank pairs along the rank, `S` holds for every request of the batch
 its adapters' `strength · alpha / rank` on their own rank columns (zero elsewhere), and `rows` names the request of
-each row of this forward. Where rows share adapters that product is computed as it stands, dense over the stacked
-ranks; where each row uses only part of them (requests with different adapters: the point of a mixed batch) it is
-segmented, Punica-style: each adapter's pair runs on the rows that use it alone and their terms are added into
-place, which costs each row its own rank instead of the batch's total. Which rows use which adapter is known on the
+each row of this forward. That product is computed as it stands, dense over the stacked ranks, unless the stack is
+large and each row uses only part of it (many requests with different adapters): then it is segmented,
+Punica-style: each adapter's pair runs on the rows that use it alone and their terms are added into place, which
+costs each row its own rank instead of the batch's total (see SEGMENT_MIN_RANK for when that pays). Which rows use which adapter is known on the
 host (the rows of a forward are a CPU tensor), so choosing costs no device sync; the plan is kept per pattern of
 rows, which repeats from step to step.
 
@@ -70,9 +70,14 @@ class _Plan:
     bias: torch.Tensor | None
 
 
-#: Segment when the rows' own ranks add up to at most this fraction of (rows x stacked rank); else dense (one pair of
-#: matrix products beats several once most rows use most adapters).
+#: Segment when the rows' own ranks add up to at most this fraction of (rows x stacked rank) and the stacked rank is at
+#: least SEGMENT_MIN_RANK; else dense. At small stacked ranks the pair's matrix products are bound by reading x and
+#: writing the output, not by the rank, so segmenting only adds launches and passes: on an H100, FLUX.1-dev at 1024²,
+#: 4 requests x 4 different rank-64 adapters (stacked rank 256), dense took 722 ms a forward and segmented 785 ms
+#: (benches/results/lora_batch_h100.md). From a stacked rank of about a thousand (e.g. 16 adapters of rank 64) the
+#: dense products turn compute-bound and the rows' own ranks are what counts; that threshold is not measured yet.
 SEGMENT_BELOW = 0.5
+SEGMENT_MIN_RANK = 1024
 
 
 @dataclass
@@ -105,7 +110,8 @@ class RowStack:
             for j in range(len(self.spans))
         ]
         own_ranks = sum(len(rows_of) * (end - start) for rows_of, (start, end) in zip(users, self.spans, strict=True))
-        if own_ranks > SEGMENT_BELOW * len(rows) * self.down.shape[0]:
+        stacked = self.down.shape[0]
+        if stacked < SEGMENT_MIN_RANK or own_ranks > SEGMENT_BELOW * len(rows) * stacked:
             plan = _Plan(dense=self.scales[owners], parts=[], bias=bias)
         else:
             parts = []
