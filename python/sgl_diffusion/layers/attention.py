@@ -225,6 +225,11 @@ class _KernelSource:
     # The input dtypes this build has kernels for.
     dtypes: tuple[torch.dtype, ...] = _HALF_DTYPES
 
+    @property
+    def takes(self) -> str:
+        """The dtypes as errors name them, e.g. "fp16/bf16"."""
+        return "/".join(_SHORT_DTYPE_NAMES[dtype] for dtype in self.dtypes)
+
 
 @dataclass(frozen=True)
 class _OptionalBackend:
@@ -316,7 +321,7 @@ def _check_kernel_inputs(
     dtypes = source.dtypes if source is not None else _HALF_DTYPES
     for t in (q, k, v):
         if t.dtype not in dtypes or t.dtype != q.dtype:
-            takes = "/".join(_SHORT_DTYPE_NAMES[dtype] for dtype in dtypes)
+            takes = source.takes if source is not None else "fp16/bf16"
             build = f" ({source.label})" if source is not None else ""
             raise ValueError(
                 f"attention backend '{name}'{build} takes {takes} tensors of one dtype, got q {q.dtype}, "
@@ -651,8 +656,8 @@ def resolve_attention_backend(
         if found is None:
             raise ValueError(_missing_package_message(optional))
         if dtype is not None and dtype not in found.source.dtypes:
-            takes = "/".join(_SHORT_DTYPE_NAMES[half] for half in found.source.dtypes)
-            raise ValueError(f"attention backend '{key}' ({found.source.label}) takes {takes} only, got {dtype}")
+            source = found.source
+            raise ValueError(f"attention backend '{key}' ({source.label}) takes {source.takes} only, got {dtype}")
         if device is not None and torch.device(device).type not in _KERNEL_DEVICE_TYPES:
             raise ValueError(f"attention backend '{key}' runs on CUDA only, got device {device}")
         if key == _FLASH_ATTN_4.name and device is not None:

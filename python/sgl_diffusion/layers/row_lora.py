@@ -10,9 +10,9 @@ its adapters' `strength · alpha / rank` on their own rank columns (zero elsewhe
 each row of this forward. That product is computed as it stands, dense over the stacked ranks, unless the stack is
 large and each row uses only part of it (many requests with different adapters): then it is segmented,
 Punica-style: each adapter's pair runs on the rows that use it alone and their terms are added into place, which
-costs each row its own rank instead of the batch's total (see SEGMENT_MIN_RANK for when that pays). Which rows use which adapter is known on the
-host (the rows of a forward are a CPU tensor), so choosing costs no device sync; the plan is kept per pattern of
-rows, which repeats from step to step.
+costs each row its own rank instead of the batch's total (see SEGMENT_MIN_RANK for when that pays). Which rows use
+which adapter is known on the host (the rows of a forward are a CPU tensor), so choosing costs no device sync; the
+plan is kept per pattern of rows, which repeats from step to step.
 
 How a Linear meets the seam (`lora_term(x, weight)`): a Linear called as a module gets a forward hook (installed by
 `RowLoras.installed`); the paths that use a weight without calling its module ask explicitly —
@@ -105,13 +105,17 @@ class RowStack:
         device = self.scales.device
         owners = torch.tensor(rows, device=device)
         bias = None if self.bias is None else self.bias[owners]
-        users = [
-            [row for row, owner in enumerate(rows) if self.uses is None or self.uses[owner][j]]
-            for j in range(len(self.spans))
-        ]
-        own_ranks = sum(len(rows_of) * (end - start) for rows_of, (start, end) in zip(users, self.spans, strict=True))
         stacked = self.down.shape[0]
-        if stacked < SEGMENT_MIN_RANK or own_ranks > SEGMENT_BELOW * len(rows) * stacked:
+        users = (
+            [
+                [row for row, owner in enumerate(rows) if self.uses is None or self.uses[owner][j]]
+                for j in range(len(self.spans))
+            ]
+            if stacked >= SEGMENT_MIN_RANK
+            else []
+        )
+        own_ranks = sum(len(rows_of) * (end - start) for rows_of, (start, end) in zip(users, self.spans))
+        if not users or own_ranks > SEGMENT_BELOW * len(rows) * stacked:
             plan = _Plan(dense=self.scales[owners], parts=[], bias=bias)
         else:
             parts = []

@@ -44,8 +44,8 @@ def _stacks(
     for name in names:
         module = model.get_submodule(name)
         weight = module.weight
-        # The distinct adapters that touch this Linear, each with its rank columns.
-        owners: dict[int, tuple[LoraAdapter, int]] = {}
+        # The distinct adapters that touch this Linear, each with its rank columns and its position among them.
+        owners: dict[int, tuple[LoraAdapter, int, int]] = {}
         downs, ups = [], []
         column = 0
         for adapters in per_request:
@@ -53,24 +53,24 @@ def _stacks(
                 lora = adapter.modules.get(name)
                 if lora is None or id(adapter) in owners:
                     continue
-                owners[id(adapter)] = (adapter, column)
+                owners[id(adapter)] = (adapter, column, len(owners))
                 downs.append(lora.down.to(device, torch.float32))
                 ups.append(lora.up.to(device, torch.float32))
                 column += lora.rank
         scales = torch.zeros(len(per_request), column, dtype=torch.float32)
-        has_bias = any(adapter.modules[name].up_bias is not None for adapter, _ in owners.values())
+        has_bias = any(adapter.modules[name].up_bias is not None for adapter, _, _ in owners.values())
         bias = torch.zeros(len(per_request), weight.shape[0], device=device) if has_bias else None
-        spans = [(start, start + adapter.modules[name].rank) for adapter, start in owners.values()]
+        spans = [(start, start + adapter.modules[name].rank) for adapter, start, _ in owners.values()]
         uses = [[False] * len(spans) for _ in per_request]
         for request, adapters in enumerate(per_request):
             for adapter, strength in adapters:
                 lora = adapter.modules.get(name)
                 if lora is None:
                     continue
-                start = owners[id(adapter)][1]
+                _, start, position = owners[id(adapter)]
                 scale = lora.scale(strength)
                 scales[request, start : start + lora.rank] = scale
-                uses[request][spans.index((start, start + lora.rank))] |= scale != 0
+                uses[request][position] |= scale != 0
                 if bias is not None and lora.up_bias is not None:
                     bias[request] += lora.up_bias.to(device, torch.float32) * scale
         dtype = weight.dtype
