@@ -53,7 +53,8 @@
 #   flux-e2e            FLUX.1-dev 1024² 28 steps: ours (graphs auto) vs diffusers eager and compiled
 #                       (reduce-overhead when ours captured), 5 alternating repetitions after 1 warm-up each
 #   wan-e2e             Wan2.1-1.3B 480p 81 frames CFG, 20 steps (50 do not fit 5 alternating repetitions of
-#                       both sides in 10 minutes), ours vs diffusers + torch.compile
+#                       both sides in 10 minutes), ours vs diffusers + torch.compile; ours with
+#                       --attention-backend fa when FlashAttention-3 (.whl_fa3) came along, else the default (cuDNN)
 #   flux-graphs-small   CUDA-graph sweep, FLUX 256² and 512², batch 1 and 2
 #   flux-graphs-large   CUDA-graph sweep, FLUX 768² and 1024², batch 1 and 2
 #   wan-graphs          CUDA-graph sweep, Wan 480p with 1, 5 and 9 frames, batch 1 and 2
@@ -193,7 +194,9 @@ for job in "$@"; do
             ;;
         wan-e2e)
             make_room wan
-            perf "$job" --workload wan-e2e --steps 20 --diffusers compiled
+            fa=()
+            [[ -d .whl_fa3 && "$SMOKE" != 1 ]] && fa=(--attention-backend fa)
+            perf "$job" --workload wan-e2e --steps 20 --diffusers compiled "${fa[@]}"
             ;;
         qwen-e2e)
             make_room qwen_image

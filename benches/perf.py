@@ -760,6 +760,9 @@ def counted_tflop(model: nn.Module, inputs: dict[str, Any]) -> tuple[float, floa
 
     with torch.device("meta"):
         twin = type(model).from_config(model.config)
+    # The twin takes the model's own dtype per tensor (bf16 weights, any fp32 ones it keeps): from_config alone
+    # builds fp32, which a bf16 input does not meet (the patch convolution refuses mixed dtypes).
+    twin.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}, assign=True)
     meta = {key: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v for key, v in inputs.items()}
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         twin(**meta)
@@ -1337,6 +1340,8 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
     cuda_graphs = args.cuda_graphs if device.type == "cuda" else "auto"
     options = {"enable_torch_compile": engine_compile, "cfg_batching": "auto", "cuda_graphs": cuda_graphs,
                "warmup": False, "vae_slicing": args.vae_slicing}  # fmt: skip
+    if args.attention_backend:
+        options["attention_backend"] = args.attention_backend  # the engine resolves it (and refuses it by name)
     executor = ours_executor(args, folder, ENGINE_IDS.get(family), **options)
     pipeline = executor.pipeline
     fields = card_request(args, pipeline) if family in ENGINE_IDS else e2e_request(args, family)
@@ -1362,6 +1367,7 @@ def run_e2e(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict
 
     ours_name = f"ours{' + torch.compile' if args.compile else ''}, CUDA graphs {args.cuda_graphs}"
     ours_name += ", --vae-slicing" if args.vae_slicing else ""
+    ours_name += f", --attention-backend {args.attention_backend}" if args.attention_backend else ""
     keep = ours_keep(pipeline)
     ours = Variant(ours_name, lambda: ours_generate(pipeline, request), "e2e", None, graphs(True) if ablation else None,
                    keep)  # fmt: skip
@@ -1723,6 +1729,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--diffusers", choices=["none", "eager", "compiled", "eager+compiled"],
                         default="eager+compiled", help="e2e / graph sweeps: diffusers variants to run")  # fmt: skip
     parser.add_argument("--lossy-attention", nargs="*", default=[], help="e2e: also run these attention backends")
+    parser.add_argument("--attention-backend",
+                        help="e2e: ours' engine option --attention-backend (e.g. fa, auto; default the engine's, "
+                             "torch_sdpa)")  # fmt: skip
     parser.add_argument("--ours-attention", nargs="*", default=[],
                         help="forward: also ours compiled on these exact attention backends (fa, fa4, auto), each "
                              "against ours + torch.compile on the default (cuDNN on Hopper)")  # fmt: skip
