@@ -23,10 +23,12 @@
 #   # bf16; 28 MB) in a folder of its own, carried with .whl: [".whl", ".whl_fa3"] (59 MB with the tree):
 #   #   echo /.whl_fa3/ >> .git/info/exclude; ... -d .whl_fa3 --platform manylinux_2_24_x86_64 fa3-fwd==0.0.3
 #   # FA4's CUDA 13 library wheel (nvidia-cutlass-dsl-libs-cu13==4.8.1, 92 MB) is over one call's carry: download
-#   # it to /tmp, `split -b 32M <wheel> /tmp/<wheel>.part-`, put part aa in .whl_fa4a/ and parts ab, ac in .whl_fa4b/
-#   # (echo /.whl_fa4*/ >> .git/info/exclude), carry [".whl_fa4a"] and [".whl_fa4b"] in two later calls on the same
-#   # warm machine (ignored paths stay there between calls; the next call must come within its idle release, 30 s);
-#   # the attention-kernels job joins and installs it.
+#   # it to /tmp, `split -b 32M <wheel> /tmp/<wheel>.part-`, put part aa in .whl_fa4a/ and parts ab, ac in .whl_fa4b/,
+#   # with the DSL's Python and its requirements in .whl_fa4a/ too (14 MB: ... -d .whl_fa4a
+#   # nvidia-cutlass-dsl-libs-core==4.8.1 cuda-bindings==13.0.3 cuda-pathfinder==1.9.1 protobuf==7.36.2), then carry
+#   # [".whl_fa4a"] and [".whl_fa4b"] in two later calls on the same warm machine (.gitignore names these folders:
+#   # ignored paths stay there between calls, untracked ones do not; the next call must come within its idle
+#   # release, 30 s); the attention-kernels job joins and unpacks them.
 # .whl is about 28 MB: with the tree, under the 64 MiB a call carries, and with .whl_fa3 too.
 #
 # There (device tool: carry [".whl"] or [".whl", ".whl_fa3"], timeout_s 600), the jobs below in the order given; each fits one
@@ -55,6 +57,8 @@
 #   wan-e2e             Wan2.1-1.3B 480p 81 frames CFG, 20 steps (50 do not fit 5 alternating repetitions of
 #                       both sides in 10 minutes), ours vs diffusers + torch.compile; ours with
 #                       --attention-backend fa when FlashAttention-3 (.whl_fa3) came along, else the default (cuDNN)
+#   wan-e2e-50          the same request at the target's 50 steps, ours alone (3 repetitions, ~5 min): the number
+#                       the <= 46 s target names, which wan-e2e's 20 steps only project
 #   flux-graphs-small   CUDA-graph sweep, FLUX 256² and 512², batch 1 and 2
 #   flux-graphs-large   CUDA-graph sweep, FLUX 768² and 1024², batch 1 and 2
 #   wan-graphs          CUDA-graph sweep, Wan 480p with 1, 5 and 9 frames, batch 1 and 2
@@ -192,11 +196,15 @@ for job in "$@"; do
             make_room flux
             perf "$job" --workload "$job"
             ;;
-        wan-e2e)
+        wan-e2e | wan-e2e-50)
             make_room wan
             fa=()
             [[ -d .whl_fa3 && "$SMOKE" != 1 ]] && fa=(--attention-backend fa)
-            perf "$job" --workload wan-e2e --steps 20 --diffusers compiled "${fa[@]}"
+            if [[ "$job" == wan-e2e ]]; then
+                perf "$job" --workload wan-e2e --steps 20 --diffusers compiled "${fa[@]}"
+            else
+                perf "$job" --workload wan-e2e --name "$job" --steps 50 --diffusers none --reps 3 "${fa[@]}"
+            fi
             ;;
         qwen-e2e)
             make_room qwen_image
@@ -233,8 +241,22 @@ for job in "$@"; do
             if [[ -e "${parts[0]}" && "$SMOKE" != 1 ]]; then
                 wheel=/tmp/$(basename "${parts[0]%.part-*}")
                 cat "${parts[@]}" > "$wheel"
-                python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" \
-                    || echo "FA4 library wheel did not install"
+                # The CUDA 13 libraries and the DSL's Python (nvidia-cutlass-dsl-libs-core: split out of libs-base
+                # in 4.6) land in nvidia_cutlass_dsl/, which libs-base already made: `pip --target` skips a folder
+                # that exists (or, with --upgrade, replaces it, losing libs-base). A wheel is a zip: unpack them
+                # over it. cuda-bindings, cuda-pathfinder and protobuf (libs-core's requirements) come along only
+                # where the machine has none.
+                for w in "$wheel" .whl_fa4*/*.whl; do
+                    case $(basename "$w") in
+                        cuda_bindings-*) python3 -c "import cuda.bindings" 2>/dev/null && continue ;;
+                        cuda_pathfinder-*) python3 -c "import cuda.pathfinder" 2>/dev/null && continue ;;
+                        protobuf-*) python3 -c "import google.protobuf" 2>/dev/null && continue ;;
+                    esac
+                    python3 -m zipfile -e "$w" /tmp/site || echo "$(basename "$w") did not unpack"
+                done
+                # What nvidia-cutlass-dsl's .pth does in a site folder (PYTHONPATH entries read no .pth files).
+                export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+                python3 -c "import flash_attn.cute" && echo "FA4 imports"
             fi
             if [[ "$SMOKE" == 1 ]]; then
                 "$PYTHON" benches/attention_kernels.py --out-dir "$OUT" --tiny --device cpu || echo "$job FAILED"
