@@ -836,6 +836,53 @@ class OursSwitches:
             self.packed = packed
 
 
+#: wan-forward --vsa-sparsity: the group of video sparse attention rows, and its dense rival's name.
+VSA_GROUP = "lossy: VSA"
+VSA_DENSE = "ours eager, fused kernels, dense attention"
+
+
+def vsa_variants(
+    args: argparse.Namespace,
+    ours: nn.Module,
+    call_ours: Callable[[], torch.Tensor],
+    dense_state: Callable[[], None],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Variant]:
+    """wan-forward --vsa-sparsity: ours eager on dense attention, and a twin on video sparse attention (sharing
+    ours' weights, plus FastWan's gate projections) at each sparsity, for the speed-up and the output change."""
+    from sgl_diffusion.layers.sparse_attention import VideoSparseSettings
+
+    if args.workload != "wan-forward":
+        raise SystemExit("--vsa-sparsity: wan-forward only (the Wan models run video sparse attention)")
+    with torch.device(device):
+        sparse = type(ours).from_config(ours.config, attention_backend="video_sparse_attn")
+    sparse.to(dtype)
+    gates = [name for name, _ in sparse.named_parameters() if sparse.VSA_GATE in name.split(".")]
+    # assign=True: the twin's dense parameters are ours' tensors (no copy); only its gates are its own.
+    missing, unexpected = sparse.load_state_dict(ours.state_dict(), strict=False, assign=True)
+    if sorted(missing) != sorted(gates) or unexpected:
+        raise RuntimeError(f"VSA twin: missing {missing}, unexpected {unexpected}")
+    for name, p in sparse.named_parameters():
+        if name in gates:
+            p.data.normal_(0, 0.02)
+    sparse.eval().requires_grad_(False)
+    inputs = ours_inputs(args.workload, forward_inputs(args.workload, args.tiny, device, dtype))
+
+    def at(sparsity: float) -> Callable[[], None]:
+        def prepare() -> None:
+            dense_state()  # the same fused kernels as the dense row
+            sparse.video_sparse = VideoSparseSettings(vsa_sparsity=sparsity)
+
+        return prepare
+
+    variants = [Variant(VSA_DENSE, call_ours, VSA_GROUP, None, dense_state)]
+    for sparsity in args.vsa_sparsity:
+        variants.append(Variant(f"ours eager, video_sparse_attn, VSA_sparsity {sparsity}", lambda: sparse(**inputs),
+                                VSA_GROUP, VSA_DENSE, at(sparsity)))  # fmt: skip
+    return variants
+
+
 def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     from sgl_diffusion.runtime.compile import compile_repeated_blocks
     from sgl_diffusion.runtime.cuda_graphs import CudaGraphRunner, batch_tokens
@@ -878,6 +925,9 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     if args.eager_variants == "fused":
         eager_variants = [v for v in eager_variants if v.name in (eager, fused)]
     measured = alternate(eager_variants, args)
+    if args.vsa_sparsity:
+        # Before compiling: the VSA model is eager (the sparse backends refuse torch.compile), and so is its rival.
+        measured |= alternate(vsa_variants(args, ours, call_ours, ours_as(True, False), device, dtype), args)
     switches.set(True, False)  # the engine's default: packing measured no faster (see --compile-ablations)
     graphs = False
     if args.compile:
@@ -930,6 +980,11 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
                 "max rel diff": None if same else max_abs_diff(m.output, expected) / max_abs(expected),
             }
         )
+    for row, m in zip(rows, measured.values(), strict=True):
+        if m.variant.group == VSA_GROUP and m.variant.name != VSA_DENSE:
+            dense = measured[VSA_DENSE].output
+            row["rel L2 vs ours dense"] = rel_l2(m.output, dense)
+            row["max rel diff vs ours dense"] = max_abs_diff(m.output, dense) / max_abs(dense)
     record["variants"] = measured_json(measured)
     notes = [
         (
@@ -966,6 +1021,15 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     ]
     if graphs:
         notes.append(reduce_overhead_note(device))
+    if args.vsa_sparsity:
+        notes.append(
+            f"{VSA_GROUP}: ours eager with --attention-backend video_sparse_attn (FastWan's recipe: lossy, opt-in) at "
+            "each VSA_sparsity, against the same weights on dense attention, timed in alternation; the VSA model has "
+            "FastWan's gate projections (to_gate_compress), random N(0, 0.02) here. TFLOP/s and x floor count the "
+            "dense FLOPs. The differences are on random weights, whose attention is nearly uniform: a trained "
+            "model's attention is peaked, which is what keeping the top-k tiles relies on, so they overstate the "
+            "loss. Eager only: the sparse backends refuse torch.compile."
+        )
     notes += notes_before
     if args.workload == "hunyuan-forward":
         video = tuple(inputs["hidden_states"].shape[2:])
@@ -1732,6 +1796,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attention-backend",
                         help="e2e: ours' engine option --attention-backend (e.g. fa, auto; default the engine's, "
                              "torch_sdpa)")  # fmt: skip
+    parser.add_argument("--vsa-sparsity", nargs="*", type=float, default=[],
+                        help="wan-forward: also ours eager on video sparse attention (lossy) at these sparsities, "
+                             "against ours eager on dense attention, with the output difference")  # fmt: skip
     parser.add_argument("--ours-attention", nargs="*", default=[],
                         help="forward: also ours compiled on these exact attention backends (fa, fa4, auto), each "
                              "against ours + torch.compile on the default (cuDNN on Hopper)")  # fmt: skip
