@@ -52,9 +52,9 @@
 #                       `auto` captures), 5 alternating repetitions x 3 calls after 3 warm-up calls each
 #   wan-forward         the same at 32 760 tokens (no graphs: ours' `auto` does not capture that shape), and ours
 #                       compiled on each exact attention kernel installed (fa, fa4, auto's measured pick) beside cuDNN
-#   wan-vsa             Wan2.1-1.3B forward 832x480x81 with video sparse attention (lossy, eager: the sparse backends
-#                       refuse torch.compile) at VSA_sparsity 0.8 and 0.9 against ours eager on dense attention, the
-#                       output difference beside it, and the compiled dense rows (cuDNN, fa). Estimate ~4 min.
+#   wan-vsa             Wan2.1-1.3B forward 832x480x81 with video sparse attention (lossy) at VSA_sparsity 0.8 and 0.9,
+#                       eager against ours eager on dense attention and compiled beside ours compiled on cuDNN and fa,
+#                       the output difference beside each. Estimate ~5 min.
 #   flux-e2e            FLUX.1-dev 1024² 28 steps: ours (graphs auto) vs diffusers eager and compiled
 #                       (reduce-overhead when ours captured), 5 alternating repetitions after 1 warm-up each
 #   wan-e2e             Wan2.1-1.3B 480p 81 frames CFG, 20 steps (50 do not fit 5 alternating repetitions of
@@ -187,7 +187,7 @@ for job in "$@"; do
             perf "$job" --workload "$job" --ours-attention fa fa4 auto
             ;;
         wan-vsa)
-            # Video sparse attention (FastWan's recipe, lossy) against dense, eager, beside the compiled dense rows.
+            # Video sparse attention (FastWan's recipe, lossy) against dense attention, eager and compiled.
             perf "$job" --workload wan-forward --name "$job" --eager-variants fused --vsa-sparsity 0.8 0.9 \
                 --ours-attention fa
             ;;

@@ -841,46 +841,52 @@ VSA_GROUP = "lossy: VSA"
 VSA_DENSE = "ours eager, fused kernels, dense attention"
 
 
-def vsa_variants(
-    args: argparse.Namespace,
-    ours: nn.Module,
-    call_ours: Callable[[], torch.Tensor],
-    dense_state: Callable[[], None],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> list[Variant]:
-    """wan-forward --vsa-sparsity: ours eager on dense attention, and a twin on video sparse attention (sharing
-    ours' weights, plus FastWan's gate projections) at each sparsity, for the speed-up and the output change."""
-    from sgl_diffusion.layers.sparse_attention import VideoSparseSettings
+@dataclasses.dataclass
+class VsaTwin:
+    """wan-forward --vsa-sparsity: ours' weights in a model on video sparse attention, with FastWan's gate
+    projections (random here), for the speed-up and the output change against dense attention."""
 
-    if args.workload != "wan-forward":
-        raise SystemExit("--vsa-sparsity: wan-forward only (the Wan models run video sparse attention)")
-    with torch.device(device):
-        sparse = type(ours).from_config(ours.config, attention_backend="video_sparse_attn")
-    sparse.to(dtype)
-    gates = [name for name, _ in sparse.named_parameters() if sparse.VSA_GATE in name.split(".")]
-    # assign=True: the twin's dense parameters are ours' tensors (no copy); only its gates are its own.
-    missing, unexpected = sparse.load_state_dict(ours.state_dict(), strict=False, assign=True)
-    if sorted(missing) != sorted(gates) or unexpected:
-        raise RuntimeError(f"VSA twin: missing {missing}, unexpected {unexpected}")
-    for name, p in sparse.named_parameters():
-        if name in gates:
-            p.data.normal_(0, 0.02)
-    sparse.eval().requires_grad_(False)
-    inputs = ours_inputs(args.workload, forward_inputs(args.workload, args.tiny, device, dtype))
+    model: nn.Module
+    inputs: dict[str, Any]
+    dense_state: Callable[[], None]
 
-    def at(sparsity: float) -> Callable[[], None]:
+    @classmethod
+    def build(
+        cls, args: argparse.Namespace, ours: nn.Module, dense_state: Callable[[], None], dtype: torch.dtype
+    ) -> VsaTwin:
+        if args.workload != "wan-forward":
+            raise SystemExit("--vsa-sparsity: wan-forward only (the Wan models run video sparse attention)")
+        with torch.device(args.device):
+            sparse = type(ours).from_config(ours.config, attention_backend="video_sparse_attn")
+        sparse.to(dtype)
+        gates = [name for name, _ in sparse.named_parameters() if sparse.VSA_GATE in name.split(".")]
+        # assign=True: the twin's dense parameters are ours' tensors (no copy); only its gates are its own.
+        missing, unexpected = sparse.load_state_dict(ours.state_dict(), strict=False, assign=True)
+        if sorted(missing) != sorted(gates) or unexpected:
+            raise RuntimeError(f"VSA twin: missing {missing}, unexpected {unexpected}")
+        for name, p in sparse.named_parameters():
+            if name in gates:
+                p.data.normal_(0, 0.02)
+        inputs = ours_inputs(args.workload, forward_inputs(args.workload, args.tiny, args.device, dtype))
+        return cls(sparse.eval().requires_grad_(False), inputs, dense_state)
+
+    def run(self) -> torch.Tensor:
+        return self.model(**self.inputs)
+
+    def at(self, sparsity: float) -> Callable[[], None]:
+        from sgl_diffusion.layers.sparse_attention import VideoSparseSettings
+
         def prepare() -> None:
-            dense_state()  # the same fused kernels as the dense row
-            sparse.video_sparse = VideoSparseSettings(vsa_sparsity=sparsity)
+            self.dense_state()  # the same fused kernels as the dense rows
+            self.model.video_sparse = VideoSparseSettings(vsa_sparsity=sparsity)
 
         return prepare
 
-    variants = [Variant(VSA_DENSE, call_ours, VSA_GROUP, None, dense_state)]
-    for sparsity in args.vsa_sparsity:
-        variants.append(Variant(f"ours eager, video_sparse_attn, VSA_sparsity {sparsity}", lambda: sparse(**inputs),
-                                VSA_GROUP, VSA_DENSE, at(sparsity)))  # fmt: skip
-    return variants
+    def variants(self, args: argparse.Namespace, prefix: str, group: str, rival: str) -> list[Variant]:
+        return [
+            Variant(f"{prefix}, video_sparse_attn, VSA_sparsity {s}", self.run, group, rival, self.at(s))
+            for s in args.vsa_sparsity
+        ]
 
 
 def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -925,9 +931,10 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     if args.eager_variants == "fused":
         eager_variants = [v for v in eager_variants if v.name in (eager, fused)]
     measured = alternate(eager_variants, args)
-    if args.vsa_sparsity:
-        # Before compiling: the VSA model is eager (the sparse backends refuse torch.compile), and so is its rival.
-        measured |= alternate(vsa_variants(args, ours, call_ours, ours_as(True, False), device, dtype), args)
+    vsa = VsaTwin.build(args, ours, ours_as(True, False), dtype) if args.vsa_sparsity else None
+    if vsa is not None:
+        dense = Variant(VSA_DENSE, call_ours, VSA_GROUP, None, vsa.dense_state)
+        measured |= alternate([dense, *vsa.variants(args, "ours eager", VSA_GROUP, VSA_DENSE)], args)
     switches.set(True, False)  # the engine's default: packing measured no faster (see --compile-ablations)
     graphs = False
     if args.compile:
@@ -948,6 +955,9 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
         for backend in usable_attention_backends(ours, args.ours_attention, device, dtype, notes_before):
             compiled.append(Variant(f"ours + torch.compile, attention {backend}", call_ours, "compiled",
                                     "ours + torch.compile", ours_attention(ours, backend)))  # fmt: skip
+        if vsa is not None:
+            compile_repeated_blocks(vsa.model, backend=args.compile_backend)
+            compiled += vsa.variants(args, "ours + torch.compile", "compiled", "ours + torch.compile")
         if twin is not None:
             compile_with_cuda_graphs(twin, args.compile_backend)
             runner = CudaGraphRunner(ours, ours.forward, capture_all=True, tokens=batch_tokens(ours))
@@ -981,7 +991,7 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
             }
         )
     for row, m in zip(rows, measured.values(), strict=True):
-        if m.variant.group == VSA_GROUP and m.variant.name != VSA_DENSE:
+        if "video_sparse_attn" in m.variant.name:
             dense = measured[VSA_DENSE].output
             row["rel L2 vs ours dense"] = rel_l2(m.output, dense)
             row["max rel diff vs ours dense"] = max_abs_diff(m.output, dense) / max_abs(dense)
@@ -1023,12 +1033,13 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
         notes.append(reduce_overhead_note(device))
     if args.vsa_sparsity:
         notes.append(
-            f"{VSA_GROUP}: ours eager with --attention-backend video_sparse_attn (FastWan's recipe: lossy, opt-in) at "
-            "each VSA_sparsity, against the same weights on dense attention, timed in alternation; the VSA model has "
-            "FastWan's gate projections (to_gate_compress), random N(0, 0.02) here. TFLOP/s and x floor count the "
-            "dense FLOPs. The differences are on random weights, whose attention is nearly uniform: a trained "
-            "model's attention is peaked, which is what keeping the top-k tiles relies on, so they overstate the "
-            "loss. Eager only: the sparse backends refuse torch.compile."
+            "video_sparse_attn rows: ours with --attention-backend video_sparse_attn (FastWan's recipe: lossy, "
+            f"opt-in) at each VSA_sparsity, eager in group '{VSA_GROUP}' against the same weights on dense attention "
+            "and compiled beside ours + torch.compile, timed in alternation; the VSA model has FastWan's gate "
+            "projections (to_gate_compress), random N(0, 0.02) here. TFLOP/s and x floor count the dense FLOPs. "
+            "The differences (vs ours eager on dense attention) are on random weights, whose attention is nearly "
+            "uniform: a trained model's attention is peaked, which is what keeping the top-k tiles relies on, so "
+            "they overstate the loss."
         )
     notes += notes_before
     if args.workload == "hunyuan-forward":

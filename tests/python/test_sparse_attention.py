@@ -330,10 +330,6 @@ def test_options_read_the_strategy_and_the_sparsity(tmp_path: Path, monkeypatch:
             "not both",
         ),
         ({"attention_backend_config": {"VSA_sparsity": 0.5}}, "read by attention_backend video_sparse_attn only"),
-        (
-            {"attention_backend": "video_sparse_attn", "enable_torch_compile": True},
-            "enable_torch_compile is not supported",
-        ),
     ],
 )
 def test_options_refuse_what_the_backend_does_not_read(
@@ -349,6 +345,10 @@ def test_sparse_backends_and_speed_options() -> None:
     with pytest.raises(ValueError, match="cuda_graphs=on is not supported with attention_backend sliding_tile_attn"):
         sparse_backend_speed_options("sliding_tile_attn", False, "on")
     assert sparse_backend_speed_options("video_sparse_attn", False, "auto") == "off"
+    # VSA compiles (one opaque op, the same arguments at every layer and step); STA's windows would recompile.
+    assert sparse_backend_speed_options("video_sparse_attn", True, "auto") == "off"
+    with pytest.raises(ValueError, match="enable_torch_compile is not supported with attention_backend sliding_tile"):
+        sparse_backend_speed_options("sliding_tile_attn", True, "auto")
     assert sparse_backend_speed_options("torch_sdpa", True, "on") == "on"
 
 

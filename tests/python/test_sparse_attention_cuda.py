@@ -119,3 +119,28 @@ def test_seam_picks_a_kernel_on_cuda() -> None:
     assert implementation_for("sliding_tile_attn", q, (4, 4, 4)) == "triton"  # not one of st_attn's grids
     assert implementation_for("video_sparse_attn", q, (4, 4, 4)) in ("vsa", "triton")
     assert implementation_for("video_sparse_attn", q.float(), (4, 4, 4)) == "triton"
+
+
+@pytest.mark.parametrize("grid", [(8, 16, 16), (7, 30, 26)], ids=["whole_tiles", "partial_tiles"])
+@torch.inference_mode()
+def test_vsa_op_compiles_with_inductor(grid: tuple[int, int, int]) -> None:
+    # `--enable-torch-compile` with `video_sparse_attn`: the op inside a fullgraph inductor graph runs the same
+    # Triton kernel on the same inputs as eager, and one graph serves every layer (no per-call recompile).
+    from torch._dynamo.utils import counters
+
+    from sgl_diffusion.layers.attention import attention
+    from sgl_diffusion.layers.sparse_attention import VideoAttention, VideoSparseSettings
+
+    q, k, v, gate = tensors(grid, 4, 128, torch.bfloat16)
+    settings = VideoSparseSettings(vsa_sparsity=0.8)
+
+    def layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video: VideoAttention) -> torch.Tensor:
+        return attention(q * 1.0, k, v, backend="video_sparse_attn", video=video) + 1.0
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="inductor")
+    torch._dynamo.reset()
+    counters.clear()
+    for index in range(3):
+        video = VideoAttention(grid=grid, layer=index, settings=settings, step=index, gate=gate)
+        torch.testing.assert_close(compiled(q, k, v, video), layer(q, k, v, video), rtol=0, atol=BF16_MAX)
+    assert counters["stats"]["unique_graphs"] == 1

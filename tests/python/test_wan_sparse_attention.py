@@ -216,6 +216,28 @@ def test_vsa_with_gates_and_sparsity_differs_by_a_measured_amount(
     )
 
 
+def test_vsa_compiles_to_the_same_video(folders: dict[str, Path]) -> None:
+    # VSA runs as one opaque op inside the compiled blocks (inductor here, as on a GPU), the same at every layer
+    # and step: the compiled engine gives the eager engine's video.
+    from torch._dynamo.utils import counters
+
+    config = {"VSA_sparsity": 0.5}
+    eager = frames(folders["gated"], attention_backend="video_sparse_attn", attention_backend_config=config)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = frames(
+        folders["gated"],
+        attention_backend="video_sparse_attn",
+        attention_backend_config=config,
+        enable_torch_compile=True,
+        warmup=False,  # the fixture's size limit is below Wan's default size, which the warm-up runs
+    )
+    report("VSA sparsity 0.5 compiled vs eager", compiled - eager)
+    assert np.abs(compiled - eager).max() <= ROUNDING
+    # One graph for the block class: not one per layer or step (2 layers x 2 steps x 2 CFG branches ran).
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_other_models_refuse_sparse_backends(tmp_path: Path) -> None:
     folder = build_fixture("flux1_dev", tmp_path / "flux")
     with pytest.raises(

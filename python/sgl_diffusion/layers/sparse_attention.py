@@ -468,6 +468,35 @@ def video_sparse_attention(
     return from_tiles(out, layout)
 
 
+def _implementation(backend: str, q: torch.Tensor, grid: tuple[int, int, int]) -> Implementation:
+    """:func:`implementation_for`, with the kernels package required where it runs, logged once."""
+    chosen = implementation_for(backend, q, grid)
+    if chosen in ("reference", "triton"):
+        require_kernels_package()
+    _log_once(backend, chosen)
+    return chosen
+
+
+@torch.library.custom_op("sgl_diffusion::video_sparse_attention", mutates_args=())
+def _video_sparse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, grid: list[int], sparsity: float
+) -> torch.Tensor:
+    """VSA as one opaque op, so that a block compiled with ``fullgraph=True`` calls it as an extern kernel:
+    torch.compile cannot trace the package probes, the host-side tile bookkeeping and the kernels' launch. Its
+    arguments are the same for every layer and step of a request (VSA reads neither), so compiled blocks do not
+    recompile per layer. ``(B, S, H, D)`` in the grid's row-major order, contiguous."""
+    cube = (grid[0], grid[1], grid[2])
+    chosen = _implementation("video_sparse_attn", q, cube)
+    return video_sparse_attention(q, k, v, gate, cube, sparsity, implementation=chosen).contiguous()
+
+
+@_video_sparse_op.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, grid: list[int], sparsity: float
+) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def run_video_sparse(
     backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video: VideoAttention
 ) -> torch.Tensor:
@@ -478,10 +507,11 @@ def run_video_sparse(
             f"attention backend '{backend}' is self-attention over the video grid {grid}: q/k/v need "
             f"{math.prod(grid) if len(grid) == 3 else '?'} tokens, got q{tuple(q.shape)} k{tuple(k.shape)}"
         )
-    chosen = implementation_for(backend, q, grid)  # type: ignore[arg-type]
-    if chosen in ("reference", "triton"):
-        require_kernels_package()
-    _log_once(backend, chosen)
+    if video.gate is not None and video.gate.shape != q.shape:
+        raise ValueError(f"the VSA gate must have q's shape {tuple(q.shape)}, got {tuple(video.gate.shape)}")
+    if backend == "video_sparse_attn":
+        return _video_sparse_op(q, k, v, video.gate, [int(n) for n in grid], float(video.settings.vsa_sparsity))
+    chosen = _implementation(backend, q, grid)  # type: ignore[arg-type]
     if backend == "sliding_tile_attn":
         strategy = video.settings.strategy
         if strategy is None:
@@ -495,12 +525,4 @@ def run_video_sparse(
             )
         windows = strategy.head_windows(video.step, video.layer, q.shape[2])
         return sliding_tile_attention(q, k, v, grid, windows, implementation=chosen)  # type: ignore[arg-type]
-    return video_sparse_attention(
-        q,
-        k,
-        v,
-        video.gate,
-        grid,
-        video.settings.vsa_sparsity,
-        implementation=chosen,  # type: ignore[arg-type]
-    )
+    raise ValueError(f"{backend!r} is not a video sparse attention backend")

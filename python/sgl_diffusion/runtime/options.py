@@ -150,13 +150,18 @@ class RuntimeOptions:
 
 
 def sparse_backend_speed_options(backend: str, compile_blocks: bool, cuda_graphs: str) -> str:
-    """The CUDA-graph mode to use with `backend`. The sparse video backends were not validated under
-    torch.compile or CUDA graphs on a GPU yet (their tile bookkeeping runs in Python around the kernels), so
-    asking for either is an error naming it, and `auto` graphs stay off for them."""
+    """The CUDA-graph mode to use with `backend`. `video_sparse_attn` runs as one opaque op inside compiled
+    blocks (its arguments are the same for every layer and step: one graph). `sliding_tile_attn` reads a window
+    per (step, layer, head), which compiled blocks would specialise on (a recompile per layer and step), so
+    torch.compile is refused with it. Neither was validated under CUDA graphs (host-side tile bookkeeping around
+    the kernels): `on` is an error naming it, and `auto` graphs stay off for them."""
     if backend not in VIDEO_SPARSE_BACKENDS:
         return cuda_graphs
-    if compile_blocks:
-        raise ValueError(f"enable_torch_compile is not supported with attention_backend {backend} yet")
+    if compile_blocks and backend == "sliding_tile_attn":
+        raise ValueError(
+            f"enable_torch_compile is not supported with attention_backend {backend} (its per-step, per-layer "
+            "windows would recompile the blocks for every layer and step); video_sparse_attn supports it"
+        )
     if cuda_graphs == "on":
         raise ValueError(f"cuda_graphs=on is not supported with attention_backend {backend} yet")
     return "off"
