@@ -180,6 +180,39 @@ def test_sta_matches_the_definition_on_partial_tiles() -> None:
     assert (out - dense(q, k, v, mask)).abs().max() <= FP32_ATOL
 
 
+@pytest.mark.parametrize("text", [1, 64, 70])
+def test_sta_with_text_tokens_matches_the_definition(text: int) -> None:
+    # HunyuanVideo's joint attention over [video, text]: video reads video within its window and all the text;
+    # the text reads everything (FastVideo's text mask). Text counts below, at and above one 64-token block.
+    grid = (13, 17, 9)
+    windows = ((1, 1, 1), (3, 1, 2))
+    n = math.prod(grid)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n + text, 2, 12, generator=gen) for _ in range(3))
+    out = sliding_tile_attention(q, k, v, grid, windows, text_tokens=text)
+    mask = torch.ones(2, n + text, n + text, dtype=torch.bool)
+    mask[:, :n, :n] = torch.stack([natural_order_sta_mask(grid, w) for w in windows])
+    assert (out - dense(q, k, v, mask)).abs().max() <= FP32_ATOL
+    full = sliding_tile_attention(q, k, v, grid, ((99, 99, 99),) * 2, text_tokens=text)
+    assert (full - dense(q, k, v)).abs().max() <= FP32_ATOL
+
+
+def test_seam_checks_text_tokens_and_vsa_refuses_them() -> None:
+    grid = (6, 8, 8)
+    q, k, v, _ = qkv(grid)
+    settings = VideoSparseSettings(strategy=strategy({(0, 0, h): [99, 99, 99] for h in range(2)}))
+    text = torch.randn(2, 5, 2, 12)
+    joint = [torch.cat((t, text), 1) for t in (q, k, v)]
+    video = VideoAttention(grid=grid, layer=0, settings=settings, step=0, text_tokens=5)
+    out = attention(*joint, backend="sliding_tile_attn", video=video)
+    assert out.shape == (2, math.prod(grid) + 5, 24)
+    with pytest.raises(ValueError, match=r"video grid \(6, 8, 8\) and 4 text tokens: q/k/v need 388 tokens"):
+        attention(*joint, backend="sliding_tile_attn", video=VideoAttention(grid, 0, settings, 0, text_tokens=4))
+    with pytest.raises(ValueError, match="video tokens alone"):
+        attention(*joint, backend="video_sparse_attn", video=VideoAttention(grid, 0, VideoSparseSettings(), 0,
+                                                                            text_tokens=5))  # fmt: skip
+
+
 # ---- video sparse attention ------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """Sparse video attention kernels on the GPU against their torch references (skipped without CUDA).
 
 * this repository's Triton block-sparse kernel (`sgl_diffusion_kernels.block_sparse_attention`) under STA and VSA
-  at Wan-like shapes, bf16 and fp32, against the float32 torch reference;
+  at Wan-like shapes, and STA with HunyuanVideo's trailing text tokens, bf16 and fp32, against the float32 torch
+  reference;
 * FastVideo's `st_attn` (sliding tile attention, its 18x48x80 grid) and `vsa` (video sparse attention) packages,
   when they import with this torch, against the same reference (`pytest -rs` says why one was skipped);
 * FlashAttention-3/2 (`--attention-backend fa`: `fa3-fwd`, `flash_attn_interface` or `flash_attn`) and
@@ -50,6 +51,22 @@ def test_triton_sta_matches_reference(grid: tuple[int, int, int], dtype: torch.d
     windows = ((1, 1, 1), (3, 3, 3), (1, 3, 5), (99, 99, 99))
     got = sliding_tile_attention(q, k, v, grid, windows, implementation="triton")
     want = sliding_tile_attention(q, k, v, grid, windows, implementation="reference")
+    assert_close_to_reference(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("text", [1, 120, 256])
+@torch.inference_mode()
+def test_triton_sta_with_text_matches_reference(text: int, dtype: torch.dtype) -> None:
+    # HunyuanVideo's joint attention: the text tokens after the video's read and are read by every token.
+    from sgl_diffusion.layers.sparse_attention import sliding_tile_attention
+
+    grid = (7, 30, 26)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, math.prod(grid) + text, 4, 128, generator=gen, device="cuda").to(dtype) for _ in range(3))
+    windows = ((1, 1, 1), (3, 3, 3), (1, 3, 5), (99, 99, 99))
+    got = sliding_tile_attention(q, k, v, grid, windows, text_tokens=text, implementation="triton")
+    want = sliding_tile_attention(q, k, v, grid, windows, text_tokens=text, implementation="reference")
     assert_close_to_reference(got, want)
 
 

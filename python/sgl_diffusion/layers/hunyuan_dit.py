@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import VideoAttention, attention
 from .embeddings import TIME_PROJ_DIM, TimestepMLP, sinusoidal_embedding
 from .fused import gated_residual, norm_modulate, qk_norm_rope
 from .linear import GeluTanhFeedForward, ProjectionFusion
@@ -287,24 +287,39 @@ class HunyuanAttention(ProjectionFusion):
         return self._JOINT_GROUPS if self.joint else self._SINGLE_GROUPS
 
     def forward_single(
-        self, x: torch.Tensor, n_video: int, rope: RopeTables, mask: torch.Tensor | None, backend: str
+        self,
+        x: torch.Tensor,
+        n_video: int,
+        rope: RopeTables,
+        mask: torch.Tensor | None,
+        backend: str,
+        tokens: VideoAttention | None = None,
     ) -> torch.Tensor:
-        """Self-attention over ``[video, text]`` (one stream, one set of weights) -> ``(B, N + T, H*Dh)``."""
+        """Self-attention over ``[video, text]`` (one stream, one set of weights) -> ``(B, N + T, H*Dh)``;
+        ``tokens`` describes them to a sparse backend (None for the dense ones)."""
         q, k, v = self.project(x, "qkv")
         q = _video_text_qk(q[:, :n_video], q[:, n_video:], self.norm_q, self.norm_q, rope, self.head_dim)
         k = _video_text_qk(k[:, :n_video], k[:, n_video:], self.norm_k, self.norm_k, rope, self.head_dim)
-        return attention(q, k, v.unflatten(-1, (-1, self.head_dim)), backend=backend, attn_mask=mask)
+        v = v.unflatten(-1, (-1, self.head_dim))
+        return attention(q, k, v, backend=backend, attn_mask=mask, video=tokens)
 
     def forward_joint(
-        self, video: torch.Tensor, text: torch.Tensor, rope: RopeTables, mask: torch.Tensor | None, backend: str
+        self,
+        video: torch.Tensor,
+        text: torch.Tensor,
+        rope: RopeTables,
+        mask: torch.Tensor | None,
+        backend: str,
+        tokens: VideoAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both streams attend over ``[video, text]``; returns the projected (video, text) outputs."""
+        """Both streams attend over ``[video, text]``; returns the projected (video, text) outputs. ``tokens``
+        describes them to a sparse backend (None for the dense ones)."""
         video_q, video_k, video_v = self.project(video, "qkv")
         text_q, text_k, text_v = self.project(text, "add_qkv")
         q = _video_text_qk(video_q, text_q, self.norm_q, self.norm_added_q, rope, self.head_dim)
         k = _video_text_qk(video_k, text_k, self.norm_k, self.norm_added_k, rope, self.head_dim)
         v = torch.cat((video_v, text_v), dim=1).unflatten(-1, (-1, self.head_dim))
-        out = attention(q, k, v, backend=backend, attn_mask=mask)
+        out = attention(q, k, v, backend=backend, attn_mask=mask, video=tokens)
         n_video = video.shape[1]
         return self.to_out[0](out[:, :n_video].contiguous()), self.to_add_out(out[:, n_video:].contiguous())
 
@@ -328,6 +343,7 @@ class HunyuanVideoTransformerBlock(nn.Module):
         rope: RopeTables,
         mask: torch.Tensor | None,
         backend: str,
+        tokens: VideoAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.norm1(temb)
         c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = self.norm1_context(temb)
@@ -337,6 +353,7 @@ class HunyuanVideoTransformerBlock(nn.Module):
             rope,
             mask,
             backend,
+            tokens,
         )
         video = gated_add(video, video_attn, gate_a)
         text = gated_add(text, text_attn, c_gate_a)

@@ -3,8 +3,10 @@
 Both are FastVideo's (https://github.com/hao-ai-lab/FastVideo), and both are served here by
 ``--attention-backend sliding_tile_attn`` / ``video_sparse_attn`` through the one seam,
 :func:`sgl_diffusion.layers.attention.attention`, for the *self-attention over video tokens* of a model that
-tells the seam its token grid (:class:`VideoAttention`); the Wan models do. Tokens are regrouped by tiles
-at the seam (:mod:`.video_tiles`) and put back afterwards, so the model keeps its row-major token order.
+tells the seam its token grid (:class:`VideoAttention`); the Wan models do, and HunyuanVideo for STA over its
+joint ``[video, text]`` attention (the text tokens follow the video's: every token reads them, they read every
+token). Tokens are regrouped by tiles at the seam (:mod:`.video_tiles`) and put back afterwards, so the model
+keeps its row-major token order.
 
 **Sliding tile attention** (tiles of :data:`STA_TILE` = 6x8x8 tokens). Each head of each layer has a window
 ``(wt, wh, ww)`` counted in tiles, per denoising step, from a *mask strategy* (:class:`SlidingTileStrategy`).
@@ -76,6 +78,12 @@ __all__ = [
 
 #: SGLang Diffusion's environment variable naming STA's mask strategy file.
 ATTENTION_CONFIG_ENV = "SGLANG_DIFFUSION_ATTENTION_CONFIG"
+
+#: Why VSA refuses attention that holds more than the video's tokens.
+VSA_VIDEO_ONLY = (
+    "attention backend 'video_sparse_attn' is self-attention over video tokens alone (FastVideo's VSA, the Wan "
+    "models); this model's attention also holds its text tokens (joint attention): use sliding_tile_attn"
+)
 
 STA_TILE = (6, 8, 8)
 VSA_TILE = (4, 4, 4)
@@ -193,7 +201,9 @@ class VideoAttention:
 
     ``grid`` is the token grid ``(T, H, W)`` (q/k/v rows in row-major order over it), ``layer`` the transformer
     layer, ``step`` the denoising step index (STA's strategy is per step), ``gate`` VSA's gate
-    ``(B, S, heads, head_dim)`` (None: ungated), ``settings`` the backends' settings.
+    ``(B, S, heads, head_dim)`` (None: ungated), ``settings`` the backends' settings. ``text_tokens``: tokens
+    after the video's in q/k/v (HunyuanVideo's joint attention over ``[video, text]``); under STA every query
+    reads all of them and they read every token (FastVideo's text mask), only video reads video by tiles.
     """
 
     grid: tuple[int, int, int]
@@ -201,6 +211,7 @@ class VideoAttention:
     settings: VideoSparseSettings
     step: int | None = None
     gate: torch.Tensor | None = None
+    text_tokens: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,14 +262,18 @@ def require_kernels_package() -> Any:
     return _bsa
 
 
-def implementation_for(backend: str, q: torch.Tensor, grid: tuple[int, int, int]) -> Implementation:
+def implementation_for(
+    backend: str, q: torch.Tensor, grid: tuple[int, int, int], text_tokens: int = 0
+) -> Implementation:
     """The implementation ``backend`` (``sliding_tile_attn`` / ``video_sparse_attn``) uses for these inputs."""
     if q.device.type != "cuda":
         return "reference"
-    # FastVideo's kernels take bf16 only, and head_dim 128 (st_attn) / 64 or 128 (vsa's H100 kernel).
+    # FastVideo's kernels take bf16 only, and head_dim 128 (st_attn) / 64 or 128 (vsa's H100 kernel); st_attn's
+    # text handling needs its own padding scheme, so calls with text tokens take the Triton kernel.
     if backend == "sliding_tile_attn":
         if (
-            tuple(grid) in STA_PACKAGE_GRIDS
+            not text_tokens
+            and tuple(grid) in STA_PACKAGE_GRIDS
             and q.dtype == torch.bfloat16
             and q.shape[-1] == 128
             and _package("st_attn") is not None
@@ -313,20 +328,27 @@ def sliding_tile_tile_map(counts: tuple[int, int, int], windows: tuple[Window, .
 
 @functools.lru_cache(maxsize=256)
 def _sta_blocks(
-    grid: tuple[int, int, int], windows: tuple[Window, ...], device: torch.device
+    grid: tuple[int, int, int], windows: tuple[Window, ...], device: torch.device, text_tokens: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """STA's tile map at the kernel's 64-token blocks: ``(block_map, block_sizes, index, count)`` on ``device``.
 
     A 6x8x8 tile is six blocks of 64 slots (its real tokens first); a block reads every non-empty block of
-    the tiles its tile reads. Query blocks with no real token read nothing (their rows are padding).
+    the tiles its tile reads. ``text_tokens`` follow the tiles in blocks of 64 (the last one partial): every
+    block reads them and they read every block. Query blocks with no real token read nothing (their rows are
+    padding).
     """
     bsa = require_kernels_package()
     layout = tile_layout(grid, STA_TILE, device)
     per_tile = layout.volume // bsa.BLOCK
     tile_map = sliding_tile_tile_map(layout.counts, windows)
-    block_map = tile_map.repeat_interleave(per_tile, 1).repeat_interleave(per_tile, 2)
+    video_map = tile_map.repeat_interleave(per_tile, 1).repeat_interleave(per_tile, 2)
     offsets = torch.arange(per_tile) * bsa.BLOCK
-    block_sizes = (layout.sizes.cpu()[:, None] - offsets[None, :]).clamp(0, bsa.BLOCK).flatten()
+    video_sizes = (layout.sizes.cpu()[:, None] - offsets[None, :]).clamp(0, bsa.BLOCK).flatten()
+    text_sizes = (text_tokens - torch.arange(-(-text_tokens // bsa.BLOCK)) * bsa.BLOCK).clamp(0, bsa.BLOCK)
+    block_sizes = torch.cat((video_sizes, text_sizes))
+    n_video = video_sizes.numel()
+    block_map = torch.ones((len(windows), block_sizes.numel(), block_sizes.numel()), dtype=torch.bool)
+    block_map[:, :n_video, :n_video] = video_map
     block_map = block_map & (block_sizes > 0)[None, :, None]
     block_map = block_map[None].to(device)
     block_sizes = block_sizes.to(device)
@@ -341,31 +363,51 @@ def sliding_tile_attention(
     grid: tuple[int, int, int],
     windows: tuple[Window, ...],
     *,
+    text_tokens: int = 0,
     implementation: Implementation | None = None,
 ) -> torch.Tensor:
     """STA over ``(B, S, H, D)`` q/k/v in the grid's row-major token order -> ``(B, S, H, D)`` in that order.
 
-    ``windows`` holds one ``(wt, wh, ww)`` per head. ``implementation`` None picks as :func:`implementation_for`.
+    ``windows`` holds one ``(wt, wh, ww)`` per head. ``text_tokens``: tokens after the video's (see
+    :class:`VideoAttention`). ``implementation`` None picks as :func:`implementation_for`.
     """
     heads = q.shape[2]
     if len(windows) != heads:
         raise ValueError(f"sliding tile attention needs one window per head: {heads} heads, {len(windows)} windows")
     windows = tuple(tuple(int(x) for x in _check_window(tuple(w))) for w in windows)  # type: ignore[misc]
     grid = (int(grid[0]), int(grid[1]), int(grid[2]))
-    chosen = implementation or implementation_for("sliding_tile_attn", q, grid)
+    chosen = implementation or implementation_for("sliding_tile_attn", q, grid, text_tokens)
     layout = tile_layout(grid, STA_TILE, q.device)
     if chosen == "st_attn":
+        if text_tokens:
+            raise ValueError("st_attn cannot run this call: it has text tokens")
         return _sta_package(q, k, v, layout, windows)
     if chosen not in ("reference", "triton"):
         raise ValueError(f"sliding tile attention has no implementation {chosen!r}")
     bsa = require_kernels_package()
-    block_map, block_sizes, index, count = _sta_blocks(grid, windows, q.device)
-    qt, kt, vt = (to_tiles(t, layout) for t in (q, k, v))
+    block_map, block_sizes, index, count = _sta_blocks(grid, windows, q.device, text_tokens)
+    n_video = layout.num_tokens
+    qt, kt, vt = (_tiles_and_text(t, layout, bsa.BLOCK) for t in (q, k, v))
     if chosen == "reference":
         out = bsa.block_sparse_attention_reference(qt, kt, vt, block_map, block_sizes)
     else:
         out = bsa.block_sparse_attention(qt, kt, vt, index, count, block_sizes)
-    return from_tiles(out, layout)
+    video = from_tiles(out[:, : layout.padded_len], layout)
+    if q.shape[1] == n_video:
+        return video
+    return torch.cat((video, out[:, layout.padded_len : layout.padded_len + q.shape[1] - n_video]), dim=1)
+
+
+def _tiles_and_text(x: torch.Tensor, layout: TileLayout, block: int) -> torch.Tensor:
+    """``(B, S, ...)`` with the grid's tokens first: those in padded tile order, then the rest (text) zero-padded
+    to whole ``block``s."""
+    video = to_tiles(x[:, : layout.num_tokens], layout)
+    text = x[:, layout.num_tokens :]
+    if text.shape[1] == 0:
+        return video
+    padded = x.new_zeros((x.shape[0], -(-text.shape[1] // block) * block, *x.shape[2:]))
+    padded[:, : text.shape[1]] = text
+    return torch.cat((video, padded), dim=1)
 
 
 def _sta_package(
@@ -468,9 +510,9 @@ def video_sparse_attention(
     return from_tiles(out, layout)
 
 
-def _implementation(backend: str, q: torch.Tensor, grid: tuple[int, int, int]) -> Implementation:
+def _implementation(backend: str, q: torch.Tensor, grid: tuple[int, int, int], text_tokens: int = 0) -> Implementation:
     """:func:`implementation_for`, with the kernels package required where it runs, logged once."""
-    chosen = implementation_for(backend, q, grid)
+    chosen = implementation_for(backend, q, grid, text_tokens)
     if chosen in ("reference", "triton"):
         require_kernels_package()
     _log_once(backend, chosen)
@@ -502,16 +544,20 @@ def run_video_sparse(
 ) -> torch.Tensor:
     """The seam's entry: ``backend`` for one video self-attention call -> ``(B, S, H, D)`` in grid order."""
     grid = tuple(video.grid)
-    if len(grid) != 3 or q.shape[1] != math.prod(grid) or k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
+    tokens = math.prod(grid) + video.text_tokens if len(grid) == 3 else None
+    if tokens is None or q.shape[1] != tokens or k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
         raise ValueError(
-            f"attention backend '{backend}' is self-attention over the video grid {grid}: q/k/v need "
-            f"{math.prod(grid) if len(grid) == 3 else '?'} tokens, got q{tuple(q.shape)} k{tuple(k.shape)}"
+            f"attention backend '{backend}' is self-attention over the video grid {grid}"
+            + (f" and {video.text_tokens} text tokens" if video.text_tokens else "")
+            + f": q/k/v need {tokens or '?'} tokens, got q{tuple(q.shape)} k{tuple(k.shape)}"
         )
     if video.gate is not None and video.gate.shape != q.shape:
         raise ValueError(f"the VSA gate must have q's shape {tuple(q.shape)}, got {tuple(video.gate.shape)}")
     if backend == "video_sparse_attn":
+        if video.text_tokens:
+            raise ValueError(VSA_VIDEO_ONLY)
         return _video_sparse_op(q, k, v, video.gate, [int(n) for n in grid], float(video.settings.vsa_sparsity))
-    chosen = _implementation(backend, q, grid)  # type: ignore[arg-type]
+    chosen = _implementation(backend, q, grid, video.text_tokens)  # type: ignore[arg-type]
     if backend == "sliding_tile_attn":
         strategy = video.settings.strategy
         if strategy is None:
@@ -524,5 +570,13 @@ def run_video_sparse(
                 "attention backend 'sliding_tile_attn' needs the denoising step index (VideoAttention.step)"
             )
         windows = strategy.head_windows(video.step, video.layer, q.shape[2])
-        return sliding_tile_attention(q, k, v, grid, windows, implementation=chosen)  # type: ignore[arg-type]
+        return sliding_tile_attention(
+            q,
+            k,
+            v,
+            grid,
+            windows,
+            text_tokens=video.text_tokens,
+            implementation=chosen,  # type: ignore[arg-type]
+        )
     raise ValueError(f"{backend!r} is not a video sparse attention backend")

@@ -40,6 +40,7 @@ from .conditioning import ModelInputs, RowInputs
 from .family import FamilyAdapter, FamilyPipeline
 from .guidance import Denoiser
 from .latents import draw_noise, video_latent_grid
+from .sliding_tile_steps import SlidingTileSteps
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 from .text_lengths import TEXT_LENGTHS, ByTextLength, each_text_once, pad_text_rows
 
@@ -91,10 +92,17 @@ class HunyuanVideoAdapter(FamilyAdapter):
     """HunyuanVideo under the engine's stages: each prompt's real Llama tokens plus CLIP's pooled embedding,
     float32 video latents, the embedded guidance scale, true CFG scaled by `true_cfg_scale`."""
 
-    def __init__(self, components: HunyuanVideoComponents) -> None:
+    def __init__(self, components: HunyuanVideoComponents, options: RuntimeOptions) -> None:
         self.c = components
         self.dtype = components.transformer.proj_out.weight.dtype
         self.by_text_length = ByTextLength(components.transformer)
+        # Sliding tile attention's windows change per denoising step: the loop's step index goes to the DiT.
+        self.sliding_tile = SlidingTileSteps.from_options(options)
+
+    def check_requests(self, requests: Sequence[Request]) -> None:
+        """Rejects requests that run more denoising steps than sliding tile attention's mask strategy covers."""
+        if self.sliding_tile is not None:
+            self.sliding_tile.check_requests(requests)
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
         return video_latent_grid(request, self.c.scale_temporal, self.c.scale_spatial)
@@ -156,7 +164,9 @@ class HunyuanVideoAdapter(FamilyAdapter):
             "hidden_states": latents.to(self.dtype),
             "timestep": timestep.expand(latents.shape[0]).to(latents.dtype),
         }
-        return ModelInputs(rows=rows)
+        if self.sliding_tile is None:
+            return ModelInputs(rows=rows)
+        return ModelInputs(rows=rows, fixed=self.sliding_tile.fixed_inputs())
 
     def decode(self, state: BatchState) -> np.ndarray:
         vae = self.c.vae
@@ -199,8 +209,10 @@ class HunyuanVideoPipeline(FamilyPipeline):
             output="video",
             supports_flow_shift=True,
         )
-        super().__init__(spec, HunyuanVideoAdapter(components), options)
+        super().__init__(spec, HunyuanVideoAdapter(components, options), options)
         self.c = components
+        if self.adapter.sliding_tile is not None:
+            self.hooks.add(self.adapter.sliding_tile.index)
 
     @classmethod
     def load(
@@ -210,7 +222,9 @@ class HunyuanVideoPipeline(FamilyPipeline):
         defaults: SamplingDefaults | None,
     ) -> HunyuanVideoPipeline:
         def build_transformer(config: dict) -> HunyuanVideoTransformer3DModel:
-            return HunyuanVideoTransformer3DModel.from_config(config, attention_backend=options.attention_backend)
+            return HunyuanVideoTransformer3DModel.from_config(
+                config, attention_backend=options.attention_backend, video_sparse=options.video_sparse
+            )
 
         scheduler = FlowMatchEulerScheduler.from_config(read_config(model_dir / "scheduler"))
         if scheduler.config.use_dynamic_shifting:

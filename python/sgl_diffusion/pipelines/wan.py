@@ -28,7 +28,6 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-from ..errors import invalid_request
 from ..loading import load_native_model, load_pipeline_vae, load_transformers_model, read_config
 from ..models.wan import WanTransformer3DModel
 from ..models.wan.vae import WanVAEDecoder
@@ -39,10 +38,10 @@ from ..schedulers.flow_match_euler import FlowMatchEulerScheduler
 from .base import BatchState, per_row
 from .conditioning import ModelInputs
 from .family import FamilyAdapter, FamilyPipeline
-from .hooks import StepIndex
 from .images import load_image
 from .latents import denormalize_latents, draw_noise, normalize_latents, video_latent_grid
 from .loop import Sampler
+from .sliding_tile_steps import SlidingTileSteps
 from .spec import PipelineLimits, PipelineSpec, SamplingDefaults, tokenizer_limit
 
 #: UMT5 context length the Wan DiTs were trained with.
@@ -145,8 +144,8 @@ class WanPipeline(FamilyPipeline):
     def __init__(self, components: WanComponents, options: RuntimeOptions, defaults: SamplingDefaults) -> None:
         super().__init__(self.describe(components, defaults), self.make_adapter(components, options), options)
         self.c = components
-        if self.adapter.attention_step is not None:
-            self.hooks.add(self.adapter.attention_step)
+        if self.adapter.sliding_tile is not None:
+            self.hooks.add(self.adapter.sliding_tile.index)
 
     @classmethod
     def describe(cls, components: WanComponents, defaults: SamplingDefaults) -> PipelineSpec:
@@ -286,18 +285,12 @@ class WanAdapter(FamilyAdapter):
         has_boundary = c.boundary_ratio is not None and c.transformer_2 is not None
         self.boundary = c.boundary_ratio * c.scheduler.config.num_train_timesteps if has_boundary else None
         # Sliding tile attention's windows change per denoising step: the loop's step index goes to the DiT.
-        self.sta_strategy = options.video_sparse.strategy if options.attention_backend == "sliding_tile_attn" else None
-        self.attention_step = StepIndex() if self.sta_strategy is not None else None
+        self.sliding_tile = SlidingTileSteps.from_options(options)
 
     def check_requests(self, requests: Sequence[Request]) -> None:
         """Rejects requests that run more denoising steps than sliding tile attention's mask strategy covers."""
-        if self.sta_strategy is None:
-            return
-        for request in requests:
-            try:
-                self.sta_strategy.check_steps(request.num_inference_steps)
-            except ValueError as err:
-                raise invalid_request("num_inference_steps", str(err)) from err
+        if self.sliding_tile is not None:
+            self.sliding_tile.check_requests(requests)
 
     def latent_grid(self, request: Request) -> tuple[int, int, int]:
         return video_latent_grid(request, self.c.scale_temporal, self.c.scale_spatial)
@@ -430,9 +423,9 @@ class WanAdapter(FamilyAdapter):
             "timestep": self.timestep(timestep, latents, state),
             "encoder_hidden_states_image": state.get("image_embeds"),
         }
-        if self.attention_step is None:
+        if self.sliding_tile is None:
             return ModelInputs(rows=rows)
-        return ModelInputs(rows=rows, fixed={"attention_step": self.attention_step.index})
+        return ModelInputs(rows=rows, fixed=self.sliding_tile.fixed_inputs())
 
     @staticmethod
     def with_condition(latents: torch.Tensor, state: BatchState) -> torch.Tensor:

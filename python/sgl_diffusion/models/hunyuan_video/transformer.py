@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config_dict import config_from_dict
-from ...layers.attention import resolve_attention_backend
+from ...layers.attention import DEFAULT_ATTENTION_BACKEND, VideoAttention, resolve_attention_backend
 from ...layers.hunyuan_dit import (
     EPS,
     AdaLNModulation,
@@ -60,6 +60,7 @@ from ...layers.linear import (
     unfuse_model_projections,
 )
 from ...layers.norms import LayerNormNoAffine
+from ...layers.sparse_attention import VSA_VIDEO_ONLY, VideoSparseSettings
 
 __all__ = ["HunyuanVideoTransformer3DModel", "HunyuanVideoTransformerConfig", "video_rope_tables"]
 
@@ -138,11 +139,12 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
         rope: RopeTables,
         mask: torch.Tensor | None,
         backend: str,
+        tokens: VideoAttention | None = None,
     ) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
         h = modulated_layer_norm(x, shift, scale)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)
-        attn = self.attn.forward_single(h, n_video, rope, mask, backend)
+        attn = self.attn.forward_single(h, n_video, rope, mask, backend, tokens)
         out = linear_split_accumulate((attn, mlp), self.proj_out.weight, self.proj_out.bias)
         return gated_add(x, out, gate)
 
@@ -162,17 +164,38 @@ class HunyuanVideoTransformer3DModel(nn.Module):
     Args:
         config: architecture hyper-parameters.
         attention_backend: name for :func:`sgl_diffusion.layers.attention.attention`, validated here so a bad
-            name fails at load time.
+            name fails at load time. ``sliding_tile_attn`` runs the blocks' joint attention over ``[video, text]``
+            sparsely (video reads video by tiles, and all the text; the text reads everything: FastVideo's
+            HunyuanVideo STA), the text refiner's attention on ``torch_sdpa``; ``video_sparse_attn`` (video-only
+            self-attention) is refused.
+        video_sparse: the sparse backend's settings (STA's mask strategy: ``num_layers + num_single_layers``
+            layers, dual-stream blocks first).
     """
 
     #: The block lists `--enable-torch-compile` compiles block by block (the refiner's two blocks run on the
     #: text alone and stay eager).
     _repeated_blocks: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
 
-    def __init__(self, config: HunyuanVideoTransformerConfig, attention_backend: str | None = "torch_sdpa") -> None:
+    def __init__(
+        self,
+        config: HunyuanVideoTransformerConfig,
+        attention_backend: str | None = "torch_sdpa",
+        video_sparse: VideoSparseSettings | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.attention_backend = resolve_attention_backend(attention_backend)
+        self.attention_backend = resolve_attention_backend(attention_backend, video_tokens=True)
+        self.video_sparse = video_sparse or VideoSparseSettings()
+        if self.attention_backend == "video_sparse_attn":
+            raise ValueError(VSA_VIDEO_ONLY)
+        if self.attention_backend == "sliding_tile_attn":
+            if self.video_sparse.strategy is None:
+                raise ValueError(
+                    "attention backend 'sliding_tile_attn' needs a mask strategy: --mask-strategy-file-path or "
+                    "$SGLANG_DIFFUSION_ATTENTION_CONFIG"
+                )
+            layers = config.num_layers + config.num_single_layers
+            self.video_sparse.strategy.check_model(layers, config.num_attention_heads)
         dim = config.inner_dim
         heads, head_dim, ratio = config.num_attention_heads, config.attention_head_dim, config.mlp_ratio
         patch = (config.patch_size_t, config.patch_size, config.patch_size)
@@ -197,10 +220,11 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         cls,
         cfg: Mapping[str, Any] | HunyuanVideoTransformerConfig,
         attention_backend: str | None = "torch_sdpa",
+        video_sparse: VideoSparseSettings | None = None,
     ) -> HunyuanVideoTransformer3DModel:
         """Build (parameters uninitialised-but-allocated, or meta under a meta device context)."""
         config = cfg if isinstance(cfg, HunyuanVideoTransformerConfig) else HunyuanVideoTransformerConfig.from_dict(cfg)
-        return cls(config, attention_backend=attention_backend)
+        return cls(config, attention_backend=attention_backend, video_sparse=video_sparse)
 
     def token_grid(self, hidden_states: torch.Tensor) -> tuple[int, int, int]:
         """The video token grid (frames, rows, columns) of latents ``(B, C, F, H, W)``."""
@@ -231,6 +255,7 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         pooled_projections: torch.Tensor,
         guidance: torch.Tensor | float | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        attention_step: int | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity for a batch of video latents.
 
@@ -245,6 +270,8 @@ class HunyuanVideoTransformer3DModel(nn.Module):
                 (computed in the transformer's dtype). Required iff ``config.guidance_embeds``.
             encoder_attention_mask: ``(B, T)`` 1 for real text tokens, 0 for padding, as the reference's pipeline
                 passes it; None when every text row is a real token (see the module docstring).
+            attention_step: the denoising step's index (from 0), which sliding tile attention's mask strategy
+                is keyed by; unused by the other backends.
 
         Returns:
             ``(B, out_channels, F, H, W)`` in the activation dtype.
@@ -256,12 +283,16 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         device = hidden_states.device
         rope = video_rope_tables(grid, self.config.rope_axes_dim, self.config.rope_theta, device)
         backend = self.attention_backend
+        sparse = backend == "sliding_tile_attn"
 
         t = self._per_sample(timestep, batch, device, "timestep")
         g = None if guidance is None else self._per_sample(guidance, batch, device, "guidance")
         temb = self.time_text_embed(t, pooled_projections, g)
         video = self.x_embedder(hidden_states)
-        text = self.context_embedder(encoder_hidden_states, t, encoder_attention_mask, backend)
+        # The refiner attends over the text alone: a sparse backend has no video grid there.
+        text = self.context_embedder(
+            encoder_hidden_states, t, encoder_attention_mask, DEFAULT_ATTENTION_BACKEND if sparse else backend
+        )
 
         n_video, n_text = video.shape[1], text.shape[1]
         mask = None
@@ -270,11 +301,16 @@ class HunyuanVideoTransformer3DModel(nn.Module):
             real = encoder_attention_mask.sum(dim=1, dtype=torch.int)
             mask = torch.arange(n_video + n_text, device=device)[None] < (n_video + real)[:, None]
 
-        for block in self.transformer_blocks:
-            video, text = block(video, text, temb, rope, mask, backend)
+        def tokens(layer: int) -> VideoAttention | None:
+            if not sparse:
+                return None
+            return VideoAttention(grid, layer, self.video_sparse, attention_step, text_tokens=n_text)
+
+        for layer, block in enumerate(self.transformer_blocks):
+            video, text = block(video, text, temb, rope, mask, backend, tokens(layer))
         x = torch.cat((video, text), dim=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, n_video, temb, rope, mask, backend)
+        for layer, block in enumerate(self.single_transformer_blocks, start=len(self.transformer_blocks)):
+            x = block(x, n_video, temb, rope, mask, backend, tokens(layer))
         video = x[:, :n_video]
 
         # The output modulation takes SiLU(temb) cast to the activation dtype first.
