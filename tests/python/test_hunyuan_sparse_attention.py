@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sgl_diffusion import DiffGenerator, InvalidRequestError, ModelLoadError
+import sparse_video
+from sgl_diffusion import DiffGenerator, ModelLoadError
 from sgl_diffusion.testing import build_fixture
+from sparse_video import assert_strategy_bounds_the_steps, report
 
 CALL: dict[str, Any] = {
     "height": 160,
@@ -76,11 +78,7 @@ def _no_sglang_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def frames(folder: Path, **engine: Any) -> np.ndarray:
-    gen = DiffGenerator.from_pretrained(folder, device="cpu", **engine)
-    try:
-        return np.asarray(gen.generate(PROMPT, seed=3, **CALL).frames[0], dtype=np.float64)
-    finally:
-        gen.shutdown()
+    return sparse_video.frames(folder, PROMPT, CALL, **engine)
 
 
 def sta(folders: dict[str, Path], strategy: str) -> np.ndarray:
@@ -92,10 +90,6 @@ def sta(folders: dict[str, Path], strategy: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def dense_frames(folders: dict[str, Path]) -> np.ndarray:
     return frames(folders["model"])
-
-
-def report(name: str, diff: np.ndarray) -> None:
-    print(f"\n{name}: max abs {np.abs(diff).max():.4g}, mean abs {np.abs(diff).mean():.4g} (frames in [0, 1])")
 
 
 def test_sta_with_full_windows_is_dense(folders: dict[str, Path], dense_frames: np.ndarray) -> None:
@@ -129,20 +123,7 @@ def test_sta_strategy_must_fit_the_model_and_the_request(folders: dict[str, Path
             attention_backend="sliding_tile_attn",
             mask_strategy_file_path=str(three_layers),
         )
-    gen = DiffGenerator.from_pretrained(
-        folders["model"],
-        device="cpu",
-        attention_backend="sliding_tile_attn",
-        mask_strategy_file_path=str(folders["small"]),
-    )
-    try:
-        with pytest.raises(
-            InvalidRequestError, match=r"has windows for 2 denoising steps; this request runs 3"
-        ) as info:
-            gen.generate(PROMPT, seed=3, **{**CALL, "num_inference_steps": 3})
-        assert info.value.field == "num_inference_steps"
-    finally:
-        gen.shutdown()
+    assert_strategy_bounds_the_steps(folders["model"], folders["small"], PROMPT, CALL)
 
 
 def test_vsa_and_compiled_sta_are_refused(folders: dict[str, Path]) -> None:

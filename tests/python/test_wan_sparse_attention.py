@@ -27,8 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sgl_diffusion import DiffGenerator, InvalidRequestError, ModelLoadError
+import sparse_video
+from sgl_diffusion import DiffGenerator, ModelLoadError
 from sgl_diffusion.testing import build_fixture
+from sparse_video import assert_strategy_bounds_the_steps, report
 
 #: 25 frames (7 latent frames) of 160x144 (20x18 latents, 10x9 tokens after 2x2 patches), 2 steps.
 CALL: dict[str, Any] = {
@@ -81,11 +83,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def frames(folder: Path, **engine: Any) -> np.ndarray:
-    gen = DiffGenerator.from_pretrained(folder, device="cpu", **engine)
-    try:
-        return np.asarray(gen.generate(PROMPT, seed=3, **CALL).frames[0], dtype=np.float64)
-    finally:
-        gen.shutdown()
+    return sparse_video.frames(folder, PROMPT, CALL, **engine)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +95,6 @@ def dense_frames(folders: dict[str, Path]) -> np.ndarray:
 def _no_sglang_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("SGLANG_DIFFUSION_ATTENTION_CONFIG", raising=False)
     yield
-
-
-def report(name: str, diff: np.ndarray) -> None:
-    print(f"\n{name}: max abs {np.abs(diff).max():.4g}, mean abs {np.abs(diff).mean():.4g} (frames in [0, 1])")
 
 
 def test_dense_transformer_still_matches_diffusers_bitwise(folders: dict[str, Path]) -> None:
@@ -160,20 +154,7 @@ def test_sta_with_small_windows_differs_by_a_measured_amount(
 
 
 def test_sta_strategy_must_cover_the_request(folders: dict[str, Path]) -> None:
-    gen = DiffGenerator.from_pretrained(
-        folders["dense"],
-        device="cpu",
-        attention_backend="sliding_tile_attn",
-        mask_strategy_file_path=str(folders["sta_small"]),
-    )
-    try:
-        with pytest.raises(
-            InvalidRequestError, match=r"has windows for 2 denoising steps; this request runs 3"
-        ) as info:
-            gen.generate(PROMPT, seed=3, **{**CALL, "num_inference_steps": 3})
-        assert info.value.field == "num_inference_steps"
-    finally:
-        gen.shutdown()
+    assert_strategy_bounds_the_steps(folders["dense"], folders["sta_small"], PROMPT, CALL)
 
 
 def test_sta_strategy_must_fit_the_model(folders: dict[str, Path], tmp_path: Path) -> None:

@@ -79,6 +79,10 @@ __all__ = [
 #: SGLang Diffusion's environment variable naming STA's mask strategy file.
 ATTENTION_CONFIG_ENV = "SGLANG_DIFFUSION_ATTENTION_CONFIG"
 
+#: What sliding tile attention without a mask strategy says.
+STA_NEEDS_STRATEGY = (
+    f"attention backend 'sliding_tile_attn' needs a mask strategy: --mask-strategy-file-path or ${ATTENTION_CONFIG_ENV}"
+)
 #: Why VSA refuses attention that holds more than the video's tokens.
 VSA_VIDEO_ONLY = (
     "attention backend 'video_sparse_attn' is self-attention over video tokens alone (FastVideo's VSA, the Wan "
@@ -193,6 +197,15 @@ class VideoSparseSettings:
     def __post_init__(self) -> None:
         if isinstance(self.vsa_sparsity, bool) or not 0.0 <= float(self.vsa_sparsity) < 1.0:
             raise ValueError(f"VSA_sparsity must be a number in [0, 1), got {self.vsa_sparsity!r}")
+
+    def check_model(self, backend: str, layers: int, heads: int) -> None:
+        """At a model's load: under ``sliding_tile_attn`` a mask strategy must be given and fit ``layers`` x
+        ``heads`` (what the model's attention calls count as layers)."""
+        if backend != "sliding_tile_attn":
+            return
+        if self.strategy is None:
+            raise ValueError(STA_NEEDS_STRATEGY)
+        self.strategy.check_model(layers, heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,10 +574,7 @@ def run_video_sparse(
     if backend == "sliding_tile_attn":
         strategy = video.settings.strategy
         if strategy is None:
-            raise ValueError(
-                "attention backend 'sliding_tile_attn' needs a mask strategy: --mask-strategy-file-path or "
-                f"${ATTENTION_CONFIG_ENV}"
-            )
+            raise ValueError(STA_NEEDS_STRATEGY)
         if video.step is None:
             raise ValueError(
                 "attention backend 'sliding_tile_attn' needs the denoising step index (VideoAttention.step)"

@@ -188,14 +188,8 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         self.video_sparse = video_sparse or VideoSparseSettings()
         if self.attention_backend == "video_sparse_attn":
             raise ValueError(VSA_VIDEO_ONLY)
-        if self.attention_backend == "sliding_tile_attn":
-            if self.video_sparse.strategy is None:
-                raise ValueError(
-                    "attention backend 'sliding_tile_attn' needs a mask strategy: --mask-strategy-file-path or "
-                    "$SGLANG_DIFFUSION_ATTENTION_CONFIG"
-                )
-            layers = config.num_layers + config.num_single_layers
-            self.video_sparse.strategy.check_model(layers, config.num_attention_heads)
+        layers = config.num_layers + config.num_single_layers
+        self.video_sparse.check_model(self.attention_backend, layers, config.num_attention_heads)
         dim = config.inner_dim
         heads, head_dim, ratio = config.num_attention_heads, config.attention_head_dim, config.mlp_ratio
         patch = (config.patch_size_t, config.patch_size, config.patch_size)

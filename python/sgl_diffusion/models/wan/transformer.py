@@ -528,13 +528,7 @@ class WanTransformer3DModel(nn.Module):
         self.config = config
         self.attention_backend = resolve_attention_backend(attention_backend, video_tokens=True)
         self.video_sparse = video_sparse or VideoSparseSettings()
-        if self.sparse_attention == "sliding_tile_attn":
-            if self.video_sparse.strategy is None:
-                raise ValueError(
-                    "attention backend 'sliding_tile_attn' needs a mask strategy: --mask-strategy-file-path or "
-                    "$SGLANG_DIFFUSION_ATTENTION_CONFIG"
-                )
-            self.video_sparse.strategy.check_model(config.num_layers, config.num_attention_heads)
+        self.video_sparse.check_model(self.attention_backend, config.num_layers, config.num_attention_heads)
         vsa = self.sparse_attention == "video_sparse_attn"
         dim = config.inner_dim
         if (config.image_dim is None) != (config.added_kv_proj_dim is None):
