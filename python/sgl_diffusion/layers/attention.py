@@ -627,8 +627,9 @@ def resolve_attention_backend(
         dtype: the attention inputs' dtype; ``None`` means unknown, taken as fp16/bf16 (what the engine
             runs on GPUs). When given, an explicit ``fa``/``fa4``/``sage_attn`` is also checked against it.
         video_tokens: the caller passes ``video=`` for its self-attention over video tokens (the Wan models,
-            HunyuanVideo's joint attention, and option parsing, which does not know the model yet). Without it the sparse video backends are
-            refused: a model that cannot describe its token grid would otherwise run them nowhere.
+            HunyuanVideo's joint attention, and option parsing, which does not know the model yet). Without it
+            the sparse video backends are refused: a model that cannot describe its token grid would otherwise
+            run them nowhere.
 
     Raises ``ValueError`` naming the available backends when the name is unknown, has no kernel for this
     platform, or needs a package that is not installed, so a bad CLI flag fails at startup rather than deep
@@ -645,8 +646,8 @@ def resolve_attention_backend(
         if not video_tokens:
             raise ValueError(
                 f"attention backend '{key}' is sparse attention over a video's token grid; this model does not "
-                "describe its video tokens to the attention (the Wan models and HunyuanVideo do); use torch_sdpa, fa, fa4, "
-                "sage_attn or auto"
+                "describe its video tokens to the attention (the Wan models and HunyuanVideo do); use torch_sdpa, "
+                "fa, fa4, sage_attn or auto"
             )
         require_kernels_package()  # its kernel and torch reference: fail at load time without it
         return key
