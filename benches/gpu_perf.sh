@@ -39,8 +39,11 @@
 #
 # Run on the H200 on 2026-12-05 (benches/results/perf_h200.md): cuda-tests, flux-forward, wan-forward, flux-e2e,
 # wan-e2e, wan-vae, each fitting one command as estimated (cuda-tests 2.5 min, wan-e2e 6 min, wan-vae 3 min).
-# Not yet run at all (added 2026-12-05, CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, flux2-forward,
-# hunyuan-forward, hunyuan-forward-33f, one per command.
+# Run on the H100 on 2026-12-05 (benches/results/*_h100*.md, gpu_perf_h100_2026-12-05*.log): cuda-tests (4 min),
+# attention-kernels (1 min), wan-forward (with fa), hunyuan-forward-33f (4 min), wan-e2e (6 min, with fa and without),
+# lora-batch, lora-merge; an H100 session of 30 device minutes holds about five such commands.
+# Not yet run at all (CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, flux2-forward,
+# hunyuan-forward (129 frames), wan-e2e-50, wan-vsa, one per command; FA4 (attention-kernels with .whl_fa4a/b).
 # Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
 # shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
 #
