@@ -138,11 +138,13 @@ def test_seam_picks_a_kernel_on_cuda() -> None:
     assert implementation_for("video_sparse_attn", q.float(), (4, 4, 4)) == "triton"
 
 
+@pytest.mark.parametrize("backend", ["video_sparse_attn", "sliding_tile_attn"])
 @pytest.mark.parametrize("grid", [(8, 16, 16), (7, 30, 26)], ids=["whole_tiles", "partial_tiles"])
 @torch.inference_mode()
-def test_vsa_op_compiles_with_inductor(grid: tuple[int, int, int]) -> None:
-    # `--enable-torch-compile` with `video_sparse_attn`: the op inside a fullgraph inductor graph runs the same
-    # Triton kernel on the same inputs as eager, and one graph serves every layer (no per-call recompile).
+def test_sparse_ops_compile_with_inductor(grid: tuple[int, int, int], backend: str) -> None:
+    # `--enable-torch-compile` with a sparse backend: its op inside a fullgraph inductor graph runs the same Triton
+    # kernel on the same inputs as eager, and one graph serves every layer and step (STA's windows, which change
+    # per layer, come as a tensor: no recompile).
     from torch._dynamo.utils import counters
 
     from sgl_diffusion.layers.attention import attention
@@ -150,14 +152,15 @@ def test_vsa_op_compiles_with_inductor(grid: tuple[int, int, int]) -> None:
 
     q, k, v, gate = tensors(grid, 4, 128, torch.bfloat16)
     settings = VideoSparseSettings(vsa_sparsity=0.8)
+    windows = [torch.tensor([[1, 1, 1], [3, 3, 3], [1, 3, 5], [9, 9, 9]]).roll(i, 0) for i in range(3)]
 
     def layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video: VideoAttention) -> torch.Tensor:
-        return attention(q * 1.0, k, v, backend="video_sparse_attn", video=video) + 1.0
+        return attention(q * 1.0, k, v, backend=backend, video=video) + 1.0
 
     compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend="inductor")
     torch._dynamo.reset()
     counters.clear()
     for index in range(3):
-        video = VideoAttention(grid=grid, layer=index, settings=settings, step=index, gate=gate)
+        video = VideoAttention(grid, index, settings, index, gate=gate, windows=windows[index])
         torch.testing.assert_close(compiled(q, k, v, video), layer(q, k, v, video), rtol=0, atol=BF16_MAX)
     assert counters["stats"]["unique_graphs"] == 1

@@ -219,6 +219,20 @@ def test_vsa_compiles_to_the_same_video(folders: dict[str, Path]) -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_sta_compiles_to_the_same_video(folders: dict[str, Path]) -> None:
+    # STA's per-(step, layer) windows reach the compiled blocks as a tensor: one graph for every layer and step.
+    from torch._dynamo.utils import counters
+
+    strategy = {"attention_backend": "sliding_tile_attn", "mask_strategy_file_path": str(folders["sta_step1"])}
+    eager = frames(folders["dense"], **strategy)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = frames(folders["dense"], **strategy, enable_torch_compile=True, warmup=False)
+    report("STA compiled vs eager", compiled - eager)
+    assert np.abs(compiled - eager).max() <= ROUNDING
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_other_models_refuse_sparse_backends(tmp_path: Path) -> None:
     folder = build_fixture("flux1_dev", tmp_path / "flux")
     with pytest.raises(

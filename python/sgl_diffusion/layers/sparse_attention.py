@@ -198,6 +198,16 @@ class VideoSparseSettings:
         if isinstance(self.vsa_sparsity, bool) or not 0.0 <= float(self.vsa_sparsity) < 1.0:
             raise ValueError(f"VSA_sparsity must be a number in [0, 1), got {self.vsa_sparsity!r}")
 
+    def sta_windows(self, step: int | None, layer: int, heads: int) -> torch.Tensor:
+        """STA's windows of ``layer``'s heads at ``step`` as a ``(heads, 3)`` int64 CPU tensor: what a model puts
+        in :attr:`VideoAttention.windows`, built outside its compiled blocks (a tensor's values are no guard, so
+        one compiled graph serves every layer and step)."""
+        if self.strategy is None:
+            raise ValueError(STA_NEEDS_STRATEGY)
+        if step is None:
+            raise ValueError("attention backend 'sliding_tile_attn' needs the denoising step index")
+        return torch.tensor(self.strategy.head_windows(step, layer, heads), dtype=torch.int64)
+
     def check_model(self, backend: str, layers: int, heads: int) -> None:
         """At a model's load: under ``sliding_tile_attn`` a mask strategy must be given and fit ``layers`` x
         ``heads`` (what the model's attention calls count as layers)."""
@@ -217,6 +227,8 @@ class VideoAttention:
     ``(B, S, heads, head_dim)`` (None: ungated), ``settings`` the backends' settings. ``text_tokens``: tokens
     after the video's in q/k/v (HunyuanVideo's joint attention over ``[video, text]``); under STA every query
     reads all of them and they read every token (FastVideo's text mask), only video reads video by tiles.
+    ``windows``: STA's ``(heads, 3)`` windows for this call (:meth:`VideoSparseSettings.sta_windows`); None: looked
+    up from ``settings``, ``step`` and ``layer`` at the call, which compiled blocks would specialise on.
     """
 
     grid: tuple[int, int, int]
@@ -225,6 +237,7 @@ class VideoAttention:
     step: int | None = None
     gate: torch.Tensor | None = None
     text_tokens: int = 0
+    windows: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,6 +558,27 @@ def _video_sparse_op(
     return video_sparse_attention(q, k, v, gate, cube, sparsity, implementation=chosen).contiguous()
 
 
+@torch.library.custom_op("sgl_diffusion::sliding_tile_attention", mutates_args=())
+def _sliding_tile_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], windows: torch.Tensor, text_tokens: int
+) -> torch.Tensor:
+    """STA as one opaque op, as :func:`_video_sparse_op`; the per-(step, layer) windows come as a CPU tensor,
+    whose values torch.compile does not guard on, so one compiled graph serves every layer and step.
+    ``(B, S, H, D)`` in q's token order, contiguous."""
+    cube = (grid[0], grid[1], grid[2])
+    heads = tuple((int(t), int(h), int(w)) for t, h, w in windows.tolist())
+    chosen = _implementation("sliding_tile_attn", q, cube, text_tokens)
+    out = sliding_tile_attention(q, k, v, cube, heads, text_tokens=text_tokens, implementation=chosen)
+    return out.contiguous()
+
+
+@_sliding_tile_op.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], windows: torch.Tensor, text_tokens: int
+) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 @_video_sparse_op.register_fake
 def _(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, grid: list[int], sparsity: float
@@ -570,23 +604,9 @@ def run_video_sparse(
         if video.text_tokens:
             raise ValueError(VSA_VIDEO_ONLY)
         return _video_sparse_op(q, k, v, video.gate, [int(n) for n in grid], float(video.settings.vsa_sparsity))
-    chosen = _implementation(backend, q, grid, video.text_tokens)  # type: ignore[arg-type]
     if backend == "sliding_tile_attn":
-        strategy = video.settings.strategy
-        if strategy is None:
-            raise ValueError(STA_NEEDS_STRATEGY)
-        if video.step is None:
-            raise ValueError(
-                "attention backend 'sliding_tile_attn' needs the denoising step index (VideoAttention.step)"
-            )
-        windows = strategy.head_windows(video.step, video.layer, q.shape[2])
-        return sliding_tile_attention(
-            q,
-            k,
-            v,
-            grid,
-            windows,
-            text_tokens=video.text_tokens,
-            implementation=chosen,  # type: ignore[arg-type]
-        )
+        windows = video.windows
+        if windows is None:
+            windows = video.settings.sta_windows(video.step, video.layer, q.shape[2])
+        return _sliding_tile_op(q, k, v, [int(n) for n in grid], windows, video.text_tokens)
     raise ValueError(f"{backend!r} is not a video sparse attention backend")

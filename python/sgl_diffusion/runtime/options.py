@@ -116,7 +116,7 @@ class RuntimeOptions:
         video_sparse = video_sparse_settings(
             attention_backend, config.get("mask_strategy_file_path"), config.get("attention_backend_config")
         )
-        cuda_graphs = sparse_backend_speed_options(attention_backend, compile_blocks, cuda_graphs)
+        cuda_graphs = sparse_backend_speed_options(attention_backend, cuda_graphs)
         text_encoder_precisions = config.get("text_encoder_precisions")
         if text_encoder_precisions is not None and (
             isinstance(text_encoder_precisions, str) or not text_encoder_precisions
@@ -149,19 +149,13 @@ class RuntimeOptions:
         )
 
 
-def sparse_backend_speed_options(backend: str, compile_blocks: bool, cuda_graphs: str) -> str:
-    """The CUDA-graph mode to use with `backend`. `video_sparse_attn` runs as one opaque op inside compiled
-    blocks (its arguments are the same for every layer and step: one graph). `sliding_tile_attn` reads a window
-    per (step, layer, head), which compiled blocks would specialise on (a recompile per layer and step), so
-    torch.compile is refused with it. Neither was validated under CUDA graphs (host-side tile bookkeeping around
-    the kernels): `on` is an error naming it, and `auto` graphs stay off for them."""
+def sparse_backend_speed_options(backend: str, cuda_graphs: str) -> str:
+    """The CUDA-graph mode to use with `backend`. Both sparse video backends run as one opaque op inside compiled
+    blocks (one graph for every layer and step: STA's windows come as a tensor), but neither was validated under
+    CUDA graphs (host-side tile bookkeeping around the kernels): `on` is an error naming it, and `auto` graphs
+    stay off for them."""
     if backend not in VIDEO_SPARSE_BACKENDS:
         return cuda_graphs
-    if compile_blocks and backend == "sliding_tile_attn":
-        raise ValueError(
-            f"enable_torch_compile is not supported with attention_backend {backend} (its per-step, per-layer "
-            "windows would recompile the blocks for every layer and step); video_sparse_attn supports it"
-        )
     if cuda_graphs == "on":
         raise ValueError(f"cuda_graphs=on is not supported with attention_backend {backend} yet")
     return "off"

@@ -298,7 +298,9 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         def tokens(layer: int) -> VideoAttention | None:
             if not sparse:
                 return None
-            return VideoAttention(grid, layer, self.video_sparse, attention_step, text_tokens=n_text)
+            # The windows are looked up here, outside the compiled blocks (see VideoAttention.windows).
+            windows = self.video_sparse.sta_windows(attention_step, layer, self.config.num_attention_heads)
+            return VideoAttention(grid, layer, self.video_sparse, attention_step, text_tokens=n_text, windows=windows)
 
         for layer, block in enumerate(self.transformer_blocks):
             video, text = block(video, text, temb, rope, mask, backend, tokens(layer))

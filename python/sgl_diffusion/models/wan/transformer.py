@@ -739,8 +739,12 @@ class WanTransformer3DModel(nn.Module):
             for block in self.blocks:
                 x = block(x, text, image, time_proj, rope, backend)
         else:
+            sta = self.sparse_attention == "sliding_tile_attn"
+            heads = self.config.num_attention_heads
             for layer, block in enumerate(self.blocks):
-                video = VideoAttention(grid=grid, layer=layer, settings=self.video_sparse, step=attention_step)
+                # STA's windows are looked up here, outside the compiled blocks (see VideoAttention.windows).
+                windows = self.video_sparse.sta_windows(attention_step, layer, heads) if sta else None
+                video = VideoAttention(grid, layer, self.video_sparse, attention_step, windows=windows)
                 x = block(x, text, image, time_proj, rope, backend, DEFAULT_ATTENTION_BACKEND, video)
 
         # Output adaLN uses temb itself (not time_proj): (1, 1, 2, D) + (B, 1|S, 1, D), order (shift, scale).
