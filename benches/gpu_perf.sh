@@ -43,7 +43,8 @@
 # attention-kernels (1 min), wan-forward (with fa), hunyuan-forward-33f (4 min), wan-e2e (6 min, with fa and without),
 # lora-batch, lora-merge; an H100 session of 30 device minutes holds about five such commands.
 # Not yet run at all (CPU smoke only): qwen-forward, qwen-e2e, qwen-e2e-1024, zimage-e2e, flux2-forward,
-# hunyuan-forward (129 frames), wan-e2e-50, wan-vsa, one per command; FA4 (attention-kernels with .whl_fa4a/b).
+# hunyuan-forward (129 frames), wan-e2e-50, wan-vsa, hunyuan-sta, one per command; FA4 (attention-kernels with
+# .whl_fa4a/b).
 # Not yet run with the alternating scheme (each ~6-9 min alone: diffusers' whole transformer compiles once per
 # shape for its CUDA graphs, ~2 min each), one per command: flux-graphs-small, flux-graphs-large, wan-graphs.
 #
@@ -58,6 +59,9 @@
 #   wan-vsa             Wan2.1-1.3B forward 832x480x81 with video sparse attention (lossy) at VSA_sparsity 0.8 and 0.9,
 #                       eager against ours eager on dense attention and compiled beside ours compiled on cuDNN and fa,
 #                       the output difference beside each. Estimate ~5 min.
+#   hunyuan-sta         HunyuanVideo forward at 1280x720x33 frames with sliding tile attention (lossy; windows (3,3,3)
+#                       and (1,3,5) tiles for every layer and head), eager and compiled, against dense attention
+#                       (cuDNN, fa), the output difference beside each. Estimate ~6 min.
 #   flux-e2e            FLUX.1-dev 1024² 28 steps: ours (graphs auto) vs diffusers eager and compiled
 #                       (reduce-overhead when ours captured), 5 alternating repetitions after 1 warm-up each
 #   wan-e2e             Wan2.1-1.3B 480p 81 frames CFG, 20 steps (50 do not fit 5 alternating repetitions of
@@ -202,6 +206,10 @@ for job in "$@"; do
             ;;
         hunyuan-forward-33f)
             perf "$job" --workload hunyuan-forward --name "$job" --latent-frames 9 --runs 1 --ours-attention fa
+            ;;
+        hunyuan-sta)
+            perf "$job" --workload hunyuan-forward --name "$job" --latent-frames 9 --runs 1 --eager-variants fused \
+                --ours-attention fa --sta-window 3 3 3 --sta-window 1 3 5
             ;;
         flux-e2e)
             make_room flux

@@ -836,57 +836,83 @@ class OursSwitches:
             self.packed = packed
 
 
-#: wan-forward --vsa-sparsity: the group of video sparse attention rows, and its dense rival's name.
-VSA_GROUP = "lossy: VSA"
-VSA_DENSE = "ours eager, fused kernels, dense attention"
+#: --vsa-sparsity / --sta-window: the group of sparse attention rows, and its dense rival's name.
+SPARSE_GROUP = "lossy: sparse attention"
+SPARSE_DENSE = "ours eager, fused kernels, dense attention"
+#: The forward workloads whose models run each sparse backend.
+SPARSE_WORKLOADS = {"video_sparse_attn": ("wan-forward",), "sliding_tile_attn": ("wan-forward", "hunyuan-forward")}
 
 
 @dataclasses.dataclass
-class VsaTwin:
-    """wan-forward --vsa-sparsity: ours' weights in a model on video sparse attention, with FastWan's gate
-    projections (random here), for the speed-up and the output change against dense attention."""
+class SparseTwin:
+    """--vsa-sparsity / --sta-window: ours' weights in a model on sparse video attention (VSA with FastWan's gate
+    projections, random here; STA with one window for every layer and head), for the speed-up and the output
+    change against dense attention. ``settings``: each row's label and the backend's settings."""
 
     model: nn.Module
     inputs: dict[str, Any]
     dense_state: Callable[[], None]
+    settings: list[tuple[str, Any]]
 
     @classmethod
     def build(
-        cls, args: argparse.Namespace, ours: nn.Module, dense_state: Callable[[], None], dtype: torch.dtype
-    ) -> VsaTwin:
-        if args.workload != "wan-forward":
-            raise SystemExit("--vsa-sparsity: wan-forward only (the Wan models run video sparse attention)")
+        cls,
+        args: argparse.Namespace,
+        ours: nn.Module,
+        inputs: dict[str, Any],
+        dense_state: Callable[[], None],
+        dtype: torch.dtype,
+    ) -> SparseTwin | None:
+        """None without --vsa-sparsity or --sta-window; ``inputs``: ours' (the twin gets the same)."""
+        from sgl_diffusion.layers.sparse_attention import SlidingTileStrategy, VideoSparseSettings
+        from sgl_diffusion.runtime.compile import repeated_blocks
+
+        if args.vsa_sparsity and args.sta_window:
+            raise SystemExit("--vsa-sparsity and --sta-window: one sparse backend per run")
+        if args.vsa_sparsity:
+            backend = "video_sparse_attn"
+            settings = [
+                (f"{backend}, VSA_sparsity {s}", VideoSparseSettings(vsa_sparsity=s)) for s in args.vsa_sparsity
+            ]
+        elif args.sta_window:
+            backend = "sliding_tile_attn"
+            heads, layers = ours.config.num_attention_heads, len(repeated_blocks(ours))
+            settings = []
+            for window in args.sta_window:
+                every = {f"0_{layer}_{head}": list(window) for layer in range(layers) for head in range(heads)}
+                strategy = SlidingTileStrategy.from_mapping(every, source=f"window {tuple(window)}")
+                settings.append((f"{backend}, window {tuple(window)}", VideoSparseSettings(strategy=strategy)))
+        else:
+            return None
+        if args.workload not in SPARSE_WORKLOADS[backend]:
+            raise SystemExit(f"{backend}: {' / '.join(SPARSE_WORKLOADS[backend])} only (the models that run it)")
         with torch.device(args.device):
-            sparse = type(ours).from_config(ours.config, attention_backend="video_sparse_attn")
+            sparse = type(ours).from_config(ours.config, attention_backend=backend, video_sparse=settings[0][1])
         sparse.to(dtype)
-        gates = [name for name, _ in sparse.named_parameters() if sparse.VSA_GATE in name.split(".")]
-        # assign=True: the twin's dense parameters are ours' tensors (no copy); only its gates are its own.
+        gates = [name for name, _ in sparse.named_parameters() if "to_gate_compress" in name.split(".")]
+        # assign=True: the twin's dense parameters are ours' tensors (no copy); only VSA's gates are its own.
         missing, unexpected = sparse.load_state_dict(ours.state_dict(), strict=False, assign=True)
         if sorted(missing) != sorted(gates) or unexpected:
-            raise RuntimeError(f"VSA twin: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"sparse twin: missing {missing}, unexpected {unexpected}")
         for name, p in sparse.named_parameters():
             if name in gates:
                 p.data.normal_(0, 0.02)
-        inputs = ours_inputs(args.workload, forward_inputs(args.workload, args.tiny, args.device, dtype))
-        return cls(sparse.eval().requires_grad_(False), inputs, dense_state)
+        if backend == "sliding_tile_attn":
+            inputs = {**inputs, "attention_step": 0}
+        return cls(sparse.eval().requires_grad_(False), inputs, dense_state, settings)
 
     def run(self) -> torch.Tensor:
         return self.model(**self.inputs)
 
-    def at(self, sparsity: float) -> Callable[[], None]:
-        from sgl_diffusion.layers.sparse_attention import VideoSparseSettings
-
+    def at(self, settings: Any) -> Callable[[], None]:
         def prepare() -> None:
             self.dense_state()  # the same fused kernels as the dense rows
-            self.model.video_sparse = VideoSparseSettings(vsa_sparsity=sparsity)
+            self.model.video_sparse = settings
 
         return prepare
 
-    def variants(self, args: argparse.Namespace, prefix: str, group: str, rival: str) -> list[Variant]:
-        return [
-            Variant(f"{prefix}, video_sparse_attn, VSA_sparsity {s}", self.run, group, rival, self.at(s))
-            for s in args.vsa_sparsity
-        ]
+    def variants(self, prefix: str, group: str, rival: str) -> list[Variant]:
+        return [Variant(f"{prefix}, {label}", self.run, group, rival, self.at(s)) for label, s in self.settings]
 
 
 def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -931,10 +957,10 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     if args.eager_variants == "fused":
         eager_variants = [v for v in eager_variants if v.name in (eager, fused)]
     measured = alternate(eager_variants, args)
-    vsa = VsaTwin.build(args, ours, ours_as(True, False), dtype) if args.vsa_sparsity else None
-    if vsa is not None:
-        dense = Variant(VSA_DENSE, call_ours, VSA_GROUP, None, vsa.dense_state)
-        measured |= alternate([dense, *vsa.variants(args, "ours eager", VSA_GROUP, VSA_DENSE)], args)
+    sparse = SparseTwin.build(args, ours, mine, ours_as(True, False), dtype)
+    if sparse is not None:
+        dense = Variant(SPARSE_DENSE, call_ours, SPARSE_GROUP, None, sparse.dense_state)
+        measured |= alternate([dense, *sparse.variants("ours eager", SPARSE_GROUP, SPARSE_DENSE)], args)
     switches.set(True, False)  # the engine's default: packing measured no faster (see --compile-ablations)
     graphs = False
     if args.compile:
@@ -955,9 +981,9 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
         for backend in usable_attention_backends(ours, args.ours_attention, device, dtype, notes_before):
             compiled.append(Variant(f"ours + torch.compile, attention {backend}", call_ours, "compiled",
                                     "ours + torch.compile", ours_attention(ours, backend)))  # fmt: skip
-        if vsa is not None:
-            compile_repeated_blocks(vsa.model, backend=args.compile_backend)
-            compiled += vsa.variants(args, "ours + torch.compile", "compiled", "ours + torch.compile")
+        if sparse is not None:
+            compile_repeated_blocks(sparse.model, backend=args.compile_backend)
+            compiled += sparse.variants("ours + torch.compile", "compiled", "ours + torch.compile")
         if twin is not None:
             compile_with_cuda_graphs(twin, args.compile_backend)
             runner = CudaGraphRunner(ours, ours.forward, capture_all=True, tokens=batch_tokens(ours))
@@ -991,8 +1017,8 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
             }
         )
     for row, m in zip(rows, measured.values(), strict=True):
-        if "video_sparse_attn" in m.variant.name:
-            dense = measured[VSA_DENSE].output
+        if sparse is not None and m.variant.run == sparse.run:
+            dense = measured[SPARSE_DENSE].output
             row["rel L2 vs ours dense"] = rel_l2(m.output, dense)
             row["max rel diff vs ours dense"] = max_abs_diff(m.output, dense) / max_abs(dense)
     record["variants"] = measured_json(measured)
@@ -1031,15 +1057,15 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
     ]
     if graphs:
         notes.append(reduce_overhead_note(device))
-    if args.vsa_sparsity:
+    if sparse is not None:
         notes.append(
-            "video_sparse_attn rows: ours with --attention-backend video_sparse_attn (FastWan's recipe: lossy, "
-            f"opt-in) at each VSA_sparsity, eager in group '{VSA_GROUP}' against the same weights on dense attention "
-            "and compiled beside ours + torch.compile, timed in alternation; the VSA model has FastWan's gate "
-            "projections (to_gate_compress), random N(0, 0.02) here. TFLOP/s and x floor count the dense FLOPs. "
-            "The differences (vs ours eager on dense attention) are on random weights, whose attention is nearly "
-            "uniform: a trained model's attention is peaked, which is what keeping the top-k tiles relies on, so "
-            "they overstate the loss."
+            "Sparse attention rows (lossy, opt-in): ours with --attention-backend video_sparse_attn (FastWan's "
+            "recipe; its gate projections to_gate_compress random N(0, 0.02) here) or sliding_tile_attn (one window "
+            f"for every layer and head), eager in group '{SPARSE_GROUP}' against the same weights on dense "
+            "attention and compiled beside ours + torch.compile, timed in alternation. TFLOP/s and x floor count "
+            "the dense FLOPs. The differences (vs ours eager on dense attention) are on random weights, whose "
+            "attention is nearly uniform: a trained model's attention is peaked, which is what keeping a few tiles "
+            "relies on, so they overstate the loss."
         )
     notes += notes_before
     if args.workload == "hunyuan-forward":
@@ -1808,8 +1834,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="e2e: ours' engine option --attention-backend (e.g. fa, auto; default the engine's, "
                              "torch_sdpa)")  # fmt: skip
     parser.add_argument("--vsa-sparsity", nargs="*", type=float, default=[],
-                        help="wan-forward: also ours eager on video sparse attention (lossy) at these sparsities, "
-                             "against ours eager on dense attention, with the output difference")  # fmt: skip
+                        help="wan-forward: also ours on video sparse attention (lossy) at these sparsities, eager "
+                             "and compiled, against dense attention, with the output difference")  # fmt: skip
+    parser.add_argument("--sta-window", nargs=3, type=int, action="append", default=[], metavar=("T", "H", "W"),
+                        help="wan-forward / hunyuan-forward: also ours on sliding tile attention (lossy) with this "
+                             "window (in 6x8x8 tiles) for every layer and head, eager and compiled, against dense "
+                             "attention; repeat for several windows")  # fmt: skip
     parser.add_argument("--ours-attention", nargs="*", default=[],
                         help="forward: also ours compiled on these exact attention backends (fa, fa4, auto), each "
                              "against ours + torch.compile on the default (cuDNN on Hopper)")  # fmt: skip

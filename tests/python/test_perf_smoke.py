@@ -132,18 +132,40 @@ def test_wan_forward_times_video_sparse_attention_against_dense(tmp_path: Path) 
     eager = [f"ours eager, video_sparse_attn, VSA_sparsity {s}" for s in (0.0, 0.9)]
     compiled = [f"ours + torch.compile, video_sparse_attn, VSA_sparsity {s}" for s in (0.0, 0.9)]
     dense = {"diffusers eager", "ours eager, fused kernels", "diffusers + torch.compile", "ours + torch.compile"}
-    assert set(rows) == {*dense, perf.VSA_DENSE, *eager, *compiled}
-    assert rows[perf.VSA_DENSE]["rel L2 vs diffusers eager"] < 1e-5
+    assert set(rows) == {*dense, perf.SPARSE_DENSE, *eager, *compiled}
+    assert rows[perf.SPARSE_DENSE]["rel L2 vs diffusers eager"] < 1e-5
     for name in eager + compiled:
-        group, rival = (perf.VSA_GROUP, perf.VSA_DENSE) if "eager" in name else ("compiled", "ours + torch.compile")
+        group, rival = (
+            (perf.SPARSE_GROUP, perf.SPARSE_DENSE) if "eager" in name else ("compiled", "ours + torch.compile")
+        )
         assert rows[name]["group"] == group and rows[name]["vs"] == rival, name
         # The gate's compressed branch changes the output (random gates), by little at these weights' scale.
         assert 0 < rows[name]["rel L2 vs ours dense"] < 0.5, name
     for e, c in zip(eager, compiled, strict=True):  # compiled, the same model computes the same thing
         assert abs(rows[e]["rel L2 vs ours dense"] - rows[c]["rel L2 vs ours dense"]) < 1e-5
-    assert any("video_sparse_attn rows" in note for note in record["notes"])
+    assert any("Sparse attention rows" in note for note in record["notes"])
     with pytest.raises(SystemExit, match="wan-forward only"):
         run_perf(tmp_path / "flux", "--workload", "flux-forward", "--no-compile", "--vsa-sparsity", "0.8")
+
+
+def test_hunyuan_forward_times_sliding_tile_attention_against_dense(tmp_path: Path) -> None:
+    perf = load("perf")
+    record = run_perf(tmp_path, "--workload", "hunyuan-forward", "--eager-variants", "fused", "--warmup", "3",
+                      "--cuda-graphs", "off", "--latent-frames", "7", "--sta-window", "1", "1", "1",
+                      "--sta-window", "99", "99", "99")  # fmt: skip
+    rows = {row["variant"]: row for row in record["rows"]}
+    small, full = (
+        f"{p}, sliding_tile_attn, window {w}" for p in ("ours eager",) for w in ("(1, 1, 1)", "(99, 99, 99)")
+    )
+    compiled_small = "ours + torch.compile, sliding_tile_attn, window (1, 1, 1)"
+    assert {perf.SPARSE_DENSE, small, full, compiled_small} <= set(rows)
+    # A window covering the grid is dense attention (up to float32 rounding); a one-tile window is not.
+    assert rows[full]["rel L2 vs ours dense"] < 1e-5
+    assert rows[small]["rel L2 vs ours dense"] > 1e-4
+    assert abs(rows[compiled_small]["rel L2 vs ours dense"] - rows[small]["rel L2 vs ours dense"]) < 1e-5
+    with pytest.raises(SystemExit, match="one sparse backend per run"):
+        run_perf(tmp_path / "both", "--workload", "wan-forward", "--no-compile", "--vsa-sparsity", "0.8",
+                 "--sta-window", "1", "1", "1")  # fmt: skip
 
 
 def test_qwen_e2e_runs_the_engine_defaults_against_diffusers(tmp_path: Path) -> None:
