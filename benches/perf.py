@@ -1016,7 +1016,6 @@ def run_forward(args: argparse.Namespace, record: dict[str, Any]) -> tuple[list[
                 "max rel diff": None if same else max_abs_diff(m.output, expected) / max_abs(expected),
             }
         )
-    for row, m in zip(rows, measured.values(), strict=True):
         if sparse is not None and m.variant.run == sparse.run:
             dense = measured[SPARSE_DENSE].output
             row["rel L2 vs ours dense"] = rel_l2(m.output, dense)

@@ -217,6 +217,11 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """Dtypes as errors name them, e.g. "fp16/bf16"."""
+    return "/".join(_SHORT_DTYPE_NAMES[dtype] for dtype in dtypes)
+
+
 @dataclass(frozen=True)
 class _KernelSource:
     module: str
@@ -228,7 +233,7 @@ class _KernelSource:
     @property
     def takes(self) -> str:
         """The dtypes as errors name them, e.g. "fp16/bf16"."""
-        return "/".join(_SHORT_DTYPE_NAMES[dtype] for dtype in self.dtypes)
+        return _dtype_names(self.dtypes)
 
 
 @dataclass(frozen=True)
@@ -321,7 +326,7 @@ def _check_kernel_inputs(
     dtypes = source.dtypes if source is not None else _HALF_DTYPES
     for t in (q, k, v):
         if t.dtype not in dtypes or t.dtype != q.dtype:
-            takes = source.takes if source is not None else "fp16/bf16"
+            takes = _dtype_names(dtypes)
             build = f" ({source.label})" if source is not None else ""
             raise ValueError(
                 f"attention backend '{name}'{build} takes {takes} tensors of one dtype, got q {q.dtype}, "

@@ -98,6 +98,19 @@ class RowStack:
         if not self.spans:
             self.spans = ((0, self.down.shape[0]),)
 
+    def _segments(self, rows: tuple[int, ...]) -> list[list[int]] | None:
+        """Per adapter, the rows (positions in `rows`) that use it, when segmenting pays (see SEGMENT_BELOW and
+        SEGMENT_MIN_RANK); None for the dense product."""
+        stacked = self.down.shape[0]
+        if stacked < SEGMENT_MIN_RANK:
+            return None
+        users = [
+            [row for row, owner in enumerate(rows) if self.uses is None or self.uses[owner][j]]
+            for j in range(len(self.spans))
+        ]
+        own_ranks = sum(len(rows_of) * (end - start) for rows_of, (start, end) in zip(users, self.spans, strict=True))
+        return None if own_ranks > SEGMENT_BELOW * len(rows) * stacked else users
+
     def _plan(self, rows: tuple[int, ...]) -> _Plan:
         plan = self._plans.get(rows)
         if plan is not None:
@@ -105,17 +118,8 @@ class RowStack:
         device = self.scales.device
         owners = torch.tensor(rows, device=device)
         bias = None if self.bias is None else self.bias[owners]
-        stacked = self.down.shape[0]
-        users = (
-            [
-                [row for row, owner in enumerate(rows) if self.uses is None or self.uses[owner][j]]
-                for j in range(len(self.spans))
-            ]
-            if stacked >= SEGMENT_MIN_RANK
-            else []
-        )
-        own_ranks = sum(len(rows_of) * (end - start) for rows_of, (start, end) in zip(users, self.spans))
-        if not users or own_ranks > SEGMENT_BELOW * len(rows) * stacked:
+        users = self._segments(rows)
+        if users is None:
             plan = _Plan(dense=self.scales[owners], parts=[], bias=bias)
         else:
             parts = []

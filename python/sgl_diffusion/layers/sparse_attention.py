@@ -598,8 +598,6 @@ def run_video_sparse(
             + (f" and {video.text_tokens} text tokens" if video.text_tokens else "")
             + f": q/k/v need {tokens or '?'} tokens, got q{tuple(q.shape)} k{tuple(k.shape)}"
         )
-    if video.gate is not None and video.gate.shape != q.shape:
-        raise ValueError(f"the VSA gate must have q's shape {tuple(q.shape)}, got {tuple(video.gate.shape)}")
     if backend == "video_sparse_attn":
         if video.text_tokens:
             raise ValueError(VSA_VIDEO_ONLY)

@@ -164,9 +164,7 @@ class HunyuanVideoAdapter(FamilyAdapter):
             "hidden_states": latents.to(self.dtype),
             "timestep": timestep.expand(latents.shape[0]).to(latents.dtype),
         }
-        if self.sliding_tile is None:
-            return ModelInputs(rows=rows)
-        return ModelInputs(rows=rows, fixed=self.sliding_tile.fixed_inputs())
+        return ModelInputs(rows=rows, fixed=self.sliding_tile.fixed_inputs() if self.sliding_tile else {})
 
     def decode(self, state: BatchState) -> np.ndarray:
         vae = self.c.vae

@@ -423,9 +423,7 @@ class WanAdapter(FamilyAdapter):
             "timestep": self.timestep(timestep, latents, state),
             "encoder_hidden_states_image": state.get("image_embeds"),
         }
-        if self.sliding_tile is None:
-            return ModelInputs(rows=rows)
-        return ModelInputs(rows=rows, fixed=self.sliding_tile.fixed_inputs())
+        return ModelInputs(rows=rows, fixed=self.sliding_tile.fixed_inputs() if self.sliding_tile else {})
 
     @staticmethod
     def with_condition(latents: torch.Tensor, state: BatchState) -> torch.Tensor:
